@@ -1,0 +1,258 @@
+"""`flm-dist` command line. Knobs live in job files (`--config jobs/X.yaml`, with
+repeatable `--set key=value`); the CLI stays small."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+
+from flm_dist.config import FINETUNE_TASKS, ConfigError, DemoConfig, JobConfig, load_job
+from flm_dist.data.schema import DataError
+from flm_dist.storage import EmbeddedS3, StorageError, Store, join
+
+__all__ = ["main"]
+
+
+def _write_output(path: str | None, obj: dict, store: Store | None = None) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    if not path:
+        return
+    if "://" in path and store is not None:
+        store.write_bytes(path, text.encode())
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+@contextlib.contextmanager
+def _storage(job: JobConfig):
+    """Yield (job, store); starts the embedded S3 endpoint when the job asks for it."""
+    if job.storage.endpoint_url == "embedded":
+        with EmbeddedS3() as s3:
+            print(f"embedded S3 endpoint (moto) on {s3.url}; its contents last for this command only", flush=True)
+            job = replace(job, storage=s3.storage_config(job.storage))
+            yield job, Store.from_config(job.storage)
+    else:
+        yield job, Store.from_config(job.storage)
+
+
+def _load(args) -> JobConfig:
+    return load_job(args.config, args.set or [])
+
+
+def cmd_train(args, task_kind: str) -> int:
+    from flm_dist import launch
+
+    job = _load(args)
+    src = args.config or "<defaults>"
+    if task_kind == "pretrain" and job.task != "pretrain":
+        raise ConfigError(f"{src}: task is '{job.task}'; `flm-dist pretrain` needs task: pretrain (use `flm-dist finetune`)")
+    if task_kind == "finetune" and job.task not in FINETUNE_TASKS:
+        raise ConfigError(f"{src}: task is '{job.task}'; `flm-dist finetune` needs task: one of {', '.join(FINETUNE_TASKS)}")
+    job.check_runnable(src)
+    with _storage(job) as (job, store):
+        res = launch.train(job, store, fresh=args.fresh, progress=not args.no_progress, address=args.address)
+        print(json.dumps(res, indent=2, default=str))
+        _write_output(args.output, res, store)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from flm_dist import launch
+
+    job = _load(args) if args.config else JobConfig()
+    with _storage(job) as (job, store):
+        res = launch.evaluate(args.checkpoint, store, args.data, workers=args.workers, address=args.address)
+        print(json.dumps(res, indent=2, default=str))
+        _write_output(args.output, res, store)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flm_dist.export import export
+
+    job = _load(args) if args.config else JobConfig()
+    with _storage(job) as (job, store):
+        m = export(store, args.checkpoint, args.out, dtype=args.dtype)
+        print(json.dumps({"export": args.out, "task": m["task"], "files": sorted(m["files"])}, indent=2))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from flm_dist.data.synth import synth
+
+    job = _load(args) if args.config else JobConfig()
+    with _storage(job) as (job, store):
+        rep = synth(
+            store, args.out, args.rows, args.users, args.items, seed=args.seed, files=args.files,
+            labeled_users=args.labeled_users, feature_share=args.feature_share,
+        )
+        print(json.dumps(rep, indent=2))
+    return 0
+
+
+def cmd_store(args) -> int:
+    s3 = EmbeddedS3(port=args.port, verbose=args.verbose).start()
+    print(f"embedded S3 endpoint on {s3.url} (access key {s3.ACCESS_KEY}, secret {s3.SECRET_KEY}); Ctrl-C stops it", flush=True)
+    try:
+        s3._proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        s3.stop()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Synthetic data -> pretrain (2 workers) -> fine-tune -> evaluate -> export."""
+    import time
+
+    from flm_dist import launch
+    from flm_dist.data.synth import synth
+    from flm_dist.export import export
+
+    job = _load(args)
+    demo = job.demo or DemoConfig()
+    t_all = time.perf_counter()
+    with _storage(job) as (job, store):
+        root = demo.data_root
+        print(f"[1/5] synthetic data: {demo.rows:,} rows, {demo.users:,} users, {demo.items:,} items -> {root}", flush=True)
+        rep = synth(store, root, demo.rows, demo.users, demo.items, seed=demo.seed)
+        print(f"      planted model's AUC on the eval split (the ceiling): {rep['ceiling_auc']:.4f}", flush=True)
+        name = job.run.name
+        pre = replace(
+            job,
+            task="pretrain",
+            init_from="",
+            run=replace(job.run, name=f"{name}-pretrain"),
+            data=replace(job.data, pretrain=join(root, "pretrain"), eval=""),
+        )
+        print("[2/5] pretraining (self-supervised, no labels)", flush=True)
+        r_pre = launch.train(pre, store, fresh=True, progress=not args.no_progress)
+        ft = replace(
+            job,
+            task=demo.finetune_task,
+            init_from=r_pre["checkpoint"],
+            run=replace(job.run, name=f"{name}-{demo.finetune_task}"),
+            data=replace(job.data, train=join(root, "train"), eval=""),
+            train=replace(job.train, epochs=demo.finetune_epochs, recon_weight=0.0, freeze=list(demo.finetune_freeze)),
+        )
+        print(f"[3/5] fine-tuning task={demo.finetune_task} from {r_pre['checkpoint']}", flush=True)
+        r_ft = launch.train(ft, store, fresh=True, progress=not args.no_progress)
+        print("[4/5] evaluating on the held-out split", flush=True)
+        ev = launch.evaluate(r_ft["checkpoint"], store, join(root, "eval"))
+        out = join(job.run.storage, name, "export")
+        print(f"[5/5] exporting to {out}", flush=True)
+        export(store, r_ft["checkpoint"], out)
+        o = ev["overall"]
+        summary = {
+            "pretrain_checkpoint": r_pre["checkpoint"],
+            "finetune_checkpoint": r_ft["checkpoint"],
+            "export": out,
+            "eval": o,
+            "ceiling_auc": rep["ceiling_auc"],
+            "pretrain_rows_per_s": r_pre["metrics"]["rows_per_s"],
+            "finetune_rows_per_s": r_ft["metrics"]["rows_per_s"],
+            "seconds": time.perf_counter() - t_all,
+        }
+        print("\n==================== flm-dist demo summary ====================")
+        print(f"pretrain checkpoint : {r_pre['checkpoint']}")
+        print(f"finetune checkpoint : {r_ft['checkpoint']}")
+        print(f"export              : {out}")
+        if "auc" in o:
+            gap = rep["ceiling_auc"] - o["auc"]
+            print(f"eval AUC            : {o['auc']:.4f}  (planted ceiling {rep['ceiling_auc']:.4f}, gap {gap:+.4f})")
+            print(f"eval logloss        : {o['logloss']:.4f}   calibration {o['calibration']:.3f}   GAUC {o.get('gauc', float('nan')):.4f}")
+        else:
+            print(f"eval RMSE / MAE     : {o['rmse']:.4f} / {o['mae']:.4f}  (planted noise RMSE {rep['ceiling_rmse']:.4f})")
+        print(f"training rows/s     : pretrain {r_pre['metrics']['rows_per_s']:,.0f}, fine-tune {r_ft['metrics']['rows_per_s']:,.0f}")
+        print(f"wall time           : {summary['seconds']:.0f} s")
+        print("===============================================================")
+        _write_output(args.output, summary)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, help="job file (YAML)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job-file key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flm-dist", description="Distributed FLM pretraining and fine-tuning on Ray")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    for name, help_ in (("pretrain", "self-supervised pretraining (task: pretrain)"), ("finetune", "fine-tune for ctr / rating / retrieval")):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("--output", help="write {checkpoint, metrics} JSON here")
+        p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints and start over")
+        p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    _common(p, config_required=False)
+    p.add_argument("--checkpoint", required=True, help="checkpoint, step folder or run folder URI")
+    p.add_argument("--data", help="evaluation data URI (default: the job's data.eval)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: as trained)")
+    p.add_argument("--output", help="write metrics JSON here")
+    p.add_argument("--address")
+
+    p = sub.add_parser("export", help="export a checkpoint for serving")
+    _common(p, config_required=False)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output folder URI")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data (make demo)")
+    _common(p)
+    p.add_argument("--output", help="write the summary JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("synth", help="write a synthetic interaction log with a planted structure")
+    _common(p, config_required=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--users", type=int, default=50_000)
+    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--labeled-users", type=float, default=1.0, help="share of users whose rows carry labels in train/")
+    p.add_argument("--feature-share", type=float, default=0.9, help="share of latent variance the categorical features explain")
+
+    p = sub.add_parser("store", help="run the embedded S3 endpoint in the foreground")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("FLM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd in ("pretrain", "finetune"):
+            return cmd_train(args, args.cmd)
+        if args.cmd == "evaluate":
+            return cmd_evaluate(args)
+        if args.cmd == "export":
+            return cmd_export(args)
+        if args.cmd == "demo":
+            return cmd_demo(args)
+        if args.cmd == "store":
+            return cmd_store(args)
+        if args.cmd == "data" and args.data_cmd == "synth":
+            return cmd_synth(args)
+    except (ConfigError, DataError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

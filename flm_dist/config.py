@@ -1,0 +1,417 @@
+"""Typed job configuration: one YAML file plus `--set key=value` overrides.
+
+Each component owns a small dataclass (`DataConfig`, `ModelConfig`, ...); the job
+file is their union. Loading checks every key and type against these dataclasses
+and names the file and the dotted key in every error, with the fix where we know it.
+Components receive only their own section, never the whole `JobConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DemoConfig",
+    "FeatureConfig",
+    "JobConfig",
+    "ModelConfig",
+    "RunConfig",
+    "ScalingConfig",
+    "ServeConfig",
+    "SplitConfig",
+    "StorageConfig",
+    "TrainConfig",
+    "load_job",
+    "to_dict",
+]
+
+Task = Literal["pretrain", "ctr", "rating", "retrieval"]
+FINETUNE_TASKS = ("ctr", "rating", "retrieval")
+
+
+class ConfigError(ValueError):
+    """A job file or override is wrong; the message names the file, the key and the fix."""
+
+
+@dataclass
+class StorageConfig:
+    """How to reach object storage. Unset fields fall back to the standard AWS
+    environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_REGION / AWS_DEFAULT_REGION), then to AWS's own defaults.
+    `endpoint_url: embedded` starts a local S3-compatible endpoint (moto) for this command."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    # Retries for transient object-store errors (5xx, throttling, resets), with backoff.
+    max_attempts: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("storage.max_attempts must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives: checkpoints, metrics and TensorBoard events go to `storage/name/`."""
+
+    name: str = "flm"
+    storage: str = "./runs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass
+class FeatureConfig:
+    """A categorical feature column. `side` says which tower it feeds."""
+
+    name: str
+    side: Literal["user", "item"]
+    rows: int = 0  # 0: taken from model.feature_rows
+    kind: Literal["categorical", "multi", "numeric"] = "categorical"
+    max_len: int = 8  # for kind=multi (list<string>): values beyond this are dropped
+
+
+@dataclass
+class SplitConfig:
+    """Derive an eval split from the training data when `data.eval` is empty.
+    All modes hash a stable key, so the split is the same across runs and worker counts."""
+
+    by: Literal["none", "time", "random", "user"] = "none"
+    time_cutoff: int | None = None  # by=time: rows with ts >= cutoff go to eval
+    fraction: float = 0.1  # by=random / by=user: share of rows / users in eval
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"data.split.fraction must be in (0, 1), got {self.fraction}")
+        if self.by == "time" and self.time_cutoff is None:
+            raise ConfigError("data.split.by=time needs data.split.time_cutoff (a ts value)")
+
+
+@dataclass
+class DataConfig:
+    pretrain: str = ""  # interaction log for self-supervised pretraining
+    train: str = ""  # labelled log for fine-tuning
+    eval: str = ""  # held-out log for evaluation
+    split: SplitConfig = field(default_factory=SplitConfig)
+    features: list[FeatureConfig] = field(default_factory=list)
+    rating_range: list[float] = field(default_factory=lambda: [1.0, 5.0])
+    batch_size: int = 4096  # per worker
+    max_bad_fraction: float = 0.001
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    max_bad_files: int = 10  # with on_bad_file=skip: more than this many bad files fails the job
+    shuffle: bool = True
+    shuffle_window: int = 8  # batches mixed together in the worker's shuffle buffer
+    prefetch_batches: int = 4
+    read_block_rows: int = 65536  # rows per read unit (row groups are split or merged to this)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError("data.max_bad_fraction must be in [0, 1]")
+        if len(self.rating_range) != 2 or self.rating_range[0] >= self.rating_range[1]:
+            raise ConfigError("data.rating_range must be [low, high] with low < high")
+        if self.shuffle_window < 1:
+            raise ConfigError("data.shuffle_window must be >= 1")
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"data.features declares {sorted(dup)} more than once")
+        reserved = {"user_id", "item_id", "ts", "label", "rating"}
+        if reserved & set(names):
+            raise ConfigError(f"data.features cannot use reserved columns {sorted(reserved & set(names))}")
+
+
+@dataclass
+class ModelConfig:
+    """FLM architecture. Table sizes are the hash-space sizes (rows) of each table."""
+
+    user_rows: int = 1 << 20
+    item_rows: int = 1 << 20
+    feature_rows: int = 1 << 12
+    embedding_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [128])
+    latent_dim: int = 64
+    head_hidden: list[int] = field(default_factory=lambda: [64])
+    corruption: float = 0.2  # probability of masking each input field in the corrupted view
+    noise_std: float = 0.1  # Gaussian noise added to the corrupted view
+    hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("user_rows", "item_rows", "feature_rows", "embedding_dim", "latent_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be >= 1")
+        if not 0.0 <= self.corruption < 1.0:
+            raise ConfigError("model.corruption must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0: no limit; otherwise stop after this many steps
+    lr: float = 1e-3  # dense parameters (AdamW)
+    weight_decay: float = 0.0
+    sparse_lr: float = 0.05  # embedding rows (row-wise Adagrad)
+    sparse_optimizer: Literal["adagrad", "sgd"] = "adagrad"
+    recon_weight: float = 1.0  # weight of the denoising reconstruction loss
+    contrastive_weight: float = 1.0  # weight of the in-batch interaction loss (pretrain, retrieval)
+    temperature: float = 0.1
+    num_negatives: int = 512  # in-batch items each row's item is contrasted with
+    freeze: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
+    log_every: int = 20
+    grad_clip: float = 0.0  # 0: off
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("train.temperature must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of each epoch
+    keep_last: int = 3
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be >= 1 (the latest is never deleted)")
+
+
+@dataclass
+class ScalingConfig:
+    # An int, or [min, max] for elastic training.
+    num_workers: int | list[int] = 2
+    use_gpu: bool = False
+    # CPUs reserved per train worker; "auto" leaves at least one CPU of the cluster to Ray Data.
+    cpus_per_worker: float | Literal["auto"] = "auto"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 0
+    # Tables larger than this many bytes are sharded row-wise across workers by default.
+    shard_threshold_bytes: int = 64 << 20
+    # Per-table overrides: {table: row_wise | replicated}.
+    plan: dict[str, Literal["row_wise", "replicated"]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.num_workers
+        if isinstance(n, list):
+            if len(n) != 2 or not 1 <= n[0] <= n[1]:
+                raise ConfigError("scaling.num_workers as a list must be [min, max] with 1 <= min <= max")
+        elif n < 1:
+            raise ConfigError("scaling.num_workers must be >= 1")
+        if isinstance(self.cpus_per_worker, float) and self.cpus_per_worker <= 0:
+            raise ConfigError("scaling.cpus_per_worker must be > 0 or 'auto'")
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+
+@dataclass
+class ServeConfig:
+    max_items: int = 1000
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.005
+
+
+@dataclass
+class DemoConfig:
+    """Only for `flm-dist demo`: the synthetic data it generates before running the job."""
+
+    rows: int = 1_000_000
+    users: int = 50_000
+    items: int = 10_000
+    seed: int = 7
+    data_root: str = "s3://flm-demo/data"
+    finetune_task: Literal["ctr", "rating"] = "ctr"
+    finetune_epochs: int = 2
+    finetune_freeze: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    task: Task = "pretrain"
+    init_from: str = ""  # checkpoint URI to initialise the backbone from (fine-tuning)
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    demo: DemoConfig | None = None
+
+    @property
+    def train_data(self) -> str:
+        """The URI this job trains on: the pretraining log or the labelled log."""
+        return self.data.pretrain if self.task == "pretrain" else self.data.train
+
+    def check_runnable(self, source: str = "<job>") -> None:
+        """Cross-section checks that only apply when the job is about to run."""
+        if not self.train_data:
+            key = "data.pretrain" if self.task == "pretrain" else "data.train"
+            raise ConfigError(f"{source}: {key} is empty; set it to a Parquet file or prefix URI")
+        if self.task == "pretrain" and self.init_from:
+            raise ConfigError(f"{source}: init_from is for fine-tuning; task=pretrain starts from scratch")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(
+        f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key, source)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}; valid keys here: {valid}")
+        kwargs[k] = _coerce(v, hints[k], key, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{source}: section '{prefix or '<top>'}': {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a job file and apply `key=value` overrides (values parsed as YAML)."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job file {source} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            parsed = v
+        _set_dotted(tree, k.strip(), parsed)
+    label = source if not overrides else f"{source} (with --set overrides)"
+    return _build(JobConfig, tree, "", label)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-able dict of a config (for manifests and the Ray worker payload)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config from `to_dict` output (e.g. a checkpoint manifest)."""
+    return _build(cls, data, "", f"<{cls.__name__}>")

@@ -1,0 +1,239 @@
+"""Planning a read before any worker starts: list files, read Parquet footers in
+parallel, check every file's schema against the job, and cut the data into read units
+(row groups). Bad files fail here, naming the file, or are skipped under
+`on_bad_file: skip` within a budget. The plan's file list and schema fingerprint go
+into every checkpoint (lineage, resume checks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flm_dist.data.schema import DataError, ReadSpec, check_schema
+from flm_dist.storage import StorageError, Store, is_remote, split_uri
+
+__all__ = ["DataPlan", "FileInfo", "Unit", "list_files", "plan_read"]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    size: int
+    version: str  # ETag on object stores, mtime locally: part of the data fingerprint
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One read unit: a row group of one file. `index` is stable for a given file list."""
+
+    index: int
+    file: int
+    row_group: int
+    row_start: int  # first row of the row group within its file
+    rows: int
+
+
+@dataclass
+class DataPlan:
+    uri: str
+    files: list[FileInfo]
+    units: list[Unit]
+    columns: list[str]
+    id_kinds: dict[str, str]  # column -> "int" | "string": must agree across files
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    empty_files: int = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    def locate(self, pos: int) -> tuple[str, int]:
+        """(file URI, row within file) of a row position `unit << 32 | row`."""
+        u = self.units[pos >> 32]
+        return self.files[u.file].uri, u.row_start + (pos & 0xFFFFFFFF)
+
+    def fingerprint(self) -> dict:
+        """A summary of exactly which data a run saw: file list with sizes and versions."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.uri}\0{f.size}\0{f.version}\0{f.rows}\n".encode())
+        h.update(json.dumps(self.id_kinds, sort_keys=True).encode())
+        return {
+            "uri": self.uri,
+            "files": len(self.files),
+            "rows": self.total_rows,
+            "sha256": h.hexdigest(),
+            "skipped_files": [list(s) for s in self.skipped_files],
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "uri": self.uri,
+            "files": [asdict(f) for f in self.files],
+            "units": [asdict(u) for u in self.units],
+            "columns": self.columns,
+            "id_kinds": self.id_kinds,
+            "skipped_files": [list(s) for s in self.skipped_files],
+            "empty_files": self.empty_files,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataPlan:
+        return cls(
+            uri=d["uri"],
+            files=[FileInfo(**f) for f in d["files"]],
+            units=[Unit(**u) for u in d["units"]],
+            columns=list(d["columns"]),
+            id_kinds=dict(d["id_kinds"]),
+            skipped_files=[tuple(s) for s in d.get("skipped_files", [])],
+            empty_files=d.get("empty_files", 0),
+        )
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def list_files(store: Store, uri: str) -> list[FileInfo]:
+    """Data files under `uri` (a file or a prefix), sorted; `_*` and `.*` names
+    (`_SUCCESS`, `_common_metadata`, `.crc`, hidden folders) are ignored."""
+    fs, path = store.fs(uri)
+    scheme, _ = split_uri(uri)
+    prefix = "s3://" if scheme == "s3" else ""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DataError(f"{uri}: no such file or prefix") from None
+    except Exception as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+
+    def version(d: dict) -> str:
+        v = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or d.get("created") or ""
+        return str(v).strip('"')
+
+    if info.get("type") == "file":
+        return [FileInfo(uri=prefix + path if is_remote(uri) else path, size=int(info.get("size") or 0), version=version(info))]
+    try:
+        found = fs.find(path, detail=True)
+    except Exception as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    out = []
+    for p, d in sorted(found.items()):
+        rel = p[len(path) :].lstrip("/")
+        if d.get("type") != "file" or _hidden(rel):
+            continue
+        out.append(FileInfo(uri=prefix + p if is_remote(uri) else p, size=int(d.get("size") or 0), version=version(d)))
+    return out
+
+
+def _id_kind(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return "int" if pa.types.is_integer(t) else "string"
+
+
+def _is_corrupt(e: Exception) -> bool:
+    # pyarrow raises ArrowInvalid for bytes that are not Parquet (bad magic, truncated
+    # footer, bad thrift); network and permission problems come as OSError and are
+    # never treated as a bad file.
+    return isinstance(e, (pa.ArrowInvalid, pa.ArrowNotImplementedError)) or "Parquet" in str(e) and "magic" in str(e)
+
+
+def plan_read(
+    store: Store,
+    uri: str,
+    spec: ReadSpec,
+    on_bad_file: str = "fail",
+    max_bad_files: int = 10,
+    threads: int = 32,
+) -> DataPlan:
+    files = list_files(store, uri)
+    if not files:
+        raise DataError(f"{uri}: no data files found (names starting with '_' or '.' are ignored)")
+    afs, _ = store.arrow_fs(uri)
+
+    def footer(f: FileInfo):
+        if f.size == 0:
+            return f, None, None
+        _, path = split_uri(f.uri)
+        try:
+            with afs.open_input_file(path) as fh:
+                md = pq.ParquetFile(fh).metadata
+            return f, md, None
+        except Exception as e:
+            if _is_corrupt(e):
+                return f, None, f"not a readable Parquet file ({type(e).__name__}: {e})"
+            raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
+
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        results = list(pool.map(footer, files))
+
+    kept: list[FileInfo] = []
+    metas = []
+    skipped: list[tuple[str, str]] = []
+    empty = 0
+    id_kinds: dict[str, str] = {}
+    id_where: dict[str, str] = {}
+    columns: list[str] | None = None
+    for f, md, err in results:
+        if err is not None:
+            if on_bad_file != "skip":
+                raise DataError(f"{f.uri}: {err}. Fix or remove the file, or set data.on_bad_file: skip")
+            skipped.append((f.uri, err))
+            continue
+        if md is None or md.num_rows == 0:
+            empty += 1
+            continue
+        schema = md.schema.to_arrow_schema()
+        check_schema(schema, spec, f.uri)
+        for col in ["user_id", "item_id"] + [x.name for x in spec.features if x.kind == "categorical"]:
+            kind = _id_kind(schema.field(col).type)
+            if col not in id_kinds:
+                id_kinds[col], id_where[col] = kind, f.uri
+            elif id_kinds[col] != kind:
+                raise DataError(
+                    f"{f.uri}: column '{col}' holds {kind} IDs but {id_where[col]} holds {id_kinds[col]} IDs; "
+                    f"an ID column must have one kind across files (integer 123 and string '123' hash "
+                    f"to different rows). Cast one side when writing the data."
+                )
+        if columns is None:
+            columns = spec.columns(schema)
+        kept.append(FileInfo(uri=f.uri, size=f.size, version=f.version, rows=md.num_rows))
+        metas.append(md)
+    if len(skipped) > max_bad_files:
+        raise DataError(
+            f"{uri}: {len(skipped)} unreadable files exceed data.max_bad_files={max_bad_files}; first: "
+            + "; ".join(f"{u}: {r}" for u, r in skipped[:3])
+        )
+    if not kept:
+        raise DataError(f"{uri}: no rows: all {len(files)} files are empty or unreadable")
+
+    units: list[Unit] = []
+    for fi, md in enumerate(metas):
+        start = 0
+        for rg in range(md.num_row_groups):
+            n = md.row_group(rg).num_rows
+            if n:
+                units.append(Unit(index=len(units), file=fi, row_group=rg, row_start=start, rows=n))
+            start += n
+    # Optional columns must be read the same way from every file: keep those all files have.
+    return DataPlan(
+        uri=uri,
+        files=kept,
+        units=units,
+        columns=columns or [],
+        id_kinds=id_kinds,
+        skipped_files=skipped,
+        empty_files=empty,
+    )
+
+
+def local_path(uri: str) -> str:
+    return os.path.abspath(split_uri(uri)[1])

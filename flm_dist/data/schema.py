@@ -1,0 +1,134 @@
+"""The interaction-log schema and the checks that name the file and column at fault.
+
+| column    | type                          | required            |
+|-----------|-------------------------------|---------------------|
+| user_id   | integer or string             | yes                 |
+| item_id   | integer or string             | yes                 |
+| ts        | integer (seconds) or timestamp| no (yes for split.by=time) |
+| label     | numeric or bool in [0, 1]     | task ctr            |
+| rating    | numeric                       | task rating         |
+| features  | string / int / list / float   | when declared       |
+
+Undeclared columns are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from flm_dist.config import FeatureConfig
+
+__all__ = ["BAD_REASONS", "DataError", "ReadSpec", "check_schema"]
+
+
+class DataError(ValueError):
+    """The data does not fit the job; the message names the file, column or row."""
+
+
+# Row-level reasons a row is dropped; index = code stored in the `_bad` column (0 = good).
+BAD_REASONS = (
+    "ok",
+    "null_user_id",
+    "null_item_id",
+    "null_label",
+    "nonfinite_label",
+    "label_out_of_range",
+    "null_rating",
+    "nonfinite_rating",
+    "rating_out_of_range",
+    "null_ts",
+    "bad_file",  # a whole read unit skipped under on_bad_file=skip (one marker row per unit)
+)
+BAD_FILE_CODE = BAD_REASONS.index("bad_file")
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_id_type(t.value_type)
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
+
+
+def _is_ts(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_timestamp(t) or pa.types.is_date(t)
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What a job reads from each file: the columns, which are required, how they are checked."""
+
+    need_label: bool = False
+    need_rating: bool = False
+    need_ts: bool = False
+    read_label: bool = False  # read if present (retrieval: positives only)
+    read_rating: bool = False
+    read_ts: bool = False
+    rating_range: tuple[float, float] = (1.0, 5.0)
+    features: tuple[FeatureConfig, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def for_task(cls, task: str, features, rating_range, need_ts: bool = False, evaluate: bool = False) -> ReadSpec:
+        return cls(
+            need_label=task == "ctr",
+            need_rating=task == "rating",
+            need_ts=need_ts,
+            read_label=task in ("ctr", "retrieval"),
+            read_rating=task == "rating",
+            read_ts=True,
+            rating_range=(float(rating_range[0]), float(rating_range[1])),
+            features=tuple(features),
+        )
+
+    def columns(self, schema: pa.Schema) -> list[str]:
+        cols = ["user_id", "item_id"]
+        for name, want in (("ts", self.read_ts), ("label", self.read_label), ("rating", self.read_rating)):
+            if want and schema.get_field_index(name) >= 0:
+                cols.append(name)
+        cols += [f.name for f in self.features]
+        return cols
+
+
+def check_schema(schema: pa.Schema, spec: ReadSpec, where: str) -> None:
+    """Raise DataError naming `where` (a file) and the column when `schema` cannot serve `spec`."""
+
+    def col(name: str) -> pa.DataType | None:
+        i = schema.get_field_index(name)
+        return schema.field(i).type if i >= 0 else None
+
+    required = [("user_id", _is_id_type, "integer or string"), ("item_id", _is_id_type, "integer or string")]
+    if spec.need_label:
+        required.append(("label", _is_numeric, "numeric 0/1 (task ctr)"))
+    if spec.need_rating:
+        required.append(("rating", _is_numeric, "numeric (task rating)"))
+    if spec.need_ts:
+        required.append(("ts", _is_ts, "integer seconds or timestamp (data.split.by=time)"))
+    for name, ok, what in required:
+        t = col(name)
+        if t is None:
+            raise DataError(f"{where}: required column '{name}' ({what}) is missing; columns are {schema.names}")
+        if not ok(t):
+            raise DataError(f"{where}: column '{name}' has type {t}, expected {what}")
+    optional = [("ts", _is_ts, "integer seconds or timestamp"), ("label", _is_numeric, "numeric"), ("rating", _is_numeric, "numeric")]
+    for name, ok, what in optional:
+        t = col(name)
+        if t is not None and not ok(t):
+            raise DataError(f"{where}: column '{name}' has type {t}, expected {what}")
+    for f in spec.features:
+        t = col(f.name)
+        if t is None:
+            raise DataError(
+                f"{where}: feature column '{f.name}' declared in data.features is missing; columns are {schema.names}"
+            )
+        if f.kind == "categorical" and not _is_id_type(t):
+            raise DataError(f"{where}: feature column '{f.name}' has type {t}; kind=categorical needs string or integer")
+        if f.kind == "numeric" and not _is_numeric(t):
+            raise DataError(f"{where}: feature column '{f.name}' has type {t}; kind=numeric needs a number")
+        if f.kind == "multi" and not (
+            (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_id_type(t.value_type)
+        ):
+            raise DataError(f"{where}: feature column '{f.name}' has type {t}; kind=multi needs list<string> or list<int>")

@@ -1,0 +1,355 @@
+"""URIs, filesystems, atomic writes and the embedded S3 endpoint.
+
+Every place that takes a location takes a URI: `s3://bucket/key`, `file:///abs/path`
+or a plain local path. `Store` turns a URI into an fsspec filesystem (for small
+objects, markers, listings, DCP) or a pyarrow filesystem (for Parquet and Ray), with
+one set of connection settings, so a job runs unchanged against AWS S3, MinIO or the
+embedded moto endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
+
+import fsspec
+
+from flm_dist.config import StorageConfig
+
+__all__ = ["EmbeddedS3", "Store", "StorageError", "is_remote", "join", "split_uri"]
+
+
+class StorageError(RuntimeError):
+    """Object storage is unreachable or an object is missing/corrupt; names the URI."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """('s3', 'bucket/key') or ('file', '/abs/path')."""
+    if uri.startswith("s3://") or uri.startswith("s3a://"):
+        return "s3", uri.split("://", 1)[1].rstrip("/")
+    if uri.startswith("file://"):
+        return "file", os.path.abspath(uri[len("file://") :])
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use s3://, file:// or a local path")
+    return "file", os.path.abspath(uri)
+
+
+def is_remote(uri: str) -> bool:
+    return split_uri(uri)[0] == "s3"
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+@dataclass(frozen=True)
+class Store:
+    """Connection settings for object storage; picklable, so it travels to Ray workers.
+
+    Only values set in the job file are carried; anything unset is resolved from the
+    process's own environment (AWS_* variables, instance roles) where it runs."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    max_attempts: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig) -> Store:
+        if cfg.endpoint_url == "embedded":
+            raise StorageError("storage.endpoint_url=embedded must be started first (EmbeddedS3)")
+        return cls(
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            access_key_id=cfg.access_key_id,
+            secret_access_key=cfg.secret_access_key,
+            max_attempts=cfg.max_attempts,
+        )
+
+    def __getstate__(self) -> dict:
+        # Clients are per process: never ship a cached one to a Ray worker.
+        return {k: v for k, v in self.__dict__.items() if k != "_s3fs"}
+
+    # -- resolved settings ------------------------------------------------------------
+
+    @property
+    def _endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    @property
+    def _region(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+    # -- filesystems ------------------------------------------------------------------
+
+    @cached_property
+    def _s3fs(self) -> Any:
+        import s3fs
+
+        kwargs: dict[str, Any] = {
+            "client_kwargs": {"region_name": self._region},
+            # botocore's adaptive mode: exponential backoff with jitter, bounded attempts.
+            "config_kwargs": {"retries": {"max_attempts": self.max_attempts, "mode": "adaptive"}},
+            "skip_instance_cache": True,
+        }
+        if self._endpoint:
+            kwargs["endpoint_url"] = self._endpoint
+        if self.access_key_id:
+            kwargs["key"] = self.access_key_id
+            kwargs["secret"] = self.secret_access_key
+        return s3fs.S3FileSystem(**kwargs)
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        scheme, path = split_uri(uri)
+        if scheme == "s3":
+            return self._s3fs, path
+        return fsspec.filesystem("file"), path
+
+    def storage_options(self, uri: str) -> dict[str, Any]:
+        """fsspec storage options for libraries that open URIs themselves (DCP)."""
+        if not is_remote(uri):
+            return {}
+        opts: dict[str, Any] = {
+            "client_kwargs": {"region_name": self._region},
+            "config_kwargs": {"retries": {"max_attempts": self.max_attempts, "mode": "adaptive"}},
+        }
+        if self._endpoint:
+            opts["endpoint_url"] = self._endpoint
+        if self.access_key_id:
+            opts["key"] = self.access_key_id
+            opts["secret"] = self.secret_access_key
+        return opts
+
+    def arrow_fs(self, uri: str) -> tuple[Any, str]:
+        """A pyarrow filesystem + path; pyarrow's C++ S3 client is the fast path for Parquet."""
+        import pyarrow.fs as pafs
+
+        scheme, path = split_uri(uri)
+        if scheme != "s3":
+            return pafs.LocalFileSystem(), path
+        kwargs: dict[str, Any] = {
+            "region": self._region,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+            "connect_timeout": 10,
+            "request_timeout": 60,
+        }
+        ep = self._endpoint
+        if ep:
+            scheme_, _, host = ep.partition("://")
+            kwargs["endpoint_override"] = host or scheme_
+            kwargs["scheme"] = scheme_ if host else "https"
+        if self.access_key_id:
+            kwargs["access_key"] = self.access_key_id
+            kwargs["secret_key"] = self.secret_access_key
+        return pafs.S3FileSystem(**kwargs), path
+
+    # -- small-object helpers ---------------------------------------------------------
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        try:
+            return fs.exists(path)
+        except (PermissionError, OSError) as e:
+            raise StorageError(f"cannot check {uri}: {e}") from e
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.fs(uri)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise StorageError(f"cannot read {uri}: {e}") from e
+
+    def read_json(self, uri: str) -> Any:
+        raw = self.read_bytes(uri)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(f"{uri} is not valid JSON (corrupt or truncated): {e}") from e
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write an object whole. Local files go through a temp file + rename, so a
+        reader never sees a partial file; an S3 PUT is atomic by itself."""
+        fs, path = self.fs(uri)
+        try:
+            if is_remote(uri):
+                fs.pipe_file(path, data)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+        except Exception as e:
+            raise StorageError(f"cannot write {uri}: {e}") from e
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create `uri` only if it does not exist yet; True if this call created it.
+
+        Local: write a temp file and hard-link it into place (link fails if the name
+        exists), atomic and exclusive. S3: a conditional PUT (If-None-Match: *), which
+        AWS S3, MinIO and moto honour; the loser gets 412 and we return False."""
+        fs, path = self.fs(uri)
+        if not is_remote(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        bucket, _, key = path.partition("/")
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except Exception as e:  # 412 PreconditionFailed, as s3fs translates it
+            cause = getattr(e, "__cause__", None)
+            code = getattr(cause, "response", {}).get("Error", {}).get("Code", "") if cause else ""
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-conditions you specified" in str(e):
+                return False
+            raise StorageError(f"cannot create {uri}: {e}") from e
+
+    def ls(self, uri: str, detail: bool = False) -> list:
+        fs, path = self.fs(uri)
+        try:
+            fs.invalidate_cache(path)
+            return fs.ls(path, detail=detail)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise StorageError(f"cannot list {uri}: {e}") from e
+
+    def rm(self, uri: str, recursive: bool = True) -> None:
+        fs, path = self.fs(uri)
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def ensure_bucket(self, uri: str) -> None:
+        """Create the bucket of an s3:// URI if missing (embedded endpoint, tests)."""
+        if not is_remote(uri):
+            return
+        fs, path = self.fs(uri)
+        bucket = path.split("/", 1)[0]
+        try:
+            if not fs.exists(bucket):
+                kwargs = {"Bucket": bucket}
+                if self._region != "us-east-1":  # S3 rejects an explicit us-east-1 constraint
+                    kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
+                fs.call_s3("create_bucket", **kwargs)
+                fs.invalidate_cache()
+        except Exception as e:
+            raise StorageError(f"cannot create bucket s3://{bucket}: {e}") from e
+
+    def upload_dir(self, local_dir: str, uri: str) -> None:
+        fs, path = self.fs(uri)
+        for root, _, files in os.walk(local_dir):
+            for name in files:
+                src = os.path.join(root, name)
+                rel = os.path.relpath(src, local_dir)
+                with open(src, "rb") as f:
+                    self.write_bytes(join(uri, rel), f.read())
+
+    def download_dir(self, uri: str, local_dir: str) -> None:
+        fs, path = self.fs(uri)
+        for entry in fs.find(path):
+            rel = os.path.relpath(entry, path)
+            dst = os.path.join(local_dir, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with open(dst, "wb") as f:
+                f.write(fs.cat_file(entry))
+
+
+# ------------------------------------------------------------------ embedded endpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedS3:
+    """moto's S3 server on 127.0.0.1 in a child process: the real S3 HTTP API, in memory.
+
+    It lives as long as this object (use it as a context manager); everything stored
+    in it is gone when it stops."""
+
+    ACCESS_KEY = "flm-embedded"
+    SECRET_KEY = "flm-embedded-secret"
+
+    def __init__(self, port: int | None = None, verbose: bool = False):
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._verbose = verbose
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> EmbeddedS3:
+        out = None if self._verbose else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise StorageError(f"embedded S3 endpoint exited at start (code {self._proc.returncode})")
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).read()
+                return self
+            except Exception:
+                time.sleep(0.1)
+        self.stop()
+        raise StorageError(f"embedded S3 endpoint on {self.url} did not start within 30 s")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._proc = None
+
+    def storage_config(self, base: StorageConfig | None = None) -> StorageConfig:
+        return replace(
+            base or StorageConfig(),
+            endpoint_url=self.url,
+            access_key_id=self.ACCESS_KEY,
+            secret_access_key=self.SECRET_KEY,
+            region="us-east-1",
+        )
+
+    def __enter__(self) -> EmbeddedS3:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,493 @@
+"""The train loop: one function, run by every Ray Train worker, for pretraining,
+fine-tuning and evaluation. They differ in objective, data and initialisation only.
+
+Every step starts with one small all-reduce (`_agree`) that carries, for all ranks,
+the rows each will train on, the bad-row counts, and the previous step's loss and
+non-finite flag. From it every rank takes the same decisions at the same step: end the
+epoch (when no rank has rows left; a rank that ran dry joins with an empty batch, so
+uneven shards never hang DDP), fail on a bad-row budget or a NaN loss (before a
+checkpoint could be written), and save a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flm_dist import checkpoint as ckpt
+from flm_dist.batch import Batch
+from flm_dist.config import CheckpointConfig, FeatureConfig, ModelConfig, TrainConfig
+from flm_dist.data.hashing import HashSpec
+from flm_dist.data.pipeline import BatchStream, empty_batch
+from flm_dist.data.plan import DataPlan
+from flm_dist.data.schema import BAD_REASONS, DataError
+from flm_dist.metrics import ctr_metrics, rating_metrics
+from flm_dist.model import FLM
+from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules
+from flm_dist.optim import build_optimizers, optimizer_state
+from flm_dist.sharding import describe_plan, global_view, parallelize, plan_tables, unwrap
+from flm_dist.storage import Store, join
+
+__all__ = ["NonFiniteLossError", "WorkerSpec", "worker_main"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; training stopped before writing another checkpoint."""
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs, and nothing more; built by the driver (launch.py)."""
+
+    mode: str  # "train" | "evaluate"
+    task: str
+    model: ModelConfig
+    features: list[FeatureConfig]
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    store: Store
+    run_dir: str
+    hash_spec: dict
+    seed: int
+    batch_size: int
+    shuffle_window: int
+    prefetch_batches: int
+    max_bad_fraction: float
+    rating_range: list[float]
+    shard_threshold_bytes: int
+    plan_overrides: dict[str, str]
+    train_plan: dict | None = None  # DataPlan.to_dict() of the training data
+    eval_plan: dict | None = None
+    init_from: str = ""  # a committed checkpoint URI (backbone for fine-tuning)
+    evaluate_from: str = ""  # mode=evaluate: the checkpoint to evaluate
+    resume: bool = True
+    use_gpu: bool = False
+    threads: int = 1
+    manifest: dict = field(default_factory=dict)  # config, lineage, data fingerprint
+    progress: Any = None  # a launch.RunChannel handle, or None
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _state(model, dense_opt, sparse_opt) -> dict:
+    """The DCP state: sharded tables and their Adagrad state as DTensor row blocks."""
+    m = unwrap(model)
+    return {
+        "model": {k: global_view(m, k, v) for k, v in m.state_dict().items()},
+        "dense_optim": optimizer_state(m, dense_opt),
+        "sparse_optim": optimizer_state(m, sparse_opt, wrap=lambda n, v: global_view(m, n, v)),
+    }
+
+
+def _prime_optimizers(model, dense_opt, sparse_opt) -> None:
+    """Allocate optimiser state up front so DCP can load into it in place."""
+    if dense_opt is not None:
+        for group in dense_opt.param_groups:
+            for p in group["params"]:
+                st = dense_opt.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+    if sparse_opt is not None:
+        for group in sparse_opt.param_groups:
+            for p in group["params"]:
+                if "sum" not in sparse_opt.state[p] and not group["sgd"]:
+                    sparse_opt.state[p]["sum"] = torch.zeros(p.shape[0], device=p.device)
+
+
+class _Fetcher:
+    """Pulls the next batch and the bad-row counts that came before it."""
+
+    def __init__(self, stream: BatchStream, epoch: int):
+        self._it = stream.epoch(epoch)
+        self.done = False
+
+    def next(self) -> tuple[Batch | None, np.ndarray]:
+        counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
+        while not self.done:
+            try:
+                batch, c = next(self._it)
+            except StopIteration:
+                self.done = True
+                break
+            counts += c
+            if batch is not None:
+                return batch, counts
+        return None, counts
+
+
+def _agree(group, rows: int, bad: np.ndarray, loss_sum: float, nonfinite: bool) -> tuple[int, np.ndarray, float, bool]:
+    """One all-reduce per step: global rows, bad counts, last loss, any non-finite."""
+    t = torch.tensor([float(rows), float(nonfinite), loss_sum, *bad.astype(np.float64)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return int(t[0]), t[3:].numpy().astype(np.int64), float(t[2]), bool(t[1] > 0)
+
+
+# ------------------------------------------------------------------ the worker
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        import ray.train
+
+        self.spec = spec
+        self.ctx = ray.train.get_context()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        torch.set_num_threads(spec.threads)
+        if spec.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+        else:
+            self.device = torch.device("cpu")
+        # Control collectives are tiny CPU tensors: on NCCL runs they get a gloo group.
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+        self.ctrl = dist.new_group(backend="gloo") if dist.is_initialized() and backend != "gloo" else None
+        self.store = spec.store
+        self.hash = HashSpec.from_dict(spec.hash_spec)
+        self.train_plan = DataPlan.from_dict(spec.train_plan) if spec.train_plan else None
+        self.eval_plan = DataPlan.from_dict(spec.eval_plan) if spec.eval_plan else None
+        self.metrics_log: list[dict] = []
+        self.tb = None
+
+    # -- model ----------------------------------------------------------------------
+
+    def build(self):
+        s = self.spec
+        torch.manual_seed(s.seed)  # dense layers start equal on every rank
+        lo, hi = s.rating_range
+        center = (lo + hi) / 2 if s.task == "rating" else 0.0
+        model = FLM(s.model, s.features, rating_center=center, init_seed=s.seed, table_device="meta")
+        if s.mode == "train":
+            used = used_modules(s.task, s.train.recon_weight)
+            frozen = set()
+            if "embeddings" in s.train.freeze:
+                frozen |= {"tables", "numeric"}
+            if "encoder" in s.train.freeze:
+                frozen |= {"user_encoder", "item_encoder"}
+            if "decoder" in s.train.freeze:
+                frozen |= {"user_decoder", "item_decoder"}
+            for name, mod in model.named_children():
+                mod.requires_grad_(name in used and name not in frozen)
+        else:
+            model.requires_grad_(False)
+        self.plan = plan_tables(
+            {n: t.num_embeddings for n, t in model.tables.items()},
+            s.model.embedding_dim,
+            self.world,
+            s.shard_threshold_bytes,
+            s.plan_overrides,
+        )
+        if self.rank == 0:
+            print(describe_plan(self.plan), flush=True)
+        self.model = parallelize(model, self.plan, self.device, seed=s.seed)
+        self.dense_opt = self.sparse_opt = None
+        if s.mode == "train":
+            self.dense_opt, self.sparse_opt = build_optimizers(
+                unwrap(self.model), s.train.lr, s.train.weight_decay, s.train.sparse_lr, s.train.sparse_optimizer
+            )
+            _prime_optimizers(self.model, self.dense_opt, self.sparse_opt)
+
+    def restore(self) -> dict:
+        """Resume from the run's latest committed checkpoint, else initialise the
+        backbone from `init_from`, else start fresh. Returns the progress to resume."""
+        s = self.spec
+        if s.mode == "evaluate":
+            ref = ckpt.resolve(self.store, s.evaluate_from)
+            state = {"model": _state(self.model, None, None)["model"]}
+            ckpt.load_state(self.store, ref, state)
+            return {"step": 0, "epoch": 0, "checkpoint": ref.uri}
+        ref = ckpt.find_latest(self.store, s.run_dir) if s.resume else None
+        if ref is not None:
+            manifest = ckpt.load_manifest(self.store, ref)
+            ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt))
+            if self.rank == 0:
+                print(f"resumed from {ref.uri} (step {ref.step})", flush=True)
+            return {"step": manifest["step"], "epoch": manifest["epoch"], "epoch_done": manifest.get("epoch_done", False), "checkpoint": ref.uri}
+        if s.init_from:
+            ref = ckpt.resolve(self.store, s.init_from)
+            m = unwrap(self.model)
+            full = _state(self.model, None, None)["model"]
+            keys = [k for k in m.backbone_keys() if k in full]
+            ckpt.load_state(self.store, ref, {"model": {k: full[k] for k in keys}})
+            if self.rank == 0:
+                print(f"initialised backbone ({len(keys)} tensors) from {ref.uri}; head is new", flush=True)
+        return {"step": 0, "epoch": 0, "epoch_done": False, "checkpoint": None}
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def save(self, step: int, epoch: int, epoch_done: bool, metrics: dict) -> str:
+        s = self.spec
+        attempt = ckpt.new_attempt_id()
+        ref = ckpt.save_state(self.store, s.run_dir, step, attempt, _state(self.model, self.dense_opt, self.sparse_opt))
+        if dist.is_initialized():
+            dist.barrier(group=self.ctrl)
+        uri = ref.uri
+        if self.rank == 0:
+            manifest = dict(s.manifest)
+            manifest.update(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "epoch_done": epoch_done,
+                    "world_size": self.world,
+                    "sharding_plan": {n: p.to_dict() for n, p in self.plan.items()},
+                    "hash_spec": self.hash.to_dict(),
+                    "metrics": metrics,
+                    "checkpoint": uri,
+                }
+            )
+            if ckpt.commit(self.store, ref, manifest):
+                ckpt.prune(self.store, s.run_dir, s.checkpoint.keep_last, step)
+        # every rank learns the outcome before going on
+        out = [uri]
+        if dist.is_initialized():
+            dist.broadcast_object_list(out, src=0, group=self.ctrl)
+        return out[0]
+
+    # -- progress -------------------------------------------------------------------
+
+    def _log(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
+        self.metrics_log.append(rec)
+        if self.spec.progress is not None:
+            self.spec.progress.update.remote(rec)
+        if os.environ.get("FLM_DEBUG_STEPS"):
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb_dir = tempfile.mkdtemp(prefix="flm-tb-")
+            self.tb = SummaryWriter(self._tb_dir)
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
+                self.tb.add_scalar(f"{self.spec.task}/{k}", v, rec["step"])
+
+    def _flush_tb(self) -> None:
+        if self.rank == 0 and self.tb is not None:
+            self.tb.flush()
+            self.store.upload_dir(self._tb_dir, join(self.spec.run_dir, "tensorboard"))
+
+    # -- loops ------------------------------------------------------------------------
+
+    def _bad_budget(self, bad_total: np.ndarray, rows_total: int, planned: int, final: bool, examples: list) -> None:
+        """Raise on every rank at once (the counts are global) when bad rows exceed the
+        budget: mid-epoch only once the whole epoch could no longer stay under it."""
+        n_bad = int(bad_total[1:].sum() - bad_total[BAD_REASONS.index("bad_file")])
+        limit = self.spec.max_bad_fraction * (rows_total + n_bad if final else planned)
+        if n_bad <= limit or n_bad == 0:
+            return
+        gathered = [None] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, examples, group=self.ctrl)
+        else:
+            gathered = [examples]
+        ex = [e for g in gathered for e in (g or [])][:5]
+        where = []
+        for pos, code in ex:
+            if self.train_plan is not None:
+                f, row = self.train_plan.locate(int(pos))
+                where.append(f"{f} row {row}: {BAD_REASONS[code]}")
+        counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(bad_total) if i and c)
+        raise DataError(
+            f"bad rows exceed data.max_bad_fraction={self.spec.max_bad_fraction}: {n_bad} bad of "
+            f"{rows_total + n_bad} rows read ({counts}); examples: " + "; ".join(where)
+        )
+
+    def train(self, progress: dict) -> dict:
+        s = self.spec
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        stream = BatchStream(
+            shard,
+            s.batch_size,
+            tuple(s.features),
+            shuffle_window=s.shuffle_window,
+            seed=s.seed * 1000 + self.rank,
+            prefetch_batches=s.prefetch_batches,
+        )
+        flags = forward_flags(s.task, s.train.recon_weight)
+        popularity = PopularityEstimator(device=self.device) if s.task in ("pretrain", "retrieval") else None
+        step, start_epoch = progress["step"], progress["epoch"]
+        if progress.get("epoch_done"):
+            start_epoch += 1
+        planned = self.train_plan.total_rows if self.train_plan else 0
+        bad_total = np.zeros(len(BAD_REASONS), dtype=np.int64)
+        rows_total = 0
+        t_start = time.perf_counter()
+        last_loss = float("nan")
+        last_saved = progress.get("checkpoint")
+        empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
+        stop = False
+        for epoch in range(start_epoch, s.train.epochs):
+            fetch = _Fetcher(stream, epoch)
+            prev_loss, prev_nonfinite, prev_rows = 0.0, False, 0
+            epoch_rows = 0
+            saved_this_step = False
+            while True:
+                t0 = time.perf_counter()
+                batch, bad = fetch.next()
+                t_data = time.perf_counter() - t0
+                rows, gbad, gloss, nonfinite = _agree(self.ctrl, len(batch) if batch else 0, bad, prev_loss, prev_nonfinite)
+                if nonfinite:
+                    raise NonFiniteLossError(
+                        f"loss became NaN/Inf at step {step} (epoch {epoch}); stopped before writing a checkpoint. "
+                        f"Last committed checkpoint: {last_saved}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+                    )
+                if prev_rows:
+                    last_loss = gloss / prev_rows
+                bad_total += gbad
+                rows_total += rows
+                self._bad_budget(bad_total, rows_total, planned, final=False, examples=stream.bad_examples)
+                # Save the state after the previous step, now that every rank knows it was finite.
+                if prev_rows and s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0:
+                    last_saved = self.save(step, epoch, False, {"loss": last_loss})
+                    saved_this_step = True
+                if rows == 0 or (s.train.max_steps and step >= s.train.max_steps):
+                    stop = bool(s.train.max_steps and step >= s.train.max_steps)
+                    break
+                if batch is None:
+                    batch = empty
+                t1 = time.perf_counter()
+                batch_dev = batch.to(self.device, non_blocking=True)
+                if popularity is not None:
+                    popularity.update(batch_dev.item)
+                out = self.model(batch_dev, **flags)
+                lp = compute_loss(s.task, out, batch_dev, s.train.recon_weight, s.train.contrastive_weight, s.train.temperature, popularity, s.train.num_negatives)
+                # Local sum / global rows, times world because DDP averages gradients:
+                # the sum over ranks is the gradient of the global mean loss.
+                loss = lp.total * (self.world / rows)
+                for opt in (self.dense_opt, self.sparse_opt):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.train.grad_clip > 0 and self.dense_opt is not None:
+                    torch.nn.utils.clip_grad_norm_([p for g in self.dense_opt.param_groups for p in g["params"]], s.train.grad_clip)
+                for opt in (self.dense_opt, self.sparse_opt):
+                    if opt is not None:
+                        opt.step()
+                prev_loss = float(lp.total.detach())
+                prev_nonfinite = not math.isfinite(prev_loss)
+                prev_rows = rows
+                step += 1
+                epoch_rows += rows
+                saved_this_step = False
+                t_step = time.perf_counter() - t1
+                if step % s.train.log_every == 0:
+                    elapsed = time.perf_counter() - t_start
+                    self._log(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": last_loss,
+                            "rows": rows_total,
+                            "rows_per_s": rows_total / max(elapsed, 1e-9),
+                            "data_wait_s": t_data,
+                            "step_s": t_step,
+                            **{f"{k}": float(v) / max(len(batch), 1) for k, v in lp.parts.items()},
+                        }
+                    )
+            self._bad_budget(bad_total, rows_total, planned, final=True, examples=stream.bad_examples)
+            if not saved_this_step and step > 0:
+                last_saved = self.save(step, epoch, not stop, {"loss": last_loss})
+            self._flush_tb()
+            if stop:
+                break
+        elapsed = time.perf_counter() - t_start
+        bad = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
+        return {
+            "checkpoint": last_saved,
+            "steps": step,
+            "rows": rows_total,
+            "rows_per_s": rows_total / max(elapsed, 1e-9),
+            "train_seconds": elapsed,
+            "loss": last_loss,
+            "bad_rows": bad,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Predictions for the eval split from every rank, gathered to compute the
+        metrics exactly. Forward passes follow the same step agreement as training
+        (sharded lookups are collectives)."""
+        import ray.train
+
+        s = self.spec
+        self.model.eval()
+        shard = ray.train.get_dataset_shard("eval")
+        stream = BatchStream(shard, s.batch_size, tuple(s.features), shuffle_window=1, prefetch_batches=s.prefetch_batches)
+        fetch = _Fetcher(stream, 0)
+        empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
+        preds, labels, users, items = [], [], [], []
+        bad_total = np.zeros(len(BAD_REASONS), dtype=np.int64)
+        while True:
+            batch, bad = fetch.next()
+            rows, gbad, _, _ = _agree(self.ctrl, len(batch) if batch else 0, bad, 0.0, False)
+            bad_total += gbad
+            if rows == 0:
+                break
+            b = (batch or empty).to(self.device)
+            out = self.model(b, score=s.task in ("ctr", "rating"))
+            score = out.score if out.score is not None else unwrap(self.model).similarity(out.z_user, out.z_item)
+            preds.append(score.float().cpu().numpy())
+            target = b.label if s.task == "ctr" else b.rating if s.task == "rating" else None
+            labels.append(target.float().cpu().numpy() if target is not None else np.zeros(len(b), np.float32))
+            users.append(b.user.cpu().numpy())
+            items.append(b.item.cpu().numpy())
+        local = tuple(np.concatenate(x) if x else np.zeros(0) for x in (preds, labels, users, items))
+        gathered = [None] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, local, group=self.ctrl)
+        else:
+            gathered = [local]
+        self.model.train()
+        if self.rank != 0:
+            return {}
+        p, y, u, _ = (np.concatenate([g[i] for g in gathered]) for i in range(4))
+        if s.task == "ctr":
+            m = ctr_metrics(p, y, u)
+        elif s.task == "rating":
+            m = rating_metrics(p, y)
+        else:
+            m = {"rows": int(len(p)), "mean_similarity": float(p.mean()) if len(p) else float("nan")}
+        bad = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
+        if bad:
+            m["bad_rows"] = bad
+        return m
+
+
+def worker_main(spec_dict: dict) -> None:
+    """`train_loop_per_worker` for TorchTrainer."""
+    import ray
+
+    spec: WorkerSpec = spec_dict["spec"]
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    w = Worker(spec)
+    w.build()
+    progress = w.restore()
+    result: dict[str, Any] = {}
+    if spec.mode == "train":
+        result["train"] = w.train(progress)
+    else:
+        result["checkpoint"] = progress["checkpoint"]
+    if spec.eval_plan is not None:
+        result["eval"] = w.evaluate()
+    if w.rank == 0 and spec.progress is not None:
+        ray.get(spec.progress.set_result.remote(result))

@@ -1,0 +1,86 @@
+import pytest
+
+from flm_dist.config import ConfigError, JobConfig, load_job
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_required_keys_exist_with_their_names(tmp_path):
+    p = write(
+        tmp_path,
+        """
+task: ctr
+init_from: s3://b/runs/pre
+data: {pretrain: s3://b/pre, train: s3://b/train, eval: s3://b/eval}
+run: {storage: s3://b/runs, name: x}
+scaling: {num_workers: 3}
+""",
+    )
+    job = load_job(p)
+    assert (job.task, job.init_from, job.run.name, job.scaling.num_workers) == ("ctr", "s3://b/runs/pre", "x", 3)
+    assert (job.data.pretrain, job.data.train, job.data.eval, job.run.storage) == ("s3://b/pre", "s3://b/train", "s3://b/eval", "s3://b/runs")
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    p = write(tmp_path, "data:\n  tarin: s3://x\n")
+    with pytest.raises(ConfigError) as e:
+        load_job(p)
+    msg = str(e.value)
+    assert str(p) in msg and "data.tarin" in msg and "did you mean 'data.train'" in msg
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    p = write(tmp_path, "scaling:\n  num_workers: two\n")
+    with pytest.raises(ConfigError) as e:
+        load_job(p)
+    assert str(p) in str(e.value) and "scaling.num_workers" in str(e.value) and "'two'" in str(e.value)
+
+
+def test_bad_enum_value(tmp_path):
+    p = write(tmp_path, "task: clicks\n")
+    with pytest.raises(ConfigError, match="key 'task' expects 'pretrain' \\| 'ctr'"):
+        load_job(p)
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path):
+    p = write(tmp_path, "task: pretrain\n")
+    job = load_job(p, ["scaling.num_workers=4", "train.lr=0.01", "data.features=[{name: a, side: user}]"])
+    assert job.scaling.num_workers == 4 and job.train.lr == 0.01 and job.data.features[0].name == "a"
+    with pytest.raises(ConfigError, match="with --set overrides.*unknown key 'train.lrr'"):
+        load_job(p, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_job(p, ["train.lr"])
+
+
+def test_value_checks_say_the_fix(tmp_path):
+    p = write(tmp_path, "scaling:\n  num_workers: [3, 1]\n")
+    with pytest.raises(ConfigError, match=r"\[min, max\]"):
+        load_job(p)
+    p = write(tmp_path, "data:\n  features: [{name: label, side: user}]\n")
+    with pytest.raises(ConfigError, match="reserved"):
+        load_job(p)
+
+
+def test_elastic_workers_and_defaults():
+    job = load_job(None, ["scaling.num_workers=[1, 4]"])
+    assert job.scaling.max_workers == 4
+    assert JobConfig().scaling.cpus_per_worker == "auto"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_job(tmp_path / "nope.yaml")
+    p = write(tmp_path, "a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(p)
+
+
+def test_shipped_jobs_load():
+    import pathlib
+
+    for f in sorted(pathlib.Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml")):
+        load_job(f)
