@@ -1,0 +1,206 @@
+"""`inspect` on real Parquet: a hand-made log whose bad rows are known row by row, a
+synthetic log (exact and sketched distinct counts, the PNG), broken files, S3, and the
+`flm-dist data convert / inspect` commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from flm_dist.cli import main
+from flm_dist.data.hashing import expected_collisions
+from flm_dist.data.inspect import _IdCounts, inspect, summary
+from flm_dist.data.schema import DataError
+from flm_dist.data.synth import synth
+from flm_dist.storage import Store, join
+
+NAN = float("nan")
+
+
+def hand_made(root: Path) -> Path:
+    """Ten rows in two files; the comment on each bad row is the reason training drops it
+    (the first failing check wins: IDs, then label, then rating)."""
+    root.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([1, 2, None, 4, 5, 6], pa.int64()),  # row 2: null_user_id
+                "item_id": pa.array([10, 11, 12, None, 10, 11], pa.int64()),  # row 3: null_item_id (its rating 0.5 is out of range too)
+                "label": pa.array([0, 1, 1, 0, 1.5, NAN]),  # row 4: label_out_of_range, row 5: nonfinite_label
+                "rating": pa.array([1, 5, 3, 0.5, 3, 4], pa.float32()),
+                "ts": pa.array(range(100, 106), pa.int64()),
+            }
+        ),
+        root / "part-0.parquet",
+        row_group_size=4,
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([1, 7, 8, None], pa.int64()),  # row 3: null_user_id (label 2 too)
+                "item_id": pa.array([13, 13, 14, 15], pa.int64()),
+                "label": pa.array([None, 1, -0.1, 2]),  # row 0: null_label, row 2: label_out_of_range
+                "rating": pa.array([6, 2, 3, 4], pa.float32()),  # row 0: rating_out_of_range
+                "ts": pa.array(range(200, 204), pa.int64()),
+            }
+        ),
+        root / "part-1.parquet",
+    )
+    (root / "part-2.parquet").write_bytes(b"")  # empty: counted, not read
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.parquet").write_bytes(b"ignored")
+    return root
+
+
+def test_counts_on_a_hand_made_log(tmp_path):
+    root = hand_made(tmp_path / "log")
+    rep = inspect(Store(), str(root), table_rows={"user": 8, "item": 1024})
+
+    assert (rep["files"], rep["empty_files"], rep["row_groups"], rep["rows"]) == (3, 1, 3, 10)
+    assert rep["unreadable_files"] == [] and rep["problems"] == []
+    assert rep["schema"] == {"user_id": "int64", "item_id": "int64", "label": "double", "rating": "float", "ts": "int64"}
+    assert rep["null_counts"] == {"user_id": 2, "item_id": 1, "label": 1, "rating": 0, "ts": 0}
+    assert rep["ts_range"] == [100, 203]
+    assert rep["users"]["distinct"] == 7 and rep["users"]["method"] == "exact"
+    assert rep["items"]["distinct"] == 6 and rep["items"]["method"] == "exact"
+    assert rep["users"]["rows_per_id"]["max"] == 2  # user 1 has two rows
+
+    def reasons(d):
+        return {k: v for k, v in d.items() if k not in ("total", "rows_checked", "fraction")}
+
+    bad = rep["bad_rows"]
+    assert reasons(bad["pretrain"]) == {"null_user_id": 2, "null_item_id": 1}
+    assert reasons(bad["ctr"]) == {
+        "null_user_id": 2,
+        "null_item_id": 1,
+        "null_label": 1,
+        "nonfinite_label": 1,
+        "label_out_of_range": 2,
+    }
+    assert reasons(bad["rating"]) == {"null_user_id": 2, "null_item_id": 1, "rating_out_of_range": 1}
+    assert [bad[t]["total"] for t in ("pretrain", "ctr", "rating")] == [3, 7, 4]
+    assert bad["ctr"]["fraction"] == pytest.approx(0.7)
+
+    assert rep["collisions"]["user"] == {"rows": 8, **expected_collisions(7, 8)}
+    assert rep["collisions"]["item"] == {"rows": 1024, **expected_collisions(6, 1024)}
+    text = summary(rep)
+    assert "7 distinct (exact)" in text and "label_out_of_range 2" in text
+
+
+def test_rating_range_changes_what_counts_as_bad(tmp_path):
+    root = hand_made(tmp_path / "log")
+    rep = inspect(Store(), str(root), rating_range=(0.5, 6.0))
+    assert "rating_out_of_range" not in rep["bad_rows"]["rating"]
+
+
+def test_synthetic_log_distincts_and_plot(tmp_path):
+    store = Store()
+    planted = synth(store, str(tmp_path / "synth"), rows=30_000, users=3_000, items=800, seed=3, row_group_rows=2048)
+    data = str(tmp_path / "synth" / "train")
+    whole = pq.read_table(data)  # the oracle: small enough to load here
+    true_users = pc.count_distinct(whole["user_id"]).as_py()
+    true_items = pc.count_distinct(whole["item_id"]).as_py()
+
+    plot = tmp_path / "plots" / "train.png"
+    rep = inspect(store, data, plot=str(plot))
+    assert rep["files"] == 8 and rep["rows"] == planted["rows_train"]
+    assert rep["users"]["distinct"] == true_users and rep["items"]["distinct"] == true_items
+    assert rep["bad_rows"]["ctr"]["total"] == 0
+    png = plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    k = 512
+    sketched = inspect(store, data, sketch_k=k, plot=str(tmp_path / "sketched.png"))
+    assert sketched["users"]["method"] == "kmv" and sketched["users"]["sketch_k"] == k
+    se = 1 / math.sqrt(k - 2)
+    assert abs(sketched["users"]["distinct"] / true_users - 1) < 4 * se
+    assert sketched["items"]["method"] == "kmv"
+    assert abs(sketched["items"]["distinct"] / true_items - 1) < 4 * se
+    assert sketched["users"]["rows"] == rep["users"]["rows"] == planted["rows_train"]
+    assert (tmp_path / "sketched.png").stat().st_size > 10_000
+
+
+def test_kmv_sample_keeps_exact_counts():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, np.iinfo(np.int64).max, size=5_000)  # hashes are uniform over [0, 2**63)
+    rows = ids[rng.zipf(1.3, size=60_000) % len(ids)]
+    true_keys, true_counts = np.unique(rows, return_counts=True)
+
+    exact, sketch = _IdCounts(10_000), _IdCounts(300)
+    for chunk in np.array_split(rows, 37):
+        exact.add(chunk)
+        sketch.add(chunk)
+    assert exact.distinct() == len(true_keys) and not exact.saturated
+    estimate = sketch.distinct()  # merges what is buffered
+    np.testing.assert_array_equal(exact.keys, true_keys)
+    np.testing.assert_array_equal(exact.counts, true_counts)
+    # The sketch keeps the 300 smallest hashes, each with its full row count.
+    assert sketch.saturated and len(sketch.keys) == 300
+    np.testing.assert_array_equal(sketch.keys, true_keys[:300])
+    np.testing.assert_array_equal(sketch.counts, true_counts[:300])
+    assert abs(estimate / len(true_keys) - 1) < 4 / math.sqrt(298)
+
+
+def test_broken_and_inconsistent_files_are_reported(tmp_path):
+    root = tmp_path / "log"
+    root.mkdir()
+    pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()), "item_id": pa.array([3, 4], pa.int64())}), root / "a.parquet")
+    pq.write_table(pa.table({"user_id": ["1", None], "item_id": ["3", "5"], "label": ["yes", "no"]}), root / "b.parquet")
+    (root / "c.parquet").write_bytes(b"PAR1 this is not parquet")
+    rep = inspect(Store(), str(root))
+    assert [u for u, _ in rep["unreadable_files"]] == [str(root / "c.parquet")]
+    assert rep["rows"] == 4
+    assert rep["schema"]["user_id"] == "int64 | string"
+    assert rep["users"]["distinct"] == 3  # 1, 2 and "1": integer 1 and string "1" are different IDs
+    assert rep["null_counts"]["user_id"] == 1
+    problems = "\n".join(rep["problems"])
+    assert f"column 'user_id' holds integer in {root / 'a.parquet'}, string in {root / 'b.parquet'}" in problems
+    # Training refuses b.parquet for every task (its label is text), and a.parquet for ctr (no label).
+    assert f"task pretrain would refuse this data: {root / 'b.parquet'}: column 'label' has type string" in problems
+    assert f"task ctr would refuse this data: {root / 'a.parquet'}: required column 'label'" in problems
+    assert rep["bad_rows"]["pretrain"]["rows_checked"] == 2 and rep["bad_rows"]["ctr"]["rows_checked"] == 0
+
+
+def test_missing_prefix_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file or prefix"):
+        inspect(Store(), str(tmp_path / "nope"))
+
+
+def test_inspect_on_s3_writes_the_plot_there(s3_store, bucket):
+    afs, path = s3_store.arrow_fs(join(bucket, "log"))
+    t = pa.table({"user_id": pa.array(np.arange(500) % 50), "item_id": pa.array(np.arange(500) % 7), "label": pa.array(np.ones(500))})
+    for k in range(3):
+        pq.write_table(t, f"{path}/part-{k}.parquet", filesystem=afs)
+    rep = inspect(s3_store, join(bucket, "log"), plot=join(bucket, "report", "plot.png"))
+    assert (rep["files"], rep["rows"], rep["users"]["distinct"], rep["items"]["distinct"]) == (3, 1500, 50, 7)
+    assert s3_store.read_bytes(join(bucket, "report", "plot.png"))[:4] == b"\x89PNG"
+
+
+def test_cli_convert_then_inspect(tmp_path, capsys):
+    src = tmp_path / "ratings.dat"
+    src.write_text("".join(f"{u}::{i}::{1 + (u * i) % 5}::{978300000 + u * 10 + i}\n" for u in range(1, 21) for i in range(1, 11)))
+    out = tmp_path / "ml"
+    assert main(["data", "convert", "--format", "movielens", str(src), str(out), "--files", "4"]) == 0
+    assert "wrote 200 rows in 4 files" in capsys.readouterr().out
+    report = tmp_path / "inspect.json"
+    rc = main(["data", "inspect", str(out), "--user-rows", "64", "--json", str(report), "--plot", str(tmp_path / "p.png")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "200 rows" in printed and "20 distinct (exact)" in printed
+    rep = json.loads(report.read_text())
+    assert rep["rows"] == 200 and rep["collisions"]["user"]["rows"] == 64
+    assert rep["items"]["distinct"] == 10 and (tmp_path / "p.png").stat().st_size > 0
+
+    # Usage and data errors exit with status 2 and say what is wrong.
+    assert main(["data", "convert", "--format", "csv", str(src), str(tmp_path / "x"), "--map", "user_id"]) == 2
+    assert "expected NAME=COLUMN" in capsys.readouterr().err
+    assert main(["data", "convert", "--format", "sequence", str(src), str(tmp_path / "y")]) == 2
+    assert f"{src} line 1, field 1 (user_id): '1::1::2::978300011' is not an integer ID" in capsys.readouterr().err
