@@ -206,7 +206,7 @@ def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:
     layout); DCP reshards row blocks to whatever layout `state` has."""
     reader = FsspecReader(ref.uri, **store.storage_options(ref.uri))
     try:
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     except (FileNotFoundError, EOFError, RuntimeError, ValueError) as e:
         if isinstance(e, RuntimeError) and "Missing key" in str(e):
             raise

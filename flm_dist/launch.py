@@ -26,7 +26,7 @@ from flm_dist.model import table_sizes
 from flm_dist.storage import Store, is_remote, join, split_uri
 from flm_dist.train_loop import WorkerSpec, worker_main
 
-__all__ = ["ensure_ray", "evaluate", "resources", "train"]
+__all__ = ["TrainingFailed", "ensure_ray", "evaluate", "resources", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,27 @@ def resources(scaling: ScalingConfig, cluster_cpus: float) -> tuple[float, int]:
                 f"Lower scaling.cpus_per_worker or use 'auto'."
             )
     return cpw, max(1, int(cpw))
+
+
+class TrainingFailed(RuntimeError):
+    """The worker group failed; the message is the first failing rank's own error."""
+
+
+def _fit(trainer):
+    """trainer.fit(), re-raising a worker's own error (DataError, CheckpointCorruptError,
+    NonFiniteLossError, ...) instead of Ray's wrapper, so the CLI can print it plainly."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        return trainer.fit()
+    except WorkerGroupError as e:
+        failures = getattr(e, "worker_failures", {}) or {}
+        for rank in sorted(failures):
+            exc = failures[rank]
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, Exception) and not isinstance(cause, WorkerGroupError):
+                raise cause from e
+        raise TrainingFailed(str(e)) from e
 
 
 def _ray_storage(store: Store, uri: str):
@@ -292,7 +313,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
           f"{job.scaling.max_workers} workers x {cpw} CPUs -> {run_dir}", flush=True)
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name)
     with _ProgressBar(channel, total, job.task, progress):
-        trainer.fit()
+        _fit(trainer)
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})
     metrics = {k: v for k, v in tr.items() if k != "checkpoint"}
@@ -324,7 +345,7 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, workers:
     channel = RunChannel.remote()
     spec = _worker_spec(job, store, "evaluate", hash_spec, threads, eval_plan=plans["eval"].to_dict(), evaluate_from=ref.uri, resume=False, progress=channel)
     trainer = _trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, tempfile.mkdtemp(prefix="flm-eval-"), f"eval-{int(time.time())}")
-    trainer.fit()
+    _fit(trainer)
     res = ray.get(channel.result.remote())
     return {"overall": res.get("eval", {}), "checkpoint": ref.uri, "data": data or f"{job.data.train} (split {job.data.split.by})"}
 

@@ -303,12 +303,28 @@ class Worker:
         for pos, code in ex:
             if self.train_plan is not None:
                 f, row = self.train_plan.locate(int(pos))
-                where.append(f"{f} row {row}: {BAD_REASONS[code]}")
+                where.append(f"{f} row {row}: {BAD_REASONS[code]} {self._row_values(int(pos))}")
         counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(bad_total) if i and c)
         raise DataError(
             f"bad rows exceed data.max_bad_fraction={self.spec.max_bad_fraction}: {n_bad} bad of "
             f"{rows_total + n_bad} rows read ({counts}); examples: " + "; ".join(where)
         )
+
+    def _row_values(self, pos: int) -> dict:
+        """The raw columns of one row (for error messages), read back from its file."""
+        import pyarrow.parquet as pq
+
+        from flm_dist.storage import split_uri
+
+        try:
+            u = self.train_plan.units[pos >> 32]
+            uri = self.train_plan.files[u.file].uri
+            fs, _ = self.store.arrow_fs(uri)
+            with fs.open_input_file(split_uri(uri)[1]) as fh:
+                t = pq.ParquetFile(fh).read_row_group(u.row_group, columns=self.train_plan.columns)
+            return t.slice(pos & 0xFFFFFFFF, 1).to_pylist()[0]
+        except Exception as e:  # the message is still useful without the values
+            return {"unavailable": str(e)}
 
     def train(self, progress: dict) -> dict:
         s = self.spec
@@ -412,9 +428,16 @@ class Worker:
                 break
         elapsed = time.perf_counter() - t_start
         bad = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
+        # Every rank ran the same number of steps by construction (`_agree`); report
+        # each rank's own count so that promise is visible, not assumed.
+        steps_per_worker = [step]
+        if dist.is_initialized():
+            steps_per_worker = [None] * self.world
+            dist.all_gather_object(steps_per_worker, step, group=self.ctrl)
         return {
             "checkpoint": last_saved,
             "steps": step,
+            "steps_per_worker": steps_per_worker,
             "rows": rows_total,
             "rows_per_s": rows_total / max(elapsed, 1e-9),
             "train_seconds": elapsed,

@@ -88,10 +88,9 @@ def _split_mask(t: pa.Table, split: SplitConfig, side: str, seed: int) -> np.nda
         if split.by == "user":
             h = _hash64(t.column("user_id").combine_chunks(), seed)
         else:
+            # by (user, item) pair: repeats of a pair stay on one side (no leakage)
             h = _hash64(t.column("user_id").combine_chunks(), seed)
             h ^= _hash64(t.column("item_id").combine_chunks(), seed + 1) * np.uint64(0x9E3779B97F4A7C15)
-            if "ts" in t.column_names:
-                h ^= _ts_seconds(t.column("ts")).astype(np.int64).view(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
             h = _fmix64(h)
         in_eval = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < split.fraction
     return in_eval if side == "eval" else ~in_eval

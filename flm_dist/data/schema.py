@@ -79,7 +79,7 @@ class ReadSpec:
             need_ts=need_ts,
             read_label=task in ("ctr", "retrieval"),
             read_rating=task == "rating",
-            read_ts=True,
+            read_ts=need_ts,
             rating_range=(float(rating_range[0]), float(rating_range[1])),
             features=tuple(features),
         )
@@ -113,9 +113,15 @@ def check_schema(schema: pa.Schema, spec: ReadSpec, where: str) -> None:
             raise DataError(f"{where}: required column '{name}' ({what}) is missing; columns are {schema.names}")
         if not ok(t):
             raise DataError(f"{where}: column '{name}' has type {t}, expected {what}")
-    optional = [("ts", _is_ts, "integer seconds or timestamp"), ("label", _is_numeric, "numeric"), ("rating", _is_numeric, "numeric")]
-    for name, ok, what in optional:
-        t = col(name)
+    # Optional columns are checked only when the job reads them: a pretraining job
+    # does not care what type a `label` column has.
+    optional = [
+        ("ts", _is_ts, "integer seconds or timestamp", spec.read_ts),
+        ("label", _is_numeric, "numeric", spec.read_label),
+        ("rating", _is_numeric, "numeric", spec.read_rating),
+    ]
+    for name, ok, what, read in optional:
+        t = col(name) if read else None
         if t is not None and not ok(t):
             raise DataError(f"{where}: column '{name}' has type {t}, expected {what}")
     for f in spec.features:
