@@ -82,14 +82,6 @@ class FLM(nn.Module):
         self.features = tuple(features)
         d = cfg.embedding_dim
         # sparse=True: a step's gradient covers only the rows it touched.
-        # table_device="meta": allocate nothing; `sharding.parallelize` materialises the
-        # rows each worker owns.
-        self.tables = nn.ModuleDict(
-            {name: nn.Embedding(rows, d, sparse=True, device=table_device) for name, rows in table_sizes(cfg, features).items()}
-        )
-        for name, t in self.tables.items():
-            if t.weight.device.type != "meta":
-                init_rows_(t.weight, 0, table_init_seed(init_seed, name))
         # Numeric features enter as a learned direction scaled by the value.
         self.numeric = nn.ParameterDict(
             {f.name: nn.Parameter(torch.randn(d) * 0.05) for f in features if f.kind == "numeric"}
@@ -104,6 +96,15 @@ class FLM(nn.Module):
         self.head = _mlp([3 * cfg.latent_dim, *cfg.head_hidden, 1])
         # The head predicts around this value (the middle of the rating range for `rating`).
         self.register_buffer("rating_center", torch.tensor(float(rating_center)))
+        # Tables last, so the dense layers draw the same random init whether or not the
+        # tables are materialised here. table_device="meta": allocate nothing;
+        # `sharding.parallelize` materialises the rows each worker owns.
+        self.tables = nn.ModuleDict(
+            {name: nn.Embedding(rows, d, sparse=True, device=table_device) for name, rows in table_sizes(cfg, features).items()}
+        )
+        for name, t in self.tables.items():
+            if t.weight.device.type != "meta":
+                init_rows_(t.weight, 0, table_init_seed(init_seed, name))
 
     # -- pieces -------------------------------------------------------------------
 

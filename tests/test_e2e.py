@@ -44,7 +44,8 @@ def data(s3_store):
 
 
 def _job(s3, name, task, **sets):
-    job = tiny_job("s3://e2e/runs", name, task, **sets)
+    # every table sharded row-wise across the 2 workers (the threshold is 0 bytes)
+    job = tiny_job("s3://e2e/runs", name, task, **{"scaling.shard_threshold_bytes": 0, **sets})
     return replace(job, storage=s3.storage_config())
 
 
@@ -57,6 +58,7 @@ def test_pretrain_finetune_evaluate_export(ray_local, s3, s3_store, data, tmp_pa
     assert s3_store.exists(join(ref.step_dir, "COMMITTED"))
     m_pre = ckpt.load_manifest(s3_store, ref)
     assert m_pre["world_size"] == 2 and m_pre["task"] == "pretrain"
+    assert {p["kind"] for p in m_pre["sharding_plan"].values()} == {"row_wise"}
     assert r_pre["metrics"]["rows"] == data["rows_pretrain"]  # every row trained on exactly once
 
     # 2. fine-tune ctr from it, evaluating at the end
