@@ -19,6 +19,7 @@ of workers (or one process without a process group, for export and evaluation).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -27,22 +28,25 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
-from flm_dist.storage import StorageError, Store, join
+from flm_dist.storage import StorageError, Store, is_remote, join
 
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointRef",
+    "CheckpointSaveError",
+    "Checkpointer",
     "commit",
     "find_latest",
+    "lineage",
     "load_manifest",
     "load_state",
     "prune",
     "resolve",
-    "save_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,20 +98,62 @@ def _read_marker(store: Store, step_uri: str) -> dict | None:
         ) from None
 
 
-def _verify(store: Store, ref: CheckpointRef, marker: dict) -> None:
-    fs, path = store.fs(ref.uri)
+def _listing(store: Store, uri: str) -> dict[str, dict]:
+    """name -> {"size", "etag"} of the files in a checkpoint folder (one LIST request)."""
+    fs, path = store.fs(uri)
     try:
         fs.invalidate_cache(path)
-        listing = {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in fs.ls(path, detail=True)}
+        entries = fs.ls(path, detail=True)
     except FileNotFoundError:
-        listing = {}
-    for name, size in marker["files"].items():
-        if name not in listing:
+        return {}
+    out = {}
+    for e in entries:
+        if e.get("type", "file") != "file":
+            continue
+        info = {"size": int(e.get("size") or 0)}
+        etag = e.get("ETag") or e.get("etag")
+        if etag:
+            info["etag"] = str(etag).strip('"')
+        out[e["name"].rsplit("/", 1)[-1]] = info
+    return out
+
+
+def _sha256(store: Store, uri: str) -> str:
+    h = hashlib.sha256()
+    fs, path = store.fs(uri)
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(store: Store, ref: CheckpointRef, marker: dict) -> None:
+    """Cheap checks from one listing: every file present, with its committed size (and
+    ETag on object stores, which the store itself checksums)."""
+    listing = _listing(store, ref.uri)
+    for name, want in marker["files"].items():
+        want = want if isinstance(want, dict) else {"size": want}
+        got = listing.get(name)
+        if got is None:
             raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: file {name} listed in {MARKER} is missing")
-        if listing[name] != size:
+        if got["size"] != want["size"]:
             raise CheckpointCorruptError(
-                f"corrupt checkpoint {ref.uri}: {name} has {listing[name]} bytes, {MARKER} says {size} (truncated?)"
+                f"corrupt checkpoint {ref.uri}: {name} has {got['size']} bytes, {MARKER} says {want['size']} (truncated?)"
             )
+        if "etag" in want and got.get("etag") and got["etag"] != want["etag"]:
+            raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {name} was replaced after the commit (ETag changed)")
+
+
+def verify_contents(store: Store, ref: CheckpointRef) -> None:
+    """The full check before loading: sha256 of every local file against the marker
+    (object stores verify their own content checksums; their ETags were checked)."""
+    marker = _read_marker(store, ref.step_dir)
+    if marker is None:
+        raise CheckpointCorruptError(f"{ref.step_dir} has no {MARKER} marker")
+    _verify(store, ref, marker)
+    for name, want in marker["files"].items():
+        if isinstance(want, dict) and "sha256" in want and _sha256(store, join(ref.uri, name)) != want["sha256"]:
+            raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {name} does not match its sha256 in {MARKER} (bit rot or tampering)")
 
 
 def committed_steps(store: Store, run_dir: str) -> list[int]:
@@ -169,30 +215,23 @@ def load_manifest(store: Store, ref: CheckpointRef) -> dict:
 # ------------------------------------------------------------------ save / load
 
 
-def new_attempt_id() -> str:
+def new_attempt_id(group=None) -> str:
     """Agreed by all ranks (rank 0 draws it and broadcasts it)."""
     ids = [f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"]
     if dist.is_initialized():
-        dist.broadcast_object_list(ids, src=0)
+        dist.broadcast_object_list(ids, src=0, group=group)
     return ids[0]
-
-
-def save_state(store: Store, run_dir: str, step: int, attempt: str, state: dict[str, Any]) -> CheckpointRef:
-    """Collective: every rank writes its shards of `state`; DCP's coordinator writes
-    `.metadata` after gathering every rank's write results."""
-    ref = CheckpointRef(run_dir, step, attempt)
-    writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False, overwrite=False, **store.storage_options(ref.uri))
-    dcp.save(state, storage_writer=writer)
-    return ref
 
 
 def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
     """Rank 0 only, after save_state returned everywhere: write the manifest, then the
     marker (create-exclusive). False if another attempt already committed this step."""
     store.write_json(join(ref.uri, MANIFEST), manifest)
-    fs, path = store.fs(ref.uri)
-    fs.invalidate_cache(path)
-    files = {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in fs.ls(path, detail=True)}
+    files = _listing(store, ref.uri)
+    if not is_remote(ref.uri):
+        # Local disks have no content checksums of their own: record sha256 per file.
+        for name in files:
+            files[name]["sha256"] = _sha256(store, join(ref.uri, name))
     marker = {"attempt": ref.attempt, "step": ref.step, "files": files, "committed_at": time.time()}
     won = store.create_exclusive(join(ref.step_dir, MARKER), json.dumps(marker, indent=2).encode())
     if not won:
@@ -204,12 +243,13 @@ def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
 def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:
     """Load in place into `state` (tensors / DTensors pre-allocated with the target
     layout); DCP reshards row blocks to whatever layout `state` has."""
+    verify_contents(store, ref)
     reader = FsspecReader(ref.uri, **store.storage_options(ref.uri))
     try:
         dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
-    except (FileNotFoundError, EOFError, RuntimeError, ValueError) as e:
-        if isinstance(e, RuntimeError) and "Missing key" in str(e):
-            raise
+    except Exception as e:
+        if "Missing key" in str(e) or "Size mismatch" in str(e):
+            raise ValueError(f"checkpoint {ref.uri} does not fit this model: {e}") from e
         raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: cannot load: {e}") from e
 
 
@@ -238,3 +278,142 @@ def prune(store: Store, run_dir: str, keep_last: int, latest: int) -> None:
     for step in committed[:-keep_last] if keep_last > 0 else []:
         if step < latest:
             store.rm(step_dir(run_dir, step))
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (e.g. the object store stayed down); nothing was committed."""
+
+
+class Checkpointer:
+    """Saves a run's checkpoints, in the background when `async_save`.
+
+    The training thread blocks only while DCP stages the state into host memory; a
+    background thread writes the shards and, on rank 0, commits (manifest, then the
+    marker) once DCP's coordinator has every rank's write results. DCP's own
+    collectives in that thread run on a dedicated gloo group, never on the groups the
+    train loop uses. A save's outcome is agreed by all ranks at the next save (or at
+    `finish`): if any rank failed, every rank raises `CheckpointSaveError`, and the
+    failed attempt was never committed."""
+
+    def __init__(self, store: Store, run_dir: str, keep_last: int, async_save: bool, ctrl_group=None):
+        self.store, self.run_dir, self.keep_last, self.async_save = store, run_dir, keep_last, async_save
+        self.ctrl = ctrl_group
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pending = None  # Future of the save in flight
+        self._pending_step: int | None = None
+        self.last_committed: str | None = None
+        self._pool = None
+
+    def save(self, step: int, state: dict, manifest: dict) -> CheckpointRef:
+        """Collective. Returns the attempt's ref; it counts only once committed."""
+        self.finish()
+        ref = CheckpointRef(self.run_dir, step, new_attempt_id(self.ctrl))
+        writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False, overwrite=False, **self.store.storage_options(ref.uri))
+
+        def commit_after(fut=None):
+            if fut is not None:
+                fut.result()  # raises if any rank's write failed
+            if self.rank == 0:
+                if commit(self.store, ref, dict(manifest, checkpoint=ref.uri)):
+                    prune(self.store, self.run_dir, self.keep_last, step)
+                else:
+                    # Another attempt (a zombie of a restarted worker group) won this
+                    # step; its checkpoint stands and ours was discarded. Training goes on.
+                    return resolve(self.store, ref.step_dir).uri
+            return ref.uri
+
+        if not self.async_save:
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+                self._pending = _Resolved(commit_after())
+            except Exception as e:  # noqa: BLE001 - agreed on in finish()
+                self._pending = _Resolved(error=e)
+            self._pending_step = step
+            self.finish()
+            return ref
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            fut = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="flm-commit")
+            self._pending = self._pool.submit(commit_after, fut)
+        self._pending_step = step
+        return ref
+
+    def finish(self) -> str | None:
+        """Collective: wait for the save in flight; all ranks raise if any rank failed."""
+        if self._pending is None:
+            return self.last_committed
+        err = ""
+        try:
+            uri = self._pending.result()
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised everywhere
+            uri, err = None, f"{type(e).__name__}: {e}"
+        failed = torch.tensor([1.0 if err else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(failed, group=self.ctrl)
+        step, self._pending, self._pending_step = self._pending_step, None, None
+        if failed.item() > 0:
+            raise CheckpointSaveError(
+                f"saving the checkpoint of step {step} to {self.run_dir} failed ({err or 'on another rank'}); "
+                f"nothing was committed; the last committed checkpoint is {self.last_committed}"
+            )
+        if uri:
+            self.last_committed = uri
+        # every rank learns the committed URI (rank 0 wrote it)
+        out = [self.last_committed]
+        if dist.is_initialized():
+            dist.broadcast_object_list(out, src=0, group=self.ctrl)
+        self.last_committed = out[0]
+        return self.last_committed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class _Resolved:
+    """The outcome of a synchronous save, shaped like a Future."""
+
+    def __init__(self, value=None, error: Exception | None = None):
+        self._value, self._error = value, error
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def lineage(store: Store, uri: str) -> list[dict]:
+    """The chain from an export or checkpoint back to the pretraining data: one entry
+    per checkpoint (task, run, step, data fingerprint), child first."""
+    chain: list[dict] = []
+    export_manifest = join(uri, "manifest.json")
+    if store.exists(export_manifest):
+        m = store.read_json(export_manifest)
+        if m.get("format", "").startswith("flm-export"):
+            chain.append({"export": uri, "task": m.get("task"), "exported_at": m.get("exported_at")})
+            uri = m["lineage"]["checkpoint"]
+    seen = set()
+    while uri and uri not in seen:
+        seen.add(uri)
+        ref = resolve(store, uri)
+        m = load_manifest(store, ref)
+        data = m.get("data") or {}
+        chain.append(
+            {
+                "checkpoint": ref.uri,
+                "task": m.get("task"),
+                "run": m.get("run"),
+                "step": m.get("step"),
+                "epoch": m.get("epoch"),
+                "world_size": m.get("world_size"),
+                "data": {k: data.get(k) for k in ("uri", "files", "rows", "sha256")},
+                "init_from": m.get("init_from") or None,
+            }
+        )
+        parent = m.get("parent") or {}
+        uri = parent.get("checkpoint")
+    return chain

@@ -66,7 +66,7 @@ def cmd_train(args, task_kind: str) -> int:
 def cmd_evaluate(args) -> int:
     from flm_dist import launch
 
-    job = _load(args) if args.config else JobConfig()
+    job = _load(args)
     with _storage(job) as (job, store):
         res = launch.evaluate(args.checkpoint, store, args.data, workers=args.workers, address=args.address)
         print(json.dumps(res, indent=2, default=str))
@@ -77,7 +77,7 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from flm_dist.export import export
 
-    job = _load(args) if args.config else JobConfig()
+    job = _load(args)
     with _storage(job) as (job, store):
         m = export(store, args.checkpoint, args.out, dtype=args.dtype)
         print(json.dumps({"export": args.out, "task": m["task"], "files": sorted(m["files"])}, indent=2))
@@ -87,13 +87,72 @@ def cmd_export(args) -> int:
 def cmd_synth(args) -> int:
     from flm_dist.data.synth import synth
 
-    job = _load(args) if args.config else JobConfig()
+    job = _load(args)
     with _storage(job) as (job, store):
         rep = synth(
             store, args.out, args.rows, args.users, args.items, seed=args.seed, files=args.files,
             labeled_users=args.labeled_users, feature_share=args.feature_share,
         )
         print(json.dumps(rep, indent=2))
+    return 0
+
+
+def _parse_map(items: list[str] | None) -> dict[str, str]:
+    """`--map user_id=uid,item_id=iid` (repeatable) -> {"user_id": "uid", "item_id": "iid"}."""
+    out: dict[str, str] = {}
+    for item in ",".join(items or []).split(","):
+        if not item.strip():
+            continue
+        key, eq, col = item.partition("=")
+        if not eq or not key.strip() or not col.strip():
+            raise DataError(f"--map {item!r}: expected NAME=COLUMN, e.g. --map user_id=uid,item_id=movie")
+        out[key.strip()] = col.strip()
+    return out
+
+
+def cmd_convert(args) -> int:
+    from flm_dist.data.convert import convert
+
+    job = _load(args)
+    delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
+    with _storage(job) as (job, store):
+        rep = convert(store, args.format, args.src, args.out, mapping=_parse_map(args.map), delimiter=delimiter, files=args.files)
+        skipped = ", ".join(f"{n:,} {why}" for why, n in rep["skipped"].items()) or "none"
+        print(f"wrote {rep['rows']:,} rows in {rep['files']} files to {rep['out']} (report: {join(rep['out'], '_convert.json')})")
+        print(f"skipped lines: {skipped}")
+        print("schema: " + ", ".join(f"{k} {v}" for k, v in rep["schema"].items()))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from flm_dist.data.inspect import inspect, summary
+
+    job = _load(args)
+    rows = {"user": args.user_rows or job.model.user_rows, "item": args.item_rows or job.model.item_rows}
+    with _storage(job) as (job, store):
+        rep = inspect(store, args.uri, table_rows=rows, plot=args.plot, rating_range=tuple(job.data.rating_range))
+        print(summary(rep))
+        _write_output(args.json, rep, store)
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from flm_dist.checkpoint import lineage
+
+    job = _load(args)
+    with _storage(job) as (job, store):
+        chain = lineage(store, args.uri)
+        if args.json:
+            print(json.dumps(chain, indent=2))
+            return 0
+        for depth, node in enumerate(chain):
+            pad = "  " * depth + ("<- " if depth else "")
+            if "export" in node:
+                print(f"{pad}export {node['export']} (task {node['task']}, {node['exported_at']})")
+                continue
+            d = node["data"]
+            print(f"{pad}{node['task']} checkpoint {node['checkpoint']} (run {node['run']}, step {node['step']}, {node['world_size']} workers)")
+            print(f"{'  ' * depth}   data {d['uri']}: {d['files']} files, {d['rows']:,} rows, sha256 {str(d['sha256'])[:16]}...")
     return 0
 
 
@@ -178,6 +237,71 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# Cluster jobs (Ray Jobs API). Exit status: 0 done or still running, 1 the job FAILED or
+# was STOPPED, 2 an error to fix (job file, address, unknown job id).
+
+
+def cmd_job(args) -> int:
+    """submit / status / logs / stop against a running cluster."""
+    from flm_dist.submit import Cluster, SubmitError
+
+    handlers = {"submit": _job_submit, "status": _job_status, "logs": _job_logs, "stop": _job_stop}
+    try:
+        return handlers[args.cmd](Cluster(args.address), args)
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _job_submit(cluster, args) -> int:
+    from pathlib import Path
+
+    from flm_dist.submit import Submission, redact
+
+    sub = Submission(Path(args.job_file), tuple(args.set or ()), Path(args.working_dir) if args.working_dir else None, args.fresh)
+    sid, entrypoint = cluster.submit(sub)
+    a = f"--address {cluster.address}"
+    print(f"submitted {sid} to {cluster.address}\n  entrypoint: {redact(entrypoint)}\n"
+          f"  flm-dist status {sid} {a}\n  flm-dist logs {sid} {a} --follow\n  flm-dist stop {sid} {a}", flush=True)
+    return 0 if args.no_wait else _job_follow(cluster, sid)
+
+
+def _job_follow(cluster, sid: str) -> int:
+    try:
+        st = cluster.follow(sid, lambda chunk: print(chunk, end="", flush=True))
+    except KeyboardInterrupt:
+        print(f"\ndetached: {sid} keeps running; `flm-dist stop {sid} --address {cluster.address}` stops it", file=sys.stderr)
+        return 130
+    print(st.describe(), file=sys.stderr)
+    if not st.terminal:
+        print(f"the log stream ended while {sid} is {st.status}; `flm-dist logs {sid} --address {cluster.address} --follow` reattaches", file=sys.stderr)
+    return 0 if st.status == "SUCCEEDED" else 1
+
+
+def _job_status(cluster, args) -> int:
+    from dataclasses import asdict
+
+    st = cluster.state(args.job_id)
+    print(json.dumps(asdict(st), indent=2) if args.json else st.describe())
+    return 0 if st.ok else 1
+
+
+def _job_logs(cluster, args) -> int:
+    if args.follow:
+        return _job_follow(cluster, args.job_id)
+    print(cluster.logs(args.job_id), end="")
+    return 0
+
+
+def _job_stop(cluster, args) -> int:
+    st = cluster.stop(args.job_id, timeout_s=args.timeout)
+    print(st.describe())
+    if not st.terminal:
+        print(f"error: {args.job_id} is still {st.status} {args.timeout:.0f} s after the stop request", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--config", required=config_required, help="job file (YAML)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job-file key (repeatable)")
@@ -226,9 +350,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled-users", type=float, default=1.0, help="share of users whose rows carry labels in train/")
     p.add_argument("--feature-share", type=float, default=0.9, help="share of latent variance the categorical features explain")
 
+    from flm_dist.data.convert import FORMATS
+
+    p = data.add_parser("convert", help="convert MovieLens / RecBole / sequence / CSV files to interaction-log Parquet")
+    _common(p, config_required=False)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("src", metavar="IN", help="input file or folder (any URI)")
+    p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
+    p.add_argument("--map", action="append", metavar="NAME=COLUMN,...", help="csv: columns to rename, e.g. user_id=uid,item_id=movie,ts=time")
+    p.add_argument("--delimiter", help="csv: one character (default ','; '\\t' or 'tab' for tabs)")
+    p.add_argument("--files", type=int, default=8, help="Parquet parts to write (at least min(files, rows))")
+
+    p = data.add_parser("inspect", help="files, rows, schema, distinct IDs, bad rows and hash collisions of a dataset")
+    _common(p, config_required=False)
+    p.add_argument("uri", metavar="URI", help="Parquet file or prefix")
+    p.add_argument("--user-rows", type=int, help="user table rows for the collision estimate (default: the job's model.user_rows)")
+    p.add_argument("--item-rows", type=int, help="item table rows for the collision estimate (default: the job's model.item_rows)")
+    p.add_argument("--plot", help="write item popularity and user activity plots here (PNG, any URI)")
+    p.add_argument("--json", help="write the full report as JSON here (any URI)")
+
+    p = sub.add_parser("lineage", help="the chain from an export or checkpoint back to the pretraining data")
+    _common(p, config_required=False)
+    p.add_argument("uri", help="export folder, checkpoint, step folder or run folder")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("store", help="run the embedded S3 endpoint in the foreground")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--verbose", action="store_true")
+
+    address_help = "the cluster's Ray Jobs API, http://HOST:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    p = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API")
+    p.add_argument("job_file", help="job file (YAML); it travels with the job")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job-file key (repeatable)")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--working-dir", help="ship this source tree with the job (development); default: the cluster's installed flm_dist")
+    p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints and start over")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    for name, help_ in (("status", "a submitted job's status and message"), ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("job_id", help="the submission id `flm-dist submit` printed")
+        p.add_argument("--address", help=address_help)
+    sub.choices["status"].add_argument("--json", action="store_true", help="print the status as JSON")
+    sub.choices["logs"].add_argument("--follow", action="store_true", help="stream until the job ends")
+    sub.choices["stop"].add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop")
     return ap
 
 
@@ -246,11 +410,29 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         if args.cmd == "store":
             return cmd_store(args)
+        if args.cmd == "lineage":
+            return cmd_lineage(args)
         if args.cmd == "data" and args.data_cmd == "synth":
             return cmd_synth(args)
+        if args.cmd == "data" and args.data_cmd == "convert":
+            return cmd_convert(args)
+        if args.cmd == "data" and args.data_cmd == "inspect":
+            return cmd_inspect(args)
+        if args.cmd in ("submit", "status", "logs", "stop"):
+            return cmd_job(args)
     except (ConfigError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Failures a user can act on are printed plainly; anything else keeps its traceback.
+        from flm_dist.checkpoint import CheckpointCorruptError
+        from flm_dist.launch import TrainingFailed
+        from flm_dist.train_loop import NonFiniteLossError
+
+        if isinstance(e, (CheckpointCorruptError, NonFiniteLossError, TrainingFailed, FileNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 1
 
 

@@ -14,14 +14,16 @@ from dataclasses import replace
 from typing import Any
 
 import ray
+from ray.train import DataConfig
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
 from flm_dist.config import ConfigError, JobConfig, ScalingConfig, from_dict, to_dict
 from flm_dist.data.hashing import HashSpec
-from flm_dist.data.pipeline import EncodeSpec, build_dataset
+from flm_dist.data.pipeline import EncodeSpec, InteractionDatasource, read
 from flm_dist.data.plan import DataPlan, plan_read
-from flm_dist.data.schema import ReadSpec
+from flm_dist.data.position import ConsumedRows
+from flm_dist.data.schema import DataError, ReadSpec
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store, is_remote, join, split_uri
 from flm_dist.train_loop import WorkerSpec, worker_main
@@ -48,27 +50,40 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.enable_progress_bars = False  # our own bar shows training progress
 
 
-def resources(scaling: ScalingConfig, cluster_cpus: float) -> tuple[float, int]:
-    """(CPUs reserved per train worker, torch threads per worker).
+def resources(scaling: ScalingConfig, node_cpus: list[float]) -> tuple[float, int]:
+    """(CPUs reserved per train worker, torch threads per worker) for a cluster whose
+    nodes have `node_cpus` CPUs.
 
-    Ray Data's read tasks need CPUs while train workers hold theirs: "auto" leaves at
-    least one CPU (or a quarter of the cluster) to Ray Data, so the defaults cannot
-    deadlock on a small machine. An explicit value that leaves nothing is refused."""
+    Ray Data's read tasks need a whole CPU while train workers hold theirs: "auto"
+    leaves at least one CPU (or a quarter of the cluster) to Ray Data overall, and at
+    least one CPU on each node when the workers are spread evenly, so the defaults
+    cannot deadlock on a small machine or small nodes. An explicit value that leaves
+    nothing is refused."""
     n = scaling.max_workers
+    nodes = [c for c in node_cpus if c > 0] or [float(os.cpu_count() or 1)]
+    total = sum(nodes)
     if scaling.cpus_per_worker == "auto":
-        spare = max(1.0, 0.25 * cluster_cpus)
-        cpw = max(0.1, (cluster_cpus - spare) / n)
+        spare = max(1.0, 0.25 * total)
+        cpw = (total - spare) / n
+        per_node = -(-n // len(nodes))  # workers on the busiest node when spread evenly
+        if min(nodes) > 1:
+            cpw = min(cpw, (min(nodes) - 1.0) / per_node)
+        cpw = max(0.1, cpw)
         cpw = min(cpw, 8.0) if not scaling.use_gpu else min(max(cpw, 1.0), 8.0)
         cpw = round(cpw, 2)
     else:
         cpw = float(scaling.cpus_per_worker)
-        if cluster_cpus - cpw * n < 1.0:
+        if total - cpw * n < 1.0:
             raise ConfigError(
-                f"scaling.cpus_per_worker={cpw} x {n} workers leaves {cluster_cpus - cpw * n:.1f} of the cluster's "
-                f"{cluster_cpus:.0f} CPUs for Ray Data, which needs at least 1 to feed the workers (it would hang). "
+                f"scaling.cpus_per_worker={cpw} x {n} workers leaves {total - cpw * n:.1f} of the cluster's "
+                f"{total:.0f} CPUs for Ray Data, which needs at least 1 to feed the workers (it would hang). "
                 f"Lower scaling.cpus_per_worker or use 'auto'."
             )
     return cpw, max(1, int(cpw))
+
+
+def _node_cpus() -> list[float]:
+    return [float(nd["Resources"].get("CPU", 0.0)) for nd in ray.nodes() if nd.get("Alive")]
 
 
 class TrainingFailed(RuntimeError):
@@ -191,7 +206,70 @@ def _plan(store: Store, uri: str, spec: ReadSpec, job: JobConfig) -> DataPlan:
     return plan
 
 
-def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, datasets: dict, cpw: float, storage_uri: str, name: str):
+class FLMDataConfig(DataConfig):
+    """Gives each train worker its own deterministic share of the data
+    (`pipeline.assign_units`) instead of Ray's dynamic `streaming_split`, whose
+    `equal=True` mode drops up to world-1 rows per epoch and whose assignment depends
+    on worker speed. Per-rank shares make an epoch's remaining work after a restart a
+    function of the data alone; rows of a resumed epoch that the latest checkpoint
+    already consumed are skipped at the read.
+
+    `configure` runs whenever a worker group starts (first start, Ray Train restart,
+    rerun of the command), so it always resumes from the latest committed checkpoint,
+    the same one the workers restore."""
+
+    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, run_dir: str | None):
+        super().__init__(datasets_to_split="all")
+        self._sources = sources
+        self._store = store
+        self._run_dir = run_dir  # None: never resume (evaluation, --fresh)
+
+    def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
+        out: list[dict] = [{} for _ in range(world_size)]
+        for name in datasets:
+            source, plan = self._sources[name]
+            first_epoch, skip = 0, {}
+            if name == "train" and self._run_dir:
+                first_epoch, skip = resume_point(self._store, self._run_dir, DataPlan.from_dict(plan))
+            for rank in range(world_size):
+                ds = read(source.for_rank(rank, world_size, first_epoch, skip))
+                ds.context.execution_options = self._resolve_execution_options(name)
+                out[rank][name] = ds.iterator()
+        return out
+
+
+def resume_point(store: Store, run_dir: str, plan: DataPlan) -> tuple[int, dict]:
+    """(epoch to read first, rows of it already consumed) from the latest checkpoint."""
+    ref = ckpt.find_latest(store, run_dir)
+    if ref is None:
+        return 0, {}
+    m = ckpt.load_manifest(store, ref)
+    if m.get("epoch_done"):
+        return int(m["epoch"]) + 1, {}
+    return int(m["epoch"]), ConsumedRows(plan).merge_state(m.get("data_state")).skip_map()
+
+
+def _check_resumable(store: Store, run_dir: str, plan: DataPlan) -> None:
+    """Refuse to resume when files the checkpoint read have changed or vanished; files
+    added since join the resumed epoch (a deterministic re-plan: keys are file#row group)."""
+    ref = ckpt.find_latest(store, run_dir)
+    if ref is None:
+        return
+    m = ckpt.load_manifest(store, ref)
+    before = {f["uri"]: f for f in m.get("data_files", [])}
+    now = {f.uri: f for f in plan.files}
+    changed = [u for u, f in before.items() if u not in now or (now[u].size, now[u].version) != (f["size"], f["version"])]
+    if changed:
+        raise DataError(
+            f"cannot resume {run_dir} from {ref.uri}: {len(changed)} data file(s) it read changed or vanished since "
+            f"(first: {changed[0]}); rerun with --fresh or use a new run.name"
+        )
+    added = [u for u in now if u not in before]
+    if added and not m.get("epoch_done"):
+        print(f"resuming {ref.uri}: {len(added)} new data file(s) join the resumed epoch (first: {added[0]})", flush=True)
+
+
+def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw: float, storage_uri: str, name: str, resume_dir: str | None):
     from ray.train import FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
@@ -214,7 +292,8 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, datasets: dict, cpw
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
         ),
-        datasets=datasets,
+        datasets={name: read(src) for name, (src, _) in sources.items()},
+        dataset_config=FLMDataConfig(sources, store, resume_dir),
     )
 
 
@@ -239,12 +318,14 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
         plan_overrides=dict(job.scaling.plan),
         use_gpu=job.scaling.use_gpu,
         threads=threads,
+        trace_rows=os.environ.get("FLM_TRACE_ROWS", ""),
         **kw,
     )
 
 
 def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str):
-    """Plans (validated before any worker starts) and Ray datasets for train / eval."""
+    """Plans (validated before any worker starts) and datasources for train / eval:
+    {name: (datasource, plan dict)}, plus the plans."""
     d = job.data
     split = d.split
     need_ts = split.by == "time"
@@ -254,7 +335,8 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         plan = _plan(store, train_uri, rs, job)
         side = "train" if split.by != "none" and not eval_uri else "all"
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
-        datasets["train"] = build_dataset(plan, enc, store, shuffle=d.shuffle, seed=job.run.seed, block_rows=d.read_block_rows, on_bad_file=d.on_bad_file)
+        src = InteractionDatasource(plan, enc, store, d.shuffle, job.run.seed, d.read_block_rows, d.on_bad_file)
+        datasets["train"] = (src, plan.to_dict())
         plans["train"] = plan
     if eval_uri or (train_uri and split.by != "none"):
         rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri)
@@ -262,7 +344,8 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         plan = plans["train"] if not eval_uri else _plan(store, src, rs, job)
         side = "all" if eval_uri else "eval"
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
-        datasets["eval"] = build_dataset(plan, enc, store, shuffle=False, seed=job.run.seed, block_rows=d.read_block_rows, on_bad_file=d.on_bad_file)
+        src = InteractionDatasource(plan, enc, store, False, job.run.seed, d.read_block_rows, d.on_bad_file)
+        datasets["eval"] = (src, plan.to_dict())
         plans["eval"] = plan
     return datasets, plans
 
@@ -283,7 +366,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     datasets, plans = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task)
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
-    cpw, threads = resources(job.scaling, ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
         "run": job.run.name,
@@ -291,6 +374,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         "init_from": job.init_from,
         "parent": _parent_lineage(store, job.init_from),
         "data": plans["train"].fingerprint(),
+        "data_files": [{"uri": f.uri, "size": f.size, "version": f.version, "rows": f.rows} for f in plans["train"].files],
         "data_columns": plans["train"].id_kinds,
         "versions": {"flm_dist": __version__, "torch": _torch_version(), "ray": ray.__version__, "python": platform.python_version()},
     }
@@ -304,14 +388,18 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         train_plan=plans["train"].to_dict(),
         eval_plan=plans["eval"].to_dict() if "eval" in plans else None,
         init_from=job.init_from,
-        resume=not fresh,
+        # --fresh deleted the run folder above; a Ray Train restart of this run must
+        # still resume from what this run committed.
+        resume=True,
         manifest=manifest,
         progress=channel,
     )
     total = plans["train"].total_rows * job.train.epochs
     print(f"{job.task}: {plans['train'].total_rows:,} rows in {len(plans['train'].files)} files x {job.train.epochs} epochs, "
           f"{job.scaling.max_workers} workers x {cpw} CPUs -> {run_dir}", flush=True)
-    trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name)
+    if not fresh:
+        _check_resumable(store, run_dir, plans["train"])
+    trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, run_dir)
     with _ProgressBar(channel, total, job.task, progress):
         _fit(trainer)
     res = ray.get(channel.result.remote())
@@ -341,11 +429,11 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, workers:
         task = "retrieval"  # a pretrained backbone is evaluated on its interaction objective
     job.task = task
     datasets, plans = _datasets(job, store, hash_spec, None if data else job.data.train, data or None, task)
-    cpw, threads = resources(job.scaling, ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    cpw, threads = resources(job.scaling, _node_cpus())
     channel = RunChannel.remote()
     spec = _worker_spec(job, store, "evaluate", hash_spec, threads, eval_plan=plans["eval"].to_dict(), evaluate_from=ref.uri, resume=False, progress=channel)
-    trainer = _trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, tempfile.mkdtemp(prefix="flm-eval-"), f"eval-{int(time.time())}")
-    _fit(trainer)
+    with tempfile.TemporaryDirectory(prefix="flm-eval-") as ray_storage:  # Ray Train's own run state
+        _fit(_trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, ray_storage, f"eval-{int(time.time())}", None))
     res = ray.get(channel.result.remote())
     return {"overall": res.get("eval", {}), "checkpoint": ref.uri, "data": data or f"{job.data.train} (split {job.data.split.by})"}
 

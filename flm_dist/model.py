@@ -155,8 +155,8 @@ class FLM(nn.Module):
         if reconstruct:
             b = xu.shape[0]
             out.x_user, out.x_item = xu, xi
-            out.recon_user = self.user_decoder(zu).view(b, len(self.user_fields), -1)
-            out.recon_item = self.item_decoder(zi).view(b, len(self.item_fields), -1)
+            out.recon_user = self.user_decoder(zu).view(b, len(self.user_fields), self.cfg.embedding_dim)
+            out.recon_item = self.item_decoder(zi).view(b, len(self.item_fields), self.cfg.embedding_dim)
             if not corrupt:  # score on the clean view, reconstruct from the corrupted one
                 zu, zi = self.encode(xu, xi)
                 out.z_user, out.z_item = zu, zi

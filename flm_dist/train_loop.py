@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from flm_dist.config import CheckpointConfig, FeatureConfig, ModelConfig, TrainC
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import BatchStream, empty_batch
 from flm_dist.data.plan import DataPlan
+from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS, DataError
 from flm_dist.metrics import ctr_metrics, rating_metrics
 from flm_dist.model import FLM
@@ -76,6 +79,7 @@ class WorkerSpec:
     threads: int = 1
     manifest: dict = field(default_factory=dict)  # config, lineage, data fingerprint
     progress: Any = None  # a launch.RunChannel handle, or None
+    trace_rows: str = ""  # folder for the per-step row audit trail (tests), "" = off
 
 
 # ------------------------------------------------------------------ helpers
@@ -127,6 +131,27 @@ class _Fetcher:
             if batch is not None:
                 return batch, counts
         return None, counts
+
+
+def _say(msg: str) -> None:
+    """Print from a worker once: Ray Train's patched `print` would log it twice."""
+    print(msg, file=sys.__stdout__, flush=True)
+
+
+class _RowTrace:
+    """With a trace folder (FLM_TRACE_ROWS in the driver's environment), each rank
+    appends, per step, [step, n, n row positions] (int64) to a file named by epoch,
+    rank and pid: an audit trail of exactly which rows each attempt trained on."""
+
+    def __init__(self, folder: str, rank: int):
+        self._dir = folder
+        self._rank = rank
+
+    def write(self, epoch: int, step: int, pos: np.ndarray) -> None:
+        if self._dir:
+            rec = np.concatenate([np.array([step, len(pos)], np.int64), pos.astype(np.int64)])
+            with open(os.path.join(self._dir, f"epoch{epoch}-rank{self._rank}-pid{os.getpid()}.bin"), "ab") as f:
+                f.write(rec.tobytes())
 
 
 def _agree(group, rows: int, bad: np.ndarray, loss_sum: float, nonfinite: bool) -> tuple[int, np.ndarray, float, bool]:
@@ -194,7 +219,7 @@ class Worker:
             s.plan_overrides,
         )
         if self.rank == 0:
-            print(describe_plan(self.plan), flush=True)
+            _say(describe_plan(self.plan))
         self.model = parallelize(model, self.plan, self.device, seed=s.seed)
         self.dense_opt = self.sparse_opt = None
         if s.mode == "train":
@@ -217,8 +242,14 @@ class Worker:
             manifest = ckpt.load_manifest(self.store, ref)
             ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt))
             if self.rank == 0:
-                print(f"resumed from {ref.uri} (step {ref.step})", flush=True)
-            return {"step": manifest["step"], "epoch": manifest["epoch"], "epoch_done": manifest.get("epoch_done", False), "checkpoint": ref.uri}
+                _say(f"resumed from {ref.uri} (step {ref.step})")
+            return {
+                "step": manifest["step"],
+                "epoch": manifest["epoch"],
+                "epoch_done": manifest.get("epoch_done", False),
+                "data_state": manifest.get("data_state"),
+                "checkpoint": ref.uri,
+            }
         if s.init_from:
             ref = ckpt.resolve(self.store, s.init_from)
             m = unwrap(self.model)
@@ -226,39 +257,40 @@ class Worker:
             keys = [k for k in m.backbone_keys() if k in full]
             ckpt.load_state(self.store, ref, {"model": {k: full[k] for k in keys}})
             if self.rank == 0:
-                print(f"initialised backbone ({len(keys)} tensors) from {ref.uri}; head is new", flush=True)
+                _say(f"initialised backbone ({len(keys)} tensors) from {ref.uri}; head is new")
         return {"step": 0, "epoch": 0, "epoch_done": False, "checkpoint": None}
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def save(self, step: int, epoch: int, epoch_done: bool, metrics: dict) -> str:
+    def save(self, step: int, epoch: int, epoch_done: bool, metrics: dict, consumed: ConsumedRows | None) -> None:
+        """Collective. The data position (rows consumed in this epoch, from every rank)
+        goes into the manifest; the checkpoint counts once committed (maybe later, in
+        the background)."""
         s = self.spec
-        attempt = ckpt.new_attempt_id()
-        ref = ckpt.save_state(self.store, s.run_dir, step, attempt, _state(self.model, self.dense_opt, self.sparse_opt))
-        if dist.is_initialized():
-            dist.barrier(group=self.ctrl)
-        uri = ref.uri
-        if self.rank == 0:
-            manifest = dict(s.manifest)
-            manifest.update(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "epoch_done": epoch_done,
-                    "world_size": self.world,
-                    "sharding_plan": {n: p.to_dict() for n, p in self.plan.items()},
-                    "hash_spec": self.hash.to_dict(),
-                    "metrics": metrics,
-                    "checkpoint": uri,
-                }
-            )
-            if ckpt.commit(self.store, ref, manifest):
-                ckpt.prune(self.store, s.run_dir, s.checkpoint.keep_last, step)
-        # every rank learns the outcome before going on
-        out = [uri]
-        if dist.is_initialized():
-            dist.broadcast_object_list(out, src=0, group=self.ctrl)
-        return out[0]
+        data_state = None
+        if consumed is not None and not epoch_done:
+            states = [consumed.state()]
+            if dist.is_initialized():
+                states = [None] * self.world
+                dist.all_gather_object(states, consumed.state(), group=self.ctrl)
+            merged = ConsumedRows(self.train_plan)
+            for st in states:
+                merged.merge_state(st)
+            data_state = merged.state()
+        manifest = dict(s.manifest)
+        manifest.update(
+            {
+                "step": step,
+                "epoch": epoch,
+                "epoch_done": epoch_done,
+                "data_state": data_state,
+                "world_size": self.world,
+                "sharding_plan": {n: p.to_dict() for n, p in self.plan.items()},
+                "hash_spec": self.hash.to_dict(),
+                "metrics": metrics,
+            }
+        )
+        self.checkpointer.save(step, _state(self.model, self.dense_opt, self.sparse_opt), manifest)
 
     # -- progress -------------------------------------------------------------------
 
@@ -269,7 +301,7 @@ class Worker:
         if self.spec.progress is not None:
             self.spec.progress.update.remote(rec)
         if os.environ.get("FLM_DEBUG_STEPS"):
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
+            _say(str({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
         if self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -279,10 +311,14 @@ class Worker:
             if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
                 self.tb.add_scalar(f"{self.spec.task}/{k}", v, rec["step"])
 
-    def _flush_tb(self) -> None:
+    def _flush_tb(self, final: bool = False) -> None:
         if self.rank == 0 and self.tb is not None:
             self.tb.flush()
             self.store.upload_dir(self._tb_dir, join(self.spec.run_dir, "tensorboard"))
+            if final:
+                self.tb.close()
+                shutil.rmtree(self._tb_dir, ignore_errors=True)
+                self.tb = None
 
     # -- loops ------------------------------------------------------------------------
 
@@ -339,24 +375,27 @@ class Worker:
             seed=s.seed * 1000 + self.rank,
             prefetch_batches=s.prefetch_batches,
         )
+        self.checkpointer = ckpt.Checkpointer(self.store, s.run_dir, s.checkpoint.keep_last, s.checkpoint.async_save, self.ctrl)
+        self.checkpointer.last_committed = progress.get("checkpoint")
         flags = forward_flags(s.task, s.train.recon_weight)
         popularity = PopularityEstimator(device=self.device) if s.task in ("pretrain", "retrieval") else None
-        step, start_epoch = progress["step"], progress["epoch"]
+        step, epoch = progress["step"], progress["epoch"]
+        consumed = ConsumedRows(self.train_plan)
         if progress.get("epoch_done"):
-            start_epoch += 1
-        planned = self.train_plan.total_rows if self.train_plan else 0
+            epoch += 1
+        else:
+            consumed.merge_state(progress.get("data_state"))  # the resumed epoch's rows so far
+        trace = _RowTrace(s.trace_rows, self.rank)
+        planned = self.train_plan.total_rows
         bad_total = np.zeros(len(BAD_REASONS), dtype=np.int64)
         rows_total = 0
         t_start = time.perf_counter()
         last_loss = float("nan")
-        last_saved = progress.get("checkpoint")
         empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
-        stop = False
-        for epoch in range(start_epoch, s.train.epochs):
+        done = False
+        while epoch < s.train.epochs and not done:
             fetch = _Fetcher(stream, epoch)
             prev_loss, prev_nonfinite, prev_rows = 0.0, False, 0
-            epoch_rows = 0
-            saved_this_step = False
             while True:
                 t0 = time.perf_counter()
                 batch, bad = fetch.next()
@@ -365,22 +404,21 @@ class Worker:
                 if nonfinite:
                     raise NonFiniteLossError(
                         f"loss became NaN/Inf at step {step} (epoch {epoch}); stopped before writing a checkpoint. "
-                        f"Last committed checkpoint: {last_saved}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+                        f"Last committed checkpoint: {self.checkpointer.last_committed}. "
+                        f"Lower train.lr / train.sparse_lr or set train.grad_clip."
                     )
                 if prev_rows:
                     last_loss = gloss / prev_rows
                 bad_total += gbad
                 rows_total += rows
                 self._bad_budget(bad_total, rows_total, planned, final=False, examples=stream.bad_examples)
-                # Save the state after the previous step, now that every rank knows it was finite.
-                if prev_rows and s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0:
-                    last_saved = self.save(step, epoch, False, {"loss": last_loss})
-                    saved_this_step = True
-                if rows == 0 or (s.train.max_steps and step >= s.train.max_steps):
-                    stop = bool(s.train.max_steps and step >= s.train.max_steps)
+                done = bool(s.train.max_steps and step >= s.train.max_steps)
+                if rows == 0 or done:
                     break
-                if batch is None:
-                    batch = empty
+                # The state after the previous step, now known finite on every rank.
+                if prev_rows and s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0:
+                    self.save(step, epoch, False, {"loss": last_loss}, consumed)
+                batch = batch if batch is not None else empty
                 t1 = time.perf_counter()
                 batch_dev = batch.to(self.device, non_blocking=True)
                 if popularity is not None:
@@ -403,8 +441,9 @@ class Worker:
                 prev_nonfinite = not math.isfinite(prev_loss)
                 prev_rows = rows
                 step += 1
-                epoch_rows += rows
-                saved_this_step = False
+                pos = batch.pos.numpy()
+                consumed.add(pos)
+                trace.write(epoch, step, pos)
                 t_step = time.perf_counter() - t1
                 if step % s.train.log_every == 0:
                     elapsed = time.perf_counter() - t_start
@@ -417,15 +456,22 @@ class Worker:
                             "rows_per_s": rows_total / max(elapsed, 1e-9),
                             "data_wait_s": t_data,
                             "step_s": t_step,
-                            **{f"{k}": float(v) / max(len(batch), 1) for k, v in lp.parts.items()},
+                            **{k: float(v) / max(len(batch), 1) for k, v in lp.parts.items()},
                         }
                     )
+            if prev_nonfinite:
+                raise NonFiniteLossError(f"loss became NaN/Inf at step {step} (epoch {epoch}), the last step; no checkpoint was written for it")
             self._bad_budget(bad_total, rows_total, planned, final=True, examples=stream.bad_examples)
-            if not saved_this_step and step > 0:
-                last_saved = self.save(step, epoch, not stop, {"loss": last_loss})
+            epoch_done = not done
+            if step > 0:
+                self.save(step, epoch, epoch_done, {"loss": last_loss}, consumed)
+            if epoch_done:
+                epoch += 1
+                consumed.reset()
             self._flush_tb()
-            if stop:
-                break
+        last_saved = self.checkpointer.finish()
+        self.checkpointer.close()
+        self._flush_tb(final=True)
         elapsed = time.perf_counter() - t_start
         bad = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
         # Every rank ran the same number of steps by construction (`_agree`); report
@@ -438,6 +484,7 @@ class Worker:
             "checkpoint": last_saved,
             "steps": step,
             "steps_per_worker": steps_per_worker,
+            "epochs": epoch,
             "rows": rows_total,
             "rows_per_s": rows_total / max(elapsed, 1e-9),
             "train_seconds": elapsed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -26,7 +27,8 @@ def _entry(rank, world, port, fn, args, queue):
     try:
         # A short timeout: a rank that fails must not leave the others hanging in a collective.
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle bytes: the parent must not depend on this process's shared memory
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -65,4 +67,4 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
                 p.kill()
     if errors:
         raise AssertionError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
-    return [results[r] for r in range(world)]
+    return [pickle.loads(results[r]) for r in range(world)]

@@ -88,6 +88,11 @@ def test_pretrain_finetune_evaluate_export(ray_local, s3, s3_store, data, tmp_pa
     local = tmp_path / "export"
     s3_store.download_dir("s3://e2e/export", str(local))
     manifest = json.loads((local / "manifest.json").read_text())
+    # lineage: export -> fine-tuned checkpoint -> pretraining checkpoint and its data
+    chain = ckpt.lineage(s3_store, "s3://e2e/export")
+    assert [n.get("task") for n in chain] == ["ctr", "ctr", "pretrain"]
+    assert chain[1]["checkpoint"] == r_ft["checkpoint"] and chain[2]["checkpoint"] == ref.uri
+    assert chain[2]["data"]["uri"] == "s3://e2e/data/pretrain" and chain[2]["data"]["rows"] == data["rows_pretrain"]
     assert manifest["task"] == "ctr" and manifest["lineage"]["checkpoint"] == r_ft["checkpoint"]
     assert set(manifest["files"]) >= {"scorer.pt", "tables/user.safetensors", "tables/item.safetensors"}
 

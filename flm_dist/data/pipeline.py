@@ -31,6 +31,8 @@ from flm_dist.storage import Store, split_uri
 
 __all__ = [
     "EncodeSpec",
+    "assign_units",
+    "read",
     "BatchStream",
     "InteractionDatasource",
     "build_dataset",
@@ -193,7 +195,9 @@ def _encode_multi(col: pa.Array, f: FeatureConfig, hs: HashSpec) -> dict[str, np
 # ------------------------------------------------------------------ Ray Data source
 
 
-def _read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Store, columns: list[str], shuffle_seed: int | None, on_bad_file: str, empty: dict):
+def _read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Store, columns: list[str], shuffle_seed: int | None, on_bad_file: str, empty: dict, skip_rows: dict):
+    """Read, validate and hash row groups. `skip_rows[unit]` marks rows already trained
+    on in this epoch (a resumed epoch); they are dropped here, before they cost anything downstream."""
     fs, _ = store.arrow_fs(plan_files[units[0].file] if units else "")
     open_file: tuple[int, pq.ParquetFile] | None = None
     for u in units:
@@ -219,18 +223,42 @@ def _read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: St
         if t.num_rows != u.rows:
             raise DataError(f"{uri}: row group {u.row_group} has {t.num_rows} rows, the plan expected {u.rows} (file changed during the run?)")
         cols = encode_table(t, spec, u.index, 0)
+        seen = skip_rows.get(u.index)
+        if seen is not None:
+            keep = ~seen[cols["_pos"] & 0xFFFFFFFF]
+            cols = {k: v[keep] for k, v in cols.items()}
         if shuffle_seed is not None and len(cols["_pos"]) > 1:
             perm = np.random.default_rng([shuffle_seed, u.index]).permutation(len(cols["_pos"]))
             cols = {k: v[perm] for k, v in cols.items()}
         yield pa.table(cols)
 
 
-class InteractionDatasource(Datasource):
-    """A Ray Data datasource over a `DataPlan`: one read task per group of row groups.
+def assign_units(units: list[Unit], world: int, seed: int, epoch: int) -> list[list[Unit]]:
+    """Deal read units to `world` ranks so their row counts are as equal as possible
+    (longest-processing-time first; ties broken by a per-epoch seeded order).
 
-    With `shuffle`, the order of read tasks and the rows within each row group are
-    permuted per execution (= per epoch), seeded, so the stream differs per epoch but
-    is reproducible."""
+    Deterministic in (units, world, seed, epoch): a restarted worker group gets the same
+    shares, so the steps left in a resumed epoch are known, and a rank never depends on
+    another rank's speed for its data. Shares change from epoch to epoch."""
+    tiebreak = np.random.default_rng([seed, epoch, 7]).permutation(len(units))
+    order = sorted(range(len(units)), key=lambda i: (-units[i].rows, tiebreak[i]))
+    loads = [0] * world
+    shares: list[list[Unit]] = [[] for _ in range(world)]
+    for i in order:
+        r = min(range(world), key=lambda k: (loads[k], k))
+        shares[r].append(units[i])
+        loads[r] += units[i].rows
+    return shares
+
+
+class InteractionDatasource(Datasource):
+    """A Ray Data datasource over a `DataPlan`, for all ranks or one rank's share.
+
+    With `rank` set, it reads only that rank's units (`assign_units`) for the epoch
+    being read, epoch = `first_epoch` + the dataset's execution index (one execution
+    per epoch). With `shuffle`, the order of read tasks and the rows within each row
+    group are permuted per epoch, seeded. `resume` (the consumed rows of a resumed
+    epoch: unit -> None for all rows, or a bool mask) applies to the first execution only."""
 
     def __init__(self, plan: DataPlan, spec: EncodeSpec, store: Store, shuffle: bool, seed: int, block_rows: int, on_bad_file: str):
         super().__init__()
@@ -244,16 +272,27 @@ class InteractionDatasource(Datasource):
         self._block_rows = block_rows
         self._on_bad_file = on_bad_file
         self._empty = _empty_columns(spec)
+        self._rank: int | None = None
+        self._world = 1
+        self._first_epoch = 0
+        self._resume: dict[int, np.ndarray | None] = {}
+
+    def for_rank(self, rank: int, world: int, first_epoch: int = 0, resume: dict[int, np.ndarray | None] | None = None) -> InteractionDatasource:
+        import copy
+
+        ds = copy.copy(self)
+        ds._rank, ds._world, ds._first_epoch, ds._resume = rank, world, first_epoch, dict(resume or {})
+        return ds
 
     def get_name(self) -> str:
         return "FLMInteractions"
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(u.rows for u in self._units) * 8 * (3 + len(self._spec.read.features))
+        return sum(u.rows for u in self._units) * 8 * (3 + len(self._spec.read.features)) // self._world
 
-    def _groups(self) -> list[list[Unit]]:
+    def _groups(self, units: list[Unit]) -> list[list[Unit]]:
         groups, cur, rows = [], [], 0
-        for u in self._units:
+        for u in units:
             if cur and rows + u.rows > self._block_rows:
                 groups.append(cur)
                 cur, rows = [], 0
@@ -263,24 +302,32 @@ class InteractionDatasource(Datasource):
             groups.append(cur)
         return groups
 
+    def units_for(self, execution: int) -> list[Unit]:
+        epoch = self._first_epoch + execution
+        units = self._units if self._rank is None else assign_units(self._units, self._world, self._seed, epoch)[self._rank]
+        if execution == 0 and self._resume:
+            units = [u for u in units if not (u.index in self._resume and self._resume[u.index] is None)]
+        return units
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-        epoch = getattr(data_context, "_execution_idx", 0) if data_context is not None else 0
-        groups = self._groups()
+        execution = getattr(data_context, "_execution_idx", 0) if data_context is not None else 0
+        units = self.units_for(execution)
+        skip = {i: m for i, m in self._resume.items() if m is not None} if execution == 0 else {}
         shuffle_seed = None
         if self._shuffle:
-            shuffle_seed = int(np.random.default_rng([self._seed, epoch]).integers(1 << 62))
-            order = np.random.default_rng(shuffle_seed).permutation(len(groups))
-            groups = [groups[i] for i in order]
+            shuffle_seed = int(np.random.default_rng([self._seed, self._first_epoch + execution]).integers(1 << 62))
+            units = [units[i] for i in np.random.default_rng(shuffle_seed).permutation(len(units))]
         tasks = []
-        for g in groups:
+        for g in self._groups(units):
             rows = sum(u.rows for u in g)
             meta = BlockMetadata(
-                num_rows=None,  # bad-row filtering by split changes the count
+                num_rows=None,  # splits, bad rows and resumed rows change the count
                 size_bytes=rows * 8 * (3 + len(self._spec.read.features)),
                 input_files=[self._plan_files[u.file] for u in g[:1]],
                 exec_stats=None,
             )
-            args = (g, self._plan_files, self._spec, self._store, self._columns, shuffle_seed, self._on_bad_file, self._empty)
+            g_skip = {u.index: skip[u.index] for u in g if u.index in skip}
+            args = (g, self._plan_files, self._spec, self._store, self._columns, shuffle_seed, self._on_bad_file, self._empty, g_skip)
             tasks.append(ReadTask(lambda a=args: _read_units(*a), meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -307,13 +354,14 @@ def _empty_columns(spec: EncodeSpec) -> dict[str, np.ndarray]:
 
 
 def build_dataset(plan: DataPlan, spec: EncodeSpec, store: Store, *, shuffle: bool, seed: int, block_rows: int, on_bad_file: str):
+    return read(InteractionDatasource(plan, spec, store, shuffle, seed, block_rows, on_bad_file))
+
+
+def read(source: InteractionDatasource):
+    """A Ray Dataset over a datasource (all ranks' data, or one rank's share)."""
     import ray.data
 
-    ds = ray.data.read_datasource(
-        InteractionDatasource(plan, spec, store, shuffle, seed, block_rows, on_bad_file),
-        override_num_blocks=max(1, len(plan.units)),
-    )
-    return ds
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source._units)))
 
 
 # ------------------------------------------------------------------ worker side
@@ -345,14 +393,13 @@ class BatchStream:
     `shuffle_window` batches is permuted together (seeded) so rows from different read
     units mix; the window is cheap: one numpy permutation, no per-row Python."""
 
-    def __init__(self, iterator, batch_size: int, features: tuple[FeatureConfig, ...], shuffle_window: int = 1, seed: int = 0, prefetch_batches: int = 2, drop=None):
+    def __init__(self, iterator, batch_size: int, features: tuple[FeatureConfig, ...], shuffle_window: int = 1, seed: int = 0, prefetch_batches: int = 2):
         self._it = iterator
         self._bs = batch_size
         self._features = features
         self._window = max(1, shuffle_window)
         self._seed = seed
         self._prefetch = prefetch_batches
-        self._drop = drop  # optional callable(pos) -> bool mask of rows already consumed
         self.bad_examples: list[tuple[int, int]] = []  # (position, reason code) of a few bad rows
 
     def _to_batch(self, cols: dict[str, np.ndarray]) -> Batch:
@@ -397,8 +444,6 @@ class BatchStream:
             if len(self.bad_examples) < 5 and not keep.all():
                 idx = np.flatnonzero(~keep)[: 5 - len(self.bad_examples)]
                 self.bad_examples += [(int(raw["_pos"][i]), int(bad[i])) for i in idx]
-            if self._drop is not None:
-                keep &= ~self._drop(raw["_pos"])
             if not keep.all():
                 raw = {k: v[keep] for k, v in raw.items()}
             if len(raw["_pos"]) == 0:

@@ -1,0 +1,26 @@
+import pytest
+
+from flm_dist.config import ConfigError, ScalingConfig
+from flm_dist.launch import resources
+
+
+@pytest.mark.parametrize("nodes,workers", [([2.0], 2), ([2.0], 1), ([2.0, 2.0], 2), ([4.0], 3), ([16.0] * 4, 8), ([1.0], 1)])
+def test_auto_cpus_leave_ray_data_a_cpu(nodes, workers):
+    cpw, threads = resources(ScalingConfig(num_workers=workers), nodes)
+    assert cpw > 0 and threads >= 1
+    assert sum(nodes) - cpw * workers >= min(1.0, sum(nodes) / 2)
+    # spread evenly, every node with more than one CPU keeps one for Ray Data
+    per_node = -(-workers // len(nodes))
+    if min(nodes) > 1:
+        assert min(nodes) - per_node * cpw >= 1.0 - 1e-9
+
+
+def test_explicit_cpus_that_starve_ray_data_are_refused():
+    with pytest.raises(ConfigError, match="scaling.cpus_per_worker=1.0 x 2 workers leaves 0.0"):
+        resources(ScalingConfig(num_workers=2, cpus_per_worker=1.0), [2.0])
+    assert resources(ScalingConfig(num_workers=2, cpus_per_worker=0.5), [2.0]) == (0.5, 1)
+
+
+def test_elastic_sizes_for_the_maximum():
+    cpw, _ = resources(ScalingConfig(num_workers=[1, 4]), [8.0])
+    assert cpw * 4 <= 8 - 1
