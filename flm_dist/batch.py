@@ -20,6 +20,8 @@ class Batch:
     label: torch.Tensor | None = None
     rating: torch.Tensor | None = None
     pos: torch.Tensor | None = None  # row positions (unit << 32 | row), for exact-once resume
+    user_key: torch.Tensor | None = None  # 64-bit identity keys (evaluation only), host-side
+    item_key: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -34,7 +36,10 @@ class Batch:
             features={k: mv(v) for k, v in self.features.items()},
             label=mv(self.label),
             rating=mv(self.rating),
-            pos=self.pos,  # stays on the host: only the data-position tracker reads it
+            # positions and keys stay on the host: only bookkeeping reads them
+            pos=self.pos,
+            user_key=self.user_key,
+            item_key=self.item_key,
         )
 
     def pin_memory(self) -> Batch:
@@ -48,4 +53,6 @@ class Batch:
             label=pin(self.label),
             rating=pin(self.rating),
             pos=self.pos,
+            user_key=self.user_key,
+            item_key=self.item_key,
         )

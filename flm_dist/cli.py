@@ -68,7 +68,7 @@ def cmd_evaluate(args) -> int:
 
     job = _load(args)
     with _storage(job) as (job, store):
-        res = launch.evaluate(args.checkpoint, store, args.data, workers=args.workers, address=args.address)
+        res = launch.evaluate(args.checkpoint, store, args.data, reference=args.reference, workers=args.workers, address=args.address)
         print(json.dumps(res, indent=2, default=str))
         _write_output(args.output, res, store)
     return 0
@@ -79,8 +79,28 @@ def cmd_export(args) -> int:
 
     job = _load(args)
     with _storage(job) as (job, store):
-        m = export(store, args.checkpoint, args.out, dtype=args.dtype)
-        print(json.dumps({"export": args.out, "task": m["task"], "files": sorted(m["files"])}, indent=2))
+        m = export(store, args.checkpoint, args.out, dtype=args.dtype, formats=args.format)
+        print(json.dumps({"export": args.out, "task": m["task"], "formats": m["formats"], "files": sorted(m["files"])}, indent=2))
+    return 0
+
+
+def _export_formats(text: str) -> list[str]:
+    """`--format torchscript,onnx` -> ["torchscript", "onnx"] (checked before any work)."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in ("torchscript", "onnx")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of torchscript,onnx, got {text!r}")
+    return names
+
+
+def cmd_serve(args) -> int:
+    from flm_dist import serve
+
+    job = _load(args)
+    flags = {"max_items": args.max_items, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    cfg = serve.check_serve_config(replace(job.serve, **{k: v for k, v in flags.items() if v is not None}), args.config or "<flags>")
+    with _storage(job) as (job, store):
+        serve.run(args.export, store, cfg, host=args.host, port=args.port, address=args.address)
     return 0
 
 
@@ -324,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint, step folder or run folder URI")
     p.add_argument("--data", help="evaluation data URI (default: the job's data.eval)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default: as trained)")
+    p.add_argument("--reference", help="data defining the cold/long-tail/warm slices (default: the checkpoint's training data)")
     p.add_argument("--output", help="write metrics JSON here")
     p.add_argument("--address")
 
@@ -331,7 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, config_required=False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output folder URI")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="fp16: tables stored in fp16, arithmetic in fp32")
+    p.add_argument("--format", type=_export_formats, default=["torchscript", "onnx"], metavar="torchscript,onnx", help="scorer formats to write (default: both)")
+
+    p = sub.add_parser("serve", help="serve an export over HTTP (Ray Serve): /score, /recommend, /healthz")
+    _common(p, config_required=False)
+    p.add_argument("export", metavar="EXPORT_URI", help="folder written by `flm-dist export`")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-items", type=int, help="items per /score request and largest k (default: the job's serve.max_items)")
+    p.add_argument("--max-batch-size", type=int, help="requests per batch (default: serve.max_batch_size)")
+    p.add_argument("--batch-wait-timeout-s", type=float, help="longest wait to fill a batch (default: serve.batch_wait_timeout_s)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data (make demo)")
     _common(p)
@@ -406,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.cmd == "export":
             return cmd_export(args)
+        if args.cmd == "serve":
+            return cmd_serve(args)
         if args.cmd == "demo":
             return cmd_demo(args)
         if args.cmd == "store":

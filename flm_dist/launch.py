@@ -23,7 +23,9 @@ from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import EncodeSpec, InteractionDatasource, read
 from flm_dist.data.plan import DataPlan, plan_read
 from flm_dist.data.position import ConsumedRows
+from flm_dist.data.reference import Reference, scan_reference
 from flm_dist.data.schema import DataError, ReadSpec
+from flm_dist.metrics import pointwise_report, ranking_report
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store, is_remote, join, split_uri
 from flm_dist.train_loop import WorkerSpec, worker_main
@@ -339,15 +341,37 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         datasets["train"] = (src, plan.to_dict())
         plans["train"] = plan
     if eval_uri or (train_uri and split.by != "none"):
-        rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri)
+        rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True)
         src = eval_uri or train_uri
-        plan = plans["train"] if not eval_uri else _plan(store, src, rs, job)
+        plan = _plan(store, src, rs, job)
         side = "all" if eval_uri else "eval"
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
         src = InteractionDatasource(plan, enc, store, False, job.run.seed, d.read_block_rows, d.on_bad_file)
         datasets["eval"] = (src, plan.to_dict())
         plans["eval"] = plan
     return datasets, plans
+
+
+def _reference(store: Store, plan: DataPlan, job: JobConfig, hash_spec: HashSpec, task: str) -> Reference:
+    """The training data's users, item popularity and, for ranking, catalog and pairs."""
+    rs = ReadSpec.for_task(task, job.data.features, job.data.rating_range, evaluate=True)
+    ranking = task in ("retrieval", "pretrain")
+    t0 = time.perf_counter()
+    ref = scan_reference(store, plan, EncodeSpec(read=rs, hash=hash_spec), catalog=ranking, pairs=ranking)
+    log.info("reference data %s: %d users, %d items in %.1fs", plan.uri, len(ref.users), len(ref.items), time.perf_counter() - t0)
+    return ref
+
+
+def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
+    """Exact metrics on the gathered outputs of every worker, overall and per slice."""
+    if task in ("ctr", "rating"):
+        report = pointwise_report(task, raw["pred"], raw["target"], raw["user_key"], raw["item_key"], ref)
+    else:
+        vec, cat = raw["user_vec"], raw["catalog_vec"]
+        report = ranking_report(lambda lo, hi: vec[lo:hi] @ cat.T, len(vec), raw["user_key"], raw["item_key"], ref.catalog["item_key"], ref)
+    if raw.get("bad_rows"):
+        report["bad_rows"] = raw["bad_rows"]
+    return report
 
 
 def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool = True, address: str | None = None) -> dict:
@@ -366,6 +390,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     datasets, plans = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task)
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
+    ref = _reference(store, plans["train"], job, hash_spec, job.task) if "eval" in plans else None
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
@@ -387,6 +412,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         threads,
         train_plan=plans["train"].to_dict(),
         eval_plan=plans["eval"].to_dict() if "eval" in plans else None,
+        catalog=ref.catalog if ref is not None else None,
         init_from=job.init_from,
         # --fresh deleted the run folder above; a Ray Train restart of this run must
         # still resume from what this run committed.
@@ -406,36 +432,52 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     tr = res.get("train", {})
     metrics = {k: v for k, v in tr.items() if k != "checkpoint"}
     if "eval" in res:
-        metrics["eval"] = res["eval"]
+        metrics["eval"] = _eval_report(job.task, res["eval"], ref)
     return {"checkpoint": tr.get("checkpoint"), "metrics": metrics}
 
 
-def evaluate(checkpoint: str, store: Store, data: str | None = None, *, workers: int | None = None, progress: bool = False, address: str | None = None, overrides: dict | None = None) -> dict:
-    """Evaluate a committed checkpoint on `data` (default: its job's data.eval) with
-    the sharded model on Ray Train workers. Returns {"overall": {...}, "checkpoint": URI}."""
+def evaluate(checkpoint: str, store: Store, data: str | None = None, *, reference: str | None = None, workers: int | None = None, address: str | None = None) -> dict:
+    """Evaluate a committed checkpoint on `data` (default: its job's data.eval, or the
+    job's split) with the sharded model on Ray Train workers. Slices (cold users/items,
+    long tail, warm) are defined by `reference`, default the checkpoint's own training
+    data. Returns {"overall": {...}, "slices": {...}, "checkpoint": URI, ...}."""
     ref = ckpt.resolve(store, checkpoint)
     manifest = ckpt.load_manifest(store, ref)
     job = from_dict(JobConfig, manifest["config"])
     job.storage = replace(job.storage, **{k: getattr(store, k) for k in ("endpoint_url", "region", "access_key_id", "secret_access_key")})
     if workers:
         job.scaling = replace(job.scaling, num_workers=workers)
-    data = data or job.data.eval
+    data = data or (job.data.eval if manifest["task"] != "pretrain" else "")
     if not data and job.data.split.by == "none":
         raise ConfigError(f"{ref.uri}: no evaluation data: pass --data URI (the job had no data.eval)")
+    train_uri = reference or (manifest.get("data") or {}).get("uri") or job.train_data
     ensure_ray(address)
     hash_spec = HashSpec.from_dict(manifest["hash_spec"])
-    task = manifest["task"]
-    if task == "pretrain":
-        task = "retrieval"  # a pretrained backbone is evaluated on its interaction objective
+    # a pretrained backbone is evaluated on its interaction objective: full ranking
+    task = "retrieval" if manifest["task"] == "pretrain" else manifest["task"]
     job.task = task
-    datasets, plans = _datasets(job, store, hash_spec, None if data else job.data.train, data or None, task)
+    datasets, plans = _datasets(job, store, hash_spec, train_uri, data or None, task)
+    reference_data = _reference(store, plans["train"], job, hash_spec, task)
     cpw, threads = resources(job.scaling, _node_cpus())
     channel = RunChannel.remote()
-    spec = _worker_spec(job, store, "evaluate", hash_spec, threads, eval_plan=plans["eval"].to_dict(), evaluate_from=ref.uri, resume=False, progress=channel)
+    spec = _worker_spec(
+        job,
+        store,
+        "evaluate",
+        hash_spec,
+        threads,
+        eval_plan=plans["eval"].to_dict(),
+        evaluate_from=ref.uri,
+        resume=False,
+        progress=channel,
+        catalog=reference_data.catalog,
+    )
     with tempfile.TemporaryDirectory(prefix="flm-eval-") as ray_storage:  # Ray Train's own run state
         _fit(_trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, ray_storage, f"eval-{int(time.time())}", None))
     res = ray.get(channel.result.remote())
-    return {"overall": res.get("eval", {}), "checkpoint": ref.uri, "data": data or f"{job.data.train} (split {job.data.split.by})"}
+    report = _eval_report(task, res["eval"], reference_data)
+    report.update({"checkpoint": ref.uri, "task": task, "data": data or f"{train_uri} (split {job.data.split.by})", "reference": train_uri})
+    return report
 
 
 def _torch_version() -> str:

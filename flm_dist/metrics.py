@@ -9,7 +9,7 @@ import numpy as np
 
 from flm_dist.data.synth import auc
 
-__all__ = ["auc", "ctr_metrics", "group_auc", "rating_metrics"]
+__all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ranking_report", "rating_metrics", "slice_masks"]
 
 
 def group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
@@ -51,3 +51,92 @@ def rating_metrics(pred: np.ndarray, rating: np.ndarray) -> dict:
         "rmse": float(math.sqrt(np.mean(err**2))) if len(err) else float("nan"),
         "mae": float(np.mean(np.abs(err))) if len(err) else float("nan"),
     }
+
+
+SLICES = ("cold_user", "cold_item", "long_tail", "warm")
+
+
+def slice_masks(user_keys: np.ndarray, item_keys: np.ndarray, ref) -> dict[str, np.ndarray]:
+    """Rows of each slice, defined by the training data `ref` (a data.reference.Reference):
+    cold_user / cold_item: absent from it; long_tail: items outside its top 20% by
+    popularity (cold items included); warm: user and item both seen."""
+    seen_u = np.isin(user_keys, ref.users)
+    seen_i = np.isin(item_keys, ref.items)
+    return {
+        "cold_user": ~seen_u,
+        "cold_item": ~seen_i,
+        "long_tail": ~np.isin(item_keys, ref.popular(0.2)),
+        "warm": seen_u & seen_i,
+    }
+
+
+def pointwise_report(task: str, pred: np.ndarray, target: np.ndarray, user_keys: np.ndarray, item_keys: np.ndarray, ref=None) -> dict:
+    """{"overall": metrics, "slices": {slice: metrics}} for ctr / rating predictions."""
+
+    def metrics(mask):
+        if task == "ctr":
+            return ctr_metrics(pred[mask], target[mask], user_keys[mask])
+        return rating_metrics(pred[mask], target[mask])
+
+    everything = np.ones(len(pred), dtype=bool)
+    out = {"overall": metrics(everything)}
+    if ref is not None:
+        out["slices"] = {name: metrics(m) for name, m in slice_masks(user_keys, item_keys, ref).items()}
+    return out
+
+
+def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np.ndarray, catalog_keys: np.ndarray, ref, ks=(10, 20), chunk: int = 1024) -> dict:
+    """Full-ranking Recall@K, NDCG@K and HitRate@K.
+
+    `scores_for(lo, hi)` returns scores [hi - lo, len(catalog)] for eval rows lo..hi
+    against every catalog item (sorted `catalog_keys`). Each row is one (user, target
+    item); the user's training items (`ref` pairs) are excluded from the ranking,
+    except the target itself. A target outside the catalog (a cold item) is a miss.
+    Per user: Recall = hits / targets, NDCG = DCG / ideal DCG, HitRate = any hit;
+    averaged over users. Slices as in `slice_masks`, by row."""
+    if len(catalog_keys):
+        pos_in_cat = np.minimum(np.searchsorted(catalog_keys, target_keys), len(catalog_keys) - 1)
+        in_cat = catalog_keys[pos_in_cat] == target_keys
+    else:
+        pos_in_cat, in_cat = np.zeros(n_rows, np.int64), np.zeros(n_rows, bool)
+    rank = np.full(n_rows, np.iinfo(np.int64).max, dtype=np.int64)
+    for lo in range(0, n_rows, chunk):
+        hi = min(lo + chunk, n_rows)
+        s = np.asarray(scores_for(lo, hi), dtype=np.float32)
+        for r in range(hi - lo):
+            row = lo + r
+            if not in_cat[row]:
+                continue
+            seen = ref.seen_items(int(user_keys[row])) if ref is not None and ref.pair_users is not None else np.zeros(0, np.int64)
+            if len(seen):
+                idx = np.searchsorted(catalog_keys, seen)
+                idx = idx[(idx < len(catalog_keys)) & (catalog_keys[np.minimum(idx, len(catalog_keys) - 1)] == seen)]
+                idx = idx[idx != pos_in_cat[row]]
+                s[r, idx] = -np.inf
+            t = s[r, pos_in_cat[row]]
+            rank[row] = int((s[r] > t).sum())  # 0-based; ties count in the target's favour
+    masks = {"all": np.ones(n_rows, dtype=bool)}
+    if ref is not None:
+        masks.update(slice_masks(user_keys, target_keys, ref))
+
+    def aggregate(mask):
+        out = {"rows": int(mask.sum())}
+        users, inv = np.unique(user_keys[mask], return_inverse=True)
+        n_users = len(users)
+        out["users"] = int(n_users)
+        targets = np.bincount(inv, minlength=n_users).astype(np.float64)
+        for k in ks:
+            hit = rank[mask] < k
+            hits = np.bincount(inv, weights=hit, minlength=n_users)
+            dcg = np.bincount(inv, weights=np.where(hit, 1.0 / np.log2(rank[mask].clip(max=10**9) + 2.0), 0.0), minlength=n_users)
+            ideal = np.array([np.sum(1.0 / np.log2(np.arange(min(int(t), k)) + 2.0)) for t in targets]) if n_users else np.zeros(0)
+            out[f"recall@{k}"] = float(np.mean(hits / targets)) if n_users else float("nan")
+            out[f"ndcg@{k}"] = float(np.mean(dcg / ideal)) if n_users else float("nan")
+            out[f"hitrate@{k}"] = float(np.mean(hits > 0)) if n_users else float("nan")
+        return out
+
+    report = {"overall": aggregate(masks.pop("all"))}
+    if ref is not None:
+        report["slices"] = {name: aggregate(m) for name, m in masks.items()}
+    report["overall"]["catalog_items"] = int(len(catalog_keys))
+    return report

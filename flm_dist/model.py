@@ -127,6 +127,14 @@ class FLM(nn.Module):
         xi = torch.stack([self._field(n, batch) for n in self.item_fields], dim=1)
         return xu, xi
 
+    def user_vector(self, batch: Batch) -> torch.Tensor:
+        """The user tower alone (clean view): z_user [B, latent]."""
+        return self.user_encoder(torch.stack([self._field(n, batch) for n in self.user_fields], dim=1).flatten(1))
+
+    def item_vector(self, batch: Batch) -> torch.Tensor:
+        """The item tower alone (clean view): z_item [B, latent]."""
+        return self.item_encoder(torch.stack([self._field(n, batch) for n in self.item_fields], dim=1).flatten(1))
+
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         """Mask whole fields with probability `corruption` and add Gaussian noise."""
         keep = (torch.rand(x.shape[:2], device=x.device) >= self.cfg.corruption).unsqueeze(-1)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from flm_dist import checkpoint as ckpt
 from flm_dist.batch import Batch
@@ -33,7 +34,6 @@ from flm_dist.data.pipeline import BatchStream, empty_batch
 from flm_dist.data.plan import DataPlan
 from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS, DataError
-from flm_dist.metrics import ctr_metrics, rating_metrics
 from flm_dist.model import FLM
 from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules
 from flm_dist.optim import build_optimizers, optimizer_state
@@ -80,6 +80,7 @@ class WorkerSpec:
     manifest: dict = field(default_factory=dict)  # config, lineage, data fingerprint
     progress: Any = None  # a launch.RunChannel handle, or None
     trace_rows: str = ""  # folder for the per-step row audit trail (tests), "" = off
+    catalog: dict | None = None  # retrieval evaluation: the item catalog (rows, features)
 
 
 # ------------------------------------------------------------------ helpers
@@ -494,18 +495,22 @@ class Worker:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Predictions for the eval split from every rank, gathered to compute the
-        metrics exactly. Forward passes follow the same step agreement as training
-        (sharded lookups are collectives)."""
+        """Model outputs for every eval row from every rank, gathered on rank 0 (exact
+        metrics need all predictions; the driver computes them). Pointwise tasks give
+        predictions; retrieval (and pretraining) give normalised user vectors plus the
+        vectors of the item catalog. Forward passes follow the same step agreement as
+        training: sharded lookups are collectives."""
         import ray.train
 
         s = self.spec
         self.model.eval()
+        m = unwrap(self.model)
+        retrieval = s.task in ("retrieval", "pretrain")
         shard = ray.train.get_dataset_shard("eval")
         stream = BatchStream(shard, s.batch_size, tuple(s.features), shuffle_window=1, prefetch_batches=s.prefetch_batches)
         fetch = _Fetcher(stream, 0)
         empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
-        preds, labels, users, items = [], [], [], []
+        out: dict[str, list[np.ndarray]] = {"user_key": [], "item_key": [], "pred": [], "target": [], "user_vec": []}
         bad_total = np.zeros(len(BAD_REASONS), dtype=np.int64)
         while True:
             batch, bad = fetch.next()
@@ -514,33 +519,61 @@ class Worker:
             if rows == 0:
                 break
             b = (batch or empty).to(self.device)
-            out = self.model(b, score=s.task in ("ctr", "rating"))
-            score = out.score if out.score is not None else unwrap(self.model).similarity(out.z_user, out.z_item)
-            preds.append(score.float().cpu().numpy())
-            target = b.label if s.task == "ctr" else b.rating if s.task == "rating" else None
-            labels.append(target.float().cpu().numpy() if target is not None else np.zeros(len(b), np.float32))
-            users.append(b.user.cpu().numpy())
-            items.append(b.item.cpu().numpy())
-        local = tuple(np.concatenate(x) if x else np.zeros(0) for x in (preds, labels, users, items))
-        gathered = [None] * self.world
+            if retrieval:
+                out["user_vec"].append(F.normalize(m.user_vector(b), dim=-1).float().cpu().numpy())
+            else:
+                out["pred"].append(self.model(b, score=True).score.float().cpu().numpy())
+                target = b.label if s.task == "ctr" else b.rating
+                out["target"].append(target.float().cpu().numpy())
+            if batch is not None:
+                out["user_key"].append(batch.user_key.numpy())
+                out["item_key"].append(batch.item_key.numpy())
+        local = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+        if retrieval:
+            local["catalog"] = self._catalog_vectors(m, empty)
+        gathered = [local]
         if dist.is_initialized():
+            gathered = [None] * self.world
             dist.all_gather_object(gathered, local, group=self.ctrl)
-        else:
-            gathered = [local]
         self.model.train()
         if self.rank != 0:
             return {}
-        p, y, u, _ = (np.concatenate([g[i] for g in gathered]) for i in range(4))
-        if s.task == "ctr":
-            m = ctr_metrics(p, y, u)
-        elif s.task == "rating":
-            m = rating_metrics(p, y)
-        else:
-            m = {"rows": int(len(p)), "mean_similarity": float(p.mean()) if len(p) else float("nan")}
-        bad = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
-        if bad:
-            m["bad_rows"] = bad
-        return m
+        result = {k: np.concatenate([g[k] for g in gathered]) for k in ("user_key", "item_key", "pred", "target", "user_vec")}
+        if retrieval:
+            # rank r computed catalog chunks r, r + W, ...: put them back in order
+            chunks = sorted((i, v) for g in gathered for i, v in g["catalog"])
+            result["catalog_vec"] = np.concatenate([v for _, v in chunks]) if chunks else np.zeros((0, 0), np.float32)
+        result["bad_rows"] = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
+        return result
+
+    def _catalog_vectors(self, m, empty: Batch) -> list[tuple[int, np.ndarray]]:
+        """Normalised item vectors of the catalog, chunk i on rank i % world. Every rank
+        makes the same number of forward passes (an empty one when out of chunks)."""
+        cat = self.spec.catalog or {}
+        n = len(cat.get("item", ()))
+        bs = self.spec.batch_size
+        chunks = -(-n // bs)
+        mine = []
+        for k in range(-(-chunks // self.world)):
+            i = k * self.world + self.rank
+            if i < chunks:
+                sl = slice(i * bs, min(n, (i + 1) * bs))
+                feats = {}
+                for f in self.spec.features:
+                    if f.side != "item":
+                        continue
+                    if f.kind == "multi":
+                        feats[f.name] = torch.from_numpy(np.stack([cat[f"f_{f.name}__{j}"][sl] for j in range(f.max_len)], axis=1))
+                    else:
+                        feats[f.name] = torch.from_numpy(cat[f"f_{f.name}"][sl])
+                item = torch.from_numpy(cat["item"][sl])
+                b = Batch(user=torch.zeros_like(item), item=item, features=feats)
+            else:
+                b = empty
+            v = F.normalize(m.item_vector(b.to(self.device)), dim=-1).float().cpu().numpy()
+            if i < chunks:
+                mine.append((i, v))
+        return mine
 
 
 def worker_main(spec_dict: dict) -> None:

@@ -70,7 +70,7 @@ def test_pretrain_finetune_evaluate_export(ray_local, s3, s3_store, data, tmp_pa
         **{"data.train": "s3://e2e/data/train", "data.eval": "s3://e2e/data/eval", "train.epochs": 3, "train.lr": 0.01},
     )
     r_ft = launch.train(ft, s3_store, fresh=True, progress=False)
-    ev_train = r_ft["metrics"]["eval"]
+    ev_train = r_ft["metrics"]["eval"]["overall"]
     assert ev_train["rows"] == data["rows_eval"]
     assert ev_train["auc"] > 0.6, ev_train  # it learned the planted signal
     m_ft = ckpt.load_manifest(s3_store, ckpt.resolve(s3_store, r_ft["checkpoint"]))
@@ -82,6 +82,14 @@ def test_pretrain_finetune_evaluate_export(ray_local, s3, s3_store, data, tmp_pa
     assert ev["checkpoint"] == r_ft["checkpoint"]
     assert ev["overall"]["rows"] == data["rows_eval"]
     assert ev["overall"]["auc"] == pytest.approx(ev_train["auc"], abs=1e-6)
+    assert set(ev["slices"]) == {"cold_user", "cold_item", "long_tail", "warm"}
+    assert ev["reference"] == "s3://e2e/data/train"
+    assert sum(ev["slices"][k]["rows"] for k in ("warm",)) + ev["slices"]["cold_user"]["rows"] <= ev["overall"]["rows"]
+
+    # the pretrained backbone, evaluated by full ranking against its training items
+    ev_pre = launch.evaluate(r_pre["checkpoint"], s3_store, "s3://e2e/data/eval", workers=2)
+    assert ev_pre["task"] == "retrieval" and ev_pre["overall"]["rows"] == data["rows_eval"]
+    assert 0.0 <= ev_pre["overall"]["recall@10"] <= 1.0 and ev_pre["overall"]["catalog_items"] > 0
 
     # 4. export, then score in a process that has only torch
     export(s3_store, r_ft["checkpoint"], "s3://e2e/export")

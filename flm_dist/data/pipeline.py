@@ -79,6 +79,15 @@ def _hash64(arr: pa.Array, seed: int) -> np.ndarray:
     return _fmix64(k)
 
 
+def id_keys(arr: pa.Array) -> np.ndarray:
+    """64-bit identity keys of raw IDs (int64 view), independent of table sizes: which
+    user/item a row is, for evaluation slices and retrieval exclusions."""
+    return _hash64(arr, KEY_SEED).view(np.int64)
+
+
+KEY_SEED = 0x5EED
+
+
 def _split_mask(t: pa.Table, split: SplitConfig, side: str, seed: int) -> np.ndarray | None:
     """True for rows on `side`. Hash-based, so identical across runs and worker counts."""
     if side == "all" or split.by == "none":
@@ -141,6 +150,8 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
         arr = t.column(col).combine_chunks()
         mark(arr.is_null().to_numpy(zero_copy_only=False), f"null_{col}")
         out[table] = spec.hash.hash(table, arr)
+        if spec.read.keys:
+            out[f"{table}_key"] = id_keys(arr)
     rs = spec.read
     if rs.read_label and "label" in t.column_names:
         v, nulls = _float_col(t, "label")
@@ -336,6 +347,9 @@ def _empty_columns(spec: EncodeSpec) -> dict[str, np.ndarray]:
     """Zero-row columns with the exact names/dtypes `encode_table` produces."""
     rs = spec.read
     out = {"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64)}
+    if rs.keys:
+        out["user_key"] = np.zeros(0, np.int64)
+        out["item_key"] = np.zeros(0, np.int64)
     if rs.read_label:
         out["label"] = np.zeros(0, np.float32)
     if rs.read_rating:
@@ -413,7 +427,16 @@ class BatchStream:
         def t(name):
             return torch.from_numpy(np.ascontiguousarray(cols[name])) if name in cols else None
 
-        return Batch(user=t("user"), item=t("item"), features=feats, label=t("label"), rating=t("rating"), pos=t("_pos"))
+        return Batch(
+            user=t("user"),
+            item=t("item"),
+            features=feats,
+            label=t("label"),
+            rating=t("rating"),
+            pos=t("_pos"),
+            user_key=t("user_key"),
+            item_key=t("item_key"),
+        )
 
     def epoch(self, epoch: int) -> Iterator[tuple[Batch, np.ndarray]]:
         """Yields (batch, bad_counts_since_last_yield). The final batch may be short."""

@@ -68,6 +68,7 @@ class ReadSpec:
     read_label: bool = False  # read if present (retrieval: positives only)
     read_rating: bool = False
     read_ts: bool = False
+    keys: bool = False  # also emit 64-bit user/item identity keys (evaluation slices, retrieval)
     rating_range: tuple[float, float] = (1.0, 5.0)
     features: tuple[FeatureConfig, ...] = field(default_factory=tuple)
 
@@ -80,6 +81,7 @@ class ReadSpec:
             read_label=task in ("ctr", "retrieval"),
             read_rating=task == "rating",
             read_ts=need_ts,
+            keys=evaluate,
             rating_range=(float(rating_range[0]), float(rating_range[1])),
             features=tuple(features),
         )
