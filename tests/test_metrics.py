@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from flm_dist.data.reference import Reference
-from flm_dist.metrics import auc, ctr_metrics, group_auc, pointwise_report, ranking_report, slice_masks
+from flm_dist.metrics import (
+    auc,
+    ctr_metrics,
+    group_auc,
+    pointwise_report,
+    ranking_report,
+    slice_masks,
+)
 from tests.dist import run_ranks
 
 
