@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ class DataConfig:
     shuffle: bool = True
     shuffle_window: int = 8  # batches mixed together in the worker's shuffle buffer
     prefetch_batches: int = 4
+    # Keep Ray Data's block order: runs repeat bit for bit, at some ingest throughput.
+    deterministic: bool = False
     read_block_rows: int = 65536  # rows per read unit (row groups are split or merged to this)
 
     def __post_init__(self) -> None:
@@ -292,6 +295,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints accepted for floats)."""
     origin = typing.get_origin(tp)
@@ -338,6 +344,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-3` (no dot) as a string; it is plainly meant as a number.
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             return float(value)
         raise bad
     if tp is str:

@@ -220,11 +220,12 @@ class FLMDataConfig(DataConfig):
     rerun of the command), so it always resumes from the latest committed checkpoint,
     the same one the workers restore."""
 
-    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, run_dir: str | None):
+    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, run_dir: str | None, deterministic: bool = False):
         super().__init__(datasets_to_split="all")
         self._sources = sources
         self._store = store
-        self._run_dir = run_dir  # None: never resume (evaluation, --fresh)
+        self._run_dir = run_dir  # None: never resume (evaluation)
+        self._deterministic = deterministic
 
     def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
         out: list[dict] = [{} for _ in range(world_size)]
@@ -236,6 +237,8 @@ class FLMDataConfig(DataConfig):
             for rank in range(world_size):
                 ds = read(source.for_rank(rank, world_size, first_epoch, skip))
                 ds.context.execution_options = self._resolve_execution_options(name)
+                if self._deterministic:
+                    ds.context.execution_options.preserve_order = True
                 out[rank][name] = ds.iterator()
         return out
 
@@ -295,7 +298,7 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
         ),
         datasets={name: read(src) for name, (src, _) in sources.items()},
-        dataset_config=FLMDataConfig(sources, store, resume_dir),
+        dataset_config=FLMDataConfig(sources, store, resume_dir, deterministic=job.data.deterministic),
     )
 
 

@@ -31,7 +31,7 @@ from flm_dist.batch import Batch
 from flm_dist.config import CheckpointConfig, FeatureConfig, ModelConfig, TrainConfig
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import BatchStream, empty_batch
-from flm_dist.data.plan import DataPlan
+from flm_dist.data.plan import DataPlan, read_unit
 from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS, DataError
 from flm_dist.model import FLM
@@ -349,16 +349,8 @@ class Worker:
 
     def _row_values(self, pos: int) -> dict:
         """The raw columns of one row (for error messages), read back from its file."""
-        import pyarrow.parquet as pq
-
-        from flm_dist.storage import split_uri
-
         try:
-            u = self.train_plan.units[pos >> 32]
-            uri = self.train_plan.files[u.file].uri
-            fs, _ = self.store.arrow_fs(uri)
-            with fs.open_input_file(split_uri(uri)[1]) as fh:
-                t = pq.ParquetFile(fh).read_row_group(u.row_group, columns=self.train_plan.columns)
+            t = read_unit(self.store, self.train_plan, self.train_plan.units[pos >> 32])
             return t.slice(pos & 0xFFFFFFFF, 1).to_pylist()[0]
         except Exception as e:  # the message is still useful without the values
             return {"unavailable": str(e)}
@@ -491,6 +483,8 @@ class Worker:
             "train_seconds": elapsed,
             "loss": last_loss,
             "bad_rows": bad,
+            # rank 0's logged steps: learning curves for reports
+            "curve": [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"]} for r in self.metrics_log],
         }
 
     @torch.no_grad()

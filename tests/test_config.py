@@ -50,6 +50,10 @@ def test_set_overrides_are_typed_and_checked(tmp_path):
     p = write(tmp_path, "task: pretrain\n")
     job = load_job(p, ["scaling.num_workers=4", "train.lr=0.01", "data.features=[{name: a, side: user}]"])
     assert job.scaling.num_workers == 4 and job.train.lr == 0.01 and job.data.features[0].name == "a"
+    # YAML 1.1 reads 1e-3 as a string; a float key takes it as the number it means
+    assert load_job(p, ["train.lr=1e-3"]).train.lr == 0.001
+    with pytest.raises(ConfigError, match="key 'train.lr' expects float"):
+        load_job(p, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="with --set overrides.*unknown key 'train.lrr'"):
         load_job(p, ["train.lrr=1"])
     with pytest.raises(ConfigError, match="expected key=value"):

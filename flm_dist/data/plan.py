@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from flm_dist.data.schema import DataError, ReadSpec, check_schema
 from flm_dist.storage import StorageError, Store, is_remote, split_uri
 
-__all__ = ["DataPlan", "FileInfo", "Unit", "list_files", "plan_read"]
+__all__ = ["DataPlan", "FileInfo", "Unit", "list_files", "plan_read", "read_unit"]
 
 
 @dataclass(frozen=True)
@@ -235,5 +234,11 @@ def plan_read(
     )
 
 
-def local_path(uri: str) -> str:
-    return os.path.abspath(split_uri(uri)[1])
+def read_unit(store: Store, plan: DataPlan, unit: Unit, columns: list[str] | None = None) -> pa.Table:
+    """One read unit (row group) as an Arrow table, with the columns of `columns` its file has."""
+    uri = plan.files[unit.file].uri
+    fs, _ = store.arrow_fs(uri)
+    with fs.open_input_file(split_uri(uri)[1]) as fh:
+        pf = pq.ParquetFile(fh)
+        cols = columns if columns is not None else plan.columns
+        return pf.read_row_group(unit.row_group, columns=[c for c in cols if c in pf.schema_arrow.names])

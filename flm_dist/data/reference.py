@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from flm_dist.data.pipeline import EncodeSpec, encode_table
-from flm_dist.data.plan import DataPlan
-from flm_dist.storage import Store, split_uri
+from flm_dist.data.plan import DataPlan, read_unit
+from flm_dist.storage import Store
 
 __all__ = ["Reference", "scan_reference"]
 
@@ -39,21 +38,12 @@ class Reference:
         return self.pair_items[lo:hi]
 
 
-def _unit_table(store: Store, plan: DataPlan, unit, columns: list[str]):
-    uri = plan.files[unit.file].uri
-    fs, _ = store.arrow_fs(uri)
-    with fs.open_input_file(split_uri(uri)[1]) as fh:
-        pf = pq.ParquetFile(fh)
-        present = [c for c in columns if c in pf.schema_arrow.names]
-        return pf.read_row_group(unit.row_group, columns=present)
-
-
 def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: bool = False, pairs: bool = False, threads: int = 4) -> Reference:
     """One streaming pass over the training data (row group by row group, in threads)."""
     item_features = [f for f in spec.read.features if f.side == "item"]
 
     def scan(unit):
-        cols = encode_table(_unit_table(store, plan, unit, plan.columns), spec, unit.index)
+        cols = encode_table(read_unit(store, plan, unit), spec, unit.index)
         good = cols["_bad"] == 0
         u, i = cols["user_key"][good], cols["item_key"][good]
         ik, first, cnt = np.unique(i, return_index=True, return_counts=True)

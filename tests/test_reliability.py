@@ -1,0 +1,311 @@
+"""Faults injected for real, each named by its case number in ../shared/RELIABILITY.md
+(cases covered elsewhere are mapped in docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flm_dist import checkpoint as ckpt
+from flm_dist import launch
+from flm_dist.data.plan import plan_read
+from flm_dist.data.schema import DataError, ReadSpec
+from flm_dist.export import load_model
+from flm_dist.storage import StorageError, Store, join
+from flm_dist.train_loop import NonFiniteLossError
+from tests.conftest import tiny_job
+from tests.faulty_s3 import FaultyS3
+from tests.test_resume import read_trace
+
+pytestmark = pytest.mark.slow
+
+
+def _write_log(d: str, files: int, rows: int, seed: int = 0, start: int = 0) -> None:
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(start, start + files):
+        n = rows + 13 * i
+        pq.write_table(
+            pa.table(
+                {
+                    "user_id": pa.array(rng.integers(0, 400, n), pa.int64()),
+                    "item_id": pa.array(rng.integers(0, 150, n), pa.int64()),
+                    "label": pa.array(rng.integers(0, 2, n).astype(np.float32)),
+                    "u_segment": pa.array([f"s{x}" for x in rng.integers(0, 5, n)]),
+                    "i_category": pa.array([f"c{x}" for x in rng.integers(0, 7, n)]),
+                }
+            ),
+            os.path.join(d, f"part-{i:02d}.parquet"),
+            row_group_size=400,
+        )
+
+
+def _job(storage: str, name: str, data: str, **sets):
+    return tiny_job(storage, name, "pretrain", **{"data.pretrain": data, "data.batch_size": 64, "checkpoint.every_steps": 6, **sets})
+
+
+def _run_in_thread(job, store, monkeypatch=None, trace=None, **kw):
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = launch.train(job, store, progress=False, **kw)
+        except BaseException as e:  # noqa: BLE001 - inspected by the test
+            box["error"] = e
+
+    if trace:
+        os.makedirs(trace, exist_ok=True)
+        monkeypatch.setenv("FLM_TRACE_ROWS", trace)
+    t = threading.Thread(target=target)
+    t.start()
+    return t, box
+
+
+def _wait(cond, timeout=240, every=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    return None
+
+
+def _worker_pid(trace: str, rank: int) -> int | None:
+    files = glob.glob(os.path.join(trace, f"epoch*-rank{rank}-pid*.bin"))
+    return int(re.search(r"pid(\d+)", files[0]).group(1)) if files else None
+
+
+# ---------------------------------------------------------------- cases 2, 3
+
+
+def test_case02_more_failures_than_max_failures_fail_with_the_error(ray_local, tmp_path, monkeypatch):
+    data = str(tmp_path / "log")
+    _write_log(data, 6, 1500)
+    trace = str(tmp_path / "trace")
+    job = _job(str(tmp_path / "runs"), "fail", data, **{"scaling.max_failures": 0, "train.epochs": 3})
+    t, box = _run_in_thread(job, Store(), monkeypatch, trace, fresh=True)
+    pid = _wait(lambda: _worker_pid(trace, 1))
+    assert pid, "training did not start"
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=180)
+    assert not t.is_alive(), "the job hung after a worker died with max_failures=0"
+    assert "error" in box and time.monotonic() - t0 < 180
+    assert re.search(r"died|exited|unexpectedly|SIGKILL|Worker", str(box["error"]), re.I), box["error"]
+
+
+def test_case03_failure_before_first_checkpoint_restarts_from_step_0(ray_local, tmp_path, monkeypatch):
+    data = str(tmp_path / "log")
+    _write_log(data, 6, 1500)
+    clean = launch.train(_job(str(tmp_path / "runs"), "clean", data, **{"checkpoint.every_steps": 0}), Store(), fresh=True, progress=False)
+    trace = str(tmp_path / "trace")
+    job = _job(str(tmp_path / "runs"), "early", data, **{"scaling.max_failures": 1, "checkpoint.every_steps": 0})
+    t, box = _run_in_thread(job, Store(), monkeypatch, trace, fresh=True)
+    pid = _wait(lambda: _worker_pid(trace, 1), every=0.05)
+    assert pid
+    assert ckpt.find_latest(Store(), str(tmp_path / "runs" / "early")) is None  # nothing committed yet
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=300)
+    assert "result" in box, box.get("error")
+    assert box["result"]["metrics"]["steps"] == clean["metrics"]["steps"]
+    # the second attempt started over: its steps start at 1
+    starts = sorted(min(s for s, _ in recs) for recs in read_trace(trace, 0).values())
+    assert starts.count(1) >= 3
+
+
+# ---------------------------------------------------------------- case 4
+
+
+def test_case04_kill_during_checkpoint_write_never_loads_the_partial(ray_local, s3, s3_store, tmp_path, monkeypatch):
+    s3_store.ensure_bucket("s3://rel4")
+    data = "s3://rel4/log"
+    local = str(tmp_path / "log")
+    _write_log(local, 4, 1200)
+    s3_store.upload_dir(local, data)
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url))
+        job = replace(_job("s3://rel4/runs", "k4", data, **{"scaling.max_failures": 1, "train.epochs": 2}), storage=replace(s3.storage_config(), endpoint_url=px.url))
+        trace = str(tmp_path / "trace")
+        t, box = _run_in_thread(job, store, monkeypatch, trace, fresh=True)
+        run_dir = "s3://rel4/runs/k4"
+        assert _wait(lambda: ckpt.find_latest(s3_store, run_dir)), "no first checkpoint"
+        px.slow_puts_s = 1.5  # uploads crawl: the next save stays in flight for seconds
+
+        def partial():
+            for sd in s3_store.ls(run_dir):
+                name = sd.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("step-") and not s3_store.exists(f"s3://{sd}/COMMITTED"):
+                    if any(e.rstrip("/").rsplit("/", 1)[-1] != "COMMITTED" for e in s3_store.ls(f"s3://{sd}")):
+                        return f"s3://{sd}"
+            return None
+
+        in_flight = _wait(partial, every=0.1)
+        assert in_flight, "never caught a save in flight"
+        os.kill(_worker_pid(trace, 1), signal.SIGKILL)
+        px.slow_puts_s = 0.0
+        t.join(timeout=400)
+    assert "result" in box, box.get("error")
+    # the partial step was never committed under the dead attempt's files, and the run's
+    # committed checkpoints all verify and load
+    latest = ckpt.find_latest(s3_store, run_dir)
+    ckpt.verify_contents(s3_store, latest)
+    model, manifest, _ = load_model(s3_store, latest.uri)
+    assert manifest["epoch_done"] and manifest["epoch"] == 1
+    for sd in s3_store.ls(run_dir):
+        name = sd.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step-") and int(name[5:]) < latest.step:
+            assert s3_store.exists(f"s3://{sd}/COMMITTED"), f"orphan {sd} left behind"
+
+
+# ---------------------------------------------------------------- case 11
+
+
+def test_case11_new_files_join_changed_files_refused_and_other_world_size(ray_local, tmp_path, monkeypatch):
+    data = str(tmp_path / "log")
+    _write_log(data, 4, 1200)
+    runs = str(tmp_path / "runs")
+    trace = str(tmp_path / "trace")
+    os.makedirs(trace)
+    monkeypatch.setenv("FLM_TRACE_ROWS", trace)
+    first = launch.train(_job(runs, "r11", data, **{"train.max_steps": 10}), Store(), fresh=True, progress=False)
+    assert not ckpt.load_manifest(Store(), ckpt.resolve(Store(), first["checkpoint"]))["epoch_done"]
+    _write_log(data, 1, 700, seed=9, start=4)  # a new file lands under the prefix
+    # resume with one worker instead of two: a deterministic re-plan of the rest
+    res = launch.train(_job(runs, "r11", data, **{"scaling.num_workers": 1}), Store(), progress=False)
+    m = ckpt.load_manifest(Store(), ckpt.resolve(Store(), res["checkpoint"]))
+    assert m["epoch_done"] and m["world_size"] == 1
+    by_pid = read_trace(trace, 0)
+    got = np.sort(np.concatenate([p for recs in by_pid.values() for s, p in recs if s <= 10 or min(x for x, _ in recs) > 10]))
+    plan = plan_read(Store(), data, ReadSpec.for_task("pretrain", [], [1, 5]))
+    assert len(got) == plan.total_rows and len(np.unique(got)) == len(got)
+    # a file the checkpoint read changes: resuming is refused, naming the file
+    pq.write_table(pa.table({"user_id": pa.array([1], pa.int64()), "item_id": pa.array([2], pa.int64()), "u_segment": ["s"], "i_category": ["c"]}), os.path.join(data, "part-00.parquet"))
+    with pytest.raises(DataError, match=r"cannot resume .* changed or vanished .*part-00.parquet"):
+        launch.train(_job(runs, "r11", data, **{"train.epochs": 2}), Store(), progress=False)
+
+
+# ---------------------------------------------------------------- case 13
+
+
+def test_case13_nan_loss_stops_before_a_checkpoint(ray_local, tmp_path):
+    data = str(tmp_path / "log")
+    _write_log(data, 4, 1200)
+    runs = str(tmp_path / "runs")
+    good = launch.train(_job(runs, "nan", data, **{"train.max_steps": 12}), Store(), fresh=True, progress=False)
+    good_ref = ckpt.resolve(Store(), good["checkpoint"])
+    # the same run, resumed with a learning rate that blows the weights up
+    with pytest.raises(NonFiniteLossError, match=r"NaN/Inf at step \d+") as e:
+        launch.train(_job(runs, "nan", data, **{"train.lr": 1e30, "train.sparse_lr": 1e30, "train.epochs": 3}), Store(), progress=False)
+    assert good_ref.uri in str(e.value)
+    latest = ckpt.find_latest(Store(), os.path.join(runs, "nan"))
+    model, _, _ = load_model(Store(), latest.uri)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert latest.step >= good_ref.step
+
+
+# ---------------------------------------------------------------- cases 14, 19
+
+
+def test_case14_network_and_permission_errors_are_never_skipped(s3, s3_store, bucket, tmp_path):
+    local = str(tmp_path / "log")
+    _write_log(local, 2, 100)
+    s3_store.upload_dir(local, join(bucket, "log"))
+    spec = ReadSpec.for_task("pretrain", [], [1, 5])
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        px.deny = {"part-01.parquet"}  # a real 403 AccessDenied over HTTP for one object
+        with pytest.raises(StorageError, match="part-01.parquet"):
+            plan_read(store, join(bucket, "log"), spec, on_bad_file="skip", max_bad_files=100)
+        px.deny = set()
+        px.down = True  # the store answers 503 to everything
+        with pytest.raises(StorageError):
+            plan_read(store, join(bucket, "log"), spec, on_bad_file="skip", max_bad_files=100)
+
+
+def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, s3, s3_store, tmp_path):
+    s3_store.ensure_bucket("s3://rel19")
+    local = str(tmp_path / "log")
+    _write_log(local, 4, 1000)
+    s3_store.upload_dir(local, "s3://rel19/log")
+
+    def job(name, endpoint, **sets):
+        j = _job("s3://rel19/runs", name, "s3://rel19/log", **{"data.deterministic": True, "train.epochs": 2, **sets})
+        return replace(j, storage=replace(s3.storage_config(), endpoint_url=endpoint))
+
+    clean = launch.train(job("clean", s3.url), s3_store, fresh=True, progress=False)
+    with FaultyS3(s3.url, error_rate=0.10, delay_rate=0.10, reset_rate=0.02, delay_s=0.2, seed=1) as px:
+        flaky_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url))
+        flaky = launch.train(job("flaky", px.url), flaky_store, fresh=True, progress=False)
+        assert px.counts["errors"] > 10 and px.counts["resets"] > 0, px.counts
+    assert flaky["metrics"]["steps"] == clean["metrics"]["steps"] and flaky["metrics"]["rows"] == clean["metrics"]["rows"]
+    a, _, _ = load_model(s3_store, clean["checkpoint"])
+    b, _, _ = load_model(s3_store, flaky["checkpoint"])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)), "a flaky store changed the result"
+
+    # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
+    with FaultyS3(s3.url) as px:
+        down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=3))
+        j = job("down", px.url, **{"storage.max_attempts": 3, "train.epochs": 4})
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
+        t.start()
+        assert _wait(lambda: ckpt.find_latest(s3_store, "s3://rel19/runs/down")), "no checkpoint before the outage"
+        t0 = time.monotonic()
+        px.down = True
+        t.join(timeout=400)
+        assert not t.is_alive(), "the job hung while the store was down"
+        err = box["r"]
+        assert isinstance(err, BaseException), "the job cannot succeed without its store"
+        assert re.search(r"SlowDown|503|reduce your request rate|failed", str(err)), err
+        assert time.monotonic() - t0 < 400
+    latest = ckpt.find_latest(s3_store, "s3://rel19/runs/down")
+    ckpt.verify_contents(s3_store, latest)
+    load_model(s3_store, latest.uri)
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except BaseException as e:  # noqa: BLE001
+        return e
+
+
+# ---------------------------------------------------------------- case 18
+
+
+def test_case18_never_seen_ids_at_evaluation_are_hashed(ray_local, tmp_path):
+    data = str(tmp_path / "log")
+    _write_log(data, 3, 800)
+    runs = str(tmp_path / "runs")
+    job = tiny_job(runs, "cold", "ctr", **{"data.train": data, "train.epochs": 1})
+    res = launch.train(job, Store(), fresh=True, progress=False)
+    cold = str(tmp_path / "cold")
+    os.makedirs(cold)
+    n = 300
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(np.arange(10**12, 10**12 + n), pa.int64()),  # never seen
+                "item_id": pa.array(np.arange(n) % 150, pa.int64()),
+                "label": pa.array((np.arange(n) % 2).astype(np.float32)),
+                "u_segment": pa.array(["never-seen-segment"] * n),
+                "i_category": pa.array([f"c{x % 7}" for x in range(n)]),
+            }
+        ),
+        os.path.join(cold, "part-0.parquet"),
+    )
+    ev = launch.evaluate(res["checkpoint"], Store(), cold)
+    assert ev["overall"]["rows"] == n and ev["slices"]["cold_user"]["rows"] == n
+    assert 0.0 <= ev["overall"]["auc"] <= 1.0
