@@ -156,6 +156,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from flm_dist.payoff import compare, summary_markdown
+
+    job = _load(args)
+    with _storage(job) as (job, store):
+        res = compare(job, store, out=args.out, progress=not args.no_progress, address=args.address)
+        print(summary_markdown(res))
+        print(f"report: {res['out']}/summary.md")
+    return 0
+
+
 def cmd_lineage(args) -> int:
     from flm_dist.checkpoint import lineage
 
@@ -401,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write item popularity and user activity plots here (PNG, any URI)")
     p.add_argument("--json", help="write the full report as JSON here (any URI)")
 
+    p = sub.add_parser("compare", help="fine-tune from scratch and from init_from on the same budget; report the payoff")
+    _common(p)
+    p.add_argument("--out", help="report folder URI (default: run.storage/run.name-compare)")
+    p.add_argument("--address")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("lineage", help="the chain from an export or checkpoint back to the pretraining data")
     _common(p, config_required=False)
     p.add_argument("uri", help="export folder, checkpoint, step folder or run folder")
@@ -446,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_store(args)
         if args.cmd == "lineage":
             return cmd_lineage(args)
+        if args.cmd == "compare":
+            return cmd_compare(args)
         if args.cmd == "data" and args.data_cmd == "synth":
             return cmd_synth(args)
         if args.cmd == "data" and args.data_cmd == "convert":
