@@ -179,6 +179,7 @@ class TrainConfig:
     freeze: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
     log_every: int = 20
     grad_clip: float = 0.0  # 0: off
+    amp: bool = True  # bf16 autocast of the dense layers on GPU (ignored on CPU)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

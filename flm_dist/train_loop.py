@@ -114,20 +114,43 @@ def _prime_optimizers(model, dense_opt, sparse_opt) -> None:
 
 
 class _Fetcher:
-    """Pulls the next batch and the bad-row counts that came before it."""
+    """Pulls the next batch and the bad-row counts that came before it.
 
-    def __init__(self, stream: BatchStream, epoch: int):
+    A background thread stays `ahead` batches in front of the train loop: batch
+    assembly (numpy concatenation, the shuffle window) overlaps the model step, and on
+    GPU runs the batch is pinned there so the host-to-device copy is asynchronous."""
+
+    def __init__(self, stream: BatchStream, epoch: int, pin: bool = False, ahead: int = 2):
+        import queue
+        import threading
+
         self._it = stream.epoch(epoch)
+        self._pin = pin
+        self._q: queue.Queue = queue.Queue(maxsize=ahead)
+        self._thread = threading.Thread(target=self._run, name="flm-fetch", daemon=True)
+        self._thread.start()
         self.done = False
+
+    def _run(self) -> None:
+        try:
+            for batch, counts in self._it:
+                if batch is not None and self._pin:
+                    batch = batch.pin_memory()
+                self._q.put((batch, counts, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the train loop's thread
+            self._q.put((None, None, e))
+            return
+        self._q.put((None, None, StopIteration()))
 
     def next(self) -> tuple[Batch | None, np.ndarray]:
         counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
         while not self.done:
-            try:
-                batch, c = next(self._it)
-            except StopIteration:
+            batch, c, err = self._q.get()
+            if isinstance(err, StopIteration):
                 self.done = True
                 break
+            if err is not None:
+                raise err
             counts += c
             if batch is not None:
                 return batch, counts
@@ -181,6 +204,7 @@ class Worker:
             self.device = ray.train.torch.get_device()
         else:
             self.device = torch.device("cpu")
+        self.amp = self.device.type == "cuda" and spec.train.amp
         # Control collectives are tiny CPU tensors: on NCCL runs they get a gloo group.
         backend = dist.get_backend() if dist.is_initialized() else "gloo"
         self.ctrl = dist.new_group(backend="gloo") if dist.is_initialized() and backend != "gloo" else None
@@ -387,7 +411,7 @@ class Worker:
         empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
         done = False
         while epoch < s.train.epochs and not done:
-            fetch = _Fetcher(stream, epoch)
+            fetch = _Fetcher(stream, epoch, pin=self.device.type == "cuda")
             prev_loss, prev_nonfinite, prev_rows = 0.0, False, 0
             while True:
                 t0 = time.perf_counter()
@@ -416,8 +440,11 @@ class Worker:
                 batch_dev = batch.to(self.device, non_blocking=True)
                 if popularity is not None:
                     popularity.update(batch_dev.item)
-                out = self.model(batch_dev, **flags)
-                lp = compute_loss(s.task, out, batch_dev, s.train.recon_weight, s.train.contrastive_weight, s.train.temperature, popularity, s.train.num_negatives)
+                # bf16 autocast on GPU for the dense layers; embedding rows and their
+                # exchange stay fp32 (the tables are the model's memory, not its FLOPs).
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = self.model(batch_dev, **flags)
+                    lp = compute_loss(s.task, out, batch_dev, s.train.recon_weight, s.train.contrastive_weight, s.train.temperature, popularity, s.train.num_negatives)
                 # Local sum / global rows, times world because DDP averages gradients:
                 # the sum over ranks is the gradient of the global mean loss.
                 loss = lp.total * (self.world / rows)
