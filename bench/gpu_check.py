@@ -1,0 +1,179 @@
+"""The prepared GPU check (run it whenever a GPU is lent; `--dry` runs it on CPU).
+
+1. oracle: FLM train steps on the device equal the same steps on CPU (fp32, TF32 off);
+   with >= 2 GPUs, a 2-rank NCCL run with row-wise sharded tables equals the
+   single-process reference; with one GPU that part is reported as skipped (NCCL
+   needs one GPU per rank).
+2. throughput: the bare PyTorch loop over batches already in device memory (the
+   limit, L) vs flm_dist end to end from Parquet on local disk with 1 worker (C),
+   same model and batch size: samples/s and C/L.
+3. memory: peak device memory of the L arm.
+
+    bash bench/gpu_check.sh [--dry] [--out bench/results/gpu_check.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from flm_dist.batch import Batch  # noqa: E402
+from flm_dist.config import FeatureConfig, ModelConfig  # noqa: E402
+from flm_dist.model import FLM  # noqa: E402
+from flm_dist.objectives import compute_loss, forward_flags  # noqa: E402
+from flm_dist.optim import build_optimizers  # noqa: E402
+
+FEATURES = [FeatureConfig(name="u_segment", side="user"), FeatureConfig(name="i_category", side="item")]
+
+
+def make_batches(cfg: ModelConfig, n: int, bs: int, device, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        b = Batch(
+            user=torch.randint(0, cfg.user_rows, (bs,), generator=g),
+            item=torch.randint(0, cfg.item_rows, (bs,), generator=g),
+            features={f.name: torch.randint(0, cfg.feature_rows, (bs,), generator=g) for f in FEATURES},
+            label=torch.randint(0, 2, (bs,), generator=g).float(),
+        )
+        out.append(b.to(device))
+    return out
+
+
+def steps(model, batches, amp: bool, device) -> list[float]:
+    dense, sparse = build_optimizers(model, 1e-3, 0.0, 0.05, "adagrad")
+    model.user_decoder.requires_grad_(False)
+    model.item_decoder.requires_grad_(False)
+    losses = []
+    for b in batches:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(b, **forward_flags("ctr", 0.0))
+            lp = compute_loss("ctr", out, b, 0.0, 1.0, 0.1, None)
+        loss = lp.total / len(b)
+        for o in (dense, sparse):
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        dense.step()
+        sparse.step()
+        losses.append(float(loss))
+    return losses
+
+
+def oracle(device, cfg: ModelConfig, bs: int) -> dict:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    ref = FLM(cfg, FEATURES, init_seed=0)
+    torch.manual_seed(0)
+    dev = FLM(cfg, FEATURES, init_seed=0).to(device)
+    la = steps(ref, make_batches(cfg, 4, bs, "cpu"), False, torch.device("cpu"))
+    lb = steps(dev, make_batches(cfg, 4, bs, device), False, device)
+    diff = max(float((a - b.detach().cpu()).abs().max()) for a, b in zip(ref.state_dict().values(), dev.state_dict().values(), strict=True))
+    res = {"world1_max_abs_diff": diff, "world1_losses_close": all(abs(a - b) < 1e-4 for a, b in zip(la, lb, strict=True))}
+    res["world1_ok"] = res["world1_losses_close"] and diff < 1e-4
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    res["world2"] = "skipped: needs 2 GPUs (NCCL: one GPU per rank)" if n_gpu < 2 else "run tests/test_sharding.py with FLM_TEST_DEVICE=cuda"
+    return res
+
+
+def limit_arm(device, cfg: ModelConfig, bs: int, n: int) -> dict:
+    torch.manual_seed(0)
+    model = FLM(cfg, FEATURES, init_seed=0).to(device)
+    batches = make_batches(cfg, min(n, 64), bs, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps(model, batches[:4], device.type == "cuda", device)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        chunk = batches[: min(len(batches), n - done)]
+        steps(model, chunk, device.type == "cuda", device)
+        done += len(chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"samples_per_s": n * bs / dt, "steps": n, "peak_device_bytes": mem}
+
+
+def system_arm(use_gpu: bool, cfg: ModelConfig, bs: int, rows: int) -> dict:
+    from flm_dist import launch
+    from flm_dist.config import load_job
+    from flm_dist.data.synth import synth
+    from flm_dist.storage import Store
+
+    work = tempfile.mkdtemp(prefix="flm-gpu-check-")
+    synth(Store(), f"{work}/data", rows, max(1000, rows // 50), max(500, rows // 200), seed=1)
+    job = load_job(
+        None,
+        [
+            "task=ctr",
+            "run.name=gpu-check",
+            f"run.storage={work}/runs",
+            f"data.train={work}/data/train",
+            "data.features=[{name: u_segment, side: user}, {name: i_category, side: item}]",
+            f"data.batch_size={bs}",
+            f"model.user_rows={cfg.user_rows}",
+            f"model.item_rows={cfg.item_rows}",
+            f"model.feature_rows={cfg.feature_rows}",
+            f"model.embedding_dim={cfg.embedding_dim}",
+            f"model.hidden={cfg.hidden}",
+            f"model.latent_dim={cfg.latent_dim}",
+            "scaling.num_workers=1",
+            f"scaling.use_gpu={str(use_gpu).lower()}",
+            "train.recon_weight=0",
+        ],
+    )
+    res = launch.train(job, Store(), fresh=True, progress=False)
+    return {"samples_per_s": res["metrics"]["rows_per_s"], "rows": res["metrics"]["rows"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry", action="store_true", help="CPU, tiny sizes: checks the script itself")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_check.json"))
+    ap.add_argument("--skip-system", action="store_true")
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available() and not args.dry
+    if not gpu and not args.dry:
+        raise SystemExit("no CUDA device: run with --dry for the CPU check of this script")
+    device = torch.device("cuda" if gpu else "cpu")
+    if args.dry:
+        cfg = ModelConfig(user_rows=4096, item_rows=1024, feature_rows=64, embedding_dim=16, hidden=[32], latent_dim=16, head_hidden=[16])
+        bs, n, rows = 256, 8, 20_000
+    else:
+        cfg = ModelConfig(user_rows=1 << 20, item_rows=1 << 18, feature_rows=1 << 12, embedding_dim=64, hidden=[512, 256], latent_dim=128, head_hidden=[128])
+        bs, n, rows = 8192, 200, 2_000_000
+    result = {
+        "device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
+        "dry": args.dry,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        "batch_size": bs,
+        "oracle": oracle(device, cfg, min(bs, 512)),
+        "limit": limit_arm(device, cfg, bs, n),
+    }
+    if not args.skip_system:
+        result["system"] = system_arm(gpu, cfg, bs, rows)
+        result["C_over_L"] = result["system"]["samples_per_s"] / result["limit"]["samples_per_s"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    if not result["oracle"]["world1_ok"]:
+        raise SystemExit("oracle check FAILED: device steps differ from the CPU reference")
+
+
+if __name__ == "__main__":
+    main()
