@@ -45,11 +45,28 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=addr, **kwargs)
     else:
         # The dashboard serves the State API that Ray Train's controller monitoring uses.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, **kwargs)
+        # Its address is fixed up front and given to every worker, so that monitoring
+        # reaches this cluster even when other local Ray instances run beside it.
+        port = _free_port()
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=True,
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            **kwargs,
+        )
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own bar shows training progress
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def resources(scaling: ScalingConfig, node_cpus: list[float]) -> tuple[float, int]:
