@@ -1,35 +1,86 @@
 """Export a committed checkpoint (any world size) to a portable serving artifact:
 
-    scorer.pt        TorchScript: forward(user_id, item_id, features=None) -> scores,
-                     taking RAW int64 IDs and hashing them inside the graph
-    tables/<t>.safetensors   one unsharded embedding table per file
-    manifest.json    task, inputs/outputs, hash spec, features, lineage, checksums
+    scorer.pt                 TorchScript: forward(user_id, item_id, features=None) -> scores,
+                              plus user_vectors(...) / item_vectors(...); raw int64 IDs in,
+                              the ID hash inside the graph
+    scorer.onnx               the same forward for onnxruntime; features are named graph inputs
+    tables/<t>.safetensors    one unsharded embedding table per file
+    user_vectors.parquet      retrieval / pretrain: raw ID -> unit vector, for an ANN index
+    item_vectors.parquet      (inner product of a user and an item vector = the score)
+    features/users.parquet    models with feature fields: raw ID -> last-seen feature values
+    features/items.parquet    in the training data, so a server can score known IDs alone
+    manifest.json             task, inputs/outputs, hash spec, features, lineage, sha256s
 
-Loading it needs torch only (`torch.jit.load`). String IDs are passed as
-`prehash(s)` (see manifest "inputs"), an int64 the graph maps to the same row as
-training mapped the string.
+Loading needs torch only (`torch.jit.load`) or onnxruntime only. String IDs enter
+both graphs as `prehash(s)`, an int64 that the in-graph hash maps to the same row
+training mapped the string to (recipe in the manifest). The vectors and the feature
+snapshot are computed by streaming the checkpoint's training data files once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import JobConfig, from_dict
-from flm_dist.data.hashing import HashSpec, prehash_str, to_signed, torch_hash_int64
+from flm_dist.config import FeatureConfig, JobConfig, from_dict
+from flm_dist.data.hashing import (
+    _STRING_DOMAIN,
+    HashSpec,
+    _fnv1a64_strings,
+    prehash_str,
+    to_signed,
+    torch_hash_int64,
+)
 from flm_dist.model import FLM
-from flm_dist.storage import Store
+from flm_dist.storage import Store, join, split_uri
 
-__all__ = ["Scorer", "export", "load_model"]
+__all__ = [
+    "FORMATS",
+    "Scorer",
+    "export",
+    "feature_inputs",
+    "id_keys",
+    "load_model",
+    "write_export",
+]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx")
+EXPORT_FORMAT = "flm-export-v1"
+ONNX_OPSET = 18
+LEN_SUFFIX = "__len"  # multi-valued feature `f`: values in `f` [N, L], valid counts in `f__len` [N]
+_VECTOR_TASKS = ("retrieval", "pretrain")
+_BATCH = 8192  # rows per tower call when computing vectors
+
+PREHASH_DEFINITION = "prehash(s) = int64 with the bits of fnv1a64(utf8(s)) ^ 0x9e3779b97f4a7c15"
+PREHASH_NUMPY = '''\
+import numpy as np
+
+def prehash(values):
+    """String IDs -> the int64 inputs the exported graphs hash like training hashed the strings."""
+    out = np.empty(len(values), dtype=np.uint64)
+    for i, s in enumerate(values):
+        h = 0xCBF29CE484222325
+        for byte in s.encode("utf-8"):
+            h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        out[i] = h ^ 0x9E3779B97F4A7C15
+    return out.view(np.int64)
+'''
 
 
 def load_model(store: Store, checkpoint: str) -> tuple[FLM, dict, ckpt.CheckpointRef]:
@@ -47,18 +98,28 @@ def load_model(store: Store, checkpoint: str) -> tuple[FLM, dict, ckpt.Checkpoin
     return model, manifest, ref
 
 
-class _Field(nn.Module):
-    """One input field: raw int64 values -> hash -> embedding row (or a numeric value
-    times a learned direction). A missing input scores as the training-time null."""
+# ------------------------------------------------------------------ the scoring graph
 
-    def __init__(self, name: str, weight: torch.Tensor, numeric: bool, seed: int, rows: int, null_value: int, primary: bool = False):
+_CATEGORICAL, _NUMERIC, _MULTI = 0, 1, 2
+
+
+class _Field(nn.Module):
+    """One input field: raw int64 values -> hash -> embedding row (categorical), the mean
+    of the rows of the first `max_len` values (multi), or a numeric value times a
+    learned direction. A missing input scores as training scored a null value."""
+
+    def __init__(self, name: str, weight: torch.Tensor, kind: int, seed: int, rows: int, null_value: int, max_len: int = 1, primary: bool = False):
         super().__init__()
         self.name = name
+        self.len_name = name + LEN_SUFFIX
+        # Booleans, not module constants: TorchScript cannot close over globals.
+        self.numeric = kind == _NUMERIC
+        self.multi = kind == _MULTI
         self.primary = primary  # the user_id / item_id field of its side
-        self.numeric = numeric
         self.seed = to_signed(seed)
         self.rows = rows
         self.null_value = null_value
+        self.max_len = max_len
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
 
     def forward(self, ids: torch.Tensor, features: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -69,25 +130,47 @@ class _Field(nn.Module):
         elif features is not None and self.name in features:
             values = features[self.name]
         if self.numeric:
-            v = values if values is not None else torch.zeros([n])
-            return v.to(self.weight.dtype).unsqueeze(-1) * self.weight
-        ids = values if values is not None else torch.full([n], self.null_value, dtype=torch.long)
-        return F.embedding(torch_hash_int64(ids.long(), self.seed, self.rows), self.weight)
+            v = values.float() if values is not None else torch.zeros([n])
+            # training encodes NaN / inf as 0
+            v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+            return v.unsqueeze(-1) * self.weight.float()
+        if self.multi:
+            if values is None:  # a null list: no values, a zero vector
+                return torch.zeros([n, self.weight.shape[1]])
+            v = values.long()[:, : self.max_len]
+            width = v.shape[1]
+            lengths = torch.full([n], width, dtype=torch.long)
+            if features is not None and self.len_name in features:
+                lengths = features[self.len_name].long()
+            valid = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1).float()
+            e = F.embedding(torch_hash_int64(v, self.seed, self.rows), self.weight).float() * valid
+            return e.sum(1) / valid.sum(1).clamp_min(1.0)
+        v = values.long() if values is not None else torch.full([n], self.null_value, dtype=torch.long)
+        # Tables may be stored in fp16; everything after the row gather runs in fp32.
+        return F.embedding(torch_hash_int64(v, self.seed, self.rows), self.weight).float()
 
 
 class Scorer(nn.Module):
-    """The FLM scoring path with hashing inside; TorchScript-able."""
+    """The FLM scoring path with hashing inside; TorchScript-able and ONNX-exportable.
 
-    def __init__(self, model: FLM, spec: HashSpec, task: str, id_kinds: dict[str, str]):
+    `dtype=torch.float16` stores the tables (nearly all the bytes) in fp16; the dense
+    layers and all arithmetic stay fp32, so any backend runs it."""
+
+    def __init__(self, model: FLM, spec: HashSpec, task: str, id_kinds: dict[str, str], dtype: torch.dtype = torch.float32):
         super().__init__()
+        features = {f.name: f for f in model.features}
 
         def field(name: str) -> _Field:
             if name in model.numeric:
-                return _Field(name, model.numeric[name], True, 0, 1, 0)
+                return _Field(name, model.numeric[name].float(), _NUMERIC, 0, 1, 0)
             table = spec.tables[name]
+            weight = model.tables[name].weight.to(dtype)
+            f = features.get(name)
+            if f is not None and f.kind == "multi":
+                return _Field(name, weight, _MULTI, table["seed"], table["rows"], 0, max_len=f.max_len)
             col = {"user": "user_id", "item": "item_id"}.get(name, name)
             null = prehash_str("") if id_kinds.get(col) == "string" else 0
-            return _Field(name, model.tables[name].weight, False, table["seed"], table["rows"], null, primary=name in ("user", "item"))
+            return _Field(name, weight, _CATEGORICAL, table["seed"], table["rows"], null, primary=name in ("user", "item"))
 
         self.user_fields = nn.ModuleList([field(n) for n in model.user_fields])
         self.item_fields = nn.ModuleList([field(n) for n in model.item_fields])
@@ -97,22 +180,289 @@ class Scorer(nn.Module):
         self.rating_center = float(model.rating_center)
         self.task = {"ctr": 0, "rating": 1}.get(task, 2)
 
-    def forward(self, user_id: torch.Tensor, item_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _user(self, user_id: torch.Tensor, features: dict[str, torch.Tensor] | None) -> torch.Tensor:
         # TorchScript unrolls loops over a ModuleList attribute (not over an argument).
-        xu: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
         for f in self.user_fields:
-            xu.append(f(user_id, features))
-        xi: list[torch.Tensor] = []
+            xs.append(f(user_id, features))
+        return self.user_encoder(torch.cat(xs, dim=1))
+
+    def _item(self, item_id: torch.Tensor, features: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        xs: list[torch.Tensor] = []
         for f in self.item_fields:
-            xi.append(f(item_id, features))
-        zu = self.user_encoder(torch.cat(xu, dim=1))
-        zi = self.item_encoder(torch.cat(xi, dim=1))
+            xs.append(f(item_id, features))
+        return self.item_encoder(torch.cat(xs, dim=1))
+
+    def forward(self, user_id: torch.Tensor, item_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        zu = self._user(user_id, features)
+        zi = self._item(item_id, features)
         if self.task == 2:
             return (F.normalize(zu, dim=-1) * F.normalize(zi, dim=-1)).sum(-1)
         s = self.head(torch.cat([zu, zi, zu * zi], dim=1)).squeeze(-1) + self.rating_center
         if self.task == 0:
             return torch.sigmoid(s)
         return s
+
+    @torch.jit.export
+    def user_vectors(self, user_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Unit user vectors [N, latent]; for retrieval / pretrain, score = user . item."""
+        return F.normalize(self._user(user_id, features), dim=-1)
+
+    @torch.jit.export
+    def item_vectors(self, item_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return F.normalize(self._item(item_id, features), dim=-1)
+
+
+class _OnnxScorer(nn.Module):
+    """forward(user_id, item_id, *feature inputs): ONNX graphs take named positional
+    inputs, not a dict."""
+
+    def __init__(self, scorer: Scorer, names: list[str]):
+        super().__init__()
+        self.scorer = scorer
+        self.names = names
+
+    def forward(self, user_id: torch.Tensor, item_id: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+        return self.scorer(user_id, item_id, dict(zip(self.names, features, strict=True)))
+
+
+def graph_inputs(features: list[dict]) -> list[dict]:
+    """The scorer's inputs in ONNX order: user_id, item_id, then per feature (config
+    order) its values (and `<name>__len` for multi-valued ones)."""
+    out = [
+        {"name": "user_id", "dtype": "int64", "shape": ["N"], "meaning": "raw user IDs (string IDs: prehash(s))"},
+        {"name": "item_id", "dtype": "int64", "shape": ["N"], "meaning": "raw item IDs (string IDs: prehash(s))"},
+    ]
+    for f in features:
+        if f["kind"] == "numeric":
+            out.append({"name": f["name"], "dtype": "float32", "shape": ["N"], "meaning": f"{f['side']} feature value (null, NaN: 0)", "null": 0.0})
+        elif f["kind"] == "categorical":
+            out.append({"name": f["name"], "dtype": "int64", "shape": ["N"], "meaning": f"{f['side']} feature value (strings: prehash(s))", "null": f["null"]})
+        else:
+            out.append({"name": f["name"], "dtype": "int64", "shape": ["N", "L"], "meaning": f"{f['side']} feature values, first {f['max_len']} used (strings: prehash(s)); pad with anything"})
+            out.append({"name": f["name"] + LEN_SUFFIX, "dtype": "int64", "shape": ["N"], "meaning": f"number of valid values per row of {f['name']} (0: a null list)"})
+    return out
+
+
+def _export_onnx(scorer: Scorer, features: list[dict], path: str) -> None:
+    """torch.export + the ONNX exporter. The hash becomes int64 Mul (wrapping, as
+    onnxruntime's CPU kernel does) and BitwiseXor / BitwiseAnd, and the logical shifts
+    become BitShift on uint64: all onnxruntime CPU kernels (checked in the tests)."""
+    import warnings
+
+    inputs = graph_inputs(features)
+    names = [i["name"] for i in inputs]
+    n = torch.export.Dim("N")
+    args, shapes = [], []
+    for i in inputs:
+        if i["shape"] == ["N", "L"]:
+            args.append(torch.zeros(3, 2, dtype=torch.int64))
+            shapes.append({0: n, 1: torch.export.Dim(f"L_{len(args)}", min=1)})
+        else:
+            args.append(torch.zeros(3, dtype=torch.float32 if i["dtype"] == "float32" else torch.int64))
+            shapes.append({0: n})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _OnnxScorer(scorer, names[2:]).eval(),
+            tuple(args),
+            input_names=names,
+            output_names=["score"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            # torch.export groups *features into one tuple after user_id and item_id
+            dynamic_shapes=(shapes[0], shapes[1], tuple(shapes[2:])),
+            verbose=False,
+        )
+    # One self-contained file, unless the weights pass protobuf's 2 GiB limit (then the
+    # exporter writes them next to it as scorer.onnx.data).
+    program.save(path)
+
+
+# ------------------------------------------------------------------ raw values -> graph inputs
+
+
+def id_keys(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Raw IDs as the int64 the graphs take: integers as they are, strings as
+    prehash(s); nulls as 0 / prehash("") (how training hashed them)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_integer(arr.type):
+        return pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        # The vectorised FNV-1a of flm_dist.data.hashing, then the string-domain constant.
+        return (_fnv1a64_strings(arr) ^ np.uint64(_STRING_DOMAIN)).view(np.int64)
+    raise TypeError(f"IDs must be integers or strings, got {arr.type}")
+
+
+def feature_inputs(table: pa.Table, features: list[dict]) -> dict[str, torch.Tensor]:
+    """Scorer inputs for the feature columns of `table` that `features` (manifest
+    entries) declare, encoded as training encoded them."""
+    out: dict[str, torch.Tensor] = {}
+    n = table.num_rows
+    for f in features:
+        if f["name"] not in table.column_names:
+            continue
+        col = table.column(f["name"])
+        col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
+        if f["kind"] == "numeric":
+            v = pc.cast(col, pa.float64(), safe=False).fill_null(0.0).to_numpy(zero_copy_only=False)
+            out[f["name"]] = torch.from_numpy(np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32))
+        elif f["kind"] == "categorical":
+            out[f["name"]] = torch.from_numpy(id_keys(col).copy())
+        else:
+            col = col.fill_null(pa.scalar([], type=col.type)) if col.null_count else col
+            if col.offset:
+                col = pa.concat_arrays([col])  # rebase offsets at 0
+            offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            keys = id_keys(col.values)
+            lengths = np.minimum(offsets[1:] - offsets[:-1], f["max_len"])
+            width = max(1, int(lengths.max()) if n else 1)
+            vals = np.zeros((n, width), dtype=np.int64)
+            for j in range(width):
+                has = lengths > j
+                vals[has, j] = keys[offsets[:-1][has] + j]
+            out[f["name"]] = torch.from_numpy(vals)
+            out[f["name"] + LEN_SUFFIX] = torch.from_numpy(lengths.astype(np.int64))
+    return out
+
+
+# ------------------------------------------------------------------ the ID universe
+
+
+def _canonical(col: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
+    """One type per column across files: int64, string, float64 or list of those."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    t = col.type
+    if kind == "numeric":
+        return pc.cast(col, pa.float64(), safe=False)
+    if kind == "multi":
+        v = t.value_type
+        if pa.types.is_dictionary(v):
+            v = v.value_type
+        return col.cast(pa.list_(pa.int64() if pa.types.is_integer(v) else pa.string()))
+    return col.cast(pa.int64() if pa.types.is_integer(t) else pa.string())
+
+
+def _last_per_id(t: pa.Table, id_col: str) -> pa.Table:
+    """The last row of each ID (rows are in data order)."""
+    t = t.append_column("__row", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    last = t.group_by(id_col, use_threads=False).aggregate([("__row", "max")]).column("__row_max")
+    return t.take(np.sort(last.to_numpy())).drop_columns(["__row"])
+
+
+class _LastSeen:
+    """Distinct IDs of one side with their last-seen feature values, built from a stream
+    of row blocks. Memory is O(distinct IDs): each block is reduced to its last row per
+    ID, and the reduced blocks are merged whenever they outgrow the merged table."""
+
+    def __init__(self, id_col: str, merge_rows: int = 1 << 16):
+        self.id_col = id_col
+        self.merge_rows = merge_rows
+        self.merged: pa.Table | None = None
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def add(self, block: pa.Table) -> None:
+        block = block.filter(pc.is_valid(block.column(self.id_col)))  # training drops null IDs
+        if block.num_rows == 0:
+            return
+        block = _last_per_id(block, self.id_col)
+        self.pending.append(block)
+        self.pending_rows += block.num_rows
+        if self.pending_rows > max(self.merge_rows, self.merged.num_rows if self.merged is not None else 0):
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = ([self.merged] if self.merged is not None else []) + self.pending
+        if parts:
+            self.merged = _last_per_id(pa.concat_tables(parts), self.id_col)
+        self.pending, self.pending_rows = [], 0
+
+    def table(self) -> pa.Table | None:
+        self._merge()
+        if self.merged is None:
+            return None
+        return self.merged.take(pc.sort_indices(self.merged, [(self.id_col, "ascending")]))
+
+
+def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]) -> tuple[dict[str, pa.Table], list[str]]:
+    """Stream the training data files once (block by block, only the needed columns);
+    per side ("user" / "item") the table of distinct raw IDs with last-seen features.
+    Returns the tables and the files that changed since training (size differs)."""
+    changed = []
+    seen = {side: _LastSeen(f"{side}_id") for side in sides}
+    for info in data_files:
+        uri = info["uri"]
+        afs, _ = store.arrow_fs(uri)
+        _, path = split_uri(uri)
+        try:
+            size = afs.get_file_info(path).size
+            handle = afs.open_input_file(path)
+        except (FileNotFoundError, OSError) as e:
+            raise FileNotFoundError(
+                f"{uri}: a training data file of the checkpoint cannot be read ({e}); the item/user "
+                f"vectors and the feature snapshot are built from the training data: restore the file"
+            ) from None
+        if size != info.get("size", size):
+            changed.append(uri)
+        with handle:
+            pf = pq.ParquetFile(handle)
+            columns = sorted({f"{s}_id" for s in sides} | {f["name"] for fs in sides.values() for f in fs})
+            for batch in pf.iter_batches(batch_size=1 << 16, columns=columns, use_threads=False):
+                block = pa.Table.from_batches([batch])
+                for side, feats in sides.items():
+                    cols = [f"{side}_id"] + [f["name"] for f in feats]
+                    kinds = ["id"] + [f["kind"] for f in feats]
+                    seen[side].add(pa.table({c: _canonical(block.column(c), k) for c, k in zip(cols, kinds, strict=True)}))
+    return {side: s.table() for side, s in seen.items()}, changed
+
+
+def _write_vectors(scorer, table: pa.Table, side: str, features: list[dict], path: str) -> int:
+    """Unit vectors of every ID of `table`, computed by the exported graph in batches."""
+    fn = scorer.user_vectors if side == "user" else scorer.item_vectors
+    writer = None
+    try:
+        for start in range(0, table.num_rows, _BATCH):
+            part = table.slice(start, _BATCH)
+            ids = torch.from_numpy(id_keys(part.column(f"{side}_id")).copy())
+            with torch.no_grad():
+                vec = fn(ids, feature_inputs(part, features)).float().numpy()
+            dim = vec.shape[1]
+            out = pa.table({
+                f"{side}_id": part.column(f"{side}_id"),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim),
+            })
+            if writer is None:
+                writer = pq.ParquetWriter(path, out.schema)
+            writer.write_table(out)
+    finally:
+        if writer is not None:
+            writer.close()
+    return table.num_rows
+
+
+def _feature_meta(features: list[FeatureConfig], id_kinds: dict[str, str], first_schema: pa.Schema | None) -> list[dict]:
+    out = []
+    for f in features:
+        if f.kind == "numeric":
+            kind = "float"
+        elif f.kind == "categorical":
+            kind = id_kinds.get(f.name, "int")
+        else:
+            t = first_schema.field(f.name).type.value_type if first_schema is not None else pa.int64()
+            t = t.value_type if pa.types.is_dictionary(t) else t
+            kind = "int" if pa.types.is_integer(t) else "string"
+        entry = {"name": f.name, "side": f.side, "kind": f.kind, "id_kind": kind}
+        if f.kind == "categorical":
+            entry["null"] = prehash_str("") if kind == "string" else 0
+        if f.kind == "multi":
+            entry["max_len"] = f.max_len
+        out.append(entry)
+    return out
 
 
 def _sha256(path: str) -> str:
@@ -123,65 +473,165 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def export(store: Store, checkpoint: str, out: str, dtype: str = "fp32") -> dict:
+def _parse_formats(formats) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = [s.strip() for s in formats.split(",") if s.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"--format takes a comma-separated subset of {','.join(FORMATS)}, got {','.join(formats) or 'nothing'}")
+    return tuple(dict.fromkeys(formats))
+
+
+# ------------------------------------------------------------------ export
+
+
+def export(store: Store, checkpoint: str, out: str, dtype: str = "fp32", formats=FORMATS) -> dict:
     """Write the serving artifact for `checkpoint` to `out`; returns the manifest."""
+    model, manifest, ref = load_model(store, checkpoint)
+    return write_export(store, model, manifest, out, dtype=dtype, formats=formats, checkpoint=ref.uri)
+
+
+def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = "fp32", formats=FORMATS, checkpoint: str | None = None) -> dict:
+    """Write the artifact of an unsharded `model` whose checkpoint manifest is `source`
+    (task, config, hash_spec, data_files, data_columns, lineage fields) to `out`.
+    Files are uploaded first and manifest.json last: an export is complete once its
+    manifest exists, and the manifest lists (with sha256) exactly the files it owns."""
     from safetensors.torch import save_file
 
-    model, manifest, ref = load_model(store, checkpoint)
-    if dtype == "fp16":
-        model = model.half()
-    elif dtype != "fp32":
+    formats = _parse_formats(formats)
+    if dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}")
-    spec = HashSpec.from_dict(manifest["hash_spec"])
-    task = manifest["task"]
-    id_kinds = manifest.get("data_columns", {})
-    scorer = torch.jit.script(Scorer(model, spec, task, id_kinds))
-    job = from_dict(JobConfig, manifest["config"])
+    table_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    model = model.float().eval()
+    spec = HashSpec.from_dict(source["hash_spec"])
+    task = source["task"]
+    id_kinds = source.get("data_columns", {})
+    job = from_dict(JobConfig, source["config"])
+    data_files = source.get("data_files") or []
+    scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
+
+    first_schema = None
+    if data_files and any(f.kind == "multi" for f in job.data.features):
+        afs, path = store.arrow_fs(data_files[0]["uri"])
+        first_schema = pq.read_schema(path, filesystem=afs)
+    features = _feature_meta(job.data.features, id_kinds, first_schema)
+    sides = {s: [f for f in features if f["side"] == s] for s in ("user", "item")}
+    want_vectors = task in _VECTOR_TASKS
+    want_snapshot = bool(features)
+
     with tempfile.TemporaryDirectory(prefix="flm-export-") as tmp:
-        scorer.save(os.path.join(tmp, "scorer.pt"))
+        t0 = time.perf_counter()
+        if "torchscript" in formats:
+            scorer.save(os.path.join(tmp, "scorer.pt"))
+        onnx_info = None
+        if "onnx" in formats:
+            _export_onnx(Scorer(model, spec, task, id_kinds, table_dtype), features, os.path.join(tmp, "scorer.onnx"))
+            onnx_info = {
+                "file": "scorer.onnx",
+                "opset": ONNX_OPSET,
+                "inputs": [i["name"] for i in graph_inputs(features)],
+                "outputs": ["score"],
+                "hash": "inside the graph (int64 Mul / BitwiseXor / BitwiseAnd, BitShift on uint64); "
+                "string IDs and values enter as prehash(s)",
+                "optional_inputs": "none: pass every input; the null of each feature is in 'inputs'",
+            }
         os.makedirs(os.path.join(tmp, "tables"))
         for name, table in model.tables.items():
-            save_file({"weight": table.weight.detach().contiguous()}, os.path.join(tmp, "tables", f"{name}.safetensors"))
+            w = table.weight.detach().to(table_dtype).contiguous()
+            save_file({"weight": w}, os.path.join(tmp, "tables", f"{name}.safetensors"))
+
+        vectors, snapshot, changed = {}, {}, []
+        if want_vectors or want_snapshot:
+            if not data_files:
+                raise ValueError(
+                    f"{checkpoint or 'the checkpoint'} records no training data files (manifest 'data_files'); "
+                    f"its vectors / feature snapshot cannot be built"
+                )
+            need = {s: sides[s] for s in ("user", "item") if want_vectors or sides[s]}
+            universe, changed = _universe(store, data_files, need)
+            for side, table in universe.items():
+                if table is None:
+                    continue
+                if sides[side]:
+                    rel = f"features/{side}s.parquet"
+                    os.makedirs(os.path.join(tmp, "features"), exist_ok=True)
+                    pq.write_table(table, os.path.join(tmp, rel))
+                    snapshot[f"{side}s"] = {"file": rel, "rows": table.num_rows, "key": f"{side}_id", "columns": table.column_names[1:]}
+                if want_vectors:
+                    rel = f"{side}_vectors.parquet"
+                    rows = _write_vectors(scorer, table, side, sides[side], os.path.join(tmp, rel))
+                    vectors[f"{side}s"] = {"file": rel, "rows": rows, "dim": job.model.latent_dim, "id_column": f"{side}_id", "vector_column": "vector"}
+            if changed:
+                log.warning("%d training data file(s) changed since the checkpoint (first: %s); vectors reflect the files now", len(changed), changed[0])
+
         files = {}
         for root, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(root, n)
                 files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        features = [
-            {"name": f.name, "side": f.side, "kind": f.kind, "id_kind": id_kinds.get(f.name, "int")}
-            for f in job.data.features
-        ]
         out_manifest = {
-            "format": "flm-export-v1",
+            "format": EXPORT_FORMAT,
+            "formats": list(formats),
             "task": task,
             "dtype": dtype,
+            "dtype_note": "fp16: tables stored in fp16; dense layers and all arithmetic in fp32" if dtype == "fp16" else "fp32",
             "output": {"ctr": "click probability", "rating": "predicted rating"}.get(task, "cosine similarity of user and item vectors"),
-            "inputs": {
-                "user_id": "int64 tensor [N]: raw user IDs (string IDs: prehash(s))",
-                "item_id": "int64 tensor [N]: raw item IDs (string IDs: prehash(s))",
-                "features": "optional dict name -> tensor [N]: raw int64 values (strings: prehash(s)) "
-                "for categorical fields, float for numeric; a missing field scores as null",
-                "prehash(s)": "int64 bits of fnv1a64(utf8(s)) ^ 0x9e3779b97f4a7c15",
-            },
+            "torchscript": {
+                "file": "scorer.pt",
+                "forward": "forward(user_id int64[N], item_id int64[N], features: dict[str, Tensor] | None) -> float32[N]",
+                "methods": {
+                    "user_vectors": "user_vectors(user_id int64[N], features=None) -> float32[N, latent], unit norm",
+                    "item_vectors": "item_vectors(item_id int64[N], features=None) -> float32[N, latent], unit norm",
+                },
+                "features": "optional dict: keys as the ONNX inputs below; a missing key scores as null",
+            } if "torchscript" in formats else None,
+            "onnx": onnx_info,
+            "inputs": graph_inputs(features),
+            "outputs": [{"name": "score", "dtype": "float32", "shape": ["N"]}],
             "id_kinds": id_kinds,
             "features": features,
-            "hash_spec": spec.to_dict(),
+            "hash_spec": {
+                **spec.to_dict(),
+                "prehash": {"definition": PREHASH_DEFINITION, "numpy": PREHASH_NUMPY},
+                "where": "inside scorer.pt and scorer.onnx for int64 inputs; strings need prehash(s) first",
+            },
+            "feature_snapshot": {
+                **snapshot,
+                "policy": "distinct raw IDs of the training data files, each with the feature values of its "
+                "last row in file order (files sorted, rows in file order)",
+            } if snapshot else None,
+            "vectors": {
+                **vectors,
+                "normalized": True,
+                "score": "inner product of a user vector and an item vector = the scorer's output",
+            } if vectors else None,
+            "universe": {"files": len(data_files), "changed_since_training": changed} if (vectors or snapshot) else None,
             "embedding_dim": job.model.embedding_dim,
+            "latent_dim": job.model.latent_dim,
             "lineage": {
-                "checkpoint": ref.uri,
-                "step": manifest.get("step"),
-                "run": manifest.get("run"),
-                "data": manifest.get("data"),
-                "parent": manifest.get("parent"),
+                "checkpoint": checkpoint,
+                "step": source.get("step"),
+                "run": source.get("run"),
+                "data": source.get("data"),
+                "parent": source.get("parent"),
             },
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "export_seconds": round(time.perf_counter() - t0, 3),
             "flm_dist": __version__,
+            "versions": {"torch": torch.__version__, **_onnx_versions(formats)},
             "files": files,
         }
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(out_manifest, f, indent=2, sort_keys=True)
         store.ensure_bucket(out)
-        store.upload_dir(tmp, out)
+        for rel in sorted(files):
+            with open(os.path.join(tmp, rel), "rb") as f:
+                store.write_bytes(join(out, rel), f.read())
+        store.write_bytes(join(out, "manifest.json"), json.dumps(out_manifest, indent=2, sort_keys=True).encode())
     return out_manifest
 
 
+def _onnx_versions(formats) -> dict:
+    if "onnx" not in formats:
+        return {}
+    import onnx
+
+    return {"onnx": onnx.__version__}

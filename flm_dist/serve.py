@@ -1,0 +1,507 @@
+"""Reference scoring server: an export (flm_dist.export) behind Ray Serve, HTTP + JSON.
+
+    flm-dist serve EXPORT_URI [--port 8000] [--host 127.0.0.1] [--config JOB.yaml]
+
+The replica loads the artifact with torch only: `torch.jit.load("scorer.pt")`, the
+item vectors and the feature snapshot (Parquet). No model code is rebuilt.
+
+    POST /score      {"user_id": 7, "item_ids": [1, "b"], "user_features": {...}, "item_features": {...}}
+                  -> {"user_id": 7, "item_ids": [1, "b"], "scores": [0.61, 0.13]}
+    POST /recommend  {"user_id": 7, "k": 10, "exclude": [...]}            (retrieval / pretrain exports)
+                  -> {"user_id": 7, "k": 10, "items": [{"item_id": 3, "score": 0.93}, ...]}
+    GET  /healthz -> {"status": "ok", "task": ..., ...}
+
+IDs are JSON integers or strings, coerced to the kind the column had in training: a
+string ID column takes 123 as "123"; an integer column takes "123" as 123 (64-bit IDs
+outgrow JSON numbers in many clients) and hashes any other string as a string, i.e.
+an unseen ID. Feature values a request leaves out come from the snapshot for IDs seen
+in training, else score as nulls. Unknown IDs go through the hash like any other
+(cold start), never an index error. Bad requests get HTTP 4xx and
+{"error": ..., "field": ...}; the replica keeps serving.
+
+Requests are validated and encoded one by one, then batched (`@serve.batch`): one
+TorchScript call for all pairs of a batch of /score requests, one user-tower call and
+one matrix product for a batch of /recommend requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from ray import serve
+
+from flm_dist.config import ConfigError, ServeConfig
+from flm_dist.data.hashing import HASH_VERSION, prehash_str
+from flm_dist.export import LEN_SUFFIX, feature_inputs, id_keys
+from flm_dist.storage import Store, join
+
+__all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_serve_config", "run"]
+
+log = logging.getLogger(__name__)
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+class RequestError(ValueError):
+    """A request the server cannot answer; `field` names the part at fault."""
+
+    def __init__(self, message: str, field: str | None, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+    def body(self) -> dict:
+        return {"error": str(self), "field": self.field}
+
+
+def check_serve_config(cfg: ServeConfig, source: str = "serve") -> ServeConfig:
+    if cfg.max_items < 1:
+        raise ConfigError(f"{source}: serve.max_items must be >= 1, got {cfg.max_items}")
+    if cfg.max_batch_size < 1:
+        raise ConfigError(f"{source}: serve.max_batch_size must be >= 1, got {cfg.max_batch_size}")
+    if not cfg.batch_wait_timeout_s >= 0:
+        raise ConfigError(f"{source}: serve.batch_wait_timeout_s must be >= 0, got {cfg.batch_wait_timeout_s}")
+    return cfg
+
+
+# ------------------------------------------------------------------ request values -> int64 keys
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def id_key(value, kind: str, where: str) -> int:
+    """A JSON ID or categorical value as the int64 the graph hashes (see module doc)."""
+    if not _is_id(value):
+        raise RequestError(f"{where} must be an integer or a string, got {type(value).__name__}", where)
+    if kind == "string":
+        return prehash_str(value if isinstance(value, str) else str(value))
+    if isinstance(value, str):
+        if not _CANONICAL_INT.fullmatch(value) or not _INT64_MIN <= int(value) <= _INT64_MAX:
+            return prehash_str(value)  # not an integer this column could hold: an unseen ID
+        value = int(value)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise RequestError(f"{where} = {value} is outside the int64 range of this ID column", where)
+    return value
+
+
+@dataclass
+class _Side:
+    """The IDs of one side the export knows (snapshot or vectors), as sorted int64 keys,
+    with their encoded snapshot features in the same order."""
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in this side, found) per key."""
+        if len(self.keys) == 0:
+            return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+        pos = np.searchsorted(self.keys, keys)
+        pos = np.minimum(pos, len(self.keys) - 1)
+        return pos, self.keys[pos] == keys
+
+
+@dataclass
+class ScoreRequest:
+    user_id: object
+    item_ids: list
+    user: torch.Tensor  # [1] key
+    items: torch.Tensor  # [n] keys
+    features: dict[str, torch.Tensor]  # user-side [1, ...], item-side [n, ...]
+
+
+@dataclass
+class RecommendRequest:
+    user_id: object
+    k: int
+    user: torch.Tensor  # [1]
+    features: dict[str, torch.Tensor]  # user-side [1, ...]
+    exclude: np.ndarray  # rows of the item matrix
+
+
+class LoadedExport:
+    """An export folder on local disk, loaded with torch + pyarrow; no Ray, no model code.
+    Validates and encodes requests and answers batches of them."""
+
+    def __init__(self, local_dir: str, cfg: ServeConfig, uri: str | None = None):
+        self.uri = uri or local_dir
+        self.cfg = cfg
+        with open(os.path.join(local_dir, "manifest.json")) as f:
+            m = json.load(f)
+        self.manifest = m
+        if not str(m.get("format", "")).startswith("flm-export"):
+            raise ValueError(f"{self.uri}: manifest.json is not an flm export (format {m.get('format')!r})")
+        if m["hash_spec"].get("version") != HASH_VERSION:
+            raise ValueError(f"{self.uri}: hash spec {m['hash_spec'].get('version')!r}; this server hashes strings as {HASH_VERSION}")
+        if "scorer.pt" not in m["files"]:
+            raise ValueError(f"{self.uri} has no scorer.pt (exported with --format onnx only); re-export with --format torchscript")
+        self.task = m["task"]
+        self.stats = {"score": {"requests": 0, "batches": 0}, "recommend": {"requests": 0, "batches": 0}}
+        self.scorer = torch.jit.load(os.path.join(local_dir, "scorer.pt"))
+        self.scorer.eval()
+        kinds = m.get("id_kinds", {})
+        self.id_kind = {"user": kinds.get("user_id", "int"), "item": kinds.get("item_id", "int")}
+        self.features = {side: [f for f in m.get("features", []) if f["side"] == side] for side in ("user", "item")}
+        self.sides = {"user": _Side(), "item": _Side()}
+        for side, info in (m.get("feature_snapshot") or {}).items():
+            if isinstance(info, dict) and "file" in info:
+                s = side.rstrip("s")
+                self.sides[s] = self._load_side(pq.read_table(os.path.join(local_dir, info["file"])), s)
+        self.item_ids: list | None = None
+        self.item_matrix: torch.Tensor | None = None
+        vec = (m.get("vectors") or {}).get("items")
+        if vec:
+            t = pq.read_table(os.path.join(local_dir, vec["file"]))
+            self.item_ids = t.column("item_id").to_pylist()
+            flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            self.item_matrix = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(t.num_rows, vec["dim"]))
+            keys = id_keys(t.column("item_id"))
+            order = np.argsort(keys, kind="stable")
+            self._item_keys, self._item_rows = keys[order], order
+
+    def _load_side(self, table: pa.Table, side: str) -> _Side:
+        keys = id_keys(table.column(f"{side}_id"))
+        order = np.argsort(keys, kind="stable")
+        inputs = feature_inputs(table, self.features[side])
+        out = {}
+        for f in self.features[side]:
+            name = f["name"]
+            if f["kind"] == "multi":
+                vals = inputs[name][order]
+                pad = f["max_len"] - vals.shape[1]
+                out[name] = torch.nn.functional.pad(vals, (0, pad)) if pad > 0 else vals[:, : f["max_len"]]
+                out[name + LEN_SUFFIX] = inputs[name + LEN_SUFFIX][order]
+            else:
+                out[name] = inputs[name][order]
+        return _Side(keys=keys[order], inputs=out)
+
+    # -- request parsing (one request at a time, before batching) ------------------------
+
+    def _keys(self, values: list, kind: str, where: str) -> np.ndarray:
+        return np.array([id_key(v, kind, f"{where}[{i}]") for i, v in enumerate(values)], dtype=np.int64)
+
+    def _side_inputs(self, side: str, keys: np.ndarray, given: dict | None, where: str, per_row: bool) -> dict[str, torch.Tensor]:
+        """Feature inputs for `keys`: the request's values, else the snapshot's, else null."""
+        feats = {f["name"]: f for f in self.features[side]}
+        given = {} if given is None else given
+        if not isinstance(given, dict):
+            raise RequestError(f"{where} must be an object of feature name -> value", where)
+        for name in given:
+            if name not in feats:
+                known = ", ".join(feats) or "none"
+                raise RequestError(f"{where}.{name} is not a {side} feature of this export (known: {known})", f"{where}.{name}")
+        n = len(keys)
+        pos, found = self.sides[side].find(keys)
+        rows = torch.from_numpy(pos[found])
+        idx = torch.from_numpy(np.flatnonzero(found))
+        snap = self.sides[side].inputs
+        out: dict[str, torch.Tensor] = {}
+        for name, f in feats.items():
+            fw = f"{where}.{name}"
+            if name in given:
+                values = given[name]
+                if per_row:
+                    if not isinstance(values, list) or len(values) != n:
+                        raise RequestError(f"{fw} must be a list with one value per item ({n})", fw)
+                else:
+                    values = [values]
+                out.update(self._encode_values(f, values, fw, per_row))
+                continue
+            null = self._null(f, n)
+            for key, t in null.items():
+                if key in snap and len(idx):
+                    t[idx] = snap[key][rows]
+                out[key] = t
+        return out
+
+    @staticmethod
+    def _null(f: dict, n: int) -> dict[str, torch.Tensor]:
+        if f["kind"] == "numeric":
+            return {f["name"]: torch.zeros(n)}
+        if f["kind"] == "multi":
+            return {f["name"]: torch.zeros(n, f["max_len"], dtype=torch.long), f["name"] + LEN_SUFFIX: torch.zeros(n, dtype=torch.long)}
+        return {f["name"]: torch.full((n,), int(f["null"]), dtype=torch.long)}
+
+    def _encode_values(self, f: dict, values: list, where: str, per_row: bool) -> dict[str, torch.Tensor]:
+        def at(i: int) -> str:
+            return f"{where}[{i}]" if per_row else where
+
+        name, n = f["name"], len(values)
+        if f["kind"] == "numeric":
+            out = []
+            for i, v in enumerate(values):
+                if v is None:
+                    v = 0.0
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise RequestError(f"{at(i)} must be a number or null", at(i))
+                out.append(float(v) if math.isfinite(v) else 0.0)
+            return {name: torch.tensor(out, dtype=torch.float32)}
+        if f["kind"] == "categorical":
+            keys = [int(f["null"]) if v is None else id_key(v, f["id_kind"], at(i)) for i, v in enumerate(values)]
+            return {name: torch.tensor(keys, dtype=torch.long)}
+        vals = torch.zeros(n, f["max_len"], dtype=torch.long)
+        lens = torch.zeros(n, dtype=torch.long)
+        for i, v in enumerate(values):
+            v = [] if v is None else v
+            if not isinstance(v, list):
+                raise RequestError(f"{at(i)} must be a list of values (a multi-valued feature) or null", at(i))
+            v = v[: f["max_len"]]
+            for j, x in enumerate(v):
+                vals[i, j] = id_key(x, f["id_kind"], f"{at(i)}[{j}]")
+            lens[i] = len(v)
+        return {name: vals, name + LEN_SUFFIX: lens}
+
+    @staticmethod
+    def _check_fields(body, allowed: set[str], required: set[str]) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError(f"the body must be a JSON object, got {type(body).__name__}", "body")
+        for k in body:
+            if k not in allowed:
+                raise RequestError(f"unknown field {k!r}; fields are {', '.join(sorted(allowed))}", k)
+        for k in sorted(required):
+            if k not in body:
+                raise RequestError(f"missing field {k!r}", k)
+        return body
+
+    def parse_score(self, body) -> ScoreRequest:
+        body = self._check_fields(body, {"user_id", "item_ids", "user_features", "item_features"}, {"user_id", "item_ids"})
+        items = body["item_ids"]
+        if not isinstance(items, list):
+            raise RequestError(f"item_ids must be a list of IDs, got {type(items).__name__}", "item_ids")
+        if len(items) > self.cfg.max_items:
+            raise RequestError(f"item_ids has {len(items)} items; this server scores at most serve.max_items = {self.cfg.max_items}", "item_ids", 413)
+        user = np.array([id_key(body["user_id"], self.id_kind["user"], "user_id")], dtype=np.int64)
+        item = self._keys(items, self.id_kind["item"], "item_ids")
+        features = self._side_inputs("user", user, body.get("user_features"), "user_features", per_row=False)
+        features.update(self._side_inputs("item", item, body.get("item_features"), "item_features", per_row=True))
+        return ScoreRequest(body["user_id"], items, torch.from_numpy(user), torch.from_numpy(item), features)
+
+    def parse_recommend(self, body) -> RecommendRequest:
+        if self.item_matrix is None:
+            raise RequestError(
+                f"/recommend needs an export with item vectors (task retrieval or pretrain); this export's task is {self.task}",
+                "task",
+            )
+        body = self._check_fields(body, {"user_id", "k", "user_features", "exclude"}, {"user_id"})
+        k = body.get("k", 10)
+        top = min(self.cfg.max_items, len(self.item_ids))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+            raise RequestError(f"k must be an integer in [1, {top}] (serve.max_items and the number of items), got {k!r}", "k")
+        user = np.array([id_key(body["user_id"], self.id_kind["user"], "user_id")], dtype=np.int64)
+        exclude = body.get("exclude", [])
+        if not isinstance(exclude, list):
+            raise RequestError(f"exclude must be a list of item IDs, got {type(exclude).__name__}", "exclude")
+        if len(exclude) > self.cfg.max_items:
+            raise RequestError(f"exclude has {len(exclude)} items; at most serve.max_items = {self.cfg.max_items}", "exclude", 413)
+        ex = self._keys(exclude, self.id_kind["item"], "exclude")
+        pos = np.minimum(np.searchsorted(self._item_keys, ex), len(self._item_keys) - 1)
+        rows = self._item_rows[pos[self._item_keys[pos] == ex]]
+        features = self._side_inputs("user", user, body.get("user_features"), "user_features", per_row=False)
+        return RecommendRequest(body["user_id"], k, torch.from_numpy(user), features, rows)
+
+    # -- batches -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_batch(self, reqs: list[ScoreRequest]) -> list[dict]:
+        """All (user, item) pairs of the batch in one scorer call."""
+        self._count("score", reqs)
+        counts = [len(r.items) for r in reqs]
+        users = torch.cat([r.user.expand(c) for r, c in zip(reqs, counts, strict=True)])
+        items = torch.cat([r.items for r in reqs])
+        features: dict[str, torch.Tensor] = {}
+        for f in self.features["user"]:
+            for key in self._keys_of(f):
+                features[key] = torch.cat([r.features[key].expand(c, *r.features[key].shape[1:]) for r, c in zip(reqs, counts, strict=True)])
+        for f in self.features["item"]:
+            for key in self._keys_of(f):
+                features[key] = torch.cat([r.features[key] for r in reqs])
+        scores = self.scorer(users, items, features).tolist() if len(items) else []
+        out, start = [], 0
+        for r, c in zip(reqs, counts, strict=True):
+            out.append({"user_id": r.user_id, "item_ids": r.item_ids, "scores": scores[start : start + c]})
+            start += c
+        return out
+
+    @torch.no_grad()
+    def recommend_batch(self, reqs: list[RecommendRequest]) -> list[dict]:
+        """One user-tower call and one [B, d] x [d, items] product for the batch."""
+        self._count("recommend", reqs)
+        users = torch.cat([r.user for r in reqs])
+        features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["user"] for key in self._keys_of(f)}
+        scores = self.scorer.user_vectors(users, features) @ self.item_matrix.T
+        for i, r in enumerate(reqs):
+            if len(r.exclude):
+                scores[i, torch.from_numpy(r.exclude)] = -math.inf
+        kmax = max(r.k for r in reqs)
+        top_s, top_i = torch.topk(scores, kmax, dim=1)
+        out = []
+        for i, r in enumerate(reqs):
+            items = [
+                {"item_id": self.item_ids[j], "score": s}
+                for j, s in zip(top_i[i, : r.k].tolist(), top_s[i, : r.k].tolist(), strict=True)
+                if s != -math.inf  # fewer items than k once exclusions are removed
+            ]
+            out.append({"user_id": r.user_id, "k": r.k, "items": items})
+        return out
+
+    def _count(self, endpoint: str, reqs: list) -> None:
+        self.stats[endpoint]["requests"] += len(reqs)
+        self.stats[endpoint]["batches"] += 1
+
+    @staticmethod
+    def _keys_of(f: dict) -> list[str]:
+        return [f["name"], f["name"] + LEN_SUFFIX] if f["kind"] == "multi" else [f["name"]]
+
+    def health(self) -> dict:
+        m = self.manifest
+        return {
+            "status": "ok",
+            "export": self.uri,
+            "task": self.task,
+            "output": m.get("output"),
+            "dtype": m.get("dtype"),
+            "items": len(self.item_ids) if self.item_ids is not None else None,
+            "known_users": len(self.sides["user"].keys) or None,
+            "known_items": len(self.sides["item"].keys) or (len(self.item_ids) if self.item_ids is not None else None),
+            "recommend": self.item_matrix is not None,
+            "serve": asdict(self.cfg),
+            "batches": self.stats,
+            "checkpoint": (m.get("lineage") or {}).get("checkpoint"),
+        }
+
+
+def fetch_export(store: Store, uri: str, local_dir: str) -> None:
+    """Download what a server needs (not the tables: scorer.pt holds them) and check
+    every file against its sha256 in the manifest."""
+    import hashlib
+
+    manifest = store.read_json(join(uri, "manifest.json"))
+    with open(os.path.join(local_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    wanted = [rel for rel in manifest.get("files", {}) if rel == "scorer.pt" or rel.endswith(".parquet")]
+    for rel in wanted:
+        data = store.read_bytes(join(uri, rel))
+        if hashlib.sha256(data).hexdigest() != manifest["files"][rel]["sha256"]:
+            raise ValueError(f"{join(uri, rel)} does not match its sha256 in manifest.json (a partial or replaced export?)")
+        dst = os.path.join(local_dir, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with open(dst, "wb") as f:
+            f.write(data)
+
+
+# ------------------------------------------------------------------ Ray Serve
+
+
+def _json(body: dict, status: int = 200):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
+
+
+@serve.deployment
+class ScoringServer:
+    """One replica: the loaded export plus two batch queues (/score, /recommend)."""
+
+    def __init__(self, export_uri: str, store: Store, cfg: dict, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.cfg = ServeConfig(**cfg)
+        with tempfile.TemporaryDirectory(prefix="flm-serve-") as tmp:
+            fetch_export(store, export_uri, tmp)
+            self.export = LoadedExport(tmp, self.cfg, uri=export_uri)
+        for handler in (self._score, self._recommend):
+            handler.set_max_batch_size(self.cfg.max_batch_size)
+            handler.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    @serve.batch
+    async def _score(self, reqs: list[ScoreRequest]) -> list[dict]:
+        return self.export.score_batch(reqs)
+
+    @serve.batch
+    async def _recommend(self, reqs: list[RecommendRequest]) -> list[dict]:
+        return self.export.recommend_batch(reqs)
+
+    async def __call__(self, request):
+        path = request.scope.get("path", request.url.path)
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        path = "/" + path.strip("/")
+        routes = {"/score": "POST", "/recommend": "POST", "/healthz": "GET"}
+        if path not in routes:
+            return _json({"error": f"no such endpoint {path}; endpoints are {', '.join(routes)}", "field": "path"}, 404)
+        if request.method != routes[path]:
+            return _json({"error": f"{path} takes {routes[path]}, not {request.method}", "field": "method"}, 405)
+        if path == "/healthz":
+            return _json(self.export.health())
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"the body is not valid JSON: {e}", "body") from None
+            if path == "/score":
+                return _json(await self._score(self.export.parse_score(body)))
+            return _json(await self._recommend(self.export.parse_recommend(body)))
+        except RequestError as e:
+            return _json(e.body(), e.status)
+
+
+def build_app(export_uri: str, store: Store, cfg: ServeConfig, num_cpus: float = 1.0):
+    """The Ray Serve application for one export (one replica)."""
+    check_serve_config(cfg)
+    # Each replica takes up to this many requests at once; the batch queue needs at
+    # least max_batch_size of them in flight to fill a batch.
+    ongoing = max(2 * cfg.max_batch_size, 16)
+    return ScoringServer.options(
+        ray_actor_options={"num_cpus": num_cpus},
+        max_ongoing_requests=ongoing,
+    ).bind(export_uri, store, asdict(cfg), max(1, int(num_cpus)))
+
+
+def start(export_uri: str, store: Store, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "flm",
+          route_prefix: str = "/", num_cpus: float = 1.0, access_log: bool = False):
+    """Deploy on the connected Ray cluster and wait until the replica answers. The
+    per-request access log is off by default: on a small machine, logging each request
+    (and shipping it to the driver) costs about as much as scoring it."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(export_uri, store, cfg, num_cpus), name=name, route_prefix=route_prefix,
+              logging_config={"enable_access_log": access_log})
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def run(export_uri: str, store: Store, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
+    """`flm-dist serve`: start Ray (or join RAY_ADDRESS / `address`), serve until Ctrl-C
+    or SIGTERM, then take the application down."""
+    import signal
+
+    from flm_dist.launch import ensure_ray
+
+    ensure_ray(address)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own
+    try:
+        url = start(export_uri, store, cfg, host, port)
+        print(f"serving {export_uri} on {url}  (POST /score, POST /recommend, GET /healthz); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
