@@ -275,3 +275,33 @@ def test_serve_config_is_checked():
         fserve.check_serve_config(ServeConfig(max_items=0))
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
         fserve.check_serve_config(ServeConfig(max_batch_size=0))
+
+
+def test_case20_load_with_bad_requests_no_5xx(world):
+    """RELIABILITY case 20: 2,000 requests from 16 concurrent clients, one in five bad:
+    every good one answered correctly, every bad one a 4xx, no 5xx, alive afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = [(f"u{i}", [1000 + i, 1000 + (3 * i) % 40, 1039]) for i in range(20)]
+    want = {u: _want(world, "retrieval", u, items) for u, items in good}
+    bad = [(b"{not json", None), ({"item_ids": [1, 2]}, "user_id"), ({"user_id": "u1", "item_ids": "x"}, "item_ids"), ({"user_id": "u1", "item_ids": list(range(MAX_ITEMS + 1))}, "item_ids")]
+
+    def one(i):
+        if i % 5 == 4:
+            body, field = bad[i % len(bad)]
+            raw = body if isinstance(body, bytes) else None
+            status, got = _call(world["url"], "/score", None if raw else body, raw=raw)
+            return ("bad", status, got, field)
+        u, items = good[i % len(good)]
+        status, got = _call(world["url"], "/score", {"user_id": u, "item_ids": items})
+        ok = status == 200 and np.abs(np.array(got["scores"]) - want[u]).max() <= TOL
+        return ("good", status, ok, None)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(2000)))
+    statuses = [r[1] for r in results]
+    assert not [s for s in statuses if s >= 500], "5xx under load"
+    assert all(r[2] for r in results if r[0] == "good"), "a good request got a wrong answer"
+    assert all(400 <= r[1] < 500 and (r[3] is None or r[2].get("field") == r[3]) for r in results if r[0] == "bad")
+    assert sum(r[0] == "good" for r in results) == 1600
+    assert _call(world["url"], "/healthz")[0] == 200
