@@ -100,7 +100,11 @@ class FLM(nn.Module):
         # tables are materialised here. table_device="meta": allocate nothing;
         # `sharding.parallelize` materialises the rows each worker owns.
         self.tables = nn.ModuleDict(
-            {name: nn.Embedding(rows, d, sparse=True, device=table_device) for name, rows in table_sizes(cfg, features).items()}
+            {
+                # _weight: skip nn.Embedding's own init, init_rows_ below sets every row
+                name: nn.Embedding(rows, d, sparse=True, _weight=torch.empty(rows, d, device=table_device))
+                for name, rows in table_sizes(cfg, features).items()
+            }
         )
         for name, t in self.tables.items():
             if t.weight.device.type != "meta":

@@ -4,8 +4,10 @@ all-to-all lookups, and DDP for everything else.
 `parallelize(model, plan, ...)` takes a plain `FLM` and, in place:
 - replaces each `row_wise` table with a `RowWiseEmbedding` holding one contiguous
   block of rows (the `torch.chunk` layout: ceil(rows / world) rows per rank);
-- keeps `replicated` tables as ordinary embeddings, synchronised by DDP;
-- wraps the model in DDP, telling DDP to ignore the sharded rows.
+- gives each `replicated` table a whole copy per rank, kept identical by all-gathering
+  only the rows a step touched (`ReplicatedEmbedding`: DDP would all-reduce and update
+  the whole table every step, ~100x slower for a 4M-row table in bench/sharding.py);
+- wraps the dense layers in DDP, telling DDP to ignore every table.
 
 Lookup, per table and step (every rank makes the same calls in the same order):
   1. dedup the batch's rows; owner = row // block
@@ -33,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from flm_dist.model import init_rows_, table_init_seed
 
 __all__ = [
+    "ReplicatedEmbedding",
     "RowWiseEmbedding",
     "TablePlan",
     "describe_plan",
@@ -147,6 +150,56 @@ class RowWiseEmbedding(nn.Module):
         return vecs[inverse].view(*rows.shape, p.dim)
 
 
+class _GatherGrads(torch.autograd.Function):
+    """Forward: a local lookup. Backward: every rank's row gradients are all-gathered,
+    so every replica applies the same sparse update to the same rows."""
+
+    @staticmethod
+    def forward(ctx, weight, rows, group, world):
+        ctx.save_for_backward(rows)
+        ctx.meta = (group, world, weight.shape)
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (rows,) = ctx.saved_tensors
+        group, world, shape = ctx.meta
+        n = torch.tensor([len(rows)], device=rows.device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n, group=group)
+        sizes = [int(x) for x in sizes]  # host sync: padded all_gather needs the sizes
+        m = max(sizes)
+        pad_rows = torch.zeros(m, dtype=rows.dtype, device=rows.device)
+        pad_grad = grad_out.new_zeros((m, shape[1]))
+        pad_rows[: len(rows)] = rows
+        pad_grad[: len(rows)] = grad_out
+        all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
+        all_grad = [torch.empty_like(pad_grad) for _ in range(world)]
+        dist.all_gather(all_rows, pad_rows, group=group)
+        dist.all_gather(all_grad, pad_grad, group=group)
+        r = torch.cat([x[:k] for x, k in zip(all_rows, sizes, strict=True)])
+        g = torch.cat([x[:k] for x, k in zip(all_grad, sizes, strict=True)]).div_(world)
+        return torch.sparse_coo_tensor(r.unsqueeze(0), g, shape, check_invariants=False), None, None, None
+
+
+class ReplicatedEmbedding(nn.Module):
+    """A whole table on every rank, kept identical by exchanging only the rows a step
+    touched (DDP would all-reduce and update the whole table every step)."""
+
+    def __init__(self, plan: TablePlan, group, device: torch.device, seed: int, std: float):
+        super().__init__()
+        self.plan = plan
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(plan.rows, plan.dim, device=device))
+        init_rows_(self.weight, 0, seed, std)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1)
+        uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        vecs = _GatherGrads.apply(self.weight, uniq, self.group, self.plan.world)
+        return vecs[inverse].view(*rows.shape, self.plan.dim)
+
+
 def parallelize(
     model: nn.Module,
     plan: dict[str, TablePlan],
@@ -164,7 +217,7 @@ def parallelize(
     sharded = world > 1 and any(tp.kind == "row_wise" for tp in plan.values())
     # The embedding exchange gets its own group so its collectives never interleave
     # with DDP's asynchronous gradient all-reduces on the default group.
-    group = dist.new_group(backend=dist.get_backend()) if sharded else None
+    group = dist.new_group(backend=dist.get_backend()) if world > 1 else None
     mesh = None
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
@@ -177,8 +230,12 @@ def parallelize(
             model.tables[name] = RowWiseEmbedding(tp, rank, group, mesh, device, seed=table_init_seed(seed, name), std=std)
             model.tables[name].weight.requires_grad_(old.weight.requires_grad)
             ignore.append(f"tables.{name}.weight")
+        elif world > 1:
+            model.tables[name] = ReplicatedEmbedding(tp, group, device, seed=table_init_seed(seed, name), std=std)
+            model.tables[name].weight.requires_grad_(old.weight.requires_grad)
+            ignore.append(f"tables.{name}.weight")
         else:
-            emb = nn.Embedding(tp.rows, tp.dim, sparse=world == 1, device=device)
+            emb = nn.Embedding(tp.rows, tp.dim, sparse=True, _weight=torch.empty(tp.rows, tp.dim, device=device))
             init_rows_(emb.weight, 0, table_init_seed(seed, name), std)
             emb.weight.requires_grad_(old.weight.requires_grad)
             model.tables[name] = emb
