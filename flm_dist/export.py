@@ -43,7 +43,6 @@ from flm_dist.data.hashing import (
     _fnv1a64_strings,
     prehash_str,
     to_signed,
-    torch_hash_int64,
 )
 from flm_dist.model import FLM
 from flm_dist.storage import Store, join, split_uri
@@ -57,6 +56,23 @@ __all__ = [
     "load_model",
     "write_export",
 ]
+
+
+def torch_hash_int64(ids: torch.Tensor, seed_signed: int, rows: int) -> torch.Tensor:
+    """flm-hash-v1 for int64 IDs in torch ops (TorchScript-able). `seed_signed` is the
+    table seed as int64 (`to_signed`). torch's >> on int64 is arithmetic, so each
+    logical shift masks off the sign copies; int64 multiplication wraps mod 2**64 in
+    two's complement, matching the unsigned spec bit for bit."""
+    # Literals, not module constants: TorchScript cannot close over globals.
+    # -49064778989728563 == int64(0xff51afd7ed558ccd), -4265267296055464877 == int64(0xc4ceb9fe1a85ec53)
+    k = ids ^ seed_signed
+    k = k ^ ((k >> 33) & 2147483647)
+    k = k * -49064778989728563
+    k = k ^ ((k >> 33) & 2147483647)
+    k = k * -4265267296055464877
+    k = k ^ ((k >> 33) & 2147483647)
+    return ((k >> 1) & 9223372036854775807) % rows
+
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from ray.train import DataConfig
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
 from flm_dist.config import ConfigError, JobConfig, ScalingConfig, from_dict, to_dict
+from flm_dist.data.encode import EncodeSpec
 from flm_dist.data.hashing import HashSpec
-from flm_dist.data.pipeline import EncodeSpec, InteractionDatasource, read
+from flm_dist.data.pipeline import InteractionDatasource, read
 from flm_dist.data.plan import DataPlan, plan_read
 from flm_dist.data.position import ConsumedRows
 from flm_dist.data.reference import Reference, scan_reference

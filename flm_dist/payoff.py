@@ -13,8 +13,8 @@ import numpy as np
 
 from flm_dist import launch
 from flm_dist.config import FINETUNE_TASKS, ConfigError, JobConfig
+from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec
-from flm_dist.data.pipeline import EncodeSpec, encode_table
 from flm_dist.data.plan import plan_read, read_unit
 from flm_dist.data.schema import ReadSpec
 from flm_dist.metrics import SLICES, ranking_report

@@ -15,8 +15,8 @@ import torch
 from flm_dist import checkpoint as ckpt
 from flm_dist import launch
 from flm_dist.batch import Batch
+from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, prehash_str
-from flm_dist.data.pipeline import EncodeSpec, encode_table
 from flm_dist.data.schema import ReadSpec
 from flm_dist.data.synth import synth
 from flm_dist.export import export, load_model

@@ -23,8 +23,8 @@ from flm_dist import launch
 from flm_dist.batch import Batch
 from flm_dist.cli import main as cli_main
 from flm_dist.config import FeatureConfig, ModelConfig
+from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, prehash_str
-from flm_dist.data.pipeline import EncodeSpec, encode_table
 from flm_dist.data.schema import ReadSpec
 from flm_dist.data.synth import synth
 from flm_dist.export import (

@@ -18,8 +18,8 @@ from flm_dist.data.hashing import (
     reference_hash_str,
     table_seed,
     to_signed,
-    torch_hash_int64,
 )
+from flm_dist.export import torch_hash_int64
 
 SEED = table_seed("user", 42)
 

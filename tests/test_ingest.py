@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flm_dist.config import FeatureConfig, SplitConfig
+from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec
-from flm_dist.data.pipeline import EncodeSpec, encode_table
 from flm_dist.data.plan import plan_read
 from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec
 from flm_dist.storage import Store

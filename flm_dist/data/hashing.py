@@ -14,7 +14,7 @@ IDs identically; `reference_hash_*` below is the plain-Python definition):
 
 Each table has its own seed, so a user and an item with the same raw ID land on
 unrelated rows. Vectorised with numpy (no per-row Python); the same arithmetic runs
-inside the exported TorchScript graph (`torch_hash_int64`).
+inside the exported TorchScript / ONNX graph (`export.torch_hash_int64`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 __all__ = [
     "HASH_VERSION",
@@ -36,7 +35,6 @@ __all__ = [
     "reference_hash_str",
     "prehash_str",
     "to_signed",
-    "torch_hash_int64",
 ]
 
 HASH_VERSION = "flm-hash-v1"
@@ -167,22 +165,6 @@ def prehash_str(value: str) -> int:
     fmix64(prehash ^ seed) == fmix64(fnv1a64(s) ^ seed ^ DOMAIN). Lets int64-only
     graphs (TorchScript, ONNX) serve string IDs."""
     return to_signed(_fnv1a64_bytes(value.encode()) ^ _STRING_DOMAIN)
-
-
-def torch_hash_int64(ids: torch.Tensor, seed_signed: int, rows: int) -> torch.Tensor:
-    """flm-hash-v1 for int64 IDs in torch ops (TorchScript-able). `seed_signed` is the
-    table seed as int64 (`to_signed`). torch's >> on int64 is arithmetic, so each
-    logical shift masks off the sign copies; int64 multiplication wraps mod 2**64 in
-    two's complement, matching the unsigned spec bit for bit."""
-    # Literals, not module constants: TorchScript cannot close over globals.
-    # -49064778989728563 == int64(0xff51afd7ed558ccd), -4265267296055464877 == int64(0xc4ceb9fe1a85ec53)
-    k = ids ^ seed_signed
-    k = k ^ ((k >> 33) & 2147483647)
-    k = k * -49064778989728563
-    k = k ^ ((k >> 33) & 2147483647)
-    k = k * -4265267296055464877
-    k = k ^ ((k >> 33) & 2147483647)
-    return ((k >> 1) & 9223372036854775807) % rows
 
 
 # ------------------------------------------------------------------ spec object

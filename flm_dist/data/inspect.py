@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flm_dist.config import ModelConfig
+from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, expected_collisions, hash_array
-from flm_dist.data.pipeline import EncodeSpec, encode_table
 from flm_dist.data.plan import list_files
 from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec, check_schema
 from flm_dist.storage import StorageError, Store, split_uri

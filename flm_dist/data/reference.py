@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flm_dist.data.pipeline import EncodeSpec, encode_table
+from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.plan import DataPlan, read_unit
 from flm_dist.storage import Store
 

@@ -1,0 +1,240 @@
+"""Encoding: one Parquet table -> model rows. Validation, ID hashing, splits and the
+read-task body that Ray Data runs. Pure numpy/pyarrow: no torch, no Ray, so read
+tasks start fast and other tools (inspect, benchmarks) use it without either."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from flm_dist.config import FeatureConfig, SplitConfig
+from flm_dist.data.hashing import HashSpec, _fmix64, _fnv1a64_strings
+from flm_dist.data.plan import Unit
+from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
+from flm_dist.storage import Store, split_uri
+
+__all__ = ["EncodeSpec", "KEY_SEED", "empty_columns", "encode_table", "id_keys", "read_units"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """Everything a read task needs to turn a Parquet table into model rows."""
+
+    read: ReadSpec
+    hash: HashSpec
+    split: SplitConfig = field(default_factory=SplitConfig)
+    side: str = "all"  # "all", or "train"/"eval" of data.split
+    seed: int = 0
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def _hash64(arr: pa.Array, seed: int) -> np.ndarray:
+    """Full 64-bit hash of IDs (used for splits, independent of table sizes)."""
+    spec = HashSpec.build({"_split": 1}, seed)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    s = np.uint64(spec.tables["_split"]["seed"])
+    if pa.types.is_integer(arr.type):
+        k = pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False).view(np.uint64).copy()
+    else:
+        k = _fnv1a64_strings(arr)
+    k ^= s
+    return _fmix64(k)
+
+
+def id_keys(arr: pa.Array) -> np.ndarray:
+    """64-bit identity keys of raw IDs (int64 view), independent of table sizes: which
+    user/item a row is, for evaluation slices and retrieval exclusions."""
+    return _hash64(arr, KEY_SEED).view(np.int64)
+
+
+KEY_SEED = 0x5EED
+
+
+def _split_mask(t: pa.Table, split: SplitConfig, side: str, seed: int) -> np.ndarray | None:
+    """True for rows on `side`. Hash-based, so identical across runs and worker counts."""
+    if side == "all" or split.by == "none":
+        return None
+    if split.by == "time":
+        ts = _ts_seconds(t.column("ts"))
+        in_eval = ts >= split.time_cutoff
+    else:
+        if split.by == "user":
+            h = _hash64(t.column("user_id").combine_chunks(), seed)
+        else:
+            # by (user, item) pair: repeats of a pair stay on one side (no leakage)
+            h = _hash64(t.column("user_id").combine_chunks(), seed)
+            h ^= _hash64(t.column("item_id").combine_chunks(), seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+            h = _fmix64(h)
+        in_eval = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < split.fraction
+    return in_eval if side == "eval" else ~in_eval
+
+
+def _ts_seconds(col) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_timestamp(col.type):
+        col = pc.cast(col, pa.timestamp("s"), safe=False).cast(pa.int64())
+    elif pa.types.is_date(col.type):
+        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+    return pc.cast(col.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+
+
+def _float_col(t: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float32 with NaN for nulls, null mask)."""
+    col = t.column(name).combine_chunks()
+    nulls = col.is_null().to_numpy(zero_copy_only=False)
+    vals = pc.cast(col, pa.float64(), safe=False).fill_null(np.nan).to_numpy(zero_copy_only=False)
+    return vals.astype(np.float32), nulls
+
+
+def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int = 0) -> dict[str, np.ndarray]:
+    """Validate and hash one Parquet table; the pure function behind every ingest path.
+
+    Returns numpy columns: `user`, `item` (int64 rows), `f_<name>` per feature
+    (multi features as `f_<name>__<j>` columns, -1 padded), `label`/`rating` (float32,
+    when read), `_pos` (int64 position) and `_bad` (int8 reason code, 0 = good)."""
+    n = t.num_rows
+    pos = (np.int64(unit) << np.int64(32)) | (np.arange(n, dtype=np.int64) + row_offset)
+    keep = _split_mask(t, spec.split, spec.side, spec.seed)
+    if keep is not None:
+        t = t.filter(pa.array(keep))
+        pos = pos[keep]
+        n = t.num_rows
+    bad = np.zeros(n, dtype=np.int8)
+
+    def mark(mask: np.ndarray, reason: str) -> None:
+        # The first reason found for a row wins; later checks only mark good rows.
+        code = BAD_REASONS.index(reason)
+        np.copyto(bad, np.int8(code), where=mask & (bad == 0))
+
+    out: dict[str, np.ndarray] = {}
+    for col, table in (("user_id", "user"), ("item_id", "item")):
+        arr = t.column(col).combine_chunks()
+        mark(arr.is_null().to_numpy(zero_copy_only=False), f"null_{col}")
+        out[table] = spec.hash.hash(table, arr)
+        if spec.read.keys:
+            out[f"{table}_key"] = id_keys(arr)
+    rs = spec.read
+    if rs.read_label and "label" in t.column_names:
+        v, nulls = _float_col(t, "label")
+        mark(nulls, "null_label")
+        mark(~np.isfinite(v) & ~nulls, "nonfinite_label")
+        with np.errstate(invalid="ignore"):
+            mark((v < 0) | (v > 1), "label_out_of_range")
+        out["label"] = v
+    if rs.read_rating and "rating" in t.column_names:
+        v, nulls = _float_col(t, "rating")
+        mark(nulls, "null_rating")
+        mark(~np.isfinite(v) & ~nulls, "nonfinite_rating")
+        lo, hi = rs.rating_range
+        with np.errstate(invalid="ignore"):
+            mark((v < lo) | (v > hi), "rating_out_of_range")
+        out["rating"] = v
+    if rs.need_ts:
+        mark(t.column("ts").combine_chunks().is_null().to_numpy(zero_copy_only=False), "null_ts")
+    for f in rs.features:
+        col = t.column(f.name).combine_chunks()
+        if f.kind == "numeric":
+            v = pc.cast(col, pa.float64(), safe=False).fill_null(0.0).to_numpy(zero_copy_only=False)
+            out[f"f_{f.name}"] = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        elif f.kind == "categorical":
+            # A null feature value is a value of its own (hashes like ""/0), not a bad row.
+            out[f"f_{f.name}"] = spec.hash.hash(f.name, col)
+        else:
+            out.update(_encode_multi(col, f, spec.hash))
+    out["_pos"] = pos
+    out["_bad"] = bad
+    return out
+
+
+def _encode_multi(col: pa.Array, f: FeatureConfig, hs: HashSpec) -> dict[str, np.ndarray]:
+    n = len(col)
+    col = col.fill_null(pa.scalar([], type=col.type)) if col.null_count else col
+    offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = col.values if col.offset == 0 else col.flatten()
+    if col.offset:
+        offsets = offsets - offsets[0]
+    rows = hs.hash(f.name, values)
+    lengths = np.minimum(offsets[1:] - offsets[:-1], f.max_len)
+    out = {}
+    for j in range(f.max_len):
+        has = lengths > j
+        colj = np.full(n, -1, dtype=np.int64)
+        colj[has] = rows[offsets[:-1][has] + j]
+        out[f"f_{f.name}__{j}"] = colj
+    return out
+
+
+# ------------------------------------------------------------------ Ray Data source
+
+
+def read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Store, columns: list[str], shuffle_seed: int | None, on_bad_file: str, empty: dict, skip_rows: dict):
+    """Read, validate and hash row groups. `skip_rows[unit]` marks rows already trained
+    on in this epoch (a resumed epoch); they are dropped here, before they cost anything downstream."""
+    fs, _ = store.arrow_fs(plan_files[units[0].file] if units else "")
+    open_file: tuple[int, pq.ParquetFile] | None = None
+    for u in units:
+        uri = plan_files[u.file]
+        try:
+            if open_file is None or open_file[0] != u.file:
+                pf = pq.ParquetFile(fs.open_input_file(split_uri(uri)[1]))
+                open_file = (u.file, pf)
+            pf = open_file[1]
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            t = pf.read_row_group(u.row_group, columns=present)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            corrupt = isinstance(e, (pa.ArrowInvalid, pa.ArrowNotImplementedError))
+            if corrupt and on_bad_file == "skip":
+                log.warning("skipping %s row group %d: %s", uri, u.row_group, e)
+                # One marker row per skipped unit, so workers count it as a bad file.
+                marker = {k: np.zeros(1, v.dtype) for k, v in empty.items()}
+                marker["_pos"][0] = np.int64(u.index) << np.int64(32)
+                marker["_bad"][0] = BAD_FILE_CODE
+                yield pa.table(marker)
+                continue
+            raise DataError(f"{uri}: row group {u.row_group}: cannot read: {e}") from e
+        if t.num_rows != u.rows:
+            raise DataError(f"{uri}: row group {u.row_group} has {t.num_rows} rows, the plan expected {u.rows} (file changed during the run?)")
+        cols = encode_table(t, spec, u.index, 0)
+        seen = skip_rows.get(u.index)
+        if seen is not None:
+            keep = ~seen[cols["_pos"] & 0xFFFFFFFF]
+            cols = {k: v[keep] for k, v in cols.items()}
+        if shuffle_seed is not None and len(cols["_pos"]) > 1:
+            perm = np.random.default_rng([shuffle_seed, u.index]).permutation(len(cols["_pos"]))
+            cols = {k: v[perm] for k, v in cols.items()}
+        yield pa.table(cols)
+
+
+def empty_columns(spec: EncodeSpec) -> dict[str, np.ndarray]:
+    """Zero-row columns with the exact names/dtypes `encode_table` produces."""
+    rs = spec.read
+    out = {"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64)}
+    if rs.keys:
+        out["user_key"] = np.zeros(0, np.int64)
+        out["item_key"] = np.zeros(0, np.int64)
+    if rs.read_label:
+        out["label"] = np.zeros(0, np.float32)
+    if rs.read_rating:
+        out["rating"] = np.zeros(0, np.float32)
+    for f in rs.features:
+        if f.kind == "numeric":
+            out[f"f_{f.name}"] = np.zeros(0, np.float32)
+        elif f.kind == "categorical":
+            out[f"f_{f.name}"] = np.zeros(0, np.int64)
+        else:
+            for j in range(f.max_len):
+                out[f"f_{f.name}__{j}"] = np.zeros(0, np.int64)
+    out["_pos"] = np.zeros(0, np.int64)
+    out["_bad"] = np.zeros(0, np.int8)
+    return out
