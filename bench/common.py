@@ -31,6 +31,7 @@ import numpy as np
 
 __all__ = [
     "TreeSampler",
+    "captured",
     "current_rss",
     "fmt",
     "interleaved",
@@ -46,6 +47,7 @@ __all__ = [
     "run_ranks",
     "warm_page_cache",
     "write_interaction_log",
+    "update_benchmarks_md",
     "write_result",
 ]
 
@@ -205,6 +207,7 @@ class TreeSampler:
     period: float = 0.1
     pss_every: int = 5  # PSS reads smaps_rollup, which walks page tables: sample it less often
     extra: Callable[[], int | None] | None = None  # sampled with PSS
+    only_new: bool = False  # count only processes born after the first sample (not an idle Ray runtime)
     samples: list[_Sample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -215,6 +218,7 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True, name="tree-sampler")
         self._n = 0
         self._baseline_seen = False
+        self._old: set[int] = set()
 
     def _procs(self):
         try:
@@ -222,7 +226,12 @@ class TreeSampler:
             procs = root.children(recursive=True)
         except self._psutil.Error:
             return []
-        return ([root] if self.include_root else []) + procs
+        procs = ([root] if self.include_root else []) + procs
+        if self.only_new:
+            if not self._baseline_seen:
+                self._old = {p.pid for p in procs}
+            procs = [p for p in procs if p.pid not in self._old]
+        return procs
 
     def _shm(self) -> int:
         try:
@@ -529,6 +538,63 @@ def write_result(path: str, result: dict) -> None:
         json.dump(result, f, indent=2, default=str)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+class captured:
+    """Tee stdout into a buffer: a script's printed report becomes its BENCHMARKS.md section."""
+
+    def __enter__(self):
+        import io
+
+        self.buf, self._old = io.StringIO(), sys.stdout
+        outer = self
+
+        class _Tee:
+            def write(self, s):
+                outer._old.write(s)
+                outer.buf.write(s)
+                return len(s)
+
+            def flush(self):
+                outer._old.flush()
+
+        sys.stdout = _Tee()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout = self._old
+
+    def text(self) -> str:
+        return "\n".join(line for line in self.buf.getvalue().splitlines() if not line.startswith("wrote ")).strip()
+
+
+def update_benchmarks_md(section: str, body: str, command: str, info: dict, path: str | None = None) -> None:
+    """Replace (or append) the section `<!-- bench:NAME -->...<!-- /bench:NAME -->` of
+    BENCHMARKS.md with `body`, headed by the command, date, machine and versions that
+    produced it. Text outside the markers (analysis written by people) is kept."""
+    import re
+
+    path = path or os.path.join(REPO, "BENCHMARKS.md")
+    v = info["versions"]
+    head = (
+        f"`{command}` — {info['date']}, commit {info['git']['commit']}{'+dirty' if info['git']['dirty'] else ''}; "
+        f"machine: {info['nproc']} cores ({info['cpu']}), {info['memory_gib']} GiB, GPU: {info['gpu'] or 'none'}, "
+        f"load average at start {info['loadavg_at_start']}; torch {v['torch']}, ray {v['ray']}, pyarrow {v['pyarrow']}, "
+        f"python {info['python']}{', pinned threads' if info.get('pinned_threads') else ''}."
+    )
+    block = f"<!-- bench:{section} -->\n{head}\n\n{body.strip()}\n<!-- /bench:{section} -->"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# Benchmarks\n"
+    pattern = re.compile(rf"<!-- bench:{re.escape(section)} -->.*?<!-- /bench:{re.escape(section)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + f"\n\n## {section}\n\n{block}\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    print(f"wrote {path} (section {section})")
 
 
 def bar_plot(path: str, title: str, ylabel: str, labels: list[str], values: list[float | None], ref: float | None = None) -> None:

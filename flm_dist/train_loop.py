@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,12 +123,10 @@ class _Fetcher:
     GPU runs the batch is pinned there so the host-to-device copy is asynchronous."""
 
     def __init__(self, stream: BatchStream, epoch: int, pin: bool = False, ahead: int = 2):
-        import queue
-        import threading
-
         self._it = stream.epoch(epoch)
         self._pin = pin
         self._q: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flm-fetch", daemon=True)
         self._thread.start()
         self.done = False
@@ -137,10 +137,26 @@ class _Fetcher:
                 if batch is not None and self._pin:
                     batch = batch.pin_memory()
                 self._q.put((batch, counts, None))
+                if self._stop.is_set():
+                    return
         except BaseException as e:  # noqa: BLE001 - re-raised in the train loop's thread
             self._q.put((None, None, e))
             return
+        finally:
+            # Closing the generator ends the epoch's Ray Data execution now, not at GC.
+            self._it.close()
         self._q.put((None, None, StopIteration()))
+
+    def close(self) -> None:
+        """Stop reading (e.g. at train.max_steps, mid-epoch): unblock the thread, let
+        it close the stream, and wait for it."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self.done = True
 
     def next(self) -> tuple[Batch | None, np.ndarray]:
         counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
@@ -479,6 +495,7 @@ class Worker:
                             **{k: float(v) / max(len(batch), 1) for k, v in lp.parts.items()},
                         }
                     )
+            fetch.close()
             if prev_nonfinite:
                 raise NonFiniteLossError(f"loss became NaN/Inf at step {step} (epoch {epoch}), the last step; no checkpoint was written for it")
             self._bad_budget(bad_total, rows_total, planned, final=True, examples=stream.bad_examples)

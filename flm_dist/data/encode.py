@@ -5,6 +5,8 @@ tasks start fast and other tools (inspect, benchmarks) use it without either."""
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +23,10 @@ from flm_dist.storage import Store, split_uri
 __all__ = ["EncodeSpec", "KEY_SEED", "empty_columns", "encode_table", "id_keys", "read_units"]
 
 log = logging.getLogger(__name__)
+
+# Row groups a read task fetches ahead of the one it encodes, in threads: hides object
+# storage's per-request latency (many small files) at the cost of READ_AHEAD raw row groups.
+READ_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -182,38 +188,53 @@ def read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Sto
     """Read, validate and hash row groups. `skip_rows[unit]` marks rows already trained
     on in this epoch (a resumed epoch); they are dropped here, before they cost anything downstream."""
     fs, _ = store.arrow_fs(plan_files[units[0].file] if units else "")
-    open_file: tuple[int, pq.ParquetFile] | None = None
-    for u in units:
-        uri = plan_files[u.file]
-        try:
-            if open_file is None or open_file[0] != u.file:
-                pf = pq.ParquetFile(fs.open_input_file(split_uri(uri)[1]))
-                open_file = (u.file, pf)
-            pf = open_file[1]
-            present = [c for c in columns if c in pf.schema_arrow.names]
-            t = pf.read_row_group(u.row_group, columns=present)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            corrupt = isinstance(e, (pa.ArrowInvalid, pa.ArrowNotImplementedError))
-            if corrupt and on_bad_file == "skip":
-                log.warning("skipping %s row group %d: %s", uri, u.row_group, e)
-                # One marker row per skipped unit, so workers count it as a bad file.
-                marker = {k: np.zeros(1, v.dtype) for k, v in empty.items()}
-                marker["_pos"][0] = np.int64(u.index) << np.int64(32)
-                marker["_bad"][0] = BAD_FILE_CODE
-                yield pa.table(marker)
-                continue
-            raise DataError(f"{uri}: row group {u.row_group}: cannot read: {e}") from e
-        if t.num_rows != u.rows:
-            raise DataError(f"{uri}: row group {u.row_group} has {t.num_rows} rows, the plan expected {u.rows} (file changed during the run?)")
-        cols = encode_table(t, spec, u.index, 0)
-        seen = skip_rows.get(u.index)
-        if seen is not None:
-            keep = ~seen[cols["_pos"] & 0xFFFFFFFF]
-            cols = {k: v[keep] for k, v in cols.items()}
-        if shuffle_seed is not None and len(cols["_pos"]) > 1:
-            perm = np.random.default_rng([shuffle_seed, u.index]).permutation(len(cols["_pos"]))
-            cols = {k: v[perm] for k, v in cols.items()}
-        yield pa.table(cols)
+    footers: dict[int, pq.FileMetaData] = {}
+
+    def fetch(u: Unit) -> pa.Table:
+        # Runs in the I/O threads: on object storage a row group is a few HTTP requests
+        # whose latency, not bandwidth, dominates for small files.
+        handle = fs.open_input_file(split_uri(plan_files[u.file])[1])
+        pf = pq.ParquetFile(handle, metadata=footers.get(u.file))
+        footers.setdefault(u.file, pf.metadata)  # parsed once per file, shared (read-only)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        return pf.read_row_group(u.row_group, columns=present)
+
+    with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="flm-read") as pool:
+        ahead = deque(pool.submit(fetch, u) for u in units[:READ_AHEAD])
+        for i, u in enumerate(units):
+            if i + READ_AHEAD < len(units):
+                ahead.append(pool.submit(fetch, units[i + READ_AHEAD]))
+            uri = plan_files[u.file]
+            try:
+                t = ahead.popleft().result()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                corrupt = isinstance(e, (pa.ArrowInvalid, pa.ArrowNotImplementedError))
+                if corrupt and on_bad_file == "skip":
+                    log.warning("skipping %s row group %d: %s", uri, u.row_group, e)
+                    # One marker row per skipped unit, so workers count it as a bad file.
+                    marker = {k: np.zeros(1, v.dtype) for k, v in empty.items()}
+                    marker["_pos"][0] = np.int64(u.index) << np.int64(32)
+                    marker["_bad"][0] = BAD_FILE_CODE
+                    yield pa.table(marker)
+                    continue
+                for f in ahead:
+                    f.cancel()
+                raise DataError(f"{uri}: row group {u.row_group}: cannot read: {e}") from e
+            yield from _encode_unit(t, u, uri, spec, skip_rows, shuffle_seed)
+
+
+def _encode_unit(t: pa.Table, u: Unit, uri: str, spec: EncodeSpec, skip_rows: dict, shuffle_seed: int | None):
+    if t.num_rows != u.rows:
+        raise DataError(f"{uri}: row group {u.row_group} has {t.num_rows} rows, the plan expected {u.rows} (file changed during the run?)")
+    cols = encode_table(t, spec, u.index, 0)
+    seen = skip_rows.get(u.index)
+    if seen is not None:
+        keep = ~seen[cols["_pos"] & 0xFFFFFFFF]
+        cols = {k: v[keep] for k, v in cols.items()}
+    if shuffle_seed is not None and len(cols["_pos"]) > 1:
+        perm = np.random.default_rng([shuffle_seed, u.index]).permutation(len(cols["_pos"]))
+        cols = {k: v[perm] for k, v in cols.items()}
+    yield pa.table(cols)
 
 
 def empty_columns(spec: EncodeSpec) -> dict[str, np.ndarray]:
