@@ -413,7 +413,10 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     steps, tput = summarize(results)
-    report(args, info, sizes, results, steps, tput, fs_type)
+    with common.captured() as cap:
+        report(args, info, sizes, results, steps, tput, fs_type)
+    if not args.quick:
+        common.update_benchmarks_md('checkpoint', cap.text(), "python bench/checkpoint.py" + (" --quick" if args.quick else "") + (f" --world {args.world}" if args.world != 1 else ""), info)
 
 
 def _fs_type(path: str) -> str:

@@ -446,7 +446,10 @@ def main() -> None:
     finally:
         if endpoint is not None:
             endpoint.stop()
-    report(args, info, sizes, hashing, runs)
+    with common.captured() as cap:
+        report(args, info, sizes, hashing, runs)
+    if not args.quick:
+        common.update_benchmarks_md('ingest', cap.text(), "python bench/ingest.py" + (" --quick" if args.quick else "") + (" --pinned" if args.pinned else "") + (f" --sleep-ms {args.sleep_ms:g}" if args.sleep_ms else ""), info)
 
 
 def report(args, info: dict, sizes: Sizes, hashing: dict, runs: dict[str, list[dict]]) -> None:

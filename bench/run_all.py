@@ -254,8 +254,10 @@ def agree_rows(n: int, world: int) -> int | None:
 def all_modes(rank: int, world: int, caps: dict, make_batches, profile_steps: int = 0, out_dir: str | None = None) -> list[dict]:
     stepper = Stepper(world)
     # One untimed step: lazy allocation (optimiser state, gloo buffers) is not a mode's cost.
-    warm = next(iter(make_batches("warm")))
-    stepper.step(warm, BATCH_SIZE * world)
+    source = make_batches("warm")
+    stepper.step(next(iter(source)), BATCH_SIZE * world)
+    if hasattr(source, "close"):
+        source.close()
     recs = []
     for mode in MODES:
         dist.barrier() if world > 1 else None

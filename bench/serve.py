@@ -335,13 +335,16 @@ def main() -> None:
         ratios[f"{endpoint}: S req/s / L req/s"] = common.ratio(med[f"S {endpoint}"]["rps"], lim["rps"])
         ratios[f"{endpoint}: S req/s / E req/s"] = common.ratio(med[f"S {endpoint}"]["rps"], med[f"E {endpoint}"]["rps"])
         ratios[f"{endpoint}: served requests per batch"] = common.ratio(batches[endpoint]["requests"], batches[endpoint]["batches"])
-    print()
-    print(f"/score: {args.score_items} items per request; /recommend: k={args.k} over {args.items:,} items; "
-          f"medians of {args.repeats} round(s) of {args.seconds:g} s; serve.max_batch_size={args.max_batch_size}, "
-          f"batch wait {args.batch_wait_ms:g} ms")
-    print(common.markdown_table(["endpoint", "arm", "p50 ms", "p99 ms", "req/s", "p50 / limit"], rows))
-    print()
-    print(common.markdown_table(["ratio", "value"], [[k, v] for k, v in ratios.items()]))
+    with common.captured() as cap:
+        print()
+        print(f"/score: {args.score_items} items per request; /recommend: k={args.k} over {args.items:,} items; "
+              f"medians of {args.repeats} round(s) of {args.seconds:g} s; serve.max_batch_size={args.max_batch_size}, "
+              f"batch wait {args.batch_wait_ms:g} ms; {args.clients} concurrent clients in a second process")
+        print(common.markdown_table(["endpoint", "arm", "p50 ms", "p99 ms", "req/s", "p50 / limit"], rows))
+        print()
+        print(common.markdown_table(["ratio", "value"], [[k, v] for k, v in ratios.items()]))
+    if not args.quick:
+        common.update_benchmarks_md("serve", cap.text(), "python bench/serve.py", info)
     common.write_result(args.out, {
         "benchmark": "serve",
         "machine": info,

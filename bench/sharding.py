@@ -352,7 +352,10 @@ def main() -> None:
     results = common.run_ranks(rank_main, WORLD, sizes, ARMS, timeout=1800)
     print(f"ranks finished in {time.monotonic() - t0:.0f}s", flush=True)
     med = summarize(results, ARMS)
-    report(args, info, sizes, med, results)
+    with common.captured() as cap:
+        report(args, info, sizes, med, results)
+    if not args.quick:
+        common.update_benchmarks_md('sharding', cap.text(), "python bench/sharding.py" + (" --quick" if args.quick else ""), info)
 
 
 def report(args, info: dict, sizes: Sizes, med: dict[str, dict], results) -> None:
