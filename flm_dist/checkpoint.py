@@ -316,7 +316,11 @@ class Checkpointer:
                 fut.result()  # raises if any rank's write failed
             if self.rank == 0:
                 if commit(self.store, ref, dict(manifest, checkpoint=ref.uri)):
-                    prune(self.store, self.run_dir, self.keep_last, step)
+                    try:
+                        prune(self.store, self.run_dir, self.keep_last, step)
+                    except StorageError as e:
+                        # Committed is committed: old folders are pruned after the next commit.
+                        log.warning("checkpoint %s committed; deleting older ones failed (retried after the next commit): %s", ref.uri, e)
                 else:
                     # Another attempt (a zombie of a restarted worker group) won this
                     # step; its checkpoint stands and ours was discarded. Training goes on.

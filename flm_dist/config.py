@@ -121,7 +121,7 @@ class DataConfig:
     prefetch_batches: int = 4
     # Keep Ray Data's block order: runs repeat bit for bit, at some ingest throughput.
     deterministic: bool = False
-    read_block_rows: int = 65536  # rows per read unit (row groups are split or merged to this)
+    read_block_rows: int = 65536  # rows per Ray Data read task: row groups are merged up to this (never split)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -241,7 +241,7 @@ def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, 
     s3_store.upload_dir(local, "s3://rel19/log")
 
     def job(name, endpoint, **sets):
-        j = _job("s3://rel19/runs", name, "s3://rel19/log", **{"data.deterministic": True, "train.epochs": 2, **sets})
+        j = _job("s3://rel19/runs", name, "s3://rel19/log", **{"data.deterministic": True, "train.epochs": 1, **sets})
         return replace(j, storage=replace(s3.storage_config(), endpoint_url=endpoint))
 
     clean = launch.train(job("clean", s3.url), s3_store, fresh=True, progress=False)
