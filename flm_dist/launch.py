@@ -257,7 +257,12 @@ class FLMDataConfig(DataConfig):
                 ds.context.execution_options = self._resolve_execution_options(name)
                 if self._deterministic:
                     ds.context.execution_options.preserve_order = True
-                out[rank][name] = ds.iterator()
+                # A split of one: the rank's own dataset, executed by a coordinator actor
+                # (placed for the rank's node) instead of inside the train worker, where
+                # the executor's threads would take the GIL and CPU from the step
+                # (measured: bench/run_all.py, C at 2 workers).
+                hints = [worker_node_ids[rank]] if worker_node_ids else None
+                out[rank][name] = ds.streaming_split(1, equal=False, locality_hints=hints)[0]
         return out
 
 
