@@ -9,8 +9,10 @@ Arms, run interleaved inside the same two processes:
   S         flm_dist's row-wise plan: each rank holds half of each table
             (`sharding.RowWiseEmbedding`, all-to-all lookups), DDP for the rest.
   R-ddp     flm_dist's replicated plan (`scaling.plan: {user: replicated, ...}`):
-            full tables on every rank; their gradients are dense and all-reduced by
-            DDP like any other parameter. Its steps take seconds: first round only.
+            full tables on every rank (`sharding.ReplicatedEmbedding`: the touched
+            rows' gradients are all-gathered; DDP keeps the dense layers only). The
+            name is historical: before ReplicatedEmbedding, DDP all-reduced the whole
+            tables densely and a step took seconds.
   R-sparse  a reference written here, not in flm_dist: full tables on every rank with
             sparse gradients (rows touched only), all-gathered and applied on every
             rank. The cheapest replication there is: the bar row-wise sharding must
