@@ -256,8 +256,8 @@ def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, 
 
     # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
     with FaultyS3(s3.url) as px:
-        down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=3))
-        j = job("down", px.url, **{"storage.max_attempts": 3, "train.epochs": 4})
+        down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 4})
         box: dict = {}
         t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
         t.start()
