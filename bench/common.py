@@ -42,6 +42,7 @@ __all__ = [
     "percentile",
     "pin_threads",
     "print_header",
+    "ray_train_data",
     "ratio",
     "reset_peak_rss",
     "run_ranks",
@@ -464,6 +465,33 @@ def run_ranks(fn, world: int, *args, timeout: float = 900.0) -> list:
     if errors:
         raise RuntimeError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
     return [pickle.loads(results[r]) for r in range(world)]
+
+
+# ------------------------------------------------------------------ Ray Train arms B and C
+
+
+def ray_train_data(arm: str, store, uri: str, columns: list[str], spec, shuffle: bool, seed: int, block_rows: int) -> dict:
+    """TorchTrainer's data arguments for arm B (the Ray recipe: read_parquet +
+    map_batches(encode_table), Ray's own split) or C (flm_dist as launch.train builds
+    it: plan_read -> InteractionDatasource -> per-rank shares through FLMDataConfig)."""
+    import functools
+
+    from flm_dist.data.encode import encode_table
+
+    if arm == "B":
+        import ray.data
+
+        fs, path = store.arrow_fs(uri)
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+        ds = ds.map_batches(functools.partial(encode_table, spec=spec), batch_format="pyarrow")
+        return {"datasets": {"train": ds}}
+    from flm_dist.data.pipeline import InteractionDatasource, read
+    from flm_dist.data.plan import plan_read
+    from flm_dist.launch import FLMDataConfig
+
+    plan = plan_read(store, uri, spec.read)
+    src = InteractionDatasource(plan, spec, store, shuffle, seed, block_rows, "fail")
+    return {"datasets": {"train": read(src)}, "dataset_config": FLMDataConfig({"train": (src, plan.to_dict())}, store, None)}
 
 
 # ------------------------------------------------------------------ runs and statistics

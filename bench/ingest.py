@@ -29,7 +29,6 @@ C/B, shuffle on/off, 2 workers/1 worker, uniform/Zipf IDs and (--s3) S3/local.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing as mp
 import os
@@ -216,7 +215,7 @@ def run_ray(arm: str, workers: int, data: RayData, shuffle: bool, sleep_s: float
     from ray.train.torch import TorchTrainer
 
     from flm_dist.config import ScalingConfig as FLMScaling
-    from flm_dist.launch import FLMDataConfig, resources
+    from flm_dist.launch import resources
 
     node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
     cpw, threads = resources(FLMScaling(num_workers=workers), node_cpus)
@@ -224,23 +223,7 @@ def run_ray(arm: str, workers: int, data: RayData, shuffle: bool, sleep_s: float
     storage = tempfile.mkdtemp(prefix="flm-bench-train-")
     spec = encode_spec()
     t_setup = time.monotonic()
-    if arm == "B":
-        import ray.data
-
-        fs, path = data.store.arrow_fs(data.uri)
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=data.columns)
-        ds = ds.map_batches(functools.partial(encode_table, spec=spec), batch_format="pyarrow")
-        kwargs = {"datasets": {"train": ds}}
-    else:
-        from flm_dist.data.pipeline import InteractionDatasource, read
-        from flm_dist.data.plan import plan_read
-
-        plan = plan_read(data.store, data.uri, spec.read)
-        src = InteractionDatasource(plan, spec, data.store, shuffle, SEED, BLOCK_ROWS, "fail")
-        kwargs = {
-            "datasets": {"train": read(src)},
-            "dataset_config": FLMDataConfig({"train": (src, plan.to_dict())}, data.store, None),
-        }
+    kwargs = common.ray_train_data(arm, data.store, data.uri, data.columns, spec, shuffle, SEED, BLOCK_ROWS)
     setup_s = time.monotonic() - t_setup
     config = {"arm": arm, "threads": threads, "shuffle_window": SHUFFLE_WINDOW if shuffle else 1, "sleep_s": sleep_s, "out_dir": out_dir}
     trainer = TorchTrainer(
