@@ -85,24 +85,41 @@ def pointwise_report(task: str, pred: np.ndarray, target: np.ndarray, user_keys:
     return out
 
 
+def _discounts(n: int) -> np.ndarray:
+    """C[m] = sum of 1 / log2(r + 2) for ranks r < m (0-based): DCG of m leading hits."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(n) + 2.0))])
+
+
 def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np.ndarray, catalog_keys: np.ndarray, ref, ks=(10, 20), chunk: int = 1024) -> dict:
     """Full-ranking Recall@K, NDCG@K and HitRate@K.
 
     `scores_for(lo, hi)` returns scores [hi - lo, len(catalog)] for eval rows lo..hi
     against every catalog item (sorted `catalog_keys`). Each row is one (user, target
     item); the user's training items (`ref` pairs) are excluded from the ranking,
-    except the target itself. A target outside the catalog (a cold item) is a miss.
-    Per user: Recall = hits / targets, NDCG = DCG / ideal DCG, HitRate = any hit;
+    except the target itself. A target outside the catalog (a cold item), or with a
+    non-finite score, is a miss; another item's NaN score ranks above the target.
+
+    Ties are broken at random, and each metric is its expectation over the tie-break:
+    with g items scored above the target and t others tied with it, the target's rank
+    is uniform on g..g+t, so its hit@K is the share of those positions below K and its
+    DCG@K the mean discount over them. A constant scorer gets exactly K / |catalog|
+    Recall@K; ties never count in the model's favour (hashed items that share a row
+    score identically, and so do most-popular counts).
+    Per user: Recall = expected hits / targets, NDCG = expected DCG / ideal DCG,
+    HitRate = the largest hit probability of the user's targets (exact for one target
+    per user, the leave-one-out protocol; a lower bound of P(any hit) otherwise);
     averaged over users. Slices as in `slice_masks`, by row."""
     if len(catalog_keys):
         pos_in_cat = np.minimum(np.searchsorted(catalog_keys, target_keys), len(catalog_keys) - 1)
         in_cat = catalog_keys[pos_in_cat] == target_keys
     else:
         pos_in_cat, in_cat = np.zeros(n_rows, np.int64), np.zeros(n_rows, bool)
-    rank = np.full(n_rows, np.iinfo(np.int64).max, dtype=np.int64)
+    above = np.full(n_rows, len(catalog_keys), dtype=np.int64)  # items ranked above the target
+    tied = np.zeros(n_rows, dtype=np.int64)  # other items tied with it
     for lo in range(0, n_rows, chunk):
         hi = min(lo + chunk, n_rows)
-        s = np.asarray(scores_for(lo, hi), dtype=np.float32)
+        s = np.array(scores_for(lo, hi), dtype=np.float32)
+        s[np.isnan(s)] = np.inf
         for r in range(hi - lo):
             row = lo + r
             if not in_cat[row]:
@@ -113,8 +130,20 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
                 idx = idx[(idx < len(catalog_keys)) & (catalog_keys[np.minimum(idx, len(catalog_keys) - 1)] == seen)]
                 idx = idx[idx != pos_in_cat[row]]
                 s[r, idx] = -np.inf
-            t = s[r, pos_in_cat[row]]
-            rank[row] = int((s[r] > t).sum())  # 0-based; ties count in the target's favour
+        rows = np.arange(lo, hi)
+        ok = in_cat[rows]
+        t = s[np.arange(hi - lo), pos_in_cat[rows]]
+        ok &= np.isfinite(t)
+        greater = (s > t[:, None]).sum(1)
+        equal = (s == t[:, None]).sum(1) - 1
+        above[rows[ok]] = greater[ok]
+        tied[rows[ok]] = equal[ok]
+    disc = _discounts(max(ks) + 1)
+    hit_at, dcg_at = {}, {}
+    for k in ks:
+        first, last = np.minimum(above, k), np.minimum(above + tied + 1, k)  # tied positions below k
+        hit_at[k] = (last - first) / (tied + 1.0)
+        dcg_at[k] = (disc[last] - disc[first]) / (tied + 1.0)
     masks = {"all": np.ones(n_rows, dtype=bool)}
     if ref is not None:
         masks.update(slice_masks(user_keys, target_keys, ref))
@@ -126,13 +155,14 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
         out["users"] = int(n_users)
         targets = np.bincount(inv, minlength=n_users).astype(np.float64)
         for k in ks:
-            hit = rank[mask] < k
-            hits = np.bincount(inv, weights=hit, minlength=n_users)
-            dcg = np.bincount(inv, weights=np.where(hit, 1.0 / np.log2(rank[mask].clip(max=10**9) + 2.0), 0.0), minlength=n_users)
-            ideal = np.array([np.sum(1.0 / np.log2(np.arange(min(int(t), k)) + 2.0)) for t in targets]) if n_users else np.zeros(0)
+            hits = np.bincount(inv, weights=hit_at[k][mask], minlength=n_users)
+            dcg = np.bincount(inv, weights=dcg_at[k][mask], minlength=n_users)
+            best = np.zeros(n_users)
+            np.maximum.at(best, inv, hit_at[k][mask])
+            ideal = disc[np.minimum(targets, k).astype(np.int64)]
             out[f"recall@{k}"] = float(np.mean(hits / targets)) if n_users else float("nan")
             out[f"ndcg@{k}"] = float(np.mean(dcg / ideal)) if n_users else float("nan")
-            out[f"hitrate@{k}"] = float(np.mean(hits > 0)) if n_users else float("nan")
+            out[f"hitrate@{k}"] = float(np.mean(best)) if n_users else float("nan")
         return out
 
     report = {"overall": aggregate(masks.pop("all"))}

@@ -118,3 +118,78 @@ def test_ranking_metrics_by_hand():
     ndcg_u1 = (1 / math.log2(2 + 2)) / 1.0
     assert o["ndcg@3"] == pytest.approx((ndcg_u1 + 1.0 + 0.0) / 3)
     assert rep["slices"]["cold_user"]["users"] == 1 and rep["slices"]["cold_user"]["recall@3"] == 0.0
+
+
+def _oracle_ranking(scores, users, targets, catalog, seen_pairs, ks):
+    """A plain loop: per row, every tie-break position of the target is equally
+    likely; per user, metrics are averaged over rows (recall, DCG) or maximised
+    (hit rate), then averaged over users."""
+    per_user: dict = {}
+    for r, (u, tgt) in enumerate(zip(users, targets, strict=True)):
+        catalog_list = list(catalog)
+        rec = {}
+        if tgt not in catalog_list or not np.isfinite(scores[r][catalog_list.index(tgt)]):
+            for k in ks:
+                rec[k] = (0.0, 0.0)
+        else:
+            t = scores[r][catalog_list.index(tgt)]
+            others = [
+                s if not np.isnan(s) else np.inf
+                for s, item in zip(scores[r], catalog_list, strict=True)
+                if item != tgt and (u, item) not in seen_pairs
+            ]
+            g = sum(1 for s in others if s > t)
+            e = sum(1 for s in others if s == t)
+            for k in ks:
+                positions = range(g, g + e + 1)
+                hit = sum(1 for p in positions if p < k) / len(positions)
+                dcg = sum(1 / math.log2(p + 2) for p in positions if p < k) / len(positions)
+                rec[k] = (hit, dcg)
+        per_user.setdefault(u, []).append(rec)
+    out = {}
+    for k in ks:
+        recall, ndcg, hitrate = [], [], []
+        for recs in per_user.values():
+            n = len(recs)
+            ideal = sum(1 / math.log2(p + 2) for p in range(min(n, k)))
+            recall.append(sum(r[k][0] for r in recs) / n)
+            ndcg.append(sum(r[k][1] for r in recs) / ideal)
+            hitrate.append(max(r[k][0] for r in recs))
+        out[f"recall@{k}"], out[f"ndcg@{k}"], out[f"hitrate@{k}"] = np.mean(recall), np.mean(ndcg), np.mean(hitrate)
+    return out
+
+
+def test_constant_scorer_gets_k_over_catalog():
+    """Ties never count in the model's favour: a constant scorer ranks the target
+    uniformly at random, so its Recall@k is k / |catalog| (1.0 before the fix)."""
+    n = 1000
+    catalog = np.arange(n, dtype=np.int64)
+    ref = Reference(users=np.array([0]), items=catalog, item_counts=np.ones(n, np.int64), catalog={"item_key": catalog}, pair_users=np.zeros(0, np.int64), pair_items=np.zeros(0, np.int64))
+    users = np.arange(50, dtype=np.int64)
+    targets = np.arange(50, dtype=np.int64) * 7
+    rep = ranking_report(lambda lo, hi: np.zeros((hi - lo, n), np.float32), 50, users, targets, catalog, ref, ks=(10, 20))
+    assert rep["overall"]["recall@10"] == pytest.approx(10 / n)
+    assert rep["overall"]["hitrate@20"] == pytest.approx(20 / n)
+    assert rep["overall"]["ndcg@10"] == pytest.approx(sum(1 / math.log2(p + 2) for p in range(10)) / n)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ranking_matches_a_plain_loop_oracle(seed):
+    """Ties (scores on a coarse grid), seen items, a target that is also a seen item,
+    cold targets, NaN scores, users with several targets and users with none seen."""
+    rng = np.random.default_rng(seed)
+    n_items, n_rows = 30, 40
+    catalog = np.sort(rng.choice(1000, n_items, replace=False)).astype(np.int64)
+    users = rng.integers(0, 8, n_rows).astype(np.int64)
+    targets = np.where(rng.random(n_rows) < 0.1, 5000, rng.choice(catalog, n_rows)).astype(np.int64)
+    pairs = {(int(u), int(i)) for u in range(8) for i in rng.choice(catalog, rng.integers(0, 10))}
+    pairs |= {(int(users[0]), int(targets[0]))}  # a target the user saw in training
+    scores = np.round(rng.normal(size=(n_rows, n_items)), 0).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.02] = np.nan
+    pu = np.array(sorted(pairs), dtype=np.int64)
+    ref = Reference(users=np.unique(pu[:, 0]), items=catalog, item_counts=np.ones(n_items, np.int64), catalog={"item_key": catalog}, pair_users=pu[:, 0].copy(), pair_items=pu[:, 1].copy())
+    ks = (1, 5, 10)
+    rep = ranking_report(lambda lo, hi: scores[lo:hi], n_rows, users, targets, catalog, ref, ks=ks, chunk=7)
+    want = _oracle_ranking(scores, users.tolist(), targets.tolist(), catalog.tolist(), pairs, ks)
+    for key, v in want.items():
+        assert rep["overall"][key] == pytest.approx(v, abs=1e-9), key
