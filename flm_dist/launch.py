@@ -353,11 +353,11 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
 
 def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str):
     """Plans (validated before any worker starts) and datasources for train / eval:
-    {name: (datasource, plan dict)}, plus the plans."""
+    {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec."""
     d = job.data
     split = d.split
     need_ts = split.by == "time"
-    datasets, plans = {}, {}
+    datasets, plans, specs = {}, {}, {}
     if train_uri:
         rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts)
         plan = _plan(store, train_uri, rs, job)
@@ -365,7 +365,7 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
         src = InteractionDatasource(plan, enc, store, d.shuffle, job.run.seed, d.read_block_rows, d.on_bad_file)
         datasets["train"] = (src, plan.to_dict())
-        plans["train"] = plan
+        plans["train"], specs["train"] = plan, enc
     if eval_uri or (train_uri and split.by != "none"):
         rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True)
         src = eval_uri or train_uri
@@ -374,16 +374,18 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
         src = InteractionDatasource(plan, enc, store, False, job.run.seed, d.read_block_rows, d.on_bad_file)
         datasets["eval"] = (src, plan.to_dict())
-        plans["eval"] = plan
-    return datasets, plans
+        plans["eval"], specs["eval"] = plan, enc
+    return datasets, plans, specs
 
 
-def _reference(store: Store, plan: DataPlan, job: JobConfig, hash_spec: HashSpec, task: str) -> Reference:
-    """The training data's users, item popularity and, for ranking, catalog and pairs."""
-    rs = ReadSpec.for_task(task, job.data.features, job.data.rating_range, evaluate=True)
+def _reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str) -> Reference:
+    """The training data's users, item popularity and, for ranking, catalog and pairs:
+    read exactly as training reads it (`train_spec`: the same split side and bad-row
+    rules), so eval rows of a `data.split` never count as training data."""
     ranking = task in ("retrieval", "pretrain")
     t0 = time.perf_counter()
-    ref = scan_reference(store, plan, EncodeSpec(read=rs, hash=hash_spec), catalog=ranking, pairs=ranking)
+    spec = replace(train_spec, read=replace(train_spec.read, keys=True))
+    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking)
     log.info("reference data %s: %d users, %d items in %.1fs", plan.uri, len(ref.users), len(ref.items), time.perf_counter() - t0)
     return ref
 
@@ -413,10 +415,10 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.init_from:
         _check_parent_hash(store, job.init_from, hash_spec)
     eval_uri = job.data.eval if job.task != "pretrain" else ""
-    datasets, plans = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task)
+    datasets, plans, specs = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task)
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
-    ref = _reference(store, plans["train"], job, hash_spec, job.task) if "eval" in plans else None
+    ref = _reference(store, plans["train"], specs["train"], job.task) if "eval" in plans else None
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
@@ -482,8 +484,8 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     # a pretrained backbone is evaluated on its interaction objective: full ranking
     task = "retrieval" if manifest["task"] == "pretrain" else manifest["task"]
     job.task = task
-    datasets, plans = _datasets(job, store, hash_spec, train_uri, data or None, task)
-    reference_data = _reference(store, plans["train"], job, hash_spec, task)
+    datasets, plans, specs = _datasets(job, store, hash_spec, train_uri, data or None, task)
+    reference_data = _reference(store, plans["train"], specs["train"], task)
     cpw, threads = resources(job.scaling, _node_cpus())
     channel = RunChannel.remote()
     spec = _worker_spec(

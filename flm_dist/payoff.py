@@ -13,10 +13,9 @@ import numpy as np
 
 from flm_dist import launch
 from flm_dist.config import FINETUNE_TASKS, ConfigError, JobConfig
-from flm_dist.data.encode import EncodeSpec, encode_table
+from flm_dist.data.encode import encode_table
 from flm_dist.data.hashing import HashSpec
-from flm_dist.data.plan import plan_read, read_unit
-from flm_dist.data.schema import ReadSpec
+from flm_dist.data.plan import read_unit
 from flm_dist.metrics import SLICES, ranking_report
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store, join
@@ -28,14 +27,15 @@ HEADLINE = {"ctr": "auc", "rating": "rmse", "retrieval": "recall@10"}
 
 def most_popular(store: Store, job: JobConfig, ks=(10, 20)) -> dict:
     """The most-popular baseline for retrieval: every user gets the items ranked by
-    training popularity (their own training items excluded), scored like the models."""
+    training popularity (their own training items excluded), scored like the models.
+    Training and eval rows are read exactly as the fine-tune reads them."""
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
-    ref = launch._reference(store, plan_read(store, job.data.train, ReadSpec.for_task("retrieval", job.data.features, job.data.rating_range)), job, hs, "retrieval")
-    rs = ReadSpec.for_task("retrieval", job.data.features, job.data.rating_range, evaluate=True)
-    plan = plan_read(store, job.data.eval, rs)
+    _, plans, specs = launch._datasets(job, store, hs, job.data.train, job.data.eval or None, "retrieval")
+    ref = launch._reference(store, plans["train"], specs["train"], "retrieval")
+    plan, spec = plans["eval"], specs["eval"]
     users, items = [], []
     for u in plan.units:
-        cols = encode_table(read_unit(store, plan, u), EncodeSpec(read=rs, hash=hs), u.index)
+        cols = encode_table(read_unit(store, plan, u), spec, u.index)
         good = cols["_bad"] == 0
         users.append(cols["user_key"][good])
         items.append(cols["item_key"][good])

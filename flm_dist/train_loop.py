@@ -36,6 +36,7 @@ from flm_dist.data.pipeline import BatchStream, empty_batch
 from flm_dist.data.plan import DataPlan, read_unit
 from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS, DataError
+from flm_dist.evaluation import gather_outputs, local_outputs
 from flm_dist.model import FLM
 from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules
 from flm_dist.optim import build_optimizers, optimizer_state
@@ -566,21 +567,13 @@ class Worker:
             if batch is not None:
                 out["user_key"].append(batch.user_key.numpy())
                 out["item_key"].append(batch.item_key.numpy())
-        local = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+        local = local_outputs(out, s.model.latent_dim)
         if retrieval:
             local["catalog"] = self._catalog_vectors(m, empty)
-        gathered = [local]
-        if dist.is_initialized():
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, local, group=self.ctrl)
+        result = gather_outputs(local, group=self.ctrl)
         self.model.train()
-        if self.rank != 0:
+        if result is None:
             return {}
-        result = {k: np.concatenate([g[k] for g in gathered]) for k in ("user_key", "item_key", "pred", "target", "user_vec")}
-        if retrieval:
-            # rank r computed catalog chunks r, r + W, ...: put them back in order
-            chunks = sorted((i, v) for g in gathered for i, v in g["catalog"])
-            result["catalog_vec"] = np.concatenate([v for _, v in chunks]) if chunks else np.zeros((0, 0), np.float32)
         result["bad_rows"] = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
         return result
 

@@ -46,25 +46,32 @@ def test_group_auc_and_calibration_by_hand():
     assert m["logloss"] == pytest.approx(-np.mean(y * np.log(s) + (1 - y) * np.log(1 - s)))
 
 
-def _gather_auc(rank, world, scores, labels):
-    """Each rank holds a slice of the predictions; the gathered set gives the AUC."""
-    import torch.distributed as dist
+def _gather(rank, world, scores, labels, keys):
+    """Each rank holds a slice of the eval outputs (the last rank none at all) and
+    gathers them with the evaluation path's own collective."""
+    from flm_dist.evaluation import gather_outputs, local_outputs
 
-    part = (scores[rank::world], labels[rank::world])
-    gathered = [None] * world
-    dist.all_gather_object(gathered, part)
-    s = np.concatenate([g[0] for g in gathered])
-    y = np.concatenate([g[1] for g in gathered])
-    return auc(s, y), auc(*part)
+    mine = slice(rank, len(scores), world - 1) if rank < world - 1 else slice(0, 0)
+    parts = {"pred": [scores[mine]], "target": [labels[mine]], "user_key": [keys[mine]], "item_key": [keys[mine]]}
+    if rank == world - 1:
+        parts = {}
+    res = gather_outputs(local_outputs(parts, latent_dim=4))
+    return res, auc(scores[mine], labels[mine]) if rank < world - 1 else None
 
 
 @pytest.mark.slow
-def test_distributed_auc_equals_single_process_exactly():
+def test_distributed_gather_equals_single_process_exactly():
     rng = np.random.default_rng(1)
-    scores = np.round(rng.random(2001), 2)  # ties across ranks
-    labels = (rng.random(2001) < scores).astype(int)
-    results = run_ranks(_gather_auc, 2, scores, labels)
-    assert results[0][0] == results[1][0] == auc(scores, labels)
+    scores = np.round(rng.random(2001), 2).astype(np.float32)  # ties across ranks
+    labels = (rng.random(2001) < scores).astype(np.float32)
+    keys = rng.integers(-(2**63), 2**63 - 1, 2001, dtype=np.int64)  # 64-bit identity keys
+    results = run_ranks(_gather, 3, scores, labels, keys)
+    got = results[0][0]
+    assert results[1][0] is None and results[2][0] is None  # only rank 0 holds the outputs
+    order = np.concatenate([np.arange(0, 2001, 2), np.arange(1, 2001, 2)])
+    # a rank without rows must not turn the int64 keys into floats (their low bits would be lost)
+    assert got["user_key"].dtype == np.int64 and np.array_equal(got["user_key"], keys[order])
+    assert auc(got["pred"], got["target"]) == auc(scores, labels)
     # the tempting shortcut, averaging per-rank AUCs, is not the AUC
     assert (results[0][1] + results[1][1]) / 2 != auc(scores, labels)
 
