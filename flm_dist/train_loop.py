@@ -35,7 +35,7 @@ from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import BatchStream, empty_batch
 from flm_dist.data.plan import DataPlan, read_unit
 from flm_dist.data.position import ConsumedRows
-from flm_dist.data.schema import BAD_REASONS, DataError
+from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED, DataError
 from flm_dist.evaluation import gather_outputs, local_outputs
 from flm_dist.model import FLM
 from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules
@@ -367,7 +367,7 @@ class Worker:
     def _bad_budget(self, bad_total: np.ndarray, rows_total: int, planned: int, final: bool, examples: list) -> None:
         """Raise on every rank at once (the counts are global) when bad rows exceed the
         budget: mid-epoch only once the whole epoch could no longer stay under it."""
-        n_bad = int(bad_total[1:].sum() - bad_total[BAD_REASONS.index("bad_file")])
+        n_bad = int(bad_total[1:].sum() - bad_total[list(NOT_BUDGETED)].sum())
         limit = self.spec.max_bad_fraction * (rows_total + n_bad if final else planned)
         if n_bad <= limit or n_bad == 0:
             return

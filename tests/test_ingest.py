@@ -133,6 +133,17 @@ def test_bad_rows_get_one_reason_each():
     rating = ReadSpec.for_task("rating", [], [1, 5])
     got = [BAD_REASONS[c] for c in encode_table(t, EncodeSpec(read=rating, hash=HASH))["_bad"]]
     assert got[-1] == "rating_out_of_range" and got[0] == "ok"
+    # retrieval trains on positives only: label 0 rows are dropped as not_positive
+    retrieval = ReadSpec.for_task("retrieval", [], [1, 5])
+    got = [BAD_REASONS[c] for c in encode_table(t, EncodeSpec(read=retrieval, hash=HASH))["_bad"]]
+    assert got == ["ok", "null_user_id", "null_item_id", "null_label", "nonfinite_label", "label_out_of_range", "label_out_of_range", "not_positive"]
+    # a numeric feature's NaN / Inf is a bad row (null is a missing value: 0)
+    num = ReadSpec.for_task("pretrain", [FeatureConfig(name="price", side="item", kind="numeric")], [1, 5])
+    tn = t.append_column("price", pa.array([1.0, 2.0, 3.0, None, float("nan"), float("inf"), -float("inf"), 0.5]))
+    cols = encode_table(tn, EncodeSpec(read=num, hash=HASH))
+    got = [BAD_REASONS[c] for c in cols["_bad"]]
+    assert got == ["ok", "null_user_id", "null_item_id", "ok", "nonfinite_feature", "nonfinite_feature", "nonfinite_feature", "ok"]
+    assert cols["f_price"][3] == 0.0
     # positions name the unit and row
     cols = encode_table(t, EncodeSpec(read=CTR, hash=HASH), unit=3, row_offset=10)
     assert (cols["_pos"] >> 32).tolist() == [3] * 8 and (cols["_pos"] & 0xFFFFFFFF).tolist() == list(range(10, 18))

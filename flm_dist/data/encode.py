@@ -137,6 +137,8 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
         mark(~np.isfinite(v) & ~nulls, "nonfinite_label")
         with np.errstate(invalid="ignore"):
             mark((v < 0) | (v > 1), "label_out_of_range")
+            if rs.positives_only:
+                mark(v <= 0, "not_positive")
         out["label"] = v
     if rs.read_rating and "rating" in t.column_names:
         v, nulls = _float_col(t, "rating")
@@ -151,8 +153,11 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
     for f in rs.features:
         col = t.column(f.name).combine_chunks()
         if f.kind == "numeric":
+            # null is a missing value and enters as 0; NaN / Inf is a bad row, never a silent 0
             v = pc.cast(col, pa.float64(), safe=False).fill_null(0.0).to_numpy(zero_copy_only=False)
-            out[f"f_{f.name}"] = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+            finite = np.isfinite(v)
+            mark(~finite, "nonfinite_feature")
+            out[f"f_{f.name}"] = np.where(finite, v, 0.0).astype(np.float32)
         elif f.kind == "categorical":
             # A null feature value is a value of its own (hashes like ""/0), not a bad row.
             out[f"f_{f.name}"] = spec.hash.hash(f.name, col)

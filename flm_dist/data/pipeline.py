@@ -23,7 +23,7 @@ from flm_dist.batch import Batch
 from flm_dist.config import FeatureConfig
 from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
 from flm_dist.data.plan import DataPlan, Unit
-from flm_dist.data.schema import BAD_REASONS
+from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED
 from flm_dist.storage import Store
 
 __all__ = [
@@ -235,7 +235,8 @@ class BatchStream:
             counts += np.bincount(bad, minlength=len(BAD_REASONS))
             keep = bad == 0
             if len(self.bad_examples) < 5 and not keep.all():
-                idx = np.flatnonzero(~keep)[: 5 - len(self.bad_examples)]
+                budgeted = ~keep & ~np.isin(bad, NOT_BUDGETED)
+                idx = np.flatnonzero(budgeted)[: 5 - len(self.bad_examples)]
                 self.bad_examples += [(int(raw["_pos"][i]), int(bad[i])) for i in idx]
             if not keep.all():
                 raw = {k: v[keep] for k, v in raw.items()}

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from flm_dist.config import FeatureConfig
 
-__all__ = ["BAD_REASONS", "DataError", "ReadSpec", "check_schema"]
+__all__ = ["BAD_REASONS", "NOT_BUDGETED", "DataError", "ReadSpec", "check_schema"]
 
 
 class DataError(ValueError):
@@ -40,8 +40,14 @@ BAD_REASONS = (
     "rating_out_of_range",
     "null_ts",
     "bad_file",  # a whole read unit skipped under on_bad_file=skip (one marker row per unit)
+    "nonfinite_feature",  # a numeric feature is NaN or +-Inf (null is a value: 0)
+    "not_positive",  # retrieval: label <= 0, not a positive interaction (filtered, not bad)
 )
 BAD_FILE_CODE = BAD_REASONS.index("bad_file")
+# Counted per reason but outside data.max_bad_fraction: skipped files have their own
+# budget (data.max_bad_files), and a retrieval job on a click log drops its non-clicks
+# by design.
+NOT_BUDGETED = (BAD_FILE_CODE, BAD_REASONS.index("not_positive"))
 
 
 def _is_id_type(t: pa.DataType) -> bool:
@@ -65,7 +71,8 @@ class ReadSpec:
     need_label: bool = False
     need_rating: bool = False
     need_ts: bool = False
-    read_label: bool = False  # read if present (retrieval: positives only)
+    read_label: bool = False  # read if present
+    positives_only: bool = False  # retrieval: rows with label <= 0 are dropped (counted as not_positive)
     read_rating: bool = False
     read_ts: bool = False
     keys: bool = False  # also emit 64-bit user/item identity keys (evaluation slices, retrieval)
@@ -79,6 +86,7 @@ class ReadSpec:
             need_rating=task == "rating",
             need_ts=need_ts,
             read_label=task in ("ctr", "retrieval"),
+            positives_only=task == "retrieval",
             read_rating=task == "rating",
             read_ts=need_ts,
             keys=evaluate,
