@@ -318,7 +318,7 @@ class Checkpointer:
                 if commit(self.store, ref, dict(manifest, checkpoint=ref.uri)):
                     try:
                         prune(self.store, self.run_dir, self.keep_last, step)
-                    except StorageError as e:
+                    except Exception as e:  # noqa: BLE001 - the step is committed whatever happens here
                         # Committed is committed: old folders are pruned after the next commit.
                         log.warning("checkpoint %s committed; deleting older ones failed (retried after the next commit): %s", ref.uri, e)
                 else:

@@ -230,9 +230,16 @@ class Store:
         except Exception as e:  # 412 PreconditionFailed, as s3fs translates it
             cause = getattr(e, "__cause__", None)
             code = getattr(cause, "response", {}).get("Error", {}).get("Code", "") if cause else ""
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-conditions you specified" in str(e):
-                return False
-            raise StorageError(f"cannot create {uri}: {e}") from e
+            if not (code in ("PreconditionFailed", "ConditionalRequestConflict") or "pre-conditions you specified" in str(e)):
+                raise StorageError(f"cannot create {uri}: {e}") from e
+        # The object exists. It may be this very write: botocore retries a PUT whose
+        # response was lost, and the retry finds the object the first try created. The
+        # caller's bytes are unique (a commit marker names its attempt), so equal bytes
+        # mean this call created it.
+        try:
+            return self.read_bytes(uri) == data
+        except FileNotFoundError:
+            return False
 
     def ls(self, uri: str, detail: bool = False) -> list:
         fs, path = self.fs(uri)
@@ -250,6 +257,8 @@ class Store:
             fs.rm(path, recursive=recursive)
         except FileNotFoundError:
             pass
+        except Exception as e:
+            raise StorageError(f"cannot delete {uri}: {e}") from e
 
     def ensure_bucket(self, uri: str) -> None:
         """Create the bucket of an s3:// URI if missing (embedded endpoint, tests)."""

@@ -31,7 +31,11 @@ class FaultyS3:
         self.down = False  # every request fails with 503
         self.slow_puts_s = 0.0  # extra delay on PUT requests (slow uploads)
         self.deny: set[str] = set()  # paths containing any of these get 403 AccessDenied
-        self.counts = {"requests": 0, "errors": 0, "delays": 0, "resets": 0, "forwarded": 0}
+        self.deny_deletes: set[str] = set()  # deletes of paths containing these get 403 (batch deletes: any)
+        # (method, path substring) -> how many more matching requests are forwarded to
+        # the store and then answered with a reset: the request took effect, its response was lost
+        self.lose_response: dict[tuple[str, str], int] = {}
+        self.counts = {"requests": 0, "errors": 0, "delays": 0, "resets": 0, "forwarded": 0, "lost_responses": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         proxy = self
@@ -57,7 +61,10 @@ class FaultyS3:
 
             def _handle(self):
                 body = self._body()
-                fault = 403 if any(d in self.path for d in proxy.deny) else proxy._decide(self.command)
+                deleting = self.command == "DELETE" or (self.command == "POST" and "delete" in self.path)
+                batch = self.command == "POST" and any(d.encode() in body for d in proxy.deny_deletes)
+                denied = any(d in self.path for d in proxy.deny) or (deleting and (batch or any(d in self.path for d in proxy.deny_deletes)))
+                fault = 403 if denied else proxy._decide(self.command)
                 if fault == "reset":
                     # RST instead of a response: what a dropped connection looks like
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -84,6 +91,15 @@ class FaultyS3:
                     conn.close()
                 with proxy._lock:
                     proxy.counts["forwarded"] += 1
+                    lose = next((k for k, n in proxy.lose_response.items() if n > 0 and k[0] == self.command and k[1] in self.path), None)
+                    if lose is not None:
+                        proxy.lose_response[lose] -= 1
+                        proxy.counts["lost_responses"] += 1
+                if lose is not None:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     # a HEAD response's Content-Length is the object's size: keep it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -87,15 +88,49 @@ def test_bit_flip_is_caught_before_loading(tmp_path, target):
         ckpt.load_state(store, latest, {"model": FLM(CFG, FEATS).state_dict()})
 
 
+def _racing_writer(store, run_dir, seed, barrier, out):
+    """A writer in its own process whose commit starts when the other's does."""
+    original = ckpt.commit
+
+    def synced(*args):
+        barrier.wait(timeout=120)
+        return original(*args)
+
+    ckpt.commit = synced
+    ref, uri, m = _save(store, run_dir, 10, seed=seed)
+    # numpy, not tensors: torch would pass tensors through shared memory this process frees on exit
+    out.put((seed, ref.attempt, uri, {k: v.numpy().copy() for k, v in m.state_dict().items()}))
+
+
+@pytest.mark.slow
 def test_zombie_writers_exactly_one_commit_wins(tmp_path, s3_store, bucket):
+    """Two processes (a worker group and its zombie) save the same step and race their
+    commits: exactly one marker wins, both writers learn the winner, the loser's files
+    are gone, and the checkpoint loads as the winner's model."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
     for store, run_dir in ((Store(), str(tmp_path / "run")), (s3_store, join(bucket, "zrun"))):
-        a, uri_a, _ = _save(store, run_dir, 10, seed=1)
-        b, uri_b, _ = _save(store, run_dir, 10, seed=2)  # a second attempt at the same step
-        assert uri_a == uri_b == a.uri  # the second learned that the first won
-        assert not store.exists(join(b.uri, ".metadata"))  # and its files are gone: no mix
-        marker = json.loads(store.read_bytes(join(a.step_dir, "COMMITTED")))
-        assert marker["attempt"] == a.attempt
-        assert ckpt.find_latest(store, run_dir) == a
+        barrier, out = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_racing_writer, args=(store, run_dir, seed, barrier, out)) for seed in (1, 2)]
+        for p in procs:
+            p.start()
+        results = {r[0]: r[1:] for r in (out.get(timeout=180) for _ in procs)}
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+        marker = json.loads(store.read_bytes(join(ckpt.step_dir(run_dir, 10), "COMMITTED")))
+        winner = next(seed for seed, (attempt, _, _) in results.items() if attempt == marker["attempt"])
+        loser = 3 - winner
+        win_ref = ckpt.find_latest(store, run_dir)
+        assert win_ref.attempt == marker["attempt"]
+        assert results[winner][1] == results[loser][1] == win_ref.uri  # the loser learned who won
+        lost = ckpt.CheckpointRef(run_dir, 10, results[loser][0])
+        assert not store.exists(join(lost.uri, ".metadata"))  # and its files are gone: no mix
+        sd = FLM(CFG, FEATS, init_seed=99).state_dict()
+        ckpt.load_state(store, win_ref, {"model": sd})
+        assert all(torch.equal(sd[k], torch.from_numpy(v)) for k, v in results[winner][2].items())
+        assert not all(torch.equal(sd[k], torch.from_numpy(v)) for k, v in results[loser][2].items())
 
 
 def test_keep_last_deletes_only_after_a_newer_commit(tmp_path):
@@ -144,14 +179,11 @@ def _train_and_save(rank, world, run_dir):
     saver.save(3, _state(pm, dense, sparse), {"step": 3, "epoch": 0, "epoch_done": False})
     uri = saver.finish()
     saver.close()
-    return uri
+    return uri, _local(pm, plan, dense, sparse, rank)
 
 
-def _load_world(rank, world, uri):
-    """Load the checkpoint into a `world`-rank sharded model; return this rank's local
-    tables, Adagrad state and dense weights."""
-    pm, plan, dense, sparse, state = _model_and_state(rank, world, seed=123)  # different init
-    ckpt.load_state(Store(), ckpt.resolve(Store(), uri), state)
+def _local(pm, plan, dense, sparse, rank):
+    """This rank's table rows (with their global range), Adagrad state, dense weights and Adam state."""
     from flm_dist.sharding import unwrap
 
     m = unwrap(pm)
@@ -162,13 +194,27 @@ def _load_world(rank, world, uri):
     return tables, accs, dense_sd, adam
 
 
+def _load_world(rank, world, uri):
+    """Load the checkpoint into a `world`-rank sharded model; return this rank's local
+    tables, Adagrad state and dense weights."""
+    pm, plan, dense, sparse, state = _model_and_state(rank, world, seed=123)  # different init
+    ckpt.load_state(Store(), ckpt.resolve(Store(), uri), state)
+    return _local(pm, plan, dense, sparse, rank)
+
+
 @pytest.mark.slow
 def test_reshard_2_to_1_and_3(tmp_path):
-    uri = run_ranks(_train_and_save, 2, str(tmp_path / "run"))[0]
-    # world 1, no process group: the whole tables
-    (full_tables, full_accs, full_dense, full_adam) = _load_world_single(uri)
-    for world in (2, 3):
-        for rank, (tables, accs, dense_sd, adam) in enumerate(run_ranks(_load_world, world, uri)):
+    """What 2 ranks saved (weights and optimiser state) is what 1, 2 and 3 ranks load."""
+    saved = run_ranks(_train_and_save, 2, str(tmp_path / "run"))
+    uri = saved[0][0]
+    # the saved state, whole: each table's row blocks from both ranks, in order
+    full_tables = {n: torch.cat([r[1][0][n][1] for r in saved]) for n in saved[0][1][0]}
+    full_accs = {n: torch.cat([r[1][1][n] for r in saved]) for n in saved[0][1][1]}
+    full_dense, full_adam = saved[0][1][2], saved[0][1][3]
+    assert all(torch.equal(v, saved[1][1][2][k]) for k, v in full_dense.items())  # DDP kept replicas equal
+    for world in (1, 2, 3):
+        loads = [_load_world(0, 1, uri)] if world == 1 else run_ranks(_load_world, world, uri)
+        for rank, (tables, accs, dense_sd, adam) in enumerate(loads):
             for name, ((lo, hi), w) in tables.items():
                 assert torch.equal(w, full_tables[name][lo:hi]), f"world {world} rank {rank} table {name}"
                 assert torch.equal(accs[name], full_accs[name][lo:hi])
@@ -177,6 +223,41 @@ def test_reshard_2_to_1_and_3(tmp_path):
     assert any(float(a.abs().sum()) > 0 for a in full_accs.values())  # the state was really trained
 
 
-def _load_world_single(uri):
-    tables, accs, dense_sd, adam = _load_world(0, 1, uri)
-    return {n: w for n, (_, w) in tables.items()}, accs, dense_sd, adam
+def test_commit_whose_response_was_lost_stands(s3, bucket):
+    """The marker PUT succeeds but its response is lost; botocore retries it and gets
+    412 (the marker exists). The writer must see that the marker is its own, keep its
+    attempt folder and report the commit (before: it deleted the folder the marker
+    names, and the next load raised CheckpointCorruptError)."""
+    from tests.faulty_s3 import FaultyS3
+
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=3))
+        px.lose_response[("PUT", "/COMMITTED")] = 1
+        run_dir = join(bucket, "lost")
+        ref, uri, m = _save(store, run_dir, 10)
+        assert px.counts["lost_responses"] == 1
+    assert uri == ref.uri
+    direct = Store.from_config(s3.storage_config())
+    latest = ckpt.find_latest(direct, run_dir)
+    assert latest == ref
+    sd = FLM(CFG, FEATS, init_seed=99).state_dict()
+    ckpt.load_state(direct, latest, {"model": sd})
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
+def test_failed_prune_after_a_commit_is_not_a_failed_save(s3, bucket):
+    """Deleting the oldest checkpoint fails (403 on its deletes): the new step is committed
+    all the same and the save reports it (before: 'nothing was committed')."""
+    from tests.faulty_s3 import FaultyS3
+
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        run_dir = join(bucket, "prune")
+        _save(store, run_dir, 10)
+        _save(store, run_dir, 20)
+        px.deny_deletes = {"step-00000010"}
+        ref, uri, _ = _save(store, run_dir, 30)  # keep_last=2: step 10 should go, but cannot
+    assert uri == ref.uri
+    direct = Store.from_config(s3.storage_config())
+    assert ckpt.find_latest(direct, run_dir) == ref
+    assert ckpt.committed_steps(direct, run_dir) == [10, 20, 30]  # pruned after a later commit
