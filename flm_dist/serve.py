@@ -248,7 +248,9 @@ class LoadedExport:
                     v = 0.0
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise RequestError(f"{at(i)} must be a number or null", at(i))
-                out.append(float(v) if math.isfinite(v) else 0.0)
+                if not math.isfinite(v):  # a bad row in training: never scored as a silent 0
+                    raise RequestError(f"{at(i)} must be finite, got {v}", at(i))
+                out.append(float(v))
             return {name: torch.tensor(out, dtype=torch.float32)}
         if f["kind"] == "categorical":
             keys = [int(f["null"]) if v is None else id_key(v, f["id_kind"], at(i)) for i, v in enumerate(values)]
@@ -261,7 +263,8 @@ class LoadedExport:
                 raise RequestError(f"{at(i)} must be a list of values (a multi-valued feature) or null", at(i))
             v = v[: f["max_len"]]
             for j, x in enumerate(v):
-                vals[i, j] = id_key(x, f["id_kind"], f"{at(i)}[{j}]")
+                # a null value in the list hashes as training hashes it: like "" / 0
+                vals[i, j] = (prehash_str("") if f["id_kind"] == "string" else 0) if x is None else id_key(x, f["id_kind"], f"{at(i)}[{j}]")
             lens[i] = len(v)
         return {name: vals, name + LEN_SUFFIX: lens}
 

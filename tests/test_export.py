@@ -125,7 +125,7 @@ def test_torchscript_scorer_matches_the_model_for_every_feature_kind(task):
         no_useg = {k: v for k, v in feats.items() if k != "u_seg"}
         got = torch.jit.script(Scorer(model, spec, task, ID_KINDS))(user, item, no_useg)
         assert float((got - _expected(model, nulls, spec, ALL_KINDS, task)).abs().max()) <= FP32_TOL
-        # NaN / inf numeric inputs score as 0, as training encodes them
+        # the graph scores NaN / inf numeric inputs as 0 (training drops such rows as bad; the server refuses them)
         price = feats["i_price"].clone()
         price[::5] = float("nan")
         price[1::5] = float("inf")
