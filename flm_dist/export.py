@@ -286,8 +286,9 @@ def _export_onnx(scorer: Scorer, features: list[dict], path: str) -> None:
             output_names=["score"],
             opset_version=ONNX_OPSET,
             dynamo=True,
-            # torch.export groups *features into one tuple after user_id and item_id
-            dynamic_shapes=(shapes[0], shapes[1], tuple(shapes[2:])),
+            # torch.export groups *features into one tuple after user_id and item_id;
+            # an IDs-only model has no such tuple
+            dynamic_shapes=(shapes[0], shapes[1], tuple(shapes[2:])) if len(shapes) > 2 else (shapes[0], shapes[1]),
             verbose=False,
         )
     # One self-contained file, unless the weights pass protobuf's 2 GiB limit (then the

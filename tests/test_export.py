@@ -39,6 +39,7 @@ from flm_dist.export import (
     write_export,
 )
 from flm_dist.model import FLM, table_sizes
+from flm_dist.storage import Store
 from tests.conftest import FEATURES, tiny_job
 
 FP32_TOL = 1e-5
@@ -412,3 +413,39 @@ def test_cli_export_writes_only_the_formats_asked_for(trained, s3, tmp_path):
     m = json.loads((tmp_path / "ts" / "manifest.json").read_text())
     assert m["formats"] == ["torchscript"] and m["onnx"] is None
     assert (tmp_path / "ts" / "scorer.pt").exists() and not (tmp_path / "ts" / "scorer.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "task,features",
+    [("ctr", []), ("rating", []), ("retrieval", []), ("pretrain", []), ("ctr", ALL_KINDS[:1]), ("retrieval", ALL_KINDS)],
+    ids=["ctr-ids-only", "rating-ids-only", "retrieval-ids-only", "pretrain-ids-only", "ctr-1-feature", "retrieval-4-features"],
+)
+def test_default_export_of_every_task_with_0_1_and_several_features(tmp_path, task, features):
+    """`flm-dist export`'s default (TorchScript and ONNX) for IDs-only models (the most
+    common kind; the ONNX step failed on them) and with features, every task."""
+    import onnxruntime as ort
+
+    from flm_dist.config import JobConfig, to_dict
+
+    cfg = ModelConfig(user_rows=4096, item_rows=1024, feature_rows=64, embedding_dim=8, hidden=[16], latent_dim=8, head_hidden=[8])
+    torch.manual_seed(0)
+    model = FLM(cfg, features, rating_center=3.0 if task == "rating" else 0.0).eval()
+    spec = HashSpec.build(table_sizes(cfg, features), 5)
+    table = _raw_rows(64)
+    pq.write_table(table, tmp_path / "train.parquet")
+    job = JobConfig(task=task, model=cfg)
+    job.data.features = list(features)
+    source = {"task": task, "config": to_dict(job), "hash_spec": spec.to_dict(), "data_columns": ID_KINDS,
+              "data_files": [{"uri": str(tmp_path / "train.parquet"), "size": (tmp_path / "train.parquet").stat().st_size}]}
+    manifest = write_export(Store(), model, source, str(tmp_path / "out"))
+    assert manifest["formats"] == ["torchscript", "onnx"]
+    meta = manifest["features"]
+    feed = {"user_id": id_keys(table.column("user_id")), "item_id": id_keys(table.column("item_id"))}
+    feed.update({k: v.numpy() for k, v in feature_inputs(table, meta).items()})
+    want = _expected(model, table, spec, features, "retrieval" if task == "pretrain" else task).numpy()
+    (got,) = ort.InferenceSession(str(tmp_path / "out" / "scorer.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert float(np.abs(got - want).max()) <= FP32_TOL
+    ts = torch.jit.load(str(tmp_path / "out" / "scorer.pt"))
+    with torch.no_grad():
+        got = ts(torch.from_numpy(feed["user_id"]), torch.from_numpy(feed["item_id"]), {k: torch.from_numpy(v) for k, v in feed.items() if k not in ("user_id", "item_id")})
+    assert float(np.abs(got.numpy() - want).max()) <= FP32_TOL
