@@ -47,6 +47,7 @@ __all__ = [
     "load_state",
     "prune",
     "resolve",
+    "saved_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,15 @@ def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:
         if "Missing key" in str(e) or "Size mismatch" in str(e):
             raise ValueError(f"checkpoint {ref.uri} does not fit this model: {e}") from e
         raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: cannot load: {e}") from e
+
+
+def saved_keys(store: Store, ref: CheckpointRef) -> set[str]:
+    """The flattened keys ("model.head.0.weight", ...) a checkpoint holds, from DCP's metadata."""
+    reader = FsspecReader(ref.uri, **store.storage_options(ref.uri))
+    try:
+        return set(reader.read_metadata().state_dict_metadata)
+    except Exception as e:
+        raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: cannot read its metadata: {e}") from e
 
 
 def prune(store: Store, run_dir: str, keep_last: int, latest: int) -> None:

@@ -144,6 +144,7 @@ class RunChannel:
     def __init__(self):
         self.latest: dict | None = None
         self.final: dict | None = None
+        self.resume_from: tuple[str | None] | None = None  # set by rank 0 at each worker-group start
 
     def update(self, rec: dict) -> None:
         self.latest = rec
@@ -156,6 +157,13 @@ class RunChannel:
 
     def result(self) -> dict | None:
         return self.final
+
+    def set_resume(self, uri: str | None) -> None:
+        self.resume_from = (uri,)
+
+    def resume(self) -> tuple[str | None] | None:
+        """(checkpoint URI or None,) once rank 0 has decided; None before."""
+        return self.resume_from
 
 
 class _ProgressBar:
@@ -235,23 +243,22 @@ class FLMDataConfig(DataConfig):
     already consumed are skipped at the read.
 
     `configure` runs whenever a worker group starts (first start, Ray Train restart,
-    rerun of the command), so it always resumes from the latest committed checkpoint,
-    the same one the workers restore."""
+    rerun of the command), when a worker first asks for its shard; it skips the rows
+    consumed by exactly the checkpoint the workers restored, which rank 0 decided once
+    and published on the run channel."""
 
-    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, run_dir: str | None, deterministic: bool = False):
+    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, channel=None, deterministic: bool = False):
         super().__init__(datasets_to_split="all")
         self._sources = sources
         self._store = store
-        self._run_dir = run_dir  # None: never resume (evaluation)
+        self._channel = channel  # a RunChannel: the resume point rank 0 decided; None: never resume (evaluation)
         self._deterministic = deterministic
 
     def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
         out: list[dict] = [{} for _ in range(world_size)]
         for name in datasets:
             source, plan = self._sources[name]
-            first_epoch, skip = 0, {}
-            if name == "train" and self._run_dir:
-                first_epoch, skip = resume_point(self._store, self._run_dir, DataPlan.from_dict(plan))
+            first_epoch, skip = self.resume(DataPlan.from_dict(plan)) if name == "train" else (0, {})
             for rank in range(world_size):
                 ds = read(source.for_rank(rank, world_size, first_epoch, skip))
                 ds.context.execution_options = self._resolve_execution_options(name)
@@ -266,12 +273,24 @@ class FLMDataConfig(DataConfig):
         return out
 
 
-def resume_point(store: Store, run_dir: str, plan: DataPlan) -> tuple[int, dict]:
-    """(epoch to read first, rows of it already consumed) from the latest checkpoint."""
-    ref = ckpt.find_latest(store, run_dir)
-    if ref is None:
+    def resume(self, plan: DataPlan) -> tuple[int, dict]:
+        """(epoch to read first, rows of it already consumed) of the checkpoint rank 0
+        decided. Called when a worker first asks for its shard, which the workers do
+        only after that decision."""
+        if self._channel is None:
+            return 0, {}
+        decided = ray.get(self._channel.resume.remote())
+        if decided is None:
+            raise RuntimeError("the training data was requested before rank 0 decided the resume point")
+        return resume_point(self._store, decided[0], plan)
+
+
+def resume_point(store: Store, checkpoint: str | None, plan: DataPlan) -> tuple[int, dict]:
+    """(epoch to read first, rows of it already consumed) of the checkpoint the workers
+    resumed from (None: a fresh start)."""
+    if checkpoint is None:
         return 0, {}
-    m = ckpt.load_manifest(store, ref)
+    m = ckpt.load_manifest(store, ckpt.resolve(store, checkpoint))
     if m.get("epoch_done"):
         return int(m["epoch"]) + 1, {}
     return int(m["epoch"]), ConsumedRows(plan).merge_state(m.get("data_state")).skip_map()
@@ -297,7 +316,7 @@ def _check_resumable(store: Store, run_dir: str, plan: DataPlan) -> None:
         print(f"resuming {ref.uri}: {len(added)} new data file(s) join the resumed epoch (first: {added[0]})", flush=True)
 
 
-def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw: float, storage_uri: str, name: str, resume_dir: str | None):
+def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw: float, storage_uri: str, name: str, channel=None):
     from ray.train import FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
@@ -321,7 +340,7 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
         ),
         datasets={name: read(src) for name, (src, _) in sources.items()},
-        dataset_config=FLMDataConfig(sources, store, resume_dir, deterministic=job.data.deterministic),
+        dataset_config=FLMDataConfig(sources, store, channel, deterministic=job.data.deterministic),
     )
 
 
@@ -453,7 +472,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
           f"{job.scaling.max_workers} workers x {cpw} CPUs -> {run_dir}", flush=True)
     if not fresh:
         _check_resumable(store, run_dir, plans["train"])
-    trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, run_dir)
+    trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress):
         _fit(trainer)
     res = ray.get(channel.result.remote())
@@ -501,7 +520,7 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
         catalog=reference_data.catalog,
     )
     with tempfile.TemporaryDirectory(prefix="flm-eval-") as ray_storage:  # Ray Train's own run state
-        _fit(_trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, ray_storage, f"eval-{int(time.time())}", None))
+        _fit(_trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, ray_storage, f"eval-{int(time.time())}"))
     res = ray.get(channel.result.remote())
     report = _eval_report(task, res["eval"], reference_data)
     report.update({"checkpoint": ref.uri, "task": task, "data": data or f"{train_uri} (split {job.data.split.by})", "reference": train_uri})

@@ -74,6 +74,10 @@ class FLMOutput:
     recon_user: torch.Tensor | None = None  # decoder outputs [B, F_u, d]
     recon_item: torch.Tensor | None = None
 
+    def float(self) -> FLMOutput:
+        """The same outputs in fp32 (losses are computed in fp32 under bf16 autocast)."""
+        return FLMOutput(**{k: (v.float() if v is not None else None) for k, v in self.__dict__.items()})
+
 
 class FLM(nn.Module):
     def __init__(self, cfg: ModelConfig, features: list[FeatureConfig] | tuple[FeatureConfig, ...], rating_center: float = 0.0, init_seed: int = 0, table_device: str | None = None):

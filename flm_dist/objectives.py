@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from flm_dist.batch import Batch
@@ -25,12 +26,16 @@ __all__ = ["LossParts", "PopularityEstimator", "compute_loss", "forward_flags", 
 class PopularityEstimator:
     """Streaming estimate of each item's sampling probability q(item), for the logQ
     correction of in-batch negatives (Yi et al., RecSys 2019). A hashed count table of
-    fixed size, local to each rank: an estimate, so it needs no synchronisation."""
+    fixed size. Each rank counts its own batches (its negatives come from them); at
+    every checkpoint the ranks add up what they counted since the last one (`sync`), so
+    the saved estimate covers all of the run's data and a resumed run starts from it."""
 
     def __init__(self, buckets: int = 1 << 20, device: torch.device | str = "cpu"):
         self.buckets = buckets
         self.counts = torch.zeros(buckets, device=device)
         self.total = 0.0
+        self._synced = torch.zeros(buckets)  # the global counts at the last sync (host)
+        self._synced_total = 0.0
 
     def update(self, item_rows: torch.Tensor) -> None:
         b = item_rows % self.buckets
@@ -40,6 +45,26 @@ class PopularityEstimator:
     def log_q(self, item_rows: torch.Tensor) -> torch.Tensor:
         c = self.counts[item_rows % self.buckets]
         return torch.log((c + 1.0) / (self.total + self.buckets))
+
+    def sync(self, group=None) -> dict[str, torch.Tensor]:
+        """Collective: add every rank's counts since the last sync; returns the global
+        state (identical on every rank) to checkpoint."""
+        delta = torch.cat([self.counts.cpu() - self._synced, torch.tensor([self.total - self._synced_total])]).double()
+        if dist.is_initialized():
+            dist.all_reduce(delta, group=group)
+        self._synced += delta[:-1].float()
+        self._synced_total += float(delta[-1])
+        self.load({"counts": self._synced, "total": torch.tensor(self._synced_total)})
+        return self.state()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"counts": self._synced.clone(), "total": torch.tensor(self._synced_total, dtype=torch.float64)}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self._synced = state["counts"].detach().float().cpu().clone()
+        self._synced_total = float(state["total"])
+        self.counts = self._synced.to(self.counts.device).clone()
+        self.total = self._synced_total
 
 
 @dataclass

@@ -89,14 +89,39 @@ class WorkerSpec:
 # ------------------------------------------------------------------ helpers
 
 
-def _state(model, dense_opt, sparse_opt) -> dict:
-    """The DCP state: sharded tables and their Adagrad state as DTensor row blocks."""
+def _state(model, dense_opt, sparse_opt, popularity: dict | None = None) -> dict:
+    """The DCP state: sharded tables and their Adagrad state as DTensor row blocks, and
+    the log-Q popularity estimate (pretrain, retrieval)."""
     m = unwrap(model)
-    return {
+    state = {
         "model": {k: global_view(m, k, v) for k, v in m.state_dict().items()},
         "dense_optim": optimizer_state(m, dense_opt),
         "sparse_optim": optimizer_state(m, sparse_opt, wrap=lambda n, v: global_view(m, n, v)),
     }
+    if popularity is not None:
+        state["popularity"] = popularity
+    return state
+
+
+def _all_finite(tensors) -> bool:
+    """True when every tensor (dense, sparse COO or DTensor) holds only finite values;
+    one host sync for all of them."""
+    checks = []
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or not t.is_floating_point():
+            continue
+        if hasattr(t, "to_local"):
+            t = t.to_local()
+        checks.append(torch.isfinite(t._values() if t.is_sparse else t).all())
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def _tensors(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif torch.is_tensor(tree):
+        yield tree
 
 
 def _prime_optimizers(model, dense_opt, sparse_opt) -> None:
@@ -208,10 +233,7 @@ def _agree(group, rows: int, bad: np.ndarray, loss_sum: float, nonfinite: bool) 
 
 class Worker:
     def __init__(self, spec: WorkerSpec):
-        import ray.train
-
         self.spec = spec
-        self.ctx = ray.train.get_context()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         torch.set_num_threads(spec.threads)
@@ -263,6 +285,10 @@ class Worker:
         if self.rank == 0:
             _say(describe_plan(self.plan))
         self.model = parallelize(model, self.plan, self.device, seed=s.seed)
+        # From here on, randomness (corruption masks, noise) differs per rank: equal
+        # masks on every rank would make the ranks' views of the data correlated.
+        torch.manual_seed(s.seed * 1_000_003 + 7919 * (self.rank + 1))
+        self.popularity = PopularityEstimator(device=self.device) if s.mode == "train" and s.task in ("pretrain", "retrieval") else None
         self.dense_opt = self.sparse_opt = None
         if s.mode == "train":
             self.dense_opt, self.sparse_opt = build_optimizers(
@@ -279,10 +305,16 @@ class Worker:
             state = {"model": _state(self.model, None, None)["model"]}
             ckpt.load_state(self.store, ref, state)
             return {"step": 0, "epoch": 0, "checkpoint": ref.uri}
-        ref = ckpt.find_latest(self.store, s.run_dir) if s.resume else None
+        uri = self._decide_resume() if s.resume else None
+        ref = ckpt.resolve(self.store, uri) if uri else None
         if ref is not None:
             manifest = ckpt.load_manifest(self.store, ref)
-            ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt))
+            pop = self.popularity.state() if self.popularity is not None else None
+            if pop is not None and not {"popularity.counts", "popularity.total"} <= ckpt.saved_keys(self.store, ref):
+                pop = None  # saved before the estimate was checkpointed: it starts afresh
+            ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt, pop))
+            if pop is not None:
+                self.popularity.load(pop)
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
             return {
@@ -301,6 +333,25 @@ class Worker:
             if self.rank == 0:
                 _say(f"initialised backbone ({len(keys)} tensors) from {ref.uri}; head is new")
         return {"step": 0, "epoch": 0, "epoch_done": False, "checkpoint": None}
+
+    def _decide_resume(self) -> str | None:
+        """The checkpoint this worker group resumes from, decided once: rank 0 picks the
+        run's latest committed checkpoint and hands it to every rank and, through the
+        run channel, to the data pipeline, which skips the rows it consumed. (Each
+        reading "the latest" on its own could mix two checkpoints if one is committed
+        in between.) Collective."""
+        import ray
+
+        s = self.spec
+        decided = [None]
+        if self.rank == 0:
+            ref = ckpt.find_latest(self.store, s.run_dir)
+            decided = [ref.uri if ref is not None else None]
+            if s.progress is not None:
+                ray.get(s.progress.set_resume.remote(decided[0]))
+        if dist.is_initialized():
+            dist.broadcast_object_list(decided, src=0, group=self.ctrl)
+        return decided[0]
 
     # -- checkpoints ------------------------------------------------------------------
 
@@ -332,7 +383,18 @@ class Worker:
                 "metrics": metrics,
             }
         )
-        self.checkpointer.save(step, _state(self.model, self.dense_opt, self.sparse_opt), manifest)
+        pop = self.popularity.sync(self.ctrl) if self.popularity is not None else None
+        state = _state(self.model, self.dense_opt, self.sparse_opt, pop)
+        # No committed checkpoint may hold a non-finite value, whatever produced it.
+        finite = torch.tensor([float(_all_finite(_tensors(state)))])
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.ctrl)
+        if finite.item() < 1:
+            raise NonFiniteLossError(
+                f"the state at step {step} (epoch {epoch}) holds NaN/Inf values; stopped before writing a checkpoint. "
+                f"Last committed checkpoint: {self.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+            )
+        self.checkpointer.save(step, state, manifest)
 
     # -- progress -------------------------------------------------------------------
 
@@ -396,11 +458,13 @@ class Worker:
         except Exception as e:  # the message is still useful without the values
             return {"unavailable": str(e)}
 
-    def train(self, progress: dict) -> dict:
+    def train(self, progress: dict, shard=None) -> dict:
+        """`shard`: this rank's training data (a Ray DataIterator); default: Ray Train's."""
         s = self.spec
-        import ray.train
+        if shard is None:
+            import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
+            shard = ray.train.get_dataset_shard("train")
         stream = BatchStream(
             shard,
             s.batch_size,
@@ -412,7 +476,7 @@ class Worker:
         self.checkpointer = ckpt.Checkpointer(self.store, s.run_dir, s.checkpoint.keep_last, s.checkpoint.async_save, self.ctrl)
         self.checkpointer.last_committed = progress.get("checkpoint")
         flags = forward_flags(s.task, s.train.recon_weight)
-        popularity = PopularityEstimator(device=self.device) if s.task in ("pretrain", "retrieval") else None
+        popularity = self.popularity
         step, epoch = progress["step"], progress["epoch"]
         consumed = ConsumedRows(self.train_plan)
         if progress.get("epoch_done"):
@@ -437,7 +501,7 @@ class Worker:
                 rows, gbad, gloss, nonfinite = _agree(self.ctrl, len(batch) if batch else 0, bad, prev_loss, prev_nonfinite)
                 if nonfinite:
                     raise NonFiniteLossError(
-                        f"loss became NaN/Inf at step {step} (epoch {epoch}); stopped before writing a checkpoint. "
+                        f"loss or gradients became NaN/Inf at step {step} (epoch {epoch}); stopped before writing a checkpoint. "
                         f"Last committed checkpoint: {self.checkpointer.last_committed}. "
                         f"Lower train.lr / train.sparse_lr or set train.grad_clip."
                     )
@@ -461,7 +525,8 @@ class Worker:
                 # exchange stay fp32 (the tables are the model's memory, not its FLOPs).
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     out = self.model(batch_dev, **flags)
-                    lp = compute_loss(s.task, out, batch_dev, s.train.recon_weight, s.train.contrastive_weight, s.train.temperature, popularity, s.train.num_negatives)
+                # The loss in fp32: softmaxes and logs over bf16 logits lose too much.
+                lp = compute_loss(s.task, out.float(), batch_dev, s.train.recon_weight, s.train.contrastive_weight, s.train.temperature, popularity, s.train.num_negatives)
                 # Local sum / global rows, times world because DDP averages gradients:
                 # the sum over ranks is the gradient of the global mean loss.
                 loss = lp.total * (self.world / rows)
@@ -469,13 +534,17 @@ class Worker:
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
                 loss.backward()
+                params = [p for opt in (self.dense_opt, self.sparse_opt) if opt is not None for g in opt.param_groups for p in g["params"]]
+                # The guard: a finite loss can still come with NaN/Inf gradients, which
+                # the step would write into the weights. Any rank's flag stops every
+                # rank at the next step's agreement, before any checkpoint is written.
+                prev_nonfinite = not _all_finite([lp.total.detach(), *(p.grad for p in params)])
                 if s.train.grad_clip > 0 and self.dense_opt is not None:
                     torch.nn.utils.clip_grad_norm_([p for g in self.dense_opt.param_groups for p in g["params"]], s.train.grad_clip)
                 for opt in (self.dense_opt, self.sparse_opt):
                     if opt is not None:
                         opt.step()
                 prev_loss = float(lp.total.detach())
-                prev_nonfinite = not math.isfinite(prev_loss)
                 prev_rows = rows
                 step += 1
                 pos = batch.pos.numpy()
@@ -498,7 +567,7 @@ class Worker:
                     )
             fetch.close()
             if prev_nonfinite:
-                raise NonFiniteLossError(f"loss became NaN/Inf at step {step} (epoch {epoch}), the last step; no checkpoint was written for it")
+                raise NonFiniteLossError(f"loss or gradients became NaN/Inf at step {step} (epoch {epoch}), the last step; no checkpoint was written for it")
             self._bad_budget(bad_total, rows_total, planned, final=True, examples=stream.bad_examples)
             epoch_done = not done
             if step > 0:

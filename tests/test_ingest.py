@@ -139,10 +139,11 @@ def test_bad_rows_get_one_reason_each():
     assert got == ["ok", "null_user_id", "null_item_id", "null_label", "nonfinite_label", "label_out_of_range", "label_out_of_range", "not_positive"]
     # a numeric feature's NaN / Inf is a bad row (null is a missing value: 0)
     num = ReadSpec.for_task("pretrain", [FeatureConfig(name="price", side="item", kind="numeric")], [1, 5])
-    tn = t.append_column("price", pa.array([1.0, 2.0, 3.0, None, float("nan"), float("inf"), -float("inf"), 0.5]))
+    tn = t.append_column("price", pa.array([1.0, 2.0, 3.0, None, float("nan"), float("inf"), -1e39, 0.5]))  # -1e39: -Inf in float32
     cols = encode_table(tn, EncodeSpec(read=num, hash=HASH))
     got = [BAD_REASONS[c] for c in cols["_bad"]]
     assert got == ["ok", "null_user_id", "null_item_id", "ok", "nonfinite_feature", "nonfinite_feature", "nonfinite_feature", "ok"]
+    assert np.isfinite(cols["f_price"]).all()
     assert cols["f_price"][3] == 0.0
     # positions name the unit and row
     cols = encode_table(t, EncodeSpec(read=CTR, hash=HASH), unit=3, row_offset=10)

@@ -155,9 +155,11 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
         if f.kind == "numeric":
             # null is a missing value and enters as 0; NaN / Inf is a bad row, never a silent 0
             v = pc.cast(col, pa.float64(), safe=False).fill_null(0.0).to_numpy(zero_copy_only=False)
-            finite = np.isfinite(v)
+            with np.errstate(over="ignore"):
+                v32 = v.astype(np.float32)  # past float32's range a finite double becomes Inf
+            finite = np.isfinite(v32)
             mark(~finite, "nonfinite_feature")
-            out[f"f_{f.name}"] = np.where(finite, v, 0.0).astype(np.float32)
+            out[f"f_{f.name}"] = np.where(finite, v32, np.float32(0.0))
         elif f.kind == "categorical":
             # A null feature value is a value of its own (hashes like ""/0), not a bad row.
             out[f"f_{f.name}"] = spec.hash.hash(f.name, col)

@@ -1,0 +1,149 @@
+"""The train loop itself, run without Ray: the Worker on 1 process or on 2 gloo ranks,
+fed by a local stand-in for its Ray Data shard (the same read tasks, in-process).
+Faults are injected from the test (a gradient hook), never by product code."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flm_dist import checkpoint as ckpt
+from flm_dist import launch
+from flm_dist.config import to_dict
+from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
+from flm_dist.data.hashing import HashSpec
+from flm_dist.data.pipeline import assign_units
+from flm_dist.data.plan import plan_read
+from flm_dist.data.schema import ReadSpec
+from flm_dist.export import load_model
+from flm_dist.model import table_sizes
+from flm_dist.storage import Store
+from flm_dist.train_loop import NonFiniteLossError, Worker
+from tests.conftest import tiny_job
+from tests.dist import run_ranks
+
+
+class LocalShard:
+    """What `ray.train.get_dataset_shard` gives a rank, read in this process: the
+    rank's units (`assign_units`), read and encoded by the read-task body."""
+
+    def __init__(self, plan, spec: EncodeSpec, rank: int, world: int, seed: int = 0):
+        self.plan, self.spec, self.rank, self.world, self.seed = plan, spec, rank, world, seed
+        self.epoch = 0
+
+    def iter_batches(self, batch_size, batch_format="numpy", prefetch_batches=0):
+        units = assign_units(self.plan.units, self.world, self.seed, self.epoch)[self.rank]
+        self.epoch += 1
+        files = [f.uri for f in self.plan.files]
+        for t in read_units(units, files, self.spec, Store(), self.plan.columns, None, "fail", empty_columns(self.spec), {}):
+            yield {c: t.column(c).to_numpy() for c in t.column_names}
+
+
+def _data(path, n=3000, seed=0, positives=1.0):
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        pq.write_table(pa.table({
+            "user_id": pa.array(rng.integers(0, 300, n), pa.int64()),
+            "item_id": pa.array(rng.integers(0, 100, n), pa.int64()),
+            "label": pa.array((rng.random(n) < positives).astype(np.float32)),
+            "u_segment": pa.array([f"s{x}" for x in rng.integers(0, 5, n)]),
+            "i_category": pa.array([f"c{x}" for x in rng.integers(0, 7, n)]),
+        }), path / f"part-{i}.parquet", row_group_size=500)
+    return str(path)
+
+
+def _worker(job, rank=0, world=1):
+    store = Store()
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    rs = ReadSpec.for_task(job.task, job.data.features, job.data.rating_range)
+    plan = plan_read(store, job.train_data, rs)
+    manifest = {"task": job.task, "config": to_dict(job)}
+    spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plan.to_dict(), manifest=manifest)
+    w = Worker(spec)
+    w.build()
+    progress = w.restore()
+    return w, progress, LocalShard(plan, EncodeSpec(read=rs, hash=hs), rank, world, job.run.seed)
+
+
+def _train_with_inf_gradient(rank, world, runs, data, at_step):
+    """Every rank trains; on rank 0 one step's gradient of a dense weight turns Inf
+    while the loss stays finite."""
+    job = tiny_job(runs, "guard", "ctr", **{"data.train": data, "data.batch_size": 128, "checkpoint.every_steps": 2, "train.epochs": 2})
+    w, progress, shard = _worker(job, rank, world)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == at_step and rank == 0 else grad
+
+    from flm_dist.sharding import unwrap
+
+    unwrap(w.model).item_encoder[0].weight.register_hook(poison)
+    try:
+        w.train(progress, shard=shard)
+    except NonFiniteLossError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_inf_gradient_with_a_finite_loss_stops_before_a_checkpoint(tmp_path):
+    """Before: the guard looked at the loss only, one step late, so the save after the
+    poisoned step committed NaN weights."""
+    data = _data(tmp_path / "log")
+    runs = str(tmp_path / "runs")
+    errors = run_ranks(_train_with_inf_gradient, 2, runs, data, 5)
+    assert all(e is not None and "NaN/Inf at step 5" in e for e in errors), errors
+    latest = ckpt.find_latest(Store(), os.path.join(runs, "guard"))
+    assert latest is not None and latest.step == 4  # the checkpoint before the poisoned step stands
+    model, _, _ = load_model(Store(), latest.uri)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+def test_retrieval_drops_non_clicks_without_failing_the_bad_row_budget(tmp_path):
+    """A retrieval job on a click log: the 60% non-clicks are filtered (counted as
+    not_positive), not bad rows that blow data.max_bad_fraction."""
+    data = _data(tmp_path / "log", positives=0.4)
+    job = tiny_job(str(tmp_path / "runs"), "clicks", "retrieval", **{"data.train": data, "data.batch_size": 256})
+    w, progress, shard = _worker(job)
+    res = w.train(progress, shard=shard)
+    labels = np.concatenate([pq.read_table(f).column("label").to_numpy() for f in sorted((tmp_path / "log").glob("*.parquet"))])
+    assert res["rows"] == int((labels > 0).sum())
+    assert res["bad_rows"] == {"not_positive": int((labels <= 0).sum())}
+
+
+def test_data_resumes_from_the_checkpoint_the_workers_restored(ray_local, tmp_path):
+    """The rows skipped on resume are those of the checkpoint rank 0 decided and every
+    rank restored, even when a newer one is committed in between (a zombie's, say);
+    before, the data side read "the latest" again on its own."""
+    import ray
+
+    from flm_dist.data.position import ConsumedRows
+    from flm_dist.model import FLM
+
+    data = _data(tmp_path / "log", n=1000)
+    plan = plan_read(Store(), data, ReadSpec.for_task("pretrain", [], [1, 5]))
+    run_dir = str(tmp_path / "runs" / "r")
+    refs = {}
+    for step, rows in ((3, 200), (6, 400)):
+        consumed = ConsumedRows(plan)
+        consumed.add((np.int64(plan.units[0].index) << 32) | np.arange(rows, dtype=np.int64))
+        saver = ckpt.Checkpointer(Store(), run_dir, keep_last=3, async_save=False)
+        job = tiny_job(str(tmp_path / "runs"), "r")
+        refs[step] = saver.save(step, {"model": FLM(job.model, job.data.features).state_dict()}, {"step": step, "epoch": 0, "epoch_done": False, "data_state": consumed.state()})
+        saver.close()
+    assert ckpt.find_latest(Store(), run_dir) == refs[6]
+    channel = launch.RunChannel.remote()
+    cfg = launch.FLMDataConfig({}, Store(), channel)
+    with pytest.raises(RuntimeError, match="before rank 0 decided"):
+        cfg.resume(plan)
+    ray.get(channel.set_resume.remote(refs[3].uri))
+    epoch, skip = cfg.resume(plan)
+    first = plan.units[0].index
+    assert epoch == 0 and int(skip[first].sum()) == 200  # checkpoint 3's rows, not checkpoint 6's
