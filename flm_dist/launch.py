@@ -409,6 +409,18 @@ def _reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str) 
     return ref
 
 
+def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
+    """Tables whose size makes many IDs share rows (see data.inspect.collision_warnings)."""
+    from flm_dist.data.inspect import collision_warnings
+
+    tables = {"user": ("user_id", job.model.user_rows, "model.user_rows"), "item": ("item_id", job.model.item_rows, "model.item_rows")}
+    for f in job.data.features:
+        if f.kind == "categorical":
+            key = f"data.features[{f.name}].rows" if f.rows else "model.feature_rows"
+            tables[f.name] = (f.name, f.rows or job.model.feature_rows, key)
+    return collision_warnings(store, plan, tables)
+
+
 def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
     """Exact metrics on the gathered outputs of every worker, overall and per slice."""
     if task in ("ctr", "rating"):
@@ -438,6 +450,8 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
     ref = _reference(store, plans["train"], specs["train"], job.task) if "eval" in plans else None
+    for warning in _collisions(store, plans["train"], job):
+        print(f"warning: {warning}", flush=True)
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,

@@ -41,7 +41,7 @@ from flm_dist.data.plan import list_files
 from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec, check_schema
 from flm_dist.storage import StorageError, Store, split_uri
 
-__all__ = ["SKETCH_K", "inspect", "summary"]
+__all__ = ["COLLISION_WARN_SHARE", "SKETCH_K", "collision_warnings", "inspect", "rows_for_share", "summary"]
 
 SKETCH_K = 1 << 20  # exact distinct counts up to this many IDs; the KMV sample size past it
 TASKS = ("pretrain", "ctr", "rating")
@@ -335,6 +335,60 @@ def inspect(
         store.write_bytes(plot, _plot(users, items, f"{uri}: {s.rows:,} rows in {s.files} files"))
         report["plot"] = plot
     return report
+
+
+COLLISION_WARN_SHARE = 0.05  # past this share of IDs sharing a row, a run starts with a warning
+
+
+def rows_for_share(distinct: int, share: float = COLLISION_WARN_SHARE) -> int:
+    """The smallest power of two of rows for which at most `share` of `distinct`
+    uniformly hashed IDs share their row with another ID."""
+    rows = 1
+    while expected_collisions(distinct, rows)["ids_colliding"] > share:
+        rows *= 2
+    return rows
+
+
+def collision_warnings(store: Store, plan, tables: dict[str, tuple[str, int, str]], max_rows: int = 8 << 20, threads: int = 4) -> list[str]:
+    """One warning per table whose hashed rows are shared by more than 5% of its IDs.
+
+    `tables`: table -> (column, rows, the job key that sizes it). The ID columns of the
+    plan's read units are scanned (at most `max_rows` rows, units spread over the whole
+    plan): exact distinct counts when everything was read, else a lower bound, so a
+    warning is never a false alarm."""
+    units = plan.units
+    if sum(u.rows for u in units) > max_rows:
+        step = sum(u.rows for u in units) / max_rows
+        units = [units[int(i * step)] for i in range(int(len(units) / step))] or units[:1]
+    complete = len(units) == len(plan.units)
+    columns = sorted({c for c, _, _ in tables.values()})
+    counts = {c: _IdCounts(SKETCH_K) for c in columns}
+
+    def scan(unit):
+        from flm_dist.data.plan import read_unit
+
+        t = read_unit(store, plan, unit, columns)
+        return {c: _id_hashes(t.column(c)) for c in columns if c in t.column_names}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        for hashes in pool.map(scan, units):
+            for c, h in hashes.items():
+                counts[c].add(h)
+    out = []
+    for table, (col, rows, key) in tables.items():
+        ids = counts[col]
+        n = ids.distinct()
+        share = expected_collisions(n, rows)["ids_colliding"]
+        if share > COLLISION_WARN_SHARE:
+            how = "" if complete and not ids.saturated else "at least "
+            out.append(
+                f"table '{table}': {key}={rows:,} rows for {how}{n:,} distinct '{col}' values: about {share:.0%} of them "
+                f"share a hashed row with another ID (their embeddings are mixed); set {key} >= {rows_for_share(n):,} "
+                f"to bring that under {COLLISION_WARN_SHARE:.0%}"
+            )
+    return out
 
 
 def summary(report: dict) -> str:
