@@ -111,17 +111,28 @@ class TrainingFailed(RuntimeError):
 
 
 def _fit(trainer):
-    """trainer.fit(), re-raising a worker's own error (DataError, CheckpointCorruptError,
-    NonFiniteLossError, ...) instead of Ray's wrapper, so the CLI can print it plainly."""
+    """trainer.fit(), re-raising the failure that started it instead of Ray's wrapper,
+    so the CLI can print it plainly: a worker's own error (DataError,
+    CheckpointCorruptError, NonFiniteLossError, ...) or the death of a worker process.
+    When one rank dies, the others fail in their next collective ("connection closed
+    by peer"): those are consequences, reported only when nothing else failed."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
         return trainer.fit()
     except WorkerGroupError as e:
         failures = getattr(e, "worker_failures", {}) or {}
-        for rank in sorted(failures):
-            exc = failures[rank]
-            cause = getattr(exc, "cause", None) or exc
+        causes = {rank: getattr(exc, "cause", None) or exc for rank, exc in failures.items()}
+        for rank in sorted(causes):
+            if isinstance(causes[rank], WorkerHealthCheckFailedError):
+                raise TrainingFailed(f"rank {rank} failed its health check (its process died or hung): {causes[rank]}") from e
+
+        def consequence(exc) -> bool:
+            return "by peer" in str(exc) or "Connection closed" in str(exc)
+
+        for rank in sorted(causes, key=lambda r: (consequence(causes[r]), r)):
+            cause = causes[rank]
             if isinstance(cause, Exception) and not isinstance(cause, WorkerGroupError):
                 raise cause from e
         raise TrainingFailed(str(e)) from e

@@ -128,11 +128,11 @@ def compute_loss(task: str, out: FLMOutput, batch: Batch, recon_weight: float, c
         parts["contrastive"] = ce.detach()
         total = total + contrastive_weight * ce
     elif task == "ctr":
-        bce = F.binary_cross_entropy_with_logits(out.score, batch.label.float(), reduction="sum")
+        bce = F.binary_cross_entropy_with_logits(out.score, batch.label.to(out.score.dtype), reduction="sum")
         parts["bce"] = bce.detach()
         total = total + bce
     elif task == "rating":
-        se = F.mse_loss(out.score, batch.rating.float(), reduction="sum")
+        se = F.mse_loss(out.score, batch.rating.to(out.score.dtype), reduction="sum")
         parts["mse"] = se.detach()
         total = total + se
     else:

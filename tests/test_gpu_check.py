@@ -22,3 +22,28 @@ def test_gpu_check_dry_run(tmp_path):
     assert res["oracle"]["world1_ok"] and res["oracle"]["world1_max_abs_diff"] < 1e-4
     assert res["limit"]["samples_per_s"] > 0 and res["system"]["rows"] > 0
     assert 0 < res["C_over_L"] < 10
+
+
+def test_oracle_fails_when_the_device_path_is_wrong():
+    """The dry run's oracle is not the path under test: a device path that drops the
+    embedding update (or does anything else wrong) fails it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_check
+    import torch
+
+    from flm_dist.config import ModelConfig
+
+    cfg = ModelConfig(user_rows=512, item_rows=256, feature_rows=32, embedding_dim=8, hidden=[16], latent_dim=8, head_hidden=[8])
+    ok = gpu_check.oracle(torch.device("cpu"), cfg, 64)
+    assert ok["world1_ok"] and 0 < ok["world1_max_abs_diff"] < 1e-5  # float32 vs float64: close, not equal
+
+    def no_sparse_update(model, batches, amp, device):
+        before = {n: t.weight.detach().clone() for n, t in model.tables.items()}
+        losses = gpu_check.steps(model, batches, amp, device)
+        with torch.no_grad():
+            for n, t in model.tables.items():
+                t.weight.copy_(before[n])
+        return losses
+
+    bad = gpu_check.oracle(torch.device("cpu"), cfg, 64, device_steps=no_sparse_update)
+    assert not bad["world1_ok"] and bad["world1_max_abs_diff"] > 1e-3

@@ -126,7 +126,7 @@ def _model_steps(rank, world, task):
     # amplified past the 1e-6 we hold the sharded model to.
     d_opt, s_opt = build_optimizers(unwrap(pm), 1e-2, 0.01, 0.02, "adagrad")
     rd_opt, rs_opt = build_optimizers(ref, 1e-2, 0.01, 0.02, "adagrad")
-    losses = []
+    losses = []  # (the sharded model's global mean loss, the oracle's) per step
     for s, per_rank in enumerate(steps):
         rows = sum(len(b) for b in per_rank)
         local = per_rank[rank]
@@ -152,7 +152,9 @@ def _model_steps(rank, world, task):
         for o in (rd_opt, rs_opt):
             o.step()
             o.zero_grad()
-        losses.append(float(ref_total) / max(rows, 1))
+        global_total = lp.total.detach().clone()
+        dist.all_reduce(global_total)
+        losses.append((float(global_total) / max(rows, 1), float(ref_total) / max(rows, 1)))
     # after the steps: every rank's rows and every dense weight equal the oracle's
     m = unwrap(pm)
     diffs = {}
@@ -170,8 +172,10 @@ def _model_steps(rank, world, task):
 
 @pytest.mark.parametrize("task", ["ctr", "pretrain"])
 def test_sharded_model_steps_match_single_process(task):
-    losses = run_ranks(_model_steps, 2, task)
-    assert losses[0] == losses[1]
+    per_rank = run_ranks(_model_steps, 2, task)
+    for losses in per_rank:  # the global loss of the sharded pair equals one process's on the union of batches
+        assert [sharded for sharded, _ in losses] == pytest.approx([oracle for _, oracle in losses], rel=1e-5)
+    assert per_rank[0] == per_rank[1]
 
 
 def test_plan_defaults_and_overrides():
