@@ -237,7 +237,10 @@ def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
     won = store.create_exclusive(join(ref.step_dir, MARKER), json.dumps(marker, indent=2).encode())
     if not won:
         log.warning("step %d was already committed by another attempt; %s is discarded", ref.step, ref.uri)
-        store.rm(ref.uri)
+        try:
+            store.rm(ref.uri)
+        except StorageError as e:  # the winner stands either way; prune deletes orphans later
+            log.warning("could not delete the discarded attempt %s: %s", ref.uri, e)
     return won
 
 

@@ -381,15 +381,17 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
     )
 
 
-def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str):
+def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str, train_task: str | None = None):
     """Plans (validated before any worker starts) and datasources for train / eval:
-    {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec."""
+    {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec. The
+    training side is read as `train_task` trained (default `task`): evaluating a
+    pretrained backbone ranks positives only, but its training data was every row."""
     d = job.data
     split = d.split
     need_ts = split.by == "time"
     datasets, plans, specs = {}, {}, {}
     if train_uri:
-        rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts)
+        rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts)
         plan = _plan(store, train_uri, rs, job)
         side = "train" if split.by != "none" and not eval_uri else "all"
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
@@ -528,7 +530,7 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     # a pretrained backbone is evaluated on its interaction objective: full ranking
     task = "retrieval" if manifest["task"] == "pretrain" else manifest["task"]
     job.task = task
-    datasets, plans, specs = _datasets(job, store, hash_spec, train_uri, data or None, task)
+    datasets, plans, specs = _datasets(job, store, hash_spec, train_uri, data or None, task, train_task=manifest["task"])
     reference_data = _reference(store, plans["train"], specs["train"], task)
     cpw, threads = resources(job.scaling, _node_cpus())
     channel = RunChannel.remote()

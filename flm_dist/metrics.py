@@ -114,9 +114,10 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
         in_cat = catalog_keys[pos_in_cat] == target_keys
     else:
         pos_in_cat, in_cat = np.zeros(n_rows, np.int64), np.zeros(n_rows, bool)
-    above = np.full(n_rows, len(catalog_keys), dtype=np.int64)  # items ranked above the target
+    above = np.zeros(n_rows, dtype=np.int64)  # items ranked above the target
     tied = np.zeros(n_rows, dtype=np.int64)  # other items tied with it
-    for lo in range(0, n_rows, chunk):
+    ranked = np.zeros(n_rows, dtype=bool)  # False: a miss (cold or non-finite target)
+    for lo in range(0, n_rows if len(catalog_keys) else 0, chunk):  # no catalog: all misses
         hi = min(lo + chunk, n_rows)
         s = np.array(scores_for(lo, hi), dtype=np.float32)
         s[np.isnan(s)] = np.inf
@@ -138,12 +139,13 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
         equal = (s == t[:, None]).sum(1) - 1
         above[rows[ok]] = greater[ok]
         tied[rows[ok]] = equal[ok]
+        ranked[rows[ok]] = True
     disc = _discounts(max(ks) + 1)
     hit_at, dcg_at = {}, {}
     for k in ks:
         first, last = np.minimum(above, k), np.minimum(above + tied + 1, k)  # tied positions below k
-        hit_at[k] = (last - first) / (tied + 1.0)
-        dcg_at[k] = (disc[last] - disc[first]) / (tied + 1.0)
+        hit_at[k] = np.where(ranked, (last - first) / (tied + 1.0), 0.0)
+        dcg_at[k] = np.where(ranked, (disc[last] - disc[first]) / (tied + 1.0), 0.0)
     masks = {"all": np.ones(n_rows, dtype=bool)}
     if ref is not None:
         masks.update(slice_masks(user_keys, target_keys, ref))

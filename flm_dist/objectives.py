@@ -32,9 +32,10 @@ class PopularityEstimator:
 
     def __init__(self, buckets: int = 1 << 20, device: torch.device | str = "cpu"):
         self.buckets = buckets
-        self.counts = torch.zeros(buckets, device=device)
+        # float64: a float32 count stops growing at 2**24
+        self.counts = torch.zeros(buckets, dtype=torch.float64, device=device)
         self.total = 0.0
-        self._synced = torch.zeros(buckets)  # the global counts at the last sync (host)
+        self._synced = torch.zeros(buckets, dtype=torch.float64)  # the global counts at the last sync (host)
         self._synced_total = 0.0
 
     def update(self, item_rows: torch.Tensor) -> None:
@@ -44,7 +45,7 @@ class PopularityEstimator:
 
     def log_q(self, item_rows: torch.Tensor) -> torch.Tensor:
         c = self.counts[item_rows % self.buckets]
-        return torch.log((c + 1.0) / (self.total + self.buckets))
+        return torch.log((c + 1.0) / (self.total + self.buckets)).float()
 
     def sync(self, group=None) -> dict[str, torch.Tensor]:
         """Collective: add every rank's counts since the last sync; returns the global
@@ -52,7 +53,7 @@ class PopularityEstimator:
         delta = torch.cat([self.counts.cpu() - self._synced, torch.tensor([self.total - self._synced_total])]).double()
         if dist.is_initialized():
             dist.all_reduce(delta, group=group)
-        self._synced += delta[:-1].float()
+        self._synced += delta[:-1]
         self._synced_total += float(delta[-1])
         self.load({"counts": self._synced, "total": torch.tensor(self._synced_total)})
         return self.state()
@@ -61,7 +62,7 @@ class PopularityEstimator:
         return {"counts": self._synced.clone(), "total": torch.tensor(self._synced_total, dtype=torch.float64)}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        self._synced = state["counts"].detach().float().cpu().clone()
+        self._synced = state["counts"].detach().double().cpu().clone()
         self._synced_total = float(state["total"])
         self.counts = self._synced.to(self.counts.device).clone()
         self.total = self._synced_total

@@ -51,6 +51,7 @@ __all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_
 log = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
 
 
@@ -248,9 +249,13 @@ class LoadedExport:
                     v = 0.0
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise RequestError(f"{at(i)} must be a number or null", at(i))
-                if not math.isfinite(v):  # a bad row in training: never scored as a silent 0
-                    raise RequestError(f"{at(i)} must be finite, got {v}", at(i))
-                out.append(float(v))
+                try:
+                    v = float(v)
+                except OverflowError:
+                    raise RequestError(f"{at(i)} is too large for a float32 feature", at(i)) from None
+                if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:  # a bad row in training: never scored as a silent 0
+                    raise RequestError(f"{at(i)} must be a finite float32 number, got {v}", at(i))
+                out.append(v)
             return {name: torch.tensor(out, dtype=torch.float32)}
         if f["kind"] == "categorical":
             keys = [int(f["null"]) if v is None else id_key(v, f["id_kind"], at(i)) for i, v in enumerate(values)]

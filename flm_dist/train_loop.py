@@ -105,7 +105,7 @@ def _state(model, dense_opt, sparse_opt, popularity: dict | None = None) -> dict
 
 def _all_finite(tensors) -> bool:
     """True when every tensor (dense, sparse COO or DTensor) holds only finite values;
-    one host sync for all of them."""
+    one host sync per device."""
     checks = []
     for t in tensors:
         if t is None or not torch.is_tensor(t) or not t.is_floating_point():
@@ -113,7 +113,10 @@ def _all_finite(tensors) -> bool:
         if hasattr(t, "to_local"):
             t = t.to_local()
         checks.append(torch.isfinite(t._values() if t.is_sparse else t).all())
-    return bool(torch.stack(checks).all()) if checks else True
+    by_device: dict = {}
+    for c in checks:  # optimiser step counters live on the host beside device tensors
+        by_device.setdefault(c.device, []).append(c)
+    return all(bool(torch.stack(cs).all()) for cs in by_device.values())
 
 
 def _tensors(tree):
@@ -288,7 +291,10 @@ class Worker:
         # From here on, randomness (corruption masks, noise) differs per rank: equal
         # masks on every rank would make the ranks' views of the data correlated.
         torch.manual_seed(s.seed * 1_000_003 + 7919 * (self.rank + 1))
-        self.popularity = PopularityEstimator(device=self.device) if s.mode == "train" and s.task in ("pretrain", "retrieval") else None
+        # One bucket per item row up to 2**20: exact counts for tables that small, and a
+        # checkpoint never carries more than 8 MB of it.
+        buckets = min(s.model.item_rows, 1 << 20)
+        self.popularity = PopularityEstimator(buckets, device=self.device) if s.mode == "train" and s.task in ("pretrain", "retrieval") else None
         self.dense_opt = self.sparse_opt = None
         if s.mode == "train":
             self.dense_opt, self.sparse_opt = build_optimizers(

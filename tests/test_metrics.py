@@ -180,16 +180,17 @@ def test_constant_scorer_gets_k_over_catalog():
     assert rep["overall"]["ndcg@10"] == pytest.approx(sum(1 / math.log2(p + 2) for p in range(10)) / n)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_ranking_matches_a_plain_loop_oracle(seed):
+@pytest.mark.parametrize("seed,n_items", [(s, 30) for s in range(6)] + [(6, 5), (7, 1)])
+def test_ranking_matches_a_plain_loop_oracle(seed, n_items):
     """Ties (scores on a coarse grid), seen items, a target that is also a seen item,
-    cold targets, NaN scores, users with several targets and users with none seen."""
+    cold targets, NaN scores, users with several targets and users with none seen, and
+    catalogs smaller than k (a cold target is still a miss)."""
     rng = np.random.default_rng(seed)
-    n_items, n_rows = 30, 40
+    n_rows = 40
     catalog = np.sort(rng.choice(1000, n_items, replace=False)).astype(np.int64)
     users = rng.integers(0, 8, n_rows).astype(np.int64)
     targets = np.where(rng.random(n_rows) < 0.1, 5000, rng.choice(catalog, n_rows)).astype(np.int64)
-    pairs = {(int(u), int(i)) for u in range(8) for i in rng.choice(catalog, rng.integers(0, 10))}
+    pairs = {(int(u), int(i)) for u in range(8) for i in rng.choice(catalog, rng.integers(0, min(10, n_items)))}
     pairs |= {(int(users[0]), int(targets[0]))}  # a target the user saw in training
     scores = np.round(rng.normal(size=(n_rows, n_items)), 0).astype(np.float32)
     scores[rng.random(scores.shape) < 0.02] = np.nan
@@ -200,3 +201,9 @@ def test_ranking_matches_a_plain_loop_oracle(seed):
     want = _oracle_ranking(scores, users.tolist(), targets.tolist(), catalog.tolist(), pairs, ks)
     for key, v in want.items():
         assert rep["overall"][key] == pytest.approx(v, abs=1e-9), key
+
+
+def test_empty_catalog_is_all_misses():
+    ref = Reference(users=np.array([1]), items=np.zeros(0, np.int64), item_counts=np.zeros(0, np.int64), catalog={"item_key": np.zeros(0, np.int64)}, pair_users=np.zeros(0, np.int64), pair_items=np.zeros(0, np.int64))
+    rep = ranking_report(lambda lo, hi: np.zeros((hi - lo, 0), np.float32), 3, np.array([1, 1, 2]), np.array([5, 6, 7]), np.zeros(0, np.int64), ref)
+    assert rep["overall"]["recall@10"] == rep["overall"]["ndcg@10"] == rep["overall"]["hitrate@10"] == 0.0

@@ -158,3 +158,20 @@ def test_a_dictionary_null_is_not_its_first_value():
     plain = spec.hash("f", pa.array(["a", None, "b"]))
     assert spec.hash("f", pa.array(["a", None, "b"]).dictionary_encode()).tolist() == plain.tolist()
     assert plain[1] == spec.hash("f", pa.array([""]))[0] != plain[0]
+
+
+def test_a_dictionary_null_with_narrow_indices():
+    """int8 indices cannot hold the null's code (the dictionary's length): still hashed like ""."""
+    spec = HashSpec.build({"f": 1024}, 0)
+    values = [f"v{i}" for i in range(128)]
+    arr = pa.DictionaryArray.from_arrays(pa.array(list(range(128)) + [None], pa.int8()), pa.array(values))
+    assert spec.hash("f", arr).tolist() == spec.hash("f", pa.array(values + [None])).tolist()
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, 10**400, float("nan"), float("inf")])
+def test_server_refuses_numbers_training_calls_bad(exported, value):
+    from flm_dist.serve import RequestError
+
+    with pytest.raises(RequestError) as e:
+        exported["server"].parse_score({"user_id": 1, "item_ids": ["a"], "item_features": {"i_num": [value]}})
+    assert e.value.status == 400 and e.value.field == "item_features.i_num[0]"

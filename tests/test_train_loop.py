@@ -147,3 +147,28 @@ def test_data_resumes_from_the_checkpoint_the_workers_restored(ray_local, tmp_pa
     epoch, skip = cfg.resume(plan)
     first = plan.units[0].index
     assert epoch == 0 and int(skip[first].sum()) == 200  # checkpoint 3's rows, not checkpoint 6's
+
+
+def _popularity(rank, world):
+    from flm_dist.objectives import PopularityEstimator
+
+    est = PopularityEstimator(buckets=8)
+    est.update(torch.tensor([rank, rank, 5]))  # rank 0: {0: 2, 5: 1}; rank 1: {1: 2, 5: 1}
+    first = est.sync()
+    est.update(torch.tensor([7]))
+    second = est.sync()  # only what was counted since the first sync is added
+    resumed = PopularityEstimator(buckets=8)
+    resumed.load(second)  # a resumed run starts from the saved global estimate
+    resumed.update(torch.tensor([rank]))
+    third = resumed.sync()
+    return first, second, third, float(resumed.log_q(torch.tensor([5]))[0])
+
+
+@pytest.mark.slow
+def test_popularity_estimate_is_global_and_survives_a_resume():
+    res = run_ranks(_popularity, 2)
+    for first, second, third, _ in res:
+        assert first["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 0] and float(first["total"]) == 6
+        assert second["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 2] and float(second["total"]) == 8
+        assert third["counts"].tolist() == [3, 3, 0, 0, 0, 2, 0, 2] and float(third["total"]) == 10
+    assert res[0][3] == res[1][3] == pytest.approx(float(np.log(3 / 18)))

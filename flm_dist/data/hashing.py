@@ -139,7 +139,7 @@ def hash_array(arr: pa.Array | pa.ChunkedArray | np.ndarray, seed: int, rows: in
         # Hash each dictionary value once; a null entry (a null index) hashes like the
         # null of a plain column (0 / ""), never like dictionary[0].
         values = hash_array(pa.concat_arrays([arr.dictionary, pa.nulls(1, arr.dictionary.type)]), seed, rows)
-        codes = arr.indices.fill_null(len(arr.dictionary)).to_numpy(zero_copy_only=False)
+        codes = arr.indices.cast(pa.int64()).fill_null(len(arr.dictionary)).to_numpy(zero_copy_only=False)
         return values[codes]
     elif pa.types.is_integer(arr.type):
         k = pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False).view(np.uint64).copy()

@@ -354,8 +354,8 @@ def collision_warnings(store: Store, plan, tables: dict[str, tuple[str, int, str
 
     `tables`: table -> (column, rows, the job key that sizes it). The ID columns of the
     plan's read units are scanned (at most `max_rows` rows, units spread over the whole
-    plan): exact distinct counts when everything was read, else a lower bound, so a
-    warning is never a false alarm."""
+    plan): exact distinct counts when everything was read, a lower bound from a sample
+    (never a false alarm), a K-minimum-values estimate past 2^20 distinct IDs."""
     units = plan.units
     if sum(u.rows for u in units) > max_rows:
         step = sum(u.rows for u in units) / max_rows
@@ -382,7 +382,7 @@ def collision_warnings(store: Store, plan, tables: dict[str, tuple[str, int, str
         n = ids.distinct()
         share = expected_collisions(n, rows)["ids_colliding"]
         if share > COLLISION_WARN_SHARE:
-            how = "" if complete and not ids.saturated else "at least "
+            how = "about " if ids.saturated else "" if complete else "at least "
             out.append(
                 f"table '{table}': {key}={rows:,} rows for {how}{n:,} distinct '{col}' values: about {share:.0%} of them "
                 f"share a hashed row with another ID (their embeddings are mixed); set {key} >= {rows_for_share(n):,} "
