@@ -266,10 +266,11 @@ def saved_keys(store: Store, ref: CheckpointRef) -> set[str]:
         raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: cannot read its metadata: {e}") from e
 
 
-def prune(store: Store, run_dir: str, keep_last: int, latest: int) -> None:
-    """Rank 0, after a commit: delete committed checkpoints beyond `keep_last` and
-    uncommitted step folders older than the newest commit (crashed saves). Newer
-    uncommitted folders may be a save in flight and are left alone."""
+def prune(store: Store, run_dir: str, keep_last: int, latest: int, keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Rank 0, after a commit: delete committed checkpoints beyond `keep_last` (except
+    the steps in `keep`: the best epoch's) and uncommitted step folders older than the
+    newest commit (crashed saves). Newer uncommitted folders may be a save in flight
+    and are left alone."""
     committed = []
     for step in committed_steps(store, run_dir):
         sd = step_dir(run_dir, step)
@@ -289,7 +290,7 @@ def prune(store: Store, run_dir: str, keep_last: int, latest: int) -> None:
                 if name not in (marker["attempt"], MARKER) and not name.startswith(MARKER):
                     store.rm(join(sd, name))
     for step in committed[:-keep_last] if keep_last > 0 else []:
-        if step < latest:
+        if step < latest and step not in keep:
             store.rm(step_dir(run_dir, step))
 
 
@@ -318,8 +319,9 @@ class Checkpointer:
         self.last_committed: str | None = None
         self._pool = None
 
-    def save(self, step: int, state: dict, manifest: dict) -> CheckpointRef:
-        """Collective. Returns the attempt's ref; it counts only once committed."""
+    def save(self, step: int, state: dict, manifest: dict, keep: set[int] | frozenset[int] = frozenset()) -> CheckpointRef:
+        """Collective. Returns the attempt's ref; it counts only once committed. Steps
+        in `keep` survive the pruning of checkpoints beyond keep_last."""
         self.finish()
         ref = CheckpointRef(self.run_dir, step, new_attempt_id(self.ctrl))
         writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False, overwrite=False, **self.store.storage_options(ref.uri))
@@ -330,7 +332,7 @@ class Checkpointer:
             if self.rank == 0:
                 if commit(self.store, ref, dict(manifest, checkpoint=ref.uri)):
                     try:
-                        prune(self.store, self.run_dir, self.keep_last, step)
+                        prune(self.store, self.run_dir, self.keep_last, step, keep)
                     except Exception as e:  # noqa: BLE001 - the step is committed whatever happens here
                         # Committed is committed: old folders are pruned after the next commit.
                         log.warning("checkpoint %s committed; deleting older ones failed (retried after the next commit): %s", ref.uri, e)

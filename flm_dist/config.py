@@ -110,6 +110,10 @@ class DataConfig:
     train: str = ""  # labelled log for fine-tuning
     eval: str = ""  # held-out log for evaluation
     split: SplitConfig = field(default_factory=SplitConfig)
+    # Fine-tuning: the validation data that early stopping follows, or else the share of
+    # the training rows (by (user, item) pair) held out for it; 0 turns validation off.
+    valid: str = ""
+    valid_fraction: float = 0.1
     features: list[FeatureConfig] = field(default_factory=list)
     rating_range: list[float] = field(default_factory=lambda: [1.0, 5.0])
     batch_size: int = 4096  # per worker
@@ -132,6 +136,8 @@ class DataConfig:
             raise ConfigError("data.rating_range must be [low, high] with low < high")
         if self.shuffle_window < 1:
             raise ConfigError("data.shuffle_window must be >= 1")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         names = [f.name for f in self.features]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -151,7 +157,10 @@ class ModelConfig:
     embedding_dim: int = 32
     hidden: list[int] = field(default_factory=lambda: [128])
     latent_dim: int = 64
-    head_hidden: list[int] = field(default_factory=lambda: [64])
+    # The task head over [z_user, z_item, z_user * z_item]: linear by default. On real
+    # data a hidden layer fitted the few labeled users' quirks and transferred worse to
+    # users without labels (docs/RESULTS.md).
+    head_hidden: list[int] = field(default_factory=list)
     corruption: float = 0.2  # probability of masking each input field in the corrupted view
     noise_std: float = 0.1  # Gaussian noise added to the corrupted view
     hash_seed: int = 0
@@ -180,12 +189,22 @@ class TrainConfig:
     log_every: int = 20
     grad_clip: float = 0.0  # 0: off
     amp: bool = True  # bf16 autocast of the dense layers on GPU (ignored on CPU)
+    # Fine-tuning with validation: stop after this many epochs without a better
+    # validation loss (0: run every epoch); the best epoch's checkpoint is the result.
+    patience: int = 2
+    # Fine-tuning a pretrained backbone with a task head (ctr, rating): steps in which
+    # only the new head trains. -1: about one epoch (at most 1000 steps); 0: off.
+    head_warmup_steps: int = -1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
         if self.temperature <= 0:
             raise ConfigError("train.temperature must be > 0")
+        if self.patience < 0:
+            raise ConfigError("train.patience must be >= 0 (0: no early stopping)")
+        if self.head_warmup_steps < -1:
+            raise ConfigError("train.head_warmup_steps must be -1 (about one epoch), 0 (off) or a number of steps")
 
 
 @dataclass

@@ -1,16 +1,25 @@
-"""Evaluation outputs on the workers, gathered for exact metrics on the driver.
+"""Evaluation on the workers: model outputs for every eval row, the catalog's item
+vectors, and the validation loss that early stopping follows.
 
 Every rank holds the outputs of its own eval rows (and, for ranking, its chunks of
 the catalog's item vectors); exact metrics need all of them in one place, so they are
 gathered to rank 0 (an average of per-rank AUCs or recalls is not the metric).
+Forward passes follow the train loop's step agreement: sharded lookups are
+collectives, so a rank without rows joins with an empty batch.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-__all__ = ["OUTPUT_DTYPES", "gather_outputs", "local_outputs"]
+from flm_dist.batch import Batch
+from flm_dist.objectives import compute_loss
+from flm_dist.sharding import unwrap
+
+__all__ = ["OUTPUT_DTYPES", "catalog_vectors", "eval_outputs", "gather_outputs", "local_outputs", "validation_loss"]
 
 # Per-row outputs and their dtypes. A rank with no eval rows must still send arrays of
 # these dtypes: concatenating a float64 `np.zeros(0)` with int64 identity keys turns
@@ -46,3 +55,77 @@ def gather_outputs(local: dict, group=None) -> dict | None:
         chunks = sorted((i, v) for g in gathered for i, v in g.get("catalog", []))
         result["catalog_vec"] = np.concatenate([v for _, v in chunks]) if chunks else np.zeros((0, 0), np.float32)
     return result
+
+
+@torch.no_grad()
+def eval_outputs(model, batches, task: str, device, empty: Batch, latent_dim: int) -> dict[str, np.ndarray]:
+    """This rank's outputs for the agreed eval batches (`batches` yields this rank's
+    batch or None, for as many steps as the rank with the most rows needs): predictions
+    and targets for ctr / rating, unit user vectors for retrieval and pretraining."""
+    m = unwrap(model)
+    retrieval = task in ("retrieval", "pretrain")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_DTYPES}
+    for batch in batches:
+        b = (batch or empty).to(device)
+        if retrieval:
+            out["user_vec"].append(F.normalize(m.user_vector(b), dim=-1).float().cpu().numpy())
+        else:
+            out["pred"].append(model(b, score=True).score.float().cpu().numpy())
+            target = b.label if task == "ctr" else b.rating
+            out["target"].append(target.float().cpu().numpy())
+        if batch is not None:
+            out["user_key"].append(batch.user_key.numpy())
+            out["item_key"].append(batch.item_key.numpy())
+    return local_outputs(out, latent_dim)
+
+
+@torch.no_grad()
+def catalog_vectors(model, catalog: dict | None, features, batch_size: int, device, empty: Batch, rank: int, world: int) -> list[tuple[int, np.ndarray]]:
+    """Unit item vectors of the catalog, chunk i on rank i % world. Every rank makes
+    the same number of forward passes (an empty one when out of chunks)."""
+    m = unwrap(model)
+    cat = catalog or {}
+    n = len(cat.get("item", ()))
+    chunks = -(-n // batch_size)
+    mine = []
+    for k in range(-(-chunks // world)):
+        i = k * world + rank
+        b = empty
+        if i < chunks:
+            sl = slice(i * batch_size, min(n, (i + 1) * batch_size))
+            feats = {}
+            for f in features:
+                if f.side != "item":
+                    continue
+                if f.kind == "multi":
+                    feats[f.name] = torch.from_numpy(np.stack([cat[f"f_{f.name}__{j}"][sl] for j in range(f.max_len)], axis=1))
+                else:
+                    feats[f.name] = torch.from_numpy(cat[f"f_{f.name}"][sl])
+            item = torch.from_numpy(cat["item"][sl])
+            b = Batch(user=torch.zeros_like(item), item=item, features=feats)
+        v = F.normalize(m.item_vector(b.to(device)), dim=-1).float().cpu().numpy()
+        if i < chunks:
+            mine.append((i, v))
+    return mine
+
+
+@torch.no_grad()
+def validation_loss(model, batches, task: str, device, empty: Batch, popularity, train_cfg) -> tuple[float, int]:
+    """(sum of the task loss over this rank's validation rows, rows): the objective
+    itself without the reconstruction term, so every task is followed by the quantity
+    it trains on (log loss, squared error, sampled softmax)."""
+    from flm_dist.objectives import forward_flags
+
+    flags = forward_flags(task, 0.0)
+    flags["corrupt"] = False  # the clean view: what serving sees
+    total, rows = 0.0, 0
+    model.eval()
+    for batch in batches:
+        b = (batch or empty).to(device)
+        out = model(b, **flags).float()
+        if batch is not None and len(batch):
+            lp = compute_loss(task, out, b, 0.0, train_cfg.contrastive_weight, train_cfg.temperature, popularity, train_cfg.num_negatives)
+            total += float(lp.total)
+            rows += len(batch)
+    model.train()
+    return total, rows

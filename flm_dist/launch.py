@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -18,7 +19,7 @@ from ray.train import DataConfig
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import ConfigError, JobConfig, ScalingConfig, from_dict, to_dict
+from flm_dist.config import ConfigError, JobConfig, ScalingConfig, SplitConfig, from_dict, to_dict
 from flm_dist.data.encode import EncodeSpec
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import InteractionDatasource, read
@@ -376,44 +377,49 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
         plan_overrides=dict(job.scaling.plan),
         use_gpu=job.scaling.use_gpu,
         threads=threads,
-        trace_rows=os.environ.get("FLM_TRACE_ROWS", ""),
         **kw,
     )
 
 
-def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str, train_task: str | None = None):
-    """Plans (validated before any worker starts) and datasources for train / eval:
-    {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec. The
-    training side is read as `train_task` trained (default `task`): evaluating a
-    pretrained backbone ranks positives only, but its training data was every row."""
+def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str, train_task: str | None = None, validate: bool = False):
+    """Plans (validated before any worker starts) and datasources for train / valid /
+    eval: {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec (plus
+    "known": the training data, validation rows included, for the evaluation
+    reference). `validate`: hold out `data.valid` or a `data.valid_fraction` carve of
+    the training rows. The training side is read as `train_task` trained (default
+    `task`): evaluating a pretrained backbone ranks positives only, but its training
+    data was every row."""
     d = job.data
-    split = d.split
+    split = d.split if not eval_uri else SplitConfig()  # an explicit eval set replaces the split
     need_ts = split.by == "time"
+    carve = d.valid_fraction if validate and not d.valid else 0.0
     datasets, plans, specs = {}, {}, {}
+
+    def add(name: str, uri: str, rs: ReadSpec, side: str, shuffle: bool, plan: DataPlan | None = None) -> None:
+        plan = plan or _plan(store, uri, rs, job)
+        enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed, valid_fraction=carve)
+        src = InteractionDatasource(plan, enc, store, shuffle, job.run.seed, d.read_block_rows, d.on_bad_file)
+        datasets[name], plans[name], specs[name] = (src, plan.to_dict()), plan, enc
+
     if train_uri:
         rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts)
-        plan = _plan(store, train_uri, rs, job)
-        side = "train" if split.by != "none" and not eval_uri else "all"
-        enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
-        src = InteractionDatasource(plan, enc, store, d.shuffle, job.run.seed, d.read_block_rows, d.on_bad_file)
-        datasets["train"] = (src, plan.to_dict())
-        plans["train"], specs["train"] = plan, enc
+        add("train", train_uri, rs, "train", d.shuffle)
+        specs["known"] = replace(specs["train"], side="known")
+        if validate and d.valid:
+            add("valid", d.valid, rs, "all", False)
+        elif carve:
+            add("valid", train_uri, rs, "valid", False, plans["train"])
     if eval_uri or (train_uri and split.by != "none"):
         rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True)
-        src = eval_uri or train_uri
-        plan = _plan(store, src, rs, job)
-        side = "all" if eval_uri else "eval"
-        enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed)
-        src = InteractionDatasource(plan, enc, store, False, job.run.seed, d.read_block_rows, d.on_bad_file)
-        datasets["eval"] = (src, plan.to_dict())
-        plans["eval"], specs["eval"] = plan, enc
+        add("eval", eval_uri or train_uri, rs, "all" if eval_uri else "eval", False)
     return datasets, plans, specs
 
 
 def _reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str) -> Reference:
     """The training data's users, item popularity and, for ranking, catalog and pairs:
-    read exactly as training reads it (`train_spec`: the same split side and bad-row
-    rules), so eval rows of a `data.split` never count as training data."""
+    read exactly as training reads it (`train_spec`, side "known": the same split and
+    bad-row rules, validation rows included), so eval rows of a `data.split` never
+    count as training data."""
     ranking = task in ("retrieval", "pretrain")
     t0 = time.perf_counter()
     spec = replace(train_spec, read=replace(train_spec.read, keys=True))
@@ -446,9 +452,12 @@ def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
     return report
 
 
-def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool = True, address: str | None = None) -> dict:
+def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool = True, address: str | None = None, trace_rows: str = "") -> dict:
     """Pretrain or fine-tune per `job`; evaluates on `data.eval` (or the split) at the
-    end. Returns {"checkpoint": URI, "metrics": {...}}."""
+    end. Returns {"checkpoint": URI, "metrics": {...}}; with validation (fine-tuning),
+    the checkpoint is the best epoch's. `progress`: a progress bar when stdout is a
+    terminal, else step records in the log. `trace_rows`: a folder where each rank
+    records the rows of every step (tests' audit trail)."""
     job.check_runnable()
     run_dir = join(job.run.storage, job.run.name)
     store.ensure_bucket(run_dir)
@@ -459,10 +468,10 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.init_from:
         _check_parent_hash(store, job.init_from, hash_spec)
     eval_uri = job.data.eval if job.task != "pretrain" else ""
-    datasets, plans, specs = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task)
+    datasets, plans, specs = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=job.task != "pretrain")
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
-    ref = _reference(store, plans["train"], specs["train"], job.task) if "eval" in plans else None
+    ref = _reference(store, plans["train"], specs["known"], job.task) if "eval" in plans else None
     for warning in _collisions(store, plans["train"], job):
         print(f"warning: {warning}", flush=True)
     cpw, threads = resources(job.scaling, _node_cpus())
@@ -486,6 +495,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         threads,
         train_plan=plans["train"].to_dict(),
         eval_plan=plans["eval"].to_dict() if "eval" in plans else None,
+        valid_rows=(plans["valid"].total_rows if job.data.valid else round(plans["train"].total_rows * job.data.valid_fraction)) if "valid" in plans else 0,
         catalog=ref.catalog if ref is not None else None,
         init_from=job.init_from,
         # --fresh deleted the run folder above; a Ray Train restart of this run must
@@ -493,6 +503,8 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         resume=True,
         manifest=manifest,
         progress=channel,
+        print_steps=progress and not sys.stdout.isatty(),
+        trace_rows=trace_rows,
     )
     total = plans["train"].total_rows * job.train.epochs
     print(f"{job.task}: {plans['train'].total_rows:,} rows in {len(plans['train'].files)} files x {job.train.epochs} epochs, "
@@ -531,7 +543,7 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     task = "retrieval" if manifest["task"] == "pretrain" else manifest["task"]
     job.task = task
     datasets, plans, specs = _datasets(job, store, hash_spec, train_uri, data or None, task, train_task=manifest["task"])
-    reference_data = _reference(store, plans["train"], specs["train"], task)
+    reference_data = _reference(store, plans["train"], specs["known"], task)
     cpw, threads = resources(job.scaling, _node_cpus())
     channel = RunChannel.remote()
     spec = _worker_spec(

@@ -31,7 +31,7 @@ def most_popular(store: Store, job: JobConfig, ks=(10, 20)) -> dict:
     Training and eval rows are read exactly as the fine-tune reads them."""
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
     _, plans, specs = launch._datasets(job, store, hs, job.data.train, job.data.eval or None, "retrieval")
-    ref = launch._reference(store, plans["train"], specs["train"], "retrieval")
+    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
     plan, spec = plans["eval"], specs["eval"]
     users, items = [], []
     for u in plan.units:
@@ -62,7 +62,15 @@ def compare(job: JobConfig, store: Store, *, out: str | None = None, progress: b
         print(f"compare: fine-tuning {name}", flush=True)
         res = launch.train(arm, store, fresh=True, progress=progress, address=address)
         m = res["metrics"]
-        results["arms"][name] = {"checkpoint": res["checkpoint"], "eval": m["eval"], "curve": m.get("curve", []), "rows_per_s": m["rows_per_s"], "steps": m["steps"]}
+        results["arms"][name] = {
+            "checkpoint": res["checkpoint"],
+            "eval": m["eval"],
+            "curve": m.get("curve", []),
+            "epochs_curve": m.get("epochs_curve", []),
+            "best": m.get("best"),
+            "rows_per_s": m["rows_per_s"],
+            "steps": m["steps"],
+        }
     if baseline and job.task == "retrieval":
         results["arms"]["most_popular"] = {"eval": most_popular(store, job)}
     store.ensure_bucket(out)
@@ -114,13 +122,20 @@ def _curves_png(results: dict) -> bytes:
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
-    for arm in ("scratch", "pretrained"):
+    for k, arm in enumerate(("scratch", "pretrained")):
+        color = f"C{k}"
         c = [r for r in results["arms"][arm]["curve"] if r["loss"] == r["loss"]]
-        ax.plot([r["step"] for r in c], [r["loss"] for r in c], label=arm)
+        ax.plot([r["step"] for r in c], [r["loss"] for r in c], color=color, alpha=0.6, label=f"{arm}: training loss")
+        v = [r for r in results["arms"][arm].get("epochs_curve", []) if "valid_loss" in r]
+        if v:
+            ax.plot([r["step"] for r in v], [r["valid_loss"] for r in v], "o--", color=color, label=f"{arm}: validation loss")
+            best = results["arms"][arm].get("best")
+            if best:
+                ax.plot([best["step"]], [best["valid_loss"]], "*", color=color, markersize=14)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"fine-tuning ({results['task']})")
-    ax.legend()
+    ax.set_ylabel("loss per row")
+    ax.set_title(f"fine-tuning ({results['task']}); star: the kept epoch")
+    ax.legend(fontsize=7)
     return _png(fig)
 
 

@@ -267,7 +267,7 @@ class Cluster:
                 "excludes": list(_EXCLUDES),
                 # Job logs are a cluster job's only progress report: line-buffered, with
                 # rank 0's step records (loss, rows/s) every train.log_every steps.
-                "env_vars": {"PYTHONUNBUFFERED": "1", "FLM_DEBUG_STEPS": "1"},
+                "env_vars": {"PYTHONUNBUFFERED": "1"},
             }
             self._call("submit", sid, lambda: self._client.submit_job(
                 entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env, metadata=metadata,

@@ -1,12 +1,18 @@
-"""The train loop: one function, run by every Ray Train worker, for pretraining,
-fine-tuning and evaluation. They differ in objective, data and initialisation only.
+"""The train loop: one function (`train`), run by every Ray Train worker, for
+pretraining and fine-tuning; they differ in objective, data and initialisation only.
 
-Every step starts with one small all-reduce (`_agree`) that carries, for all ranks,
-the rows each will train on, the bad-row counts, and the previous step's loss and
-non-finite flag. From it every rank takes the same decisions at the same step: end the
-epoch (when no rank has rows left; a rank that ran dry joins with an empty batch, so
-uneven shards never hang DDP), fail on a bad-row budget or a NaN loss (before a
-checkpoint could be written), and save a checkpoint.
+Each step starts with one small all-reduce (`agree`) that carries, for all ranks, the
+rows each will train on, the bad-row counts, and the previous step's loss and
+non-finite flag. From it every rank takes the same decisions at the same step: end
+the epoch (when no rank has rows left; a rank that ran dry joins with an empty batch,
+so uneven shards never hang DDP), fail on a bad-row budget or a NaN/Inf loss or
+gradient (before a checkpoint could hold it), and save a checkpoint.
+
+Fine-tuning from a pretrained backbone follows the recipe measured in docs/RESULTS.md:
+the new head trains alone for about an epoch first (`train.head_warmup_steps`), the
+validation loss is measured after every epoch on rows held out of the training data,
+the best epoch's checkpoint is kept and is the result, and training stops once the
+validation loss has not improved for `train.patience` epochs.
 """
 
 from __future__ import annotations
@@ -26,30 +32,32 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from flm_dist import checkpoint as ckpt
 from flm_dist.batch import Batch
 from flm_dist.config import CheckpointConfig, FeatureConfig, ModelConfig, TrainConfig
+from flm_dist.data.budget import BadRows
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import BatchStream, empty_batch
-from flm_dist.data.plan import DataPlan, read_unit
+from flm_dist.data.plan import DataPlan
 from flm_dist.data.position import ConsumedRows
-from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED, DataError
-from flm_dist.evaluation import gather_outputs, local_outputs
+from flm_dist.data.schema import BAD_REASONS
+from flm_dist.evaluation import catalog_vectors, eval_outputs, gather_outputs, validation_loss
 from flm_dist.model import FLM
 from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules
 from flm_dist.optim import build_optimizers, optimizer_state
 from flm_dist.sharding import describe_plan, global_view, parallelize, plan_tables, unwrap
 from flm_dist.storage import Store, join
 
-__all__ = ["NonFiniteLossError", "WorkerSpec", "worker_main"]
+__all__ = ["NonFiniteLossError", "Progress", "Worker", "WorkerSpec", "train", "worker_main"]
 
 log = logging.getLogger(__name__)
 
+HEAD_WARMUP_MAX_STEPS = 1000  # train.head_warmup_steps = -1: about one epoch, at most this
+
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; training stopped before writing another checkpoint."""
+    """The loss or the gradients became NaN/Inf; training stopped before writing another checkpoint."""
 
 
 @dataclass
@@ -75,6 +83,7 @@ class WorkerSpec:
     plan_overrides: dict[str, str]
     train_plan: dict | None = None  # DataPlan.to_dict() of the training data
     eval_plan: dict | None = None
+    valid_rows: int = 0  # rows of the validation data (0: no validation)
     init_from: str = ""  # a committed checkpoint URI (backbone for fine-tuning)
     evaluate_from: str = ""  # mode=evaluate: the checkpoint to evaluate
     resume: bool = True
@@ -82,8 +91,23 @@ class WorkerSpec:
     threads: int = 1
     manifest: dict = field(default_factory=dict)  # config, lineage, data fingerprint
     progress: Any = None  # a launch.RunChannel handle, or None
+    print_steps: bool = False  # rank 0 prints its step records (job logs without a progress bar)
     trace_rows: str = ""  # folder for the per-step row audit trail (tests), "" = off
     catalog: dict | None = None  # retrieval evaluation: the item catalog (rows, features)
+
+
+@dataclass
+class Progress:
+    """Where a run stands; restored from a checkpoint's manifest."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_done: bool = False
+    data_state: dict | None = None
+    checkpoint: str | None = None  # the last committed checkpoint
+    best: dict | None = None  # {"step", "epoch", "valid_loss"} of the best epoch so far
+    stale: int = 0  # epochs since the best one
+    curve: list = field(default_factory=list)  # per epoch: {"step", "epoch", "loss", "valid_loss"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -144,7 +168,15 @@ def _prime_optimizers(model, dense_opt, sparse_opt) -> None:
                     sparse_opt.state[p]["sum"] = torch.zeros(p.shape[0], device=p.device)
 
 
-class _Fetcher:
+def agree(group, rows: int, bad: np.ndarray, loss_sum: float, nonfinite: bool) -> tuple[int, np.ndarray, float, bool]:
+    """One all-reduce per step: global rows, bad counts, last loss, any non-finite."""
+    t = torch.tensor([float(rows), float(nonfinite), loss_sum, *bad.astype(np.float64)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return int(t[0]), t[3:].numpy().astype(np.int64), float(t[2]), bool(t[1] > 0)
+
+
+class Fetcher:
     """Pulls the next batch and the bad-row counts that came before it.
 
     A background thread stays `ahead` batches in front of the train loop: batch
@@ -202,15 +234,32 @@ class _Fetcher:
         return None, counts
 
 
+def agreed_batches(stream: BatchStream, epoch: int, group, device, budget: BadRows | None = None):
+    """This rank's batches of one pass (or None once it ran dry), for as many steps as
+    the rank with the most rows needs: the eval and validation passes."""
+    fetch = Fetcher(stream, epoch, pin=device.type == "cuda")
+    try:
+        while True:
+            batch, bad = fetch.next()
+            rows, gbad, _, _ = agree(group, len(batch) if batch else 0, bad, 0.0, False)
+            if budget is not None:
+                budget.add(gbad)
+            if rows == 0:
+                return
+            yield batch
+    finally:
+        fetch.close()
+
+
 def _say(msg: str) -> None:
     """Print from a worker once: Ray Train's patched `print` would log it twice."""
     print(msg, file=sys.__stdout__, flush=True)
 
 
 class _RowTrace:
-    """With a trace folder (FLM_TRACE_ROWS in the driver's environment), each rank
-    appends, per step, [step, n, n row positions] (int64) to a file named by epoch,
-    rank and pid: an audit trail of exactly which rows each attempt trained on."""
+    """With a trace folder (`trace_rows`, a test's audit trail), each rank appends, per
+    step, [step, n, n row positions] (int64) to a file named by epoch, rank and pid:
+    exactly which rows each attempt trained on."""
 
     def __init__(self, folder: str, rank: int):
         self._dir = folder
@@ -223,18 +272,49 @@ class _RowTrace:
                 f.write(rec.tobytes())
 
 
-def _agree(group, rows: int, bad: np.ndarray, loss_sum: float, nonfinite: bool) -> tuple[int, np.ndarray, float, bool]:
-    """One all-reduce per step: global rows, bad counts, last loss, any non-finite."""
-    t = torch.tensor([float(rows), float(nonfinite), loss_sum, *bad.astype(np.float64)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, group=group)
-    return int(t[0]), t[3:].numpy().astype(np.int64), float(t[2]), bool(t[1] > 0)
+class StepLog:
+    """Rank 0's step records: to the driver's progress bar (run channel), TensorBoard
+    (uploaded to the run folder) and, for cluster job logs, stdout."""
+
+    def __init__(self, spec: WorkerSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        self.records: list[dict] = []
+        self._tb = None
+        self._tb_dir = ""
+
+    def add(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
+        self.records.append(rec)
+        if self.spec.progress is not None:
+            self.spec.progress.update.remote(rec)
+        if self.spec.print_steps:
+            _say(str({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb_dir = tempfile.mkdtemp(prefix="flm-tb-")
+            self._tb = SummaryWriter(self._tb_dir)
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
+                self._tb.add_scalar(f"{self.spec.task}/{k}", v, rec["step"])
+
+    def flush(self, final: bool = False) -> None:
+        if self.rank == 0 and self._tb is not None:
+            self._tb.flush()
+            self.spec.store.upload_dir(self._tb_dir, join(self.spec.run_dir, "tensorboard"))
+            if final:
+                self._tb.close()
+                shutil.rmtree(self._tb_dir, ignore_errors=True)
+                self._tb = None
 
 
 # ------------------------------------------------------------------ the worker
 
 
 class Worker:
+    """One rank's model, optimisers and checkpoints, built from the spec."""
+
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -253,13 +333,12 @@ class Worker:
         self.store = spec.store
         self.hash = HashSpec.from_dict(spec.hash_spec)
         self.train_plan = DataPlan.from_dict(spec.train_plan) if spec.train_plan else None
-        self.eval_plan = DataPlan.from_dict(spec.eval_plan) if spec.eval_plan else None
-        self.metrics_log: list[dict] = []
-        self.tb = None
+        self.empty = empty_batch(tuple(spec.features), label=spec.task == "ctr", rating=spec.task == "rating")
+        self.checkpointer: ckpt.Checkpointer | None = None
 
     # -- model ----------------------------------------------------------------------
 
-    def build(self):
+    def build(self) -> None:
         s = self.spec
         torch.manual_seed(s.seed)  # dense layers start equal on every rank
         lo, hi = s.rating_range
@@ -278,13 +357,8 @@ class Worker:
                 mod.requires_grad_(name in used and name not in frozen)
         else:
             model.requires_grad_(False)
-        self.plan = plan_tables(
-            {n: t.num_embeddings for n, t in model.tables.items()},
-            s.model.embedding_dim,
-            self.world,
-            s.shard_threshold_bytes,
-            s.plan_overrides,
-        )
+        sizes = {n: t.num_embeddings for n, t in model.tables.items()}
+        self.plan = plan_tables(sizes, s.model.embedding_dim, self.world, s.shard_threshold_bytes, s.plan_overrides)
         if self.rank == 0:
             _say(describe_plan(self.plan))
         self.model = parallelize(model, self.plan, self.device, seed=s.seed)
@@ -297,20 +371,22 @@ class Worker:
         self.popularity = PopularityEstimator(buckets, device=self.device) if s.mode == "train" and s.task in ("pretrain", "retrieval") else None
         self.dense_opt = self.sparse_opt = None
         if s.mode == "train":
-            self.dense_opt, self.sparse_opt = build_optimizers(
-                unwrap(self.model), s.train.lr, s.train.weight_decay, s.train.sparse_lr, s.train.sparse_optimizer
-            )
+            self.dense_opt, self.sparse_opt = build_optimizers(unwrap(self.model), s.train.lr, s.train.weight_decay, s.train.sparse_lr, s.train.sparse_optimizer)
             _prime_optimizers(self.model, self.dense_opt, self.sparse_opt)
+        self.flags = forward_flags(s.task, s.train.recon_weight)
+        # The new head of a fine-tune from a pretrained backbone trains alone first, so
+        # the backbone's first updates follow a head that already fits it (a random head
+        # pulls the pretrained features wherever its first gradients point).
+        self.backbone_dense = [p for n, p in unwrap(self.model).named_parameters() if p.requires_grad and not n.startswith("head.") and not n.startswith("tables.")]
 
-    def restore(self) -> dict:
+    def restore(self) -> Progress:
         """Resume from the run's latest committed checkpoint, else initialise the
-        backbone from `init_from`, else start fresh. Returns the progress to resume."""
+        backbone from `init_from`, else start fresh."""
         s = self.spec
         if s.mode == "evaluate":
             ref = ckpt.resolve(self.store, s.evaluate_from)
-            state = {"model": _state(self.model, None, None)["model"]}
-            ckpt.load_state(self.store, ref, state)
-            return {"step": 0, "epoch": 0, "checkpoint": ref.uri}
+            self.load_model(ref)
+            return Progress(checkpoint=ref.uri)
         uri = self._decide_resume() if s.resume else None
         ref = ckpt.resolve(self.store, uri) if uri else None
         if ref is not None:
@@ -323,13 +399,16 @@ class Worker:
                 self.popularity.load(pop)
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
-            return {
-                "step": manifest["step"],
-                "epoch": manifest["epoch"],
-                "epoch_done": manifest.get("epoch_done", False),
-                "data_state": manifest.get("data_state"),
-                "checkpoint": ref.uri,
-            }
+            return Progress(
+                step=manifest["step"],
+                epoch=manifest["epoch"],
+                epoch_done=manifest.get("epoch_done", False),
+                data_state=manifest.get("data_state"),
+                checkpoint=ref.uri,
+                best=manifest.get("best"),
+                stale=manifest.get("stale", 0),
+                curve=manifest.get("curve", []),
+            )
         if s.init_from:
             ref = ckpt.resolve(self.store, s.init_from)
             m = unwrap(self.model)
@@ -338,7 +417,11 @@ class Worker:
             ckpt.load_state(self.store, ref, {"model": {k: full[k] for k in keys}})
             if self.rank == 0:
                 _say(f"initialised backbone ({len(keys)} tensors) from {ref.uri}; head is new")
-        return {"step": 0, "epoch": 0, "epoch_done": False, "checkpoint": None}
+        return Progress()
+
+    def load_model(self, ref: ckpt.CheckpointRef) -> None:
+        """Collective: the model weights of a committed checkpoint, in this layout."""
+        ckpt.load_state(self.store, ref, {"model": _state(self.model, None, None)["model"]})
 
     def _decide_resume(self) -> str | None:
         """The checkpoint this worker group resumes from, decided once: rank 0 picks the
@@ -359,15 +442,64 @@ class Worker:
             dist.broadcast_object_list(decided, src=0, group=self.ctrl)
         return decided[0]
 
+    def head_warmup_steps(self) -> int:
+        """Steps in which only the new head trains: fine-tunes of a pretrained backbone
+        with a head (ctr, rating); -1 = about one epoch, at most HEAD_WARMUP_MAX_STEPS."""
+        s = self.spec
+        if not s.init_from or s.task not in ("ctr", "rating") or s.train.head_warmup_steps == 0:
+            return 0
+        if s.train.head_warmup_steps > 0:
+            return s.train.head_warmup_steps
+        rows = self.train_plan.total_rows - s.valid_rows if self.train_plan else 0
+        return min(HEAD_WARMUP_MAX_STEPS, max(1, -(-rows // (s.batch_size * self.world))))
+
+    # -- one step ---------------------------------------------------------------------
+
+    def step(self, batch: Batch, rows: int, head_only: bool) -> tuple[float, bool, dict]:
+        """Forward, loss, backward, optimiser step on this rank's batch (`rows`: the
+        global batch). Returns (this rank's loss sum, any NaN/Inf in it or in a
+        gradient, the loss parts)."""
+        s = self.spec
+        b = batch.to(self.device, non_blocking=True)
+        if self.popularity is not None:
+            self.popularity.update(b.item)
+        # bf16 autocast on GPU for the dense layers; embedding rows and their exchange
+        # stay fp32 (the tables are the model's memory, not its FLOPs).
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(b, **self.flags)
+        # The loss in fp32: softmaxes and logs over bf16 logits lose too much.
+        t = s.train
+        lp = compute_loss(s.task, out.float(), b, t.recon_weight, t.contrastive_weight, t.temperature, self.popularity, t.num_negatives)
+        # Local sum / global rows, times world because DDP averages gradients: the sum
+        # over ranks is the gradient of the global mean loss.
+        opts = [o for o in (self.dense_opt, self.sparse_opt) if o is not None]
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        (lp.total * (self.world / rows)).backward()
+        params = [p for opt in opts for g in opt.param_groups for p in g["params"]]
+        # The guard: a finite loss can still come with NaN/Inf gradients, which the step
+        # would write into the weights. Any rank's flag stops every rank at the next
+        # step's agreement, before any checkpoint is written.
+        nonfinite = not _all_finite([lp.total.detach(), *(p.grad for p in params)])
+        if head_only:  # the backbone's gradients are dropped: only the head steps
+            for p in self.backbone_dense:
+                p.grad = None
+            opts = [self.dense_opt]
+        if t.grad_clip > 0 and self.dense_opt is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.dense_opt.param_groups for p in g["params"]], t.grad_clip)
+        for opt in opts:
+            opt.step()
+        return float(lp.total.detach()), nonfinite, {k: float(v) for k, v in lp.parts.items()}
+
     # -- checkpoints ------------------------------------------------------------------
 
-    def save(self, step: int, epoch: int, epoch_done: bool, metrics: dict, consumed: ConsumedRows | None) -> None:
+    def save(self, progress: Progress, consumed: ConsumedRows | None, metrics: dict) -> None:
         """Collective. The data position (rows consumed in this epoch, from every rank)
         goes into the manifest; the checkpoint counts once committed (maybe later, in
         the background)."""
         s = self.spec
         data_state = None
-        if consumed is not None and not epoch_done:
+        if consumed is not None and not progress.epoch_done:
             states = [consumed.state()]
             if dist.is_initialized():
                 states = [None] * self.world
@@ -377,18 +509,19 @@ class Worker:
                 merged.merge_state(st)
             data_state = merged.state()
         manifest = dict(s.manifest)
-        manifest.update(
-            {
-                "step": step,
-                "epoch": epoch,
-                "epoch_done": epoch_done,
-                "data_state": data_state,
-                "world_size": self.world,
-                "sharding_plan": {n: p.to_dict() for n, p in self.plan.items()},
-                "hash_spec": self.hash.to_dict(),
-                "metrics": metrics,
-            }
-        )
+        manifest.update({
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "epoch_done": progress.epoch_done,
+            "data_state": data_state,
+            "best": progress.best,
+            "stale": progress.stale,
+            "curve": progress.curve,
+            "world_size": self.world,
+            "sharding_plan": {n: p.to_dict() for n, p in self.plan.items()},
+            "hash_spec": self.hash.to_dict(),
+            "metrics": metrics,
+        })
         pop = self.popularity.sync(self.ctrl) if self.popularity is not None else None
         state = _state(self.model, self.dense_opt, self.sparse_opt, pop)
         # No committed checkpoint may hold a non-finite value, whatever produced it.
@@ -397,294 +530,166 @@ class Worker:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.ctrl)
         if finite.item() < 1:
             raise NonFiniteLossError(
-                f"the state at step {step} (epoch {epoch}) holds NaN/Inf values; stopped before writing a checkpoint. "
-                f"Last committed checkpoint: {self.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+                f"the state at step {progress.step} (epoch {progress.epoch}) holds NaN/Inf values; stopped before writing a "
+                f"checkpoint. Last committed checkpoint: {self.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
             )
-        self.checkpointer.save(step, state, manifest)
+        keep = {progress.best["step"]} if progress.best else set()
+        self.checkpointer.save(progress.step, state, manifest, keep=keep)
 
-    # -- progress -------------------------------------------------------------------
+    # -- evaluation ---------------------------------------------------------------------
 
-    def _log(self, rec: dict) -> None:
-        if self.rank != 0:
-            return
-        self.metrics_log.append(rec)
-        if self.spec.progress is not None:
-            self.spec.progress.update.remote(rec)
-        if os.environ.get("FLM_DEBUG_STEPS"):
-            _say(str({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
-        if self.tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb_dir = tempfile.mkdtemp(prefix="flm-tb-")
-            self.tb = SummaryWriter(self._tb_dir)
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
-                self.tb.add_scalar(f"{self.spec.task}/{k}", v, rec["step"])
-
-    def _flush_tb(self, final: bool = False) -> None:
-        if self.rank == 0 and self.tb is not None:
-            self.tb.flush()
-            self.store.upload_dir(self._tb_dir, join(self.spec.run_dir, "tensorboard"))
-            if final:
-                self.tb.close()
-                shutil.rmtree(self._tb_dir, ignore_errors=True)
-                self.tb = None
-
-    # -- loops ------------------------------------------------------------------------
-
-    def _bad_budget(self, bad_total: np.ndarray, rows_total: int, planned: int, final: bool, examples: list) -> None:
-        """Raise on every rank at once (the counts are global) when bad rows exceed the
-        budget: mid-epoch only once the whole epoch could no longer stay under it."""
-        n_bad = int(bad_total[1:].sum() - bad_total[list(NOT_BUDGETED)].sum())
-        limit = self.spec.max_bad_fraction * (rows_total + n_bad if final else planned)
-        if n_bad <= limit or n_bad == 0:
-            return
-        gathered = [None] * self.world
+    def validate(self, stream: BatchStream) -> float:
+        """Collective: the mean validation loss over every rank's validation rows."""
+        batches = agreed_batches(stream, 0, self.ctrl, self.device)
+        total, rows = validation_loss(self.model, batches, self.spec.task, self.device, self.empty, self.popularity, self.spec.train)
+        t = torch.tensor([total, float(rows)], dtype=torch.float64)
         if dist.is_initialized():
-            dist.all_gather_object(gathered, examples, group=self.ctrl)
-        else:
-            gathered = [examples]
-        ex = [e for g in gathered for e in (g or [])][:5]
-        where = []
-        for pos, code in ex:
-            if self.train_plan is not None:
-                f, row = self.train_plan.locate(int(pos))
-                where.append(f"{f} row {row}: {BAD_REASONS[code]} {self._row_values(int(pos))}")
-        counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(bad_total) if i and c)
-        raise DataError(
-            f"bad rows exceed data.max_bad_fraction={self.spec.max_bad_fraction}: {n_bad} bad of "
-            f"{rows_total + n_bad} rows read ({counts}); examples: " + "; ".join(where)
-        )
+            dist.all_reduce(t, group=self.ctrl)
+        return float(t[0] / max(t[1], 1.0))
 
-    def _row_values(self, pos: int) -> dict:
-        """The raw columns of one row (for error messages), read back from its file."""
-        try:
-            t = read_unit(self.store, self.train_plan, self.train_plan.units[pos >> 32])
-            return t.slice(pos & 0xFFFFFFFF, 1).to_pylist()[0]
-        except Exception as e:  # the message is still useful without the values
-            return {"unavailable": str(e)}
-
-    def train(self, progress: dict, shard=None) -> dict:
-        """`shard`: this rank's training data (a Ray DataIterator); default: Ray Train's."""
+    def evaluate(self, stream: BatchStream) -> dict:
+        """Model outputs for every eval row from every rank, gathered on rank 0 (the
+        driver computes exact metrics from them); {} on the other ranks."""
         s = self.spec
-        if shard is None:
-            import ray.train
-
-            shard = ray.train.get_dataset_shard("train")
-        stream = BatchStream(
-            shard,
-            s.batch_size,
-            tuple(s.features),
-            shuffle_window=s.shuffle_window,
-            seed=s.seed * 1000 + self.rank,
-            prefetch_batches=s.prefetch_batches,
-        )
-        self.checkpointer = ckpt.Checkpointer(self.store, s.run_dir, s.checkpoint.keep_last, s.checkpoint.async_save, self.ctrl)
-        self.checkpointer.last_committed = progress.get("checkpoint")
-        flags = forward_flags(s.task, s.train.recon_weight)
-        popularity = self.popularity
-        step, epoch = progress["step"], progress["epoch"]
-        consumed = ConsumedRows(self.train_plan)
-        if progress.get("epoch_done"):
-            epoch += 1
-        else:
-            consumed.merge_state(progress.get("data_state"))  # the resumed epoch's rows so far
-        trace = _RowTrace(s.trace_rows, self.rank)
-        planned = self.train_plan.total_rows
-        bad_total = np.zeros(len(BAD_REASONS), dtype=np.int64)
-        rows_total = 0
-        t_start = time.perf_counter()
-        last_loss = float("nan")
-        empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
-        done = False
-        while epoch < s.train.epochs and not done:
-            fetch = _Fetcher(stream, epoch, pin=self.device.type == "cuda")
-            prev_loss, prev_nonfinite, prev_rows = 0.0, False, 0
-            while True:
-                t0 = time.perf_counter()
-                batch, bad = fetch.next()
-                t_data = time.perf_counter() - t0
-                rows, gbad, gloss, nonfinite = _agree(self.ctrl, len(batch) if batch else 0, bad, prev_loss, prev_nonfinite)
-                if nonfinite:
-                    raise NonFiniteLossError(
-                        f"loss or gradients became NaN/Inf at step {step} (epoch {epoch}); stopped before writing a checkpoint. "
-                        f"Last committed checkpoint: {self.checkpointer.last_committed}. "
-                        f"Lower train.lr / train.sparse_lr or set train.grad_clip."
-                    )
-                if prev_rows:
-                    last_loss = gloss / prev_rows
-                bad_total += gbad
-                rows_total += rows
-                self._bad_budget(bad_total, rows_total, planned, final=False, examples=stream.bad_examples)
-                done = bool(s.train.max_steps and step >= s.train.max_steps)
-                if rows == 0 or done:
-                    break
-                # The state after the previous step, now known finite on every rank.
-                if prev_rows and s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0:
-                    self.save(step, epoch, False, {"loss": last_loss}, consumed)
-                batch = batch if batch is not None else empty
-                t1 = time.perf_counter()
-                batch_dev = batch.to(self.device, non_blocking=True)
-                if popularity is not None:
-                    popularity.update(batch_dev.item)
-                # bf16 autocast on GPU for the dense layers; embedding rows and their
-                # exchange stay fp32 (the tables are the model's memory, not its FLOPs).
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = self.model(batch_dev, **flags)
-                # The loss in fp32: softmaxes and logs over bf16 logits lose too much.
-                lp = compute_loss(s.task, out.float(), batch_dev, s.train.recon_weight, s.train.contrastive_weight, s.train.temperature, popularity, s.train.num_negatives)
-                # Local sum / global rows, times world because DDP averages gradients:
-                # the sum over ranks is the gradient of the global mean loss.
-                loss = lp.total * (self.world / rows)
-                for opt in (self.dense_opt, self.sparse_opt):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for opt in (self.dense_opt, self.sparse_opt) if opt is not None for g in opt.param_groups for p in g["params"]]
-                # The guard: a finite loss can still come with NaN/Inf gradients, which
-                # the step would write into the weights. Any rank's flag stops every
-                # rank at the next step's agreement, before any checkpoint is written.
-                prev_nonfinite = not _all_finite([lp.total.detach(), *(p.grad for p in params)])
-                if s.train.grad_clip > 0 and self.dense_opt is not None:
-                    torch.nn.utils.clip_grad_norm_([p for g in self.dense_opt.param_groups for p in g["params"]], s.train.grad_clip)
-                for opt in (self.dense_opt, self.sparse_opt):
-                    if opt is not None:
-                        opt.step()
-                prev_loss = float(lp.total.detach())
-                prev_rows = rows
-                step += 1
-                pos = batch.pos.numpy()
-                consumed.add(pos)
-                trace.write(epoch, step, pos)
-                t_step = time.perf_counter() - t1
-                if step % s.train.log_every == 0:
-                    elapsed = time.perf_counter() - t_start
-                    self._log(
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": last_loss,
-                            "rows": rows_total,
-                            "rows_per_s": rows_total / max(elapsed, 1e-9),
-                            "data_wait_s": t_data,
-                            "step_s": t_step,
-                            **{k: float(v) / max(len(batch), 1) for k, v in lp.parts.items()},
-                        }
-                    )
-            fetch.close()
-            if prev_nonfinite:
-                raise NonFiniteLossError(f"loss or gradients became NaN/Inf at step {step} (epoch {epoch}), the last step; no checkpoint was written for it")
-            self._bad_budget(bad_total, rows_total, planned, final=True, examples=stream.bad_examples)
-            epoch_done = not done
-            if step > 0:
-                self.save(step, epoch, epoch_done, {"loss": last_loss}, consumed)
-            if epoch_done:
-                epoch += 1
-                consumed.reset()
-            self._flush_tb()
-        last_saved = self.checkpointer.finish()
-        self.checkpointer.close()
-        self._flush_tb(final=True)
-        elapsed = time.perf_counter() - t_start
-        bad = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
-        # Every rank ran the same number of steps by construction (`_agree`); report
-        # each rank's own count so that promise is visible, not assumed.
-        steps_per_worker = [step]
-        if dist.is_initialized():
-            steps_per_worker = [None] * self.world
-            dist.all_gather_object(steps_per_worker, step, group=self.ctrl)
-        return {
-            "checkpoint": last_saved,
-            "steps": step,
-            "steps_per_worker": steps_per_worker,
-            "epochs": epoch,
-            "rows": rows_total,
-            "rows_per_s": rows_total / max(elapsed, 1e-9),
-            "train_seconds": elapsed,
-            "loss": last_loss,
-            "bad_rows": bad,
-            # rank 0's logged steps: learning curves for reports
-            "curve": [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"]} for r in self.metrics_log],
-        }
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Model outputs for every eval row from every rank, gathered on rank 0 (exact
-        metrics need all predictions; the driver computes them). Pointwise tasks give
-        predictions; retrieval (and pretraining) give normalised user vectors plus the
-        vectors of the item catalog. Forward passes follow the same step agreement as
-        training: sharded lookups are collectives."""
-        import ray.train
-
-        s = self.spec
+        budget = BadRows(self.store, None, 1.0, self.ctrl)
         self.model.eval()
-        m = unwrap(self.model)
-        retrieval = s.task in ("retrieval", "pretrain")
-        shard = ray.train.get_dataset_shard("eval")
-        stream = BatchStream(shard, s.batch_size, tuple(s.features), shuffle_window=1, prefetch_batches=s.prefetch_batches)
-        fetch = _Fetcher(stream, 0)
-        empty = empty_batch(tuple(s.features), label=s.task == "ctr", rating=s.task == "rating")
-        out: dict[str, list[np.ndarray]] = {"user_key": [], "item_key": [], "pred": [], "target": [], "user_vec": []}
-        bad_total = np.zeros(len(BAD_REASONS), dtype=np.int64)
-        while True:
-            batch, bad = fetch.next()
-            rows, gbad, _, _ = _agree(self.ctrl, len(batch) if batch else 0, bad, 0.0, False)
-            bad_total += gbad
-            if rows == 0:
-                break
-            b = (batch or empty).to(self.device)
-            if retrieval:
-                out["user_vec"].append(F.normalize(m.user_vector(b), dim=-1).float().cpu().numpy())
-            else:
-                out["pred"].append(self.model(b, score=True).score.float().cpu().numpy())
-                target = b.label if s.task == "ctr" else b.rating
-                out["target"].append(target.float().cpu().numpy())
-            if batch is not None:
-                out["user_key"].append(batch.user_key.numpy())
-                out["item_key"].append(batch.item_key.numpy())
-        local = local_outputs(out, s.model.latent_dim)
-        if retrieval:
-            local["catalog"] = self._catalog_vectors(m, empty)
+        batches = agreed_batches(stream, 0, self.ctrl, self.device, budget)
+        local = eval_outputs(self.model, batches, s.task, self.device, self.empty, s.model.latent_dim)
+        if s.task in ("retrieval", "pretrain"):
+            local["catalog"] = catalog_vectors(self.model, s.catalog, s.features, s.batch_size, self.device, self.empty, self.rank, self.world)
         result = gather_outputs(local, group=self.ctrl)
         self.model.train()
         if result is None:
             return {}
-        result["bad_rows"] = {BAD_REASONS[i]: int(c) for i, c in enumerate(bad_total) if i and c}
+        result["bad_rows"] = budget.report()
         return result
 
-    def _catalog_vectors(self, m, empty: Batch) -> list[tuple[int, np.ndarray]]:
-        """Normalised item vectors of the catalog, chunk i on rank i % world. Every rank
-        makes the same number of forward passes (an empty one when out of chunks)."""
-        cat = self.spec.catalog or {}
-        n = len(cat.get("item", ()))
-        bs = self.spec.batch_size
-        chunks = -(-n // bs)
-        mine = []
-        for k in range(-(-chunks // self.world)):
-            i = k * self.world + self.rank
-            if i < chunks:
-                sl = slice(i * bs, min(n, (i + 1) * bs))
-                feats = {}
-                for f in self.spec.features:
-                    if f.side != "item":
-                        continue
-                    if f.kind == "multi":
-                        feats[f.name] = torch.from_numpy(np.stack([cat[f"f_{f.name}__{j}"][sl] for j in range(f.max_len)], axis=1))
-                    else:
-                        feats[f.name] = torch.from_numpy(cat[f"f_{f.name}"][sl])
-                item = torch.from_numpy(cat["item"][sl])
-                b = Batch(user=torch.zeros_like(item), item=item, features=feats)
-            else:
-                b = empty
-            v = F.normalize(m.item_vector(b.to(self.device)), dim=-1).float().cpu().numpy()
-            if i < chunks:
-                mine.append((i, v))
-        return mine
+
+# ------------------------------------------------------------------ the loop
+
+
+def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
+    """Train to `train.epochs` (or `train.max_steps`, or early stopping) from
+    `progress`; `shard` / `valid_shard` are this rank's training / validation data."""
+    s, t = w.spec, w.spec.train
+    stream = BatchStream(shard, s.batch_size, tuple(s.features), s.shuffle_window, s.seed * 1000 + w.rank, s.prefetch_batches)
+    valid = BatchStream(valid_shard, s.batch_size, tuple(s.features), prefetch_batches=s.prefetch_batches) if valid_shard is not None else None
+    w.checkpointer = ckpt.Checkpointer(w.store, s.run_dir, s.checkpoint.keep_last, s.checkpoint.async_save, w.ctrl)
+    w.checkpointer.last_committed = progress.checkpoint
+    budget, steplog, trace = BadRows(w.store, w.train_plan, s.max_bad_fraction, w.ctrl), StepLog(s, w.rank), _RowTrace(s.trace_rows, w.rank)
+    consumed = ConsumedRows(w.train_plan)
+    if progress.epoch_done:
+        progress.epoch, progress.epoch_done = progress.epoch + 1, False
+    else:
+        consumed.merge_state(progress.data_state)  # the resumed epoch's rows so far
+    warmup, rows_total, last_loss, t_start = w.head_warmup_steps(), 0, float("nan"), time.perf_counter()
+    stop = valid is not None and bool(t.patience) and progress.stale >= t.patience  # stopped early before a resume
+    while progress.epoch < t.epochs and not stop:
+        fetch = Fetcher(stream, progress.epoch, pin=w.device.type == "cuda")
+        loss_sum, nonfinite, step_rows = 0.0, False, 0
+        while True:
+            t0 = time.perf_counter()
+            batch, bad = fetch.next()
+            rows, gbad, gloss, any_nonfinite = agree(w.ctrl, len(batch) if batch else 0, bad, loss_sum, nonfinite)
+            t_data = time.perf_counter() - t0
+            if any_nonfinite:
+                raise NonFiniteLossError(
+                    f"loss or gradients became NaN/Inf at step {progress.step} (epoch {progress.epoch}); stopped before writing "
+                    f"a checkpoint. Last committed checkpoint: {w.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+                )
+            last_loss = gloss / step_rows if step_rows else last_loss
+            budget.add(gbad)
+            rows_total += rows
+            budget.check(rows_total, final=False, examples=stream.bad_examples)
+            stop = bool(t.max_steps and progress.step >= t.max_steps)
+            if rows == 0 or stop:
+                break
+            # The state after the previous step, now known finite on every rank.
+            if step_rows and s.checkpoint.every_steps and progress.step % s.checkpoint.every_steps == 0:
+                w.save(progress, consumed, {"loss": last_loss})
+            t1 = time.perf_counter()
+            batch = batch if batch is not None else w.empty
+            loss_sum, nonfinite, parts = w.step(batch, rows, head_only=progress.step < warmup)
+            step_rows = rows
+            progress.step += 1
+            consumed.add(batch.pos.numpy())
+            trace.write(progress.epoch, progress.step, batch.pos.numpy())
+            if progress.step % t.log_every == 0:
+                elapsed = time.perf_counter() - t_start
+                steplog.add({"step": progress.step, "epoch": progress.epoch, "loss": last_loss, "rows": rows_total, "rows_per_s": rows_total / max(elapsed, 1e-9),
+                             "data_wait_s": t_data, "step_s": time.perf_counter() - t1, **{k: v / max(len(batch), 1) for k, v in parts.items()}})
+        fetch.close()
+        if nonfinite:
+            raise NonFiniteLossError(f"loss or gradients became NaN/Inf at step {progress.step} (epoch {progress.epoch}), the last step; no checkpoint was written for it")
+        budget.check(rows_total, final=True, examples=stream.bad_examples)
+        progress.epoch_done = not stop
+        if progress.epoch_done:
+            stop = _end_of_epoch(w, progress, valid, last_loss) or stop
+        if progress.step > 0:
+            w.save(progress, consumed, {"loss": last_loss})
+        if progress.epoch_done:
+            progress.epoch, progress.epoch_done = progress.epoch + 1, False
+            consumed.reset()
+        steplog.flush()
+    return _finish(w, progress, steplog, budget, rows_total, last_loss, time.perf_counter() - t_start)
+
+
+def _end_of_epoch(w: Worker, progress: Progress, valid: BatchStream | None, loss: float) -> bool:
+    """Validation and early stopping (collective); True when training should stop."""
+    rec = {"step": progress.step, "epoch": progress.epoch, "loss": loss}
+    if valid is not None:
+        rec["valid_loss"] = v = w.validate(valid)
+        if progress.best is None or v < progress.best["valid_loss"]:
+            progress.best, progress.stale = {"step": progress.step, "epoch": progress.epoch, "valid_loss": v}, 0
+        else:
+            progress.stale += 1
+        if w.rank == 0:
+            _say(f"epoch {progress.epoch}: validation loss {v:.5f} (best {progress.best['valid_loss']:.5f} at epoch {progress.best['epoch']})")
+    progress.curve.append(rec)
+    patience = w.spec.train.patience
+    return bool(valid is not None and patience and progress.stale >= patience)
+
+
+def _finish(w: Worker, progress: Progress, steplog: StepLog, budget: BadRows, rows_total: int, loss: float, elapsed: float) -> dict:
+    """Wait for the last save; with validation, load the best epoch's weights (the
+    result, and what the final evaluation scores)."""
+    last_saved = w.checkpointer.finish()
+    w.checkpointer.close()
+    steplog.flush(final=True)
+    result_ckpt = last_saved
+    if progress.best is not None and last_saved:
+        best = ckpt.resolve(w.store, ckpt.step_dir(w.spec.run_dir, progress.best["step"]))
+        if best.uri != last_saved:
+            w.load_model(best)
+        result_ckpt = best.uri
+    # Every rank ran the same number of steps by construction (`agree`); report each
+    # rank's own count so that promise is visible, not assumed.
+    steps_per_worker = [progress.step]
+    if dist.is_initialized():
+        steps_per_worker = [None] * w.world
+        dist.all_gather_object(steps_per_worker, progress.step, group=w.ctrl)
+    return {
+        "checkpoint": result_ckpt,
+        "last_checkpoint": last_saved,
+        "best": progress.best,
+        "steps": progress.step,
+        "steps_per_worker": steps_per_worker,
+        "epochs": progress.epoch,
+        "rows": rows_total,
+        "rows_per_s": rows_total / max(elapsed, 1e-9),
+        "train_seconds": elapsed,
+        "loss": loss,
+        "bad_rows": budget.report(),
+        # rank 0's logged steps and every epoch's losses: learning curves for reports
+        "curve": [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"]} for r in steplog.records],
+        "epochs_curve": progress.curve,
+    }
 
 
 def worker_main(spec_dict: dict) -> None:
     """`train_loop_per_worker` for TorchTrainer."""
     import ray
+    import ray.train
 
     spec: WorkerSpec = spec_dict["spec"]
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
@@ -693,10 +698,12 @@ def worker_main(spec_dict: dict) -> None:
     progress = w.restore()
     result: dict[str, Any] = {}
     if spec.mode == "train":
-        result["train"] = w.train(progress)
+        valid = ray.train.get_dataset_shard("valid") if spec.valid_rows else None
+        result["train"] = train(w, progress, ray.train.get_dataset_shard("train"), valid)
     else:
-        result["checkpoint"] = progress["checkpoint"]
+        result["checkpoint"] = progress.checkpoint
     if spec.eval_plan is not None:
-        result["eval"] = w.evaluate()
+        stream = BatchStream(ray.train.get_dataset_shard("eval"), spec.batch_size, tuple(spec.features), shuffle_window=1, prefetch_batches=spec.prefetch_batches)
+        result["eval"] = w.evaluate(stream)
     if w.rank == 0 and spec.progress is not None:
         ray.get(spec.progress.set_result.remote(result))

@@ -66,7 +66,7 @@ def _run_in_thread(job, store, monkeypatch=None, trace=None, **kw):
 
     if trace:
         os.makedirs(trace, exist_ok=True)
-        monkeypatch.setenv("FLM_TRACE_ROWS", trace)
+        kw["trace_rows"] = trace
     t = threading.Thread(target=target)
     t.start()
     return t, box
@@ -181,12 +181,11 @@ def test_case11_new_files_join_changed_files_refused_and_other_world_size(ray_lo
     runs = str(tmp_path / "runs")
     trace = str(tmp_path / "trace")
     os.makedirs(trace)
-    monkeypatch.setenv("FLM_TRACE_ROWS", trace)
-    first = launch.train(_job(runs, "r11", data, **{"train.max_steps": 10}), Store(), fresh=True, progress=False)
+    first = launch.train(_job(runs, "r11", data, **{"train.max_steps": 10}), Store(), fresh=True, progress=False, trace_rows=trace)
     assert not ckpt.load_manifest(Store(), ckpt.resolve(Store(), first["checkpoint"]))["epoch_done"]
     _write_log(data, 1, 700, seed=9, start=4)  # a new file lands under the prefix
     # resume with one worker instead of two: a deterministic re-plan of the rest
-    res = launch.train(_job(runs, "r11", data, **{"scaling.num_workers": 1}), Store(), progress=False)
+    res = launch.train(_job(runs, "r11", data, **{"scaling.num_workers": 1}), Store(), progress=False, trace_rows=trace)
     m = ckpt.load_manifest(Store(), ckpt.resolve(Store(), res["checkpoint"]))
     assert m["epoch_done"] and m["world_size"] == 1
     by_pid = read_trace(trace, 0)

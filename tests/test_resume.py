@@ -89,8 +89,7 @@ def job_for(tmp_path, log_dir, name, **sets):
 
 def run_traced(job, trace: str, monkeypatch, **kw):
     os.makedirs(trace, exist_ok=True)
-    monkeypatch.setenv("FLM_TRACE_ROWS", trace)
-    return launch.train(job, Store(), progress=False, **kw)
+    return launch.train(job, Store(), progress=False, trace_rows=trace, **kw)
 
 
 def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir, monkeypatch):

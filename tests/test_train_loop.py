@@ -23,7 +23,7 @@ from flm_dist.data.schema import ReadSpec
 from flm_dist.export import load_model
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store
-from flm_dist.train_loop import NonFiniteLossError, Worker
+from flm_dist.train_loop import NonFiniteLossError, Worker, train
 from tests.conftest import tiny_job
 from tests.dist import run_ranks
 
@@ -86,7 +86,7 @@ def _train_with_inf_gradient(rank, world, runs, data, at_step):
 
     unwrap(w.model).item_encoder[0].weight.register_hook(poison)
     try:
-        w.train(progress, shard=shard)
+        train(w, progress, shard)
     except NonFiniteLossError as e:
         return str(e)
     return None
@@ -112,7 +112,7 @@ def test_retrieval_drops_non_clicks_without_failing_the_bad_row_budget(tmp_path)
     data = _data(tmp_path / "log", positives=0.4)
     job = tiny_job(str(tmp_path / "runs"), "clicks", "retrieval", **{"data.train": data, "data.batch_size": 256})
     w, progress, shard = _worker(job)
-    res = w.train(progress, shard=shard)
+    res = train(w, progress, shard)
     labels = np.concatenate([pq.read_table(f).column("label").to_numpy() for f in sorted((tmp_path / "log").glob("*.parquet"))])
     assert res["rows"] == int((labels > 0).sum())
     assert res["bad_rows"] == {"not_positive": int((labels <= 0).sum())}
@@ -172,3 +172,80 @@ def test_popularity_estimate_is_global_and_survives_a_resume():
         assert second["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 2] and float(second["total"]) == 8
         assert third["counts"].tolist() == [3, 3, 0, 0, 0, 2, 0, 2] and float(third["total"]) == 10
     assert res[0][3] == res[1][3] == pytest.approx(float(np.log(3 / 18)))
+
+
+def test_validation_carve_partitions_the_training_rows(tmp_path):
+    """train + valid = known (the training data), disjoint, about valid_fraction held
+    out, by (user, item) pair; eval rows of a split are in none of them."""
+    from dataclasses import replace as dc_replace
+
+    from flm_dist.config import SplitConfig
+    from flm_dist.data.encode import encode_table
+
+    t = pq.read_table(_data(tmp_path / "log"))
+    rs = ReadSpec.for_task("ctr", [], [1, 5])
+    hs = HashSpec.build({"user": 4096, "item": 1024}, 0)
+    base = EncodeSpec(read=rs, hash=hs, split=SplitConfig(by="user", fraction=0.2), valid_fraction=0.25)
+    pos = {side: set(encode_table(t, dc_replace(base, side=side))["_pos"].tolist()) for side in ("train", "valid", "known", "eval")}
+    assert pos["train"] | pos["valid"] == pos["known"] and not pos["train"] & pos["valid"]
+    assert not pos["known"] & pos["eval"] and len(pos["known"]) + len(pos["eval"]) == t.num_rows
+    assert 0.2 < len(pos["valid"]) / len(pos["known"]) < 0.3
+
+
+def _finetune(tmp_path, name, **sets):
+    """An in-process fine-tune with a validation carve, on labels the model cannot
+    learn (random): it overfits, and early stopping has to pick the best epoch."""
+    data = _data(tmp_path / "log", positives=0.5)
+    job = tiny_job(str(tmp_path / "runs"), name, "ctr", **{"data.train": data, "data.batch_size": 128, "train.lr": 0.02, "train.sparse_lr": 0.2, **sets})
+    store = Store()
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    datasets, plans, specs = launch._datasets(job, store, hs, data, None, "ctr", validate=True)
+    manifest = {"task": "ctr", "config": to_dict(job)}
+    spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plans["train"].to_dict(), valid_rows=300, manifest=manifest, init_from=job.init_from)
+    w = Worker(spec)
+    w.build()
+    progress = w.restore()
+    shard = LocalShard(plans["train"], specs["train"], 0, 1)
+    valid = LocalShard(plans["valid"], specs["valid"], 0, 1)
+    return w, train(w, progress, shard, valid)
+
+
+def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
+    w, res = _finetune(tmp_path, "es", **{"train.epochs": 8, "train.patience": 2, "checkpoint.keep_last": 1})
+    curve = res["epochs_curve"]
+    losses = [c["valid_loss"] for c in curve]
+    best = res["best"]
+    assert best["valid_loss"] == min(losses) and curve[best["epoch"]]["step"] == best["step"]
+    if len(curve) < 8:  # stopped early: the last `patience` epochs did not improve
+        assert all(v > best["valid_loss"] for v in losses[-2:]) and len(curve) - 1 - best["epoch"] == 2
+    # the best checkpoint survives keep_last=1, is the result, and is what the model holds now
+    ref = ckpt.resolve(Store(), res["checkpoint"])
+    assert ref.step == best["step"] and ckpt.find_latest(Store(), w.spec.run_dir).step == curve[-1]["step"]
+    from flm_dist.export import load_model
+    from flm_dist.sharding import unwrap
+
+    saved, _, _ = load_model(Store(), res["checkpoint"])
+    now = unwrap(w.model).state_dict()
+    assert all(torch.equal(v, now[k]) for k, v in saved.state_dict().items())
+    assert ckpt.load_manifest(Store(), ref)["best"]["step"] == best["step"]
+
+
+def test_head_warmup_trains_only_the_head_then_everything(tmp_path):
+    """A fine-tune from a pretrained checkpoint: for head_warmup_steps steps only the
+    new head changes; after them the backbone trains too."""
+    from flm_dist.model import FLM
+    from flm_dist.sharding import unwrap
+
+    job = tiny_job(str(tmp_path / "runs"), "pre")
+    pre = FLM(job.model, job.data.features, init_seed=3)
+    saver = ckpt.Checkpointer(Store(), str(tmp_path / "runs" / "pre"), keep_last=1, async_save=False)
+    pre_ref = saver.save(1, {"model": pre.state_dict()}, {"step": 1, "epoch": 0, "epoch_done": True})
+    saver.close()
+    backbone = {k: v.clone() for k, v in pre.state_dict().items() if not k.startswith("head.")}
+    w, res = _finetune(tmp_path, "warm", init_from=pre_ref.uri, **{"train.epochs": 1, "train.max_steps": 4, "train.head_warmup_steps": 4, "data.valid_fraction": 0.1})
+    m = unwrap(w.model)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in backbone.items())  # 4 head-only steps
+    w, res = _finetune(tmp_path, "warm2", init_from=pre_ref.uri, **{"train.epochs": 1, "train.max_steps": 6, "train.head_warmup_steps": 4})
+    m = unwrap(w.model)
+    changed = [k for k, v in backbone.items() if not torch.equal(m.state_dict()[k], v)]
+    assert any(k.startswith("tables.") for k in changed) and any(k.startswith("user_encoder") for k in changed)

@@ -36,8 +36,11 @@ class EncodeSpec:
     read: ReadSpec
     hash: HashSpec
     split: SplitConfig = field(default_factory=SplitConfig)
-    side: str = "all"  # "all", or "train"/"eval" of data.split
+    # "all"; "eval" (data.split's eval rows); "known" (the rest: training data); of
+    # which "valid" (the data.valid_fraction carve) and "train" (what is trained on)
+    side: str = "all"
     seed: int = 0
+    valid_fraction: float = 0.0
 
 
 # ------------------------------------------------------------------ encoding
@@ -66,23 +69,36 @@ def id_keys(arr: pa.Array) -> np.ndarray:
 KEY_SEED = 0x5EED
 
 
-def _split_mask(t: pa.Table, split: SplitConfig, side: str, seed: int) -> np.ndarray | None:
-    """True for rows on `side`. Hash-based, so identical across runs and worker counts."""
-    if side == "all" or split.by == "none":
+def _unit_hash(t: pa.Table, columns: tuple[str, ...], seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per row from a hash of `columns`."""
+    h = _hash64(t.column(columns[0]).combine_chunks(), seed)
+    for k, c in enumerate(columns[1:], start=1):
+        h ^= _hash64(t.column(c).combine_chunks(), seed + k) * np.uint64(0x9E3779B97F4A7C15)
+        h = _fmix64(h)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _split_mask(t: pa.Table, spec: EncodeSpec) -> np.ndarray | None:
+    """True for rows on `spec.side`. Hash-based, so identical across runs and worker counts."""
+    split, side = spec.split, spec.side
+    if side == "all":
         return None
+    in_eval = np.zeros(t.num_rows, dtype=bool)
     if split.by == "time":
-        ts = _ts_seconds(t.column("ts"))
-        in_eval = ts >= split.time_cutoff
-    else:
-        if split.by == "user":
-            h = _hash64(t.column("user_id").combine_chunks(), seed)
-        else:
-            # by (user, item) pair: repeats of a pair stay on one side (no leakage)
-            h = _hash64(t.column("user_id").combine_chunks(), seed)
-            h ^= _hash64(t.column("item_id").combine_chunks(), seed + 1) * np.uint64(0x9E3779B97F4A7C15)
-            h = _fmix64(h)
-        in_eval = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < split.fraction
-    return in_eval if side == "eval" else ~in_eval
+        in_eval = _ts_seconds(t.column("ts")) >= split.time_cutoff
+    elif split.by == "user":
+        in_eval = _unit_hash(t, ("user_id",), spec.seed) < split.fraction
+    elif split.by == "random":
+        # by (user, item) pair: repeats of a pair stay on one side (no leakage)
+        in_eval = _unit_hash(t, ("user_id", "item_id"), spec.seed) < split.fraction
+    if side == "eval":
+        return in_eval
+    known = ~in_eval
+    if side == "known":
+        return known
+    # the validation carve, by pair with its own seed: independent of the eval split
+    in_valid = _unit_hash(t, ("user_id", "item_id"), spec.seed + 2) < spec.valid_fraction if spec.valid_fraction > 0 else np.zeros(t.num_rows, dtype=bool)
+    return known & (in_valid if side == "valid" else ~in_valid)
 
 
 def _ts_seconds(col) -> np.ndarray:
@@ -111,7 +127,7 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
     when read), `_pos` (int64 position) and `_bad` (int8 reason code, 0 = good)."""
     n = t.num_rows
     pos = (np.int64(unit) << np.int64(32)) | (np.arange(n, dtype=np.int64) + row_offset)
-    keep = _split_mask(t, spec.split, spec.side, spec.seed)
+    keep = _split_mask(t, spec)
     if keep is not None:
         t = t.filter(pa.array(keep))
         pos = pos[keep]

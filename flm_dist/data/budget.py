@@ -1,0 +1,63 @@
+"""The bad-row budget: rows dropped per reason, summed over every rank, checked
+against `data.max_bad_fraction` at the same step on every rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.distributed as dist
+
+from flm_dist.data.plan import DataPlan, read_unit
+from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED, DataError
+from flm_dist.storage import Store
+
+__all__ = ["BadRows"]
+
+
+class BadRows:
+    """Global per-reason counts of one run's dropped rows. `check` raises on every
+    rank at once (the counts are global): mid-epoch only once the whole epoch could no
+    longer stay under the budget, at the end of an epoch against the rows read."""
+
+    def __init__(self, store: Store, plan: DataPlan | None, max_fraction: float, group=None):
+        self.store, self.plan, self.max_fraction, self.group = store, plan, max_fraction, group
+        self.counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
+
+    def add(self, global_counts: np.ndarray) -> None:
+        self.counts += global_counts
+
+    @property
+    def budgeted(self) -> int:
+        return int(self.counts[1:].sum() - self.counts[list(NOT_BUDGETED)].sum())
+
+    def check(self, rows_read: int, final: bool, examples: list[tuple[int, int]]) -> None:
+        """Collective only when over budget (then on every rank, from the same counts)."""
+        n_bad = self.budgeted
+        limit = self.max_fraction * (rows_read + n_bad if final or self.plan is None else self.plan.total_rows)
+        if n_bad <= limit or n_bad == 0:
+            return
+        gathered = [examples]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, examples, group=self.group)
+        ex = [e for g in gathered for e in (g or [])][:5]
+        where = []
+        for pos, code in ex:
+            if self.plan is not None:
+                f, row = self.plan.locate(int(pos))
+                where.append(f"{f} row {row}: {BAD_REASONS[code]} {self._row_values(int(pos))}")
+        counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(self.counts) if i and c)
+        raise DataError(
+            f"bad rows exceed data.max_bad_fraction={self.max_fraction}: {n_bad} bad of "
+            f"{rows_read + n_bad} rows read ({counts}); examples: " + "; ".join(where)
+        )
+
+    def report(self) -> dict[str, int]:
+        return {BAD_REASONS[i]: int(c) for i, c in enumerate(self.counts) if i and c}
+
+    def _row_values(self, pos: int) -> dict:
+        """The raw columns of one row (for error messages), read back from its file."""
+        try:
+            t = read_unit(self.store, self.plan, self.plan.units[pos >> 32])
+            return t.slice(pos & 0xFFFFFFFF, 1).to_pylist()[0]
+        except Exception as e:  # the message is still useful without the values
+            return {"unavailable": str(e)}
