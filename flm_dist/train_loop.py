@@ -243,7 +243,7 @@ def agreed_batches(stream: BatchStream, epoch: int, group, device, budget: BadRo
             batch, bad = fetch.next()
             rows, gbad, _, _ = agree(group, len(batch) if batch else 0, bad, 0.0, False)
             if budget is not None:
-                budget.add(gbad)
+                budget.add(gbad, rows)
             if rows == 0:
                 return
             yield batch
@@ -538,9 +538,10 @@ class Worker:
 
     # -- evaluation ---------------------------------------------------------------------
 
-    def validate(self, stream: BatchStream) -> float:
-        """Collective: the mean validation loss over every rank's validation rows."""
-        batches = agreed_batches(stream, 0, self.ctrl, self.device)
+    def validate(self, stream: BatchStream, budget: BadRows) -> float:
+        """Collective: the mean validation loss over every rank's validation rows (rows
+        of the training data: their bad rows count in its budget)."""
+        batches = agreed_batches(stream, 0, self.ctrl, self.device, budget)
         total, rows = validation_loss(self.model, batches, self.spec.task, self.device, self.empty, self.popularity, self.spec.train)
         t = torch.tensor([total, float(rows)], dtype=torch.float64)
         if dist.is_initialized():
@@ -624,7 +625,7 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
         budget.check(rows_total, final=True, examples=stream.bad_examples)
         progress.epoch_done = not stop
         if progress.epoch_done:
-            stop = _end_of_epoch(w, progress, valid, last_loss) or stop
+            stop = _end_of_epoch(w, progress, valid, budget, last_loss) or stop
         if progress.step > 0:
             w.save(progress, consumed, {"loss": last_loss})
         if progress.epoch_done:
@@ -634,11 +635,11 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
     return _finish(w, progress, steplog, budget, rows_total, last_loss, time.perf_counter() - t_start)
 
 
-def _end_of_epoch(w: Worker, progress: Progress, valid: BatchStream | None, loss: float) -> bool:
+def _end_of_epoch(w: Worker, progress: Progress, valid: BatchStream | None, budget: BadRows, loss: float) -> bool:
     """Validation and early stopping (collective); True when training should stop."""
     rec = {"step": progress.step, "epoch": progress.epoch, "loss": loss}
     if valid is not None:
-        rec["valid_loss"] = v = w.validate(valid)
+        rec["valid_loss"] = v = w.validate(valid, budget)
         if progress.best is None or v < progress.best["valid_loss"]:
             progress.best, progress.stale = {"step": progress.step, "epoch": progress.epoch, "valid_loss": v}, 0
         else:

@@ -45,7 +45,7 @@ def test_uneven_files_equal_steps_and_bad_rows_counted(ray_local, tmp_path):
     data = str(tmp_path / "log")
     # one empty file, one huge, several tiny: shards differ wildly in size
     _write(data, [0, 9000, 13, 1, 250, 40], bad_in_last=3)
-    job = tiny_job(str(tmp_path / "runs"), "uneven", "ctr", **{"data.train": data, "train.epochs": 2, "data.max_bad_fraction": 0.01})
+    job = tiny_job(str(tmp_path / "runs"), "uneven", "ctr", **{"data.train": data, "train.epochs": 2, "data.max_bad_fraction": 0.01, "data.valid_fraction": 0})
     res = launch.train(job, Store(), fresh=True, progress=False)
     m = res["metrics"]
     assert len(m["steps_per_worker"]) == 2 and len(set(m["steps_per_worker"])) == 1

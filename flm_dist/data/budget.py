@@ -21,9 +21,12 @@ class BadRows:
     def __init__(self, store: Store, plan: DataPlan | None, max_fraction: float, group=None):
         self.store, self.plan, self.max_fraction, self.group = store, plan, max_fraction, group
         self.counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
+        self.other_rows = 0  # good rows read besides the training rows (validation)
 
-    def add(self, global_counts: np.ndarray) -> None:
+    def add(self, global_counts: np.ndarray, rows: int = 0) -> None:
+        """Global bad counts of a step; `rows`: good rows read that training does not count."""
         self.counts += global_counts
+        self.other_rows += rows
 
     @property
     def budgeted(self) -> int:
@@ -32,6 +35,7 @@ class BadRows:
     def check(self, rows_read: int, final: bool, examples: list[tuple[int, int]]) -> None:
         """Collective only when over budget (then on every rank, from the same counts)."""
         n_bad = self.budgeted
+        rows_read += self.other_rows
         limit = self.max_fraction * (rows_read + n_bad if final or self.plan is None else self.plan.total_rows)
         if n_bad <= limit or n_bad == 0:
             return
