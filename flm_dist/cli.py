@@ -57,7 +57,7 @@ def cmd_train(args, task_kind: str) -> int:
         raise ConfigError(f"{src}: task is '{job.task}'; `flm-dist finetune` needs task: one of {', '.join(FINETUNE_TASKS)}")
     job.check_runnable(src)
     with _storage(job) as (job, store):
-        res = launch.train(job, store, fresh=args.fresh, progress=not args.no_progress, address=args.address)
+        res = launch.train(job, store, fresh=args.fresh, progress=not args.no_progress, address=args.address, log_steps=args.log_steps)
         print(json.dumps(res, indent=2, default=str))
         _write_output(args.output, res, store)
     return 0
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints and start over")
         p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--log-steps", action="store_true", help="print rank 0's step records (loss, rows/s) every train.log_every steps")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")
     _common(p, config_required=False)

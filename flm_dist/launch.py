@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -452,11 +451,11 @@ def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
     return report
 
 
-def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool = True, address: str | None = None, trace_rows: str = "") -> dict:
+def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool = True, address: str | None = None, log_steps: bool = False, trace_rows: str = "") -> dict:
     """Pretrain or fine-tune per `job`; evaluates on `data.eval` (or the split) at the
     end. Returns {"checkpoint": URI, "metrics": {...}}; with validation (fine-tuning),
-    the checkpoint is the best epoch's. `progress`: a progress bar when stdout is a
-    terminal, else step records in the log. `trace_rows`: a folder where each rank
+    the checkpoint is the best epoch's. `progress`: a progress bar; `log_steps`: rank
+    0's step records in the log (cluster jobs). `trace_rows`: a folder where each rank
     records the rows of every step (tests' audit trail)."""
     job.check_runnable()
     run_dir = join(job.run.storage, job.run.name)
@@ -503,7 +502,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         resume=True,
         manifest=manifest,
         progress=channel,
-        print_steps=progress and not sys.stdout.isatty(),
+        print_steps=log_steps,
         trace_rows=trace_rows,
     )
     total = plans["train"].total_rows * job.train.epochs

@@ -9,7 +9,7 @@ import numpy as np
 
 from flm_dist.data.synth import auc
 
-__all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ranking_report", "rating_metrics", "slice_masks"]
+__all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ranking_report", "ranking_rows", "rating_metrics", "slice_masks"]
 
 
 def group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
@@ -90,25 +90,9 @@ def _discounts(n: int) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(n) + 2.0))])
 
 
-def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np.ndarray, catalog_keys: np.ndarray, ref, ks=(10, 20), chunk: int = 1024) -> dict:
-    """Full-ranking Recall@K, NDCG@K and HitRate@K.
-
-    `scores_for(lo, hi)` returns scores [hi - lo, len(catalog)] for eval rows lo..hi
-    against every catalog item (sorted `catalog_keys`). Each row is one (user, target
-    item); the user's training items (`ref` pairs) are excluded from the ranking,
-    except the target itself. A target outside the catalog (a cold item), or with a
-    non-finite score, is a miss; another item's NaN score ranks above the target.
-
-    Ties are broken at random, and each metric is its expectation over the tie-break:
-    with g items scored above the target and t others tied with it, the target's rank
-    is uniform on g..g+t, so its hit@K is the share of those positions below K and its
-    DCG@K the mean discount over them. A constant scorer gets exactly K / |catalog|
-    Recall@K; ties never count in the model's favour (hashed items that share a row
-    score identically, and so do most-popular counts).
-    Per user: Recall = expected hits / targets, NDCG = expected DCG / ideal DCG,
-    HitRate = the largest hit probability of the user's targets (exact for one target
-    per user, the leave-one-out protocol; a lower bound of P(any hit) otherwise);
-    averaged over users. Slices as in `slice_masks`, by row."""
+def ranking_rows(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np.ndarray, catalog_keys: np.ndarray, ref, ks=(10, 20), chunk: int = 1024) -> tuple[dict, dict]:
+    """Per eval row, the expected hit@K and DCG@K (see `ranking_report`): ({k: hit},
+    {k: dcg}), arrays aligned with the rows."""
     if len(catalog_keys):
         pos_in_cat = np.minimum(np.searchsorted(catalog_keys, target_keys), len(catalog_keys) - 1)
         in_cat = catalog_keys[pos_in_cat] == target_keys
@@ -146,6 +130,30 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
         first, last = np.minimum(above, k), np.minimum(above + tied + 1, k)  # tied positions below k
         hit_at[k] = np.where(ranked, (last - first) / (tied + 1.0), 0.0)
         dcg_at[k] = np.where(ranked, (disc[last] - disc[first]) / (tied + 1.0), 0.0)
+    return hit_at, dcg_at
+
+
+def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np.ndarray, catalog_keys: np.ndarray, ref, ks=(10, 20), chunk: int = 1024) -> dict:
+    """Full-ranking Recall@K, NDCG@K and HitRate@K.
+
+    `scores_for(lo, hi)` returns scores [hi - lo, len(catalog)] for eval rows lo..hi
+    against every catalog item (sorted `catalog_keys`). Each row is one (user, target
+    item); the user's training items (`ref` pairs) are excluded from the ranking,
+    except the target itself. A target outside the catalog (a cold item), or with a
+    non-finite score, is a miss; another item's NaN score ranks above the target.
+
+    Ties are broken at random, and each metric is its expectation over the tie-break:
+    with g items scored above the target and t others tied with it, the target's rank
+    is uniform on g..g+t, so its hit@K is the share of those positions below K and its
+    DCG@K the mean discount over them. A constant scorer gets exactly K / |catalog|
+    Recall@K; ties never count in the model's favour (hashed items that share a row
+    score identically, and so do most-popular counts).
+    Per user: Recall = expected hits / targets, NDCG = expected DCG / ideal DCG,
+    HitRate = the largest hit probability of the user's targets (exact for one target
+    per user, the leave-one-out protocol; a lower bound of P(any hit) otherwise);
+    averaged over users. Slices as in `slice_masks`, by row."""
+    hit_at, dcg_at = ranking_rows(scores_for, n_rows, user_keys, target_keys, catalog_keys, ref, ks, chunk)
+    disc = _discounts(max(ks) + 1)
     masks = {"all": np.ones(n_rows, dtype=bool)}
     if ref is not None:
         masks.update(slice_masks(user_keys, target_keys, ref))

@@ -95,7 +95,7 @@ class Submission:
         Secret overrides (`storage.secret_access_key=...`) go into the staged file instead:
         Ray prints the entrypoint in the job's logs and shows it on the dashboard."""
         verb = "pretrain" if job.task == "pretrain" else "finetune"  # ctr | rating | retrieval
-        argv = ["flm-dist", verb, "--config", f"{JOB_DIR}/{self.job_file.name}", "--no-progress"]
+        argv = ["flm-dist", verb, "--config", f"{JOB_DIR}/{self.job_file.name}", "--no-progress", "--log-steps"]
         for item in self.overrides:
             if not _is_secret(item):
                 argv += ["--set", item]

@@ -348,7 +348,7 @@ def test_submission_stages_job_file_and_tree(tmp_path):
     cfg = sub.load()
     assert cfg.storage.secret_access_key == "s3cr3t"
     cmd = sub.command(cfg)
-    assert cmd == "flm-dist pretrain --config _flm_job/clu.yaml --no-progress --set train.epochs=2 --fresh"
+    assert cmd == "flm-dist pretrain --config _flm_job/clu.yaml --no-progress --log-steps --set train.epochs=2 --fresh"
     assert redact("x --set storage.secret_access_key=s3cr3t") == "x --set storage.secret_access_key=***"
     with sub.staged() as stage:
         staged = yaml.safe_load((stage / "_flm_job" / "clu.yaml").read_text())

@@ -1,0 +1,421 @@
+"""The real-data quality harness: does pretraining make the fine-tuned model better,
+above all for users without labels, against classical baselines run side by side on
+the same split? Every arm runs the project's own job files (jobs/*.yaml) with only
+data paths, table sizes, batch size and epochs set per dataset, as a user would.
+
+Protocols (data in ../shared/data):
+
+- `ml`: MovieLens ml-latest-small, genres as an item feature. The last 20% of each
+  user's ratings by time are the test set; pretraining sees every user's other
+  interactions without ratings; fine-tuning sees the ratings of 30% of the users
+  (label scarcity). `ctr` (label = rating >= 4) and `rating`, scratch vs pretrained,
+  overall and for the users without labels; `rating` again with every user's labels.
+  Baselines (scikit-surprise, the same training labels): global mean, user + item
+  biases (BaselineOnly), SVD.
+- `lastfm`, `toys`: LastFM.txt and Toys_and_Games.txt, leave-one-out (each user's last
+  item is the test target), full ranking over every item, the user's earlier items
+  excluded; `retrieval` scratch vs pretrained, beside most-popular.
+
+Scores come from each arm's exported TorchScript scorer (ctr, rating) or its exported
+user and item vectors (retrieval), computed here independently of the training
+system's own evaluation (both are printed). Confidence intervals: 95% percentile
+bootstrap over users (the same resamples for both sides of a difference).
+
+    python bench/quality.py [--only ml,lastfm,toys] [--quick] [--work /tmp/flm-quality]
+
+Writes docs/results/quality.json and its section of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402 - the benchmarks' shared helpers live next to this file
+
+from flm_dist import launch  # noqa: E402
+from flm_dist.config import load_job  # noqa: E402
+from flm_dist.data.convert import convert  # noqa: E402
+from flm_dist.data.encode import id_keys as identity_keys  # noqa: E402
+from flm_dist.data.hashing import HashSpec  # noqa: E402
+from flm_dist.export import export, feature_inputs, id_keys  # noqa: E402
+from flm_dist.metrics import auc, ranking_rows  # noqa: E402
+from flm_dist.model import table_sizes  # noqa: E402
+from flm_dist.payoff import compare  # noqa: E402
+from flm_dist.storage import Store  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
+OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
+BOOT = 500  # bootstrap resamples
+
+# Per dataset, only what a user sets: table sizes, batch size, epochs (paths are added below).
+SIZES = {
+    "ml": {"model.user_rows": 8192, "model.item_rows": 262144, "data.batch_size": 1024},
+    "lastfm": {"model.user_rows": 32768, "model.item_rows": 131072, "data.batch_size": 1024},
+    "toys": {"model.user_rows": 524288, "model.item_rows": 262144, "data.batch_size": 1024},
+}
+EPOCHS = {"ml": (20, 10), "lastfm": (20, 10), "toys": (10, 10)}  # (pretraining, fine-tuning at most)
+GENRES = "[{name: genres, side: item, kind: multi, max_len: 8}]"
+
+
+def _job(file: str, dataset: str, work: str, name: str, epochs: int, **paths) -> object:
+    sets = {**SIZES[dataset], "train.epochs": epochs, "run.storage": f"{work}/runs", "run.name": name, **paths}
+    return load_job(os.path.join(JOBS, file), [f"{k}={v}" for k, v in sets.items()])
+
+
+def _write(table: pa.Table, folder: str, files: int = 4) -> None:
+    os.makedirs(folder, exist_ok=True)
+    bounds = np.linspace(0, table.num_rows, files + 1).astype(int)
+    for k in range(files):
+        pq.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), f"{folder}/part-{k}.parquet", row_group_size=16384)
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _user_index(users: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    uniq, inv = np.unique(users, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(inv, minlength=len(uniq)))]
+    return uniq, [order[bounds[i] : bounds[i + 1]] for i in range(len(uniq))]
+
+
+def bootstrap(users: np.ndarray, stat, seed: int = 0, n: int = BOOT) -> tuple[float, float, float]:
+    """(value, 2.5%, 97.5%) of `stat(row_indices)` over resamples of users (all of a
+    resampled user's rows, as often as the user is drawn)."""
+    _, groups = _user_index(users)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        pick = rng.integers(0, len(groups), len(groups))
+        vals.append(stat(np.concatenate([groups[i] for i in pick])))
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return float(stat(np.arange(len(users)))), float(lo), float(hi)
+
+
+def _logloss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def pointwise_table(task: str, users: np.ndarray, y: np.ndarray, preds: dict[str, np.ndarray], masks: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -> dict:
+    """Per arm and slice: the metrics with bootstrap CIs; per pair (a, b) and slice:
+    a - b with its CI (paired resamples)."""
+    if task == "ctr":
+        metrics = {"auc": lambda p, yy: auc(p, yy), "logloss": _logloss, "calibration": lambda p, yy: float(p.mean() / yy.mean())}
+    else:
+        metrics = {"rmse": lambda p, yy: float(np.sqrt(np.mean((p - yy) ** 2)))}
+    out: dict = {"arms": {}, "differences": {}}
+    for arm, p in preds.items():
+        out["arms"][arm] = {}
+        for sl, m in masks.items():
+            idx = np.flatnonzero(m)
+            out["arms"][arm][sl] = {name: bootstrap(users[idx], lambda r, f=f, idx=idx, p=p: f(p[idx][r], y[idx][r])) for name, f in metrics.items()}
+            out["arms"][arm][sl]["rows"] = int(len(idx))
+    for a, b in pairs:
+        key = f"{a} - {b}"
+        out["differences"][key] = {}
+        for sl, m in masks.items():
+            idx = np.flatnonzero(m)
+            name, f = next(iter(metrics.items()))
+            pa_, pb = preds[a][idx], preds[b][idx]
+            out["differences"][key][sl] = {name: bootstrap(users[idx], lambda r, f=f, pa_=pa_, pb=pb, yy=y[idx]: f(pa_[r], yy[r]) - f(pb[r], yy[r]))}
+    return out
+
+
+def ranking_table(users: np.ndarray, rows: dict[str, tuple[dict, dict]], pairs: list[tuple[str, str]], k: int = 10) -> dict:
+    """Recall@k and NDCG@k per arm (one target per user: per-user means = per-row means)."""
+    out: dict = {"arms": {}, "differences": {}}
+    for arm, (hit, dcg) in rows.items():
+        out["arms"][arm] = {
+            "all": {f"recall@{k}": bootstrap(users, lambda r, h=hit[k]: float(h[r].mean())), f"ndcg@{k}": bootstrap(users, lambda r, d=dcg[k]: float(d[r].mean())), "rows": int(len(users))}
+        }
+    for a, b in pairs:
+        dh, dd = rows[a][0][k] - rows[b][0][k], rows[a][1][k] - rows[b][1][k]
+        out["differences"][f"{a} - {b}"] = {"all": {
+            f"recall@{k}": bootstrap(users, lambda r, dh=dh: float(dh[r].mean())),
+            f"ndcg@{k}": bootstrap(users, lambda r, dd=dd: float(dd[r].mean())),
+        }}
+    return out
+
+
+# ------------------------------------------------------------------ MovieLens
+
+
+def prepare_ml(work: str, labeled_share: float = 0.3, seed: int = 0) -> dict:
+    src = os.path.join(SHARED, "ml-latest-small")
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} not found: the ml protocol needs ../shared/data")
+    r = pacsv.read_csv(f"{src}/ratings.csv")
+    movies = pacsv.read_csv(f"{src}/movies.csv")
+    genres = {m: ([] if g == "(no genres listed)" else g.split("|")) for m, g in zip(movies.column("movieId").to_pylist(), movies.column("genres").to_pylist(), strict=True)}
+    u, i, ts, rating = (r.column(c).to_numpy() for c in ("userId", "movieId", "timestamp", "rating"))
+    order = np.lexsort((i, ts, u))  # by user, then time; ties by item id (deterministic)
+    u, i, ts, rating = u[order], i[order], ts[order], rating[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+    n = np.diff(np.r_[starts, len(u)])
+    pos = np.arange(len(u)) - np.repeat(starts, n)
+    test = pos >= np.ceil(np.repeat(n, n) * 0.8)
+    users = np.unique(u)
+    labeled = np.isin(u, np.random.default_rng(seed).choice(users, int(round(labeled_share * len(users))), replace=False))
+    table = pa.table({
+        "user_id": pa.array(u, pa.int64()),
+        "item_id": pa.array(i, pa.int64()),
+        "ts": pa.array(ts, pa.int64()),
+        "rating": pa.array(rating, pa.float32()),
+        "label": pa.array((rating >= 4).astype(np.float32)),
+        "genres": pa.array([genres.get(int(x), []) for x in i], pa.list_(pa.string())),
+    })
+    d = f"{work}/ml"
+    _write(table.filter(pa.array(~test)).drop_columns(["rating", "label"]), f"{d}/pretrain")
+    _write(table.filter(pa.array(~test & labeled)), f"{d}/labeled")
+    _write(table.filter(pa.array(~test)), f"{d}/all_labels")
+    _write(table.filter(pa.array(test)), f"{d}/test")
+    return {"dir": d, "users": int(len(users)), "items": int(len(np.unique(i))), "rows": int(len(u)), "test_rows": int(test.sum()),
+            "labeled_users": int(len(np.unique(u[labeled]))), "labeled_train_rows": int((~test & labeled).sum()), "pretrain_rows": int((~test).sum())}
+
+
+def _surprise(train: pa.Table, test: pa.Table, target: str) -> dict[str, np.ndarray]:
+    import pandas as pd
+    from surprise import SVD, BaselineOnly, Dataset, Reader
+
+    df = pd.DataFrame({"u": train.column("user_id").to_numpy(), "i": train.column("item_id").to_numpy(), "y": train.column(target).to_numpy()})
+    scale = (0.0, 1.0) if target == "label" else (0.5, 5.0)
+    ds = Dataset.load_from_df(df, Reader(rating_scale=scale)).build_full_trainset()
+    tu, ti = test.column("user_id").to_pylist(), test.column("item_id").to_pylist()
+    out = {"global mean": np.full(test.num_rows, float(df["y"].mean()))}
+    for name, algo in (("biases (BaselineOnly)", BaselineOnly(verbose=False)), ("SVD", SVD(random_state=0))):
+        algo.fit(ds)
+        out[name] = np.array([algo.predict(a, b, clip=False).est for a, b in zip(tu, ti, strict=True)], np.float64)
+    if target == "label":
+        out = {k: np.clip(v, 1e-4, 1 - 1e-4) for k, v in out.items()}  # probabilities, for log loss and calibration
+    return out
+
+
+def _score_export(store: Store, checkpoint: str, test: pa.Table, out: str) -> np.ndarray:
+    """The exported TorchScript scorer on the test rows (IDs and features as a server gets them)."""
+    import torch
+
+    manifest = export(store, checkpoint, out, formats="torchscript")
+    scorer = torch.jit.load(f"{out}/scorer.pt")
+    feats = feature_inputs(test, manifest["features"])
+    with torch.no_grad():
+        s = scorer(torch.from_numpy(id_keys(test.column("user_id")).copy()), torch.from_numpy(id_keys(test.column("item_id")).copy()), feats)
+    return s.numpy().astype(np.float64)
+
+
+def run_ml(work: str, quick: bool) -> dict:
+    store = Store()
+    info = prepare_ml(work)
+    d = info["dir"]
+    pre_epochs, ft_epochs = (3, 3) if quick else EPOCHS["ml"]
+    feats = {"data.features": GENRES}
+    t0 = time.time()
+    pre = _job("pretrain.yaml", "ml", work, "ml-pre", pre_epochs, **feats, **{"data.pretrain": f"{d}/pretrain"})
+    r_pre = launch.train(pre, store, fresh=True, progress=False)
+    result = {"data": info, "pretrain": {"checkpoint": r_pre["checkpoint"], "seconds": round(time.time() - t0, 1), "rows_per_s": r_pre["metrics"]["rows_per_s"]}, "protocols": {}}
+    test = pq.read_table(f"{d}/test")
+    labeled_users = np.unique(pq.read_table(f"{d}/labeled", columns=["user_id"]).column("user_id").to_numpy())
+    users = test.column("user_id").to_numpy()
+    masks = {"all": np.ones(len(users), bool), "users without labels": ~np.isin(users, labeled_users)}
+    for proto, file, train_dir, target in (("ctr", "finetune_ctr.yaml", "labeled", "label"), ("rating", "finetune_rating.yaml", "labeled", "rating"), ("rating, all labels", "finetune_rating.yaml", "all_labels", "rating")):
+        t0 = time.time()
+        name = "ml-" + proto.replace(", ", "-").replace(" ", "-")
+        ft = _job(file, "ml", work, name, ft_epochs, **feats, **{"data.train": f"{d}/{train_dir}", "data.eval": f"{d}/test", "init_from": r_pre["checkpoint"], "data.rating_range": "[0.5, 5]"})
+        res = compare(ft, store, out=f"{work}/compare/{name}", progress=False)
+        train_table = pq.read_table(f"{d}/{train_dir}")
+        preds = {arm: _score_export(store, res["arms"][arm]["checkpoint"], test, f"{work}/export/{name}-{arm}") for arm in ("scratch", "pretrained")}
+        preds.update(_surprise(train_table, test, target))
+        y = test.column(target).to_numpy().astype(np.float64)
+        sl = masks if train_dir == "labeled" else {"all": masks["all"]}
+        pairs = [("pretrained", "scratch"), ("pretrained", "biases (BaselineOnly)"), ("pretrained", "SVD")]
+        table = pointwise_table("ctr" if target == "label" else "rating", users, y, preds, sl, pairs)
+        system = {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained")}
+        table.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": system,
+                      "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
+        result["protocols"][proto] = table
+        print(f"ml {proto}: {json.dumps(_brief(table))}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------ leave-one-out ranking
+
+
+def prepare_loo(work: str, name: str, file: str) -> dict:
+    store = Store()
+    src = os.path.join(SHARED, file)
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} not found: the {name} protocol needs ../shared/data")
+    d = f"{work}/{name}"
+    convert(store, "sequence", src, f"{d}/seq", files=4)
+    t = pq.read_table(f"{d}/seq")
+    order = np.lexsort((t.column("ts").to_numpy(), t.column("user_id").to_numpy()))
+    t = t.take(pa.array(order))
+    u = t.column("user_id").to_numpy()
+    last = np.r_[u[1:] != u[:-1], True]
+    _write(t.filter(pa.array(~last)), f"{d}/train")
+    _write(t.filter(pa.array(last)), f"{d}/test")
+    return {"dir": d, "users": int(last.sum()), "items": int(len(np.unique(t.column("item_id").to_numpy()))), "train_rows": int((~last).sum()), "test_rows": int(last.sum())}
+
+
+def _vectors(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(path)
+    flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return identity_keys(t.column(column)), np.asarray(flat, np.float32).reshape(t.num_rows, -1)
+
+
+def _ranking_rows_from_export(store: Store, checkpoint: str, out: str, test: pa.Table, ref, catalog: np.ndarray, ks=(10,)) -> tuple[dict, dict]:
+    export(store, checkpoint, out, formats="torchscript")
+    ukeys, uvec = _vectors(f"{out}/user_vectors.parquet", "user_id")
+    ikeys, ivec = _vectors(f"{out}/item_vectors.parquet", "item_id")
+    cat = np.zeros((len(catalog), ivec.shape[1]), np.float32)
+    pos = np.searchsorted(ikeys[np.argsort(ikeys)], catalog)
+    sorted_vec = ivec[np.argsort(ikeys)]
+    cat[:] = sorted_vec[np.minimum(pos, len(sorted_vec) - 1)]
+    users = identity_keys(test.column("user_id"))
+    order = np.argsort(ukeys)
+    rows = order[np.minimum(np.searchsorted(ukeys[order], users), len(order) - 1)]
+    assert np.array_equal(ukeys[rows], users), "every test user of a leave-one-out split has training items"
+    targets = identity_keys(test.column("item_id"))
+    return ranking_rows(lambda lo, hi: uvec[rows[lo:hi]] @ cat.T, len(users), users, targets, catalog, ref, ks)
+
+
+def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
+    store = Store()
+    info = prepare_loo(work, name, file)
+    d = info["dir"]
+    pre_epochs, ft_epochs = (2, 2) if quick else EPOCHS[name]
+    t0 = time.time()
+    pre = _job("pretrain.yaml", name, work, f"{name}-pre", pre_epochs, **{"data.pretrain": f"{d}/train"})
+    r_pre = launch.train(pre, store, fresh=True, progress=False)
+    result = {"data": info, "pretrain": {"checkpoint": r_pre["checkpoint"], "seconds": round(time.time() - t0, 1), "rows_per_s": r_pre["metrics"]["rows_per_s"]}}
+    t0 = time.time()
+    ft = _job("finetune_retrieval.yaml", name, work, f"{name}-ft", ft_epochs, **{"data.train": f"{d}/train", "data.eval": f"{d}/test", "init_from": r_pre["checkpoint"]})
+    res = compare(ft, store, out=f"{work}/compare/{name}", progress=False)
+    hs = HashSpec.build(table_sizes(ft.model, ft.data.features), ft.model.hash_seed)
+    _, plans, specs = launch._datasets(ft, store, hs, ft.data.train, ft.data.eval, "retrieval", validate=True)
+    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
+    catalog = ref.catalog["item_key"]
+    test = pq.read_table(f"{d}/test")
+    rows = {arm: _ranking_rows_from_export(store, res["arms"][arm]["checkpoint"], f"{work}/export/{name}-{arm}", test, ref, catalog) for arm in ("scratch", "pretrained")}
+    pop = np.log1p(ref.item_counts[np.searchsorted(ref.items, catalog)]).astype(np.float32)
+    users = identity_keys(test.column("user_id"))
+    rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), users, identity_keys(test.column("item_id")), catalog, ref, (10,))
+    table = ranking_table(users, rows, [("pretrained", "scratch"), ("scratch", "most popular"), ("pretrained", "most popular")])
+    table.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained", "most_popular")},
+                  "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
+    result["protocols"] = {"retrieval": table}
+    print(f"{name} retrieval: {json.dumps(_brief(table))}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------ report
+
+
+def _brief(table: dict) -> dict:
+    return {arm: {sl: {k: round(v[0], 4) for k, v in m.items() if isinstance(v, tuple)} for sl, m in slices.items()} for arm, slices in table["arms"].items()}
+
+
+def _ci(v: tuple) -> str:
+    return f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
+
+
+def _targets(results: dict) -> list[tuple[str, bool, str]]:
+    """Issue 16's bars, checked against the measured values (point estimates)."""
+    out = []
+    ml = results.get("ml", {}).get("protocols", {})
+    if "ctr" in ml:
+        a = ml["ctr"]["arms"]
+        pre, scr, bias = a["pretrained"], a["scratch"], a["biases (BaselineOnly)"]
+        u = "users without labels"
+        out.append(("ml ctr: pretrained AUC (users without labels) >= scratch + 0.03", pre[u]["auc"][0] >= scr[u]["auc"][0] + 0.03, f"{pre[u]['auc'][0]:.4f} vs {scr[u]['auc'][0]:.4f} + 0.03"))
+        out.append(("ml ctr: pretrained AUC (users without labels) >= biases + 0.02", pre[u]["auc"][0] >= bias[u]["auc"][0] + 0.02, f"{pre[u]['auc'][0]:.4f} vs {bias[u]['auc'][0]:.4f} + 0.02"))
+        out.append(("ml ctr: pretrained overall AUC >= scratch", pre["all"]["auc"][0] >= scr["all"]["auc"][0], f"{pre['all']['auc'][0]:.4f} vs {scr['all']['auc'][0]:.4f}"))
+        out.append(("ml ctr: pretrained overall log loss <= scratch", pre["all"]["logloss"][0] <= scr["all"]["logloss"][0], f"{pre['all']['logloss'][0]:.4f} vs {scr['all']['logloss'][0]:.4f}"))
+        cal = pre["all"]["calibration"][0]
+        out.append(("ml ctr: pretrained calibration within 0.9-1.1", 0.9 <= cal <= 1.1, f"{cal:.3f}"))
+    if "rating" in ml:
+        a = ml["rating"]["arms"]
+        u = "users without labels"
+        p, s = a["pretrained"][u]["rmse"][0], a["scratch"][u]["rmse"][0]
+        out.append(("ml rating: pretrained RMSE (users without labels) <= scratch - 0.03", p <= s - 0.03, f"{p:.4f} vs {s:.4f} - 0.03"))
+    if "rating, all labels" in ml:
+        a = ml["rating, all labels"]["arms"]
+        p, svd = a["pretrained"]["all"]["rmse"][0], a["SVD"]["all"]["rmse"][0]
+        out.append(("ml rating, all labels: pretrained RMSE <= SVD", p <= svd, f"{p:.4f} vs {svd:.4f}"))
+    for name in ("lastfm", "toys"):
+        if name in results:
+            a = results[name]["protocols"]["retrieval"]["arms"]
+            for m in ("recall@10", "ndcg@10"):
+                p, s, mp = a["pretrained"]["all"][m][0], a["scratch"]["all"][m][0], a["most popular"]["all"][m][0]
+                out.append((f"{name}: pretrained >= scratch >= most popular ({m})", p >= s >= mp, f"{p:.4f} / {s:.4f} / {mp:.4f}"))
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for name, res in results.items():
+        if name.startswith("_"):
+            continue
+        lines += [f"### {name}", "", f"Data: `{json.dumps(res['data'])}`; pretraining {res['pretrain']['seconds']} s.", ""]
+        for proto, t in res["protocols"].items():
+            slices = list(next(iter(t["arms"].values())))
+            metrics = [k for k in next(iter(t["arms"].values()))[slices[0]] if k != "rows"]
+            lines += [f"**{proto}** ({t['seconds']} s; rows: " + ", ".join(f"{sl} {next(iter(t['arms'].values()))[sl]['rows']:,}" for sl in slices) + ")", ""]
+            head = ["arm"] + [f"{m} ({sl})" for sl in slices for m in metrics]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for arm, m in t["arms"].items():
+                lines.append("| " + " | ".join([arm] + [_ci(m[sl][k]) if k in m[sl] else "—" for sl in slices for k in metrics]) + " |")
+            lines += [""]
+            for key, d in t["differences"].items():
+                lines.append(f"- {key}: " + "; ".join(f"{sl} {k} {_ci(v)}" for sl, mm in d.items() for k, v in mm.items()))
+            best = {arm: (e["best"] or {}).get("epoch") for arm, e in t.get("epochs", {}).items()}
+            sys_eval = {arm: {k: round(v, 4) for k, v in m.items() if k in ("auc", "rmse", "recall@10", "ndcg@10")} for arm, m in t.get("system_eval_overall", {}).items()}
+            lines += [f"- best epoch by validation loss (0-based): {best}; the system's own evaluation, overall: {sys_eval}", ""]
+    lines += ["**Targets (issue 16)**", ""]
+    for what, ok, detail in _targets(results):
+        lines.append(f"- {'met' if ok else 'MISSED'}: {what} ({detail})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="ml,lastfm,toys")
+    ap.add_argument("--quick", action="store_true", help="a few epochs: checks the harness, not the model")
+    ap.add_argument("--work", default="/tmp/flm-quality")
+    ap.add_argument("--out", default=os.path.join(OUT, "quality.json"))
+    ap.add_argument("--no-md", action="store_true", help="do not rewrite docs/RESULTS.md")
+    args = ap.parse_args()
+    info = common.machine_info()
+    t0 = time.time()
+    results: dict = {}
+    only = args.only.split(",")
+    if "ml" in only:
+        results["ml"] = run_ml(args.work, args.quick)
+    if "lastfm" in only:
+        results["lastfm"] = run_loo(args.work, "lastfm", "LastFM.txt", args.quick)
+    if "toys" in only:
+        results["toys"] = run_loo(args.work, "toys", "Toys_and_Games.txt", args.quick)
+    results["_meta"] = {"seconds": round(time.time() - t0, 1), "machine": info, "quick": args.quick, "bootstrap": BOOT}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    body = markdown(results) + f"\n\nWall time {results['_meta']['seconds']:.0f} s. Raw figures: `docs/results/quality.json`."
+    print(body)
+    if not args.no_md and not args.quick:
+        common.update_benchmarks_md("quality", body, "python bench/quality.py", info, path=os.path.join(os.path.dirname(__file__), "..", "docs", "RESULTS.md"))
+
+
+if __name__ == "__main__":
+    main()
