@@ -59,18 +59,21 @@ JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
 OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
 BOOT = 500  # bootstrap resamples
 
-# Per dataset, only what a user sets: table sizes, batch size, epochs (paths are added below).
+# Per dataset, only what a user sets: table sizes (<= 5% of IDs sharing a row), batch
+# sizes and epochs (pretraining, fine-tuning at most); paths are added below.
 SIZES = {
-    "ml": {"model.user_rows": 8192, "model.item_rows": 262144, "data.batch_size": 1024},
-    "lastfm": {"model.user_rows": 32768, "model.item_rows": 131072, "data.batch_size": 1024},
-    "toys": {"model.user_rows": 524288, "model.item_rows": 262144, "data.batch_size": 1024},
+    "ml": {"model.user_rows": 16384, "model.item_rows": 200_000},
+    "lastfm": {"model.user_rows": 32768, "model.item_rows": 100_000},
+    "toys": {"model.user_rows": 400_000, "model.item_rows": 250_000},
 }
-EPOCHS = {"ml": (20, 10), "lastfm": (20, 10), "toys": (10, 10)}  # (pretraining, fine-tuning at most)
+BATCH = {"ml": (2048, 512), "lastfm": (1024, 1024), "toys": (2048, 1024)}
+EPOCHS = {"ml": (20, 10), "lastfm": (20, 10), "toys": (10, 10)}
 GENRES = "[{name: genres, side: item, kind: multi, max_len: 8}]"
 
 
 def _job(file: str, dataset: str, work: str, name: str, epochs: int, **paths) -> object:
-    sets = {**SIZES[dataset], "train.epochs": epochs, "run.storage": f"{work}/runs", "run.name": name, **paths}
+    batch = BATCH[dataset][0 if file == "pretrain.yaml" else 1]
+    sets = {**SIZES[dataset], "data.batch_size": batch, "train.epochs": epochs, "run.storage": f"{work}/runs", "run.name": name, **paths}
     return load_job(os.path.join(JOBS, file), [f"{k}={v}" for k, v in sets.items()])
 
 
