@@ -144,6 +144,20 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_sequences(args) -> int:
+    from flm_dist import launch
+    from flm_dist.data.sequences import build_sequences
+
+    job = _load(args)
+    with _storage(job) as (job, store):
+        launch.ensure_ray(args.address)
+        rep = build_sequences(store, args.src, args.out, files=args.files)
+        print(f"wrote {rep['users']:,} users' sequences ({rep['events']:,} events) in {rep['files']} files to {rep['out']} "
+              f"in {rep['seconds']} s; dropped {rep['dropped_null_keys']:,} rows without a user_id, item_id or ts")
+        _write_output(args.json, rep, store)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from flm_dist.data.inspect import inspect, summary
 
@@ -405,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delimiter", help="csv: one character (default ','; '\\t' or 'tab' for tabs)")
     p.add_argument("--files", type=int, default=8, help="Parquet parts to write (at least min(files, rows))")
 
+    p = data.add_parser("sequences", help="group an interaction log into per-user sequences ordered by ts (for model.history_len)")
+    _common(p, config_required=False)
+    p.add_argument("src", metavar="IN", help="interaction log: Parquet file or prefix (any URI)")
+    p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
+    p.add_argument("--files", type=int, help="output files (default: one per 500k input rows, at most 64)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", help="write the report as JSON here (any URI)")
+
     p = data.add_parser("inspect", help="files, rows, schema, distinct IDs, bad rows and hash collisions of a dataset")
     _common(p, config_required=False)
     p.add_argument("uri", metavar="URI", help="Parquet file or prefix")
@@ -472,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_convert(args)
         if args.cmd == "data" and args.data_cmd == "inspect":
             return cmd_inspect(args)
+        if args.cmd == "data" and args.data_cmd == "sequences":
+            return cmd_sequences(args)
         if args.cmd in ("submit", "status", "logs", "stop"):
             return cmd_job(args)
     except (ConfigError, DataError, StorageError) as e:

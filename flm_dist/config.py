@@ -91,9 +91,11 @@ class FeatureConfig:
 @dataclass
 class SplitConfig:
     """Derive an eval split from the training data when `data.eval` is empty.
-    All modes hash a stable key, so the split is the same across runs and worker counts."""
+    All modes are functions of the data alone, so the split is the same across runs and
+    worker counts. `last` (per-user sequences only): leave-one-out, each user's last
+    event is eval and, while data.valid_fraction > 0, the one before it is validation."""
 
-    by: Literal["none", "time", "random", "user"] = "none"
+    by: Literal["none", "time", "random", "user", "last"] = "none"
     time_cutoff: int | None = None  # by=time: rows with ts >= cutoff go to eval
     fraction: float = 0.1  # by=random / by=user: share of rows / users in eval
 
@@ -142,7 +144,7 @@ class DataConfig:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError(f"data.features declares {sorted(dup)} more than once")
-        reserved = {"user_id", "item_id", "ts", "label", "rating"}
+        reserved = {"user_id", "item_id", "ts", "label", "rating", "history"}
         if reserved & set(names):
             raise ConfigError(f"data.features cannot use reserved columns {sorted(reserved & set(names))}")
 
@@ -164,6 +166,15 @@ class ModelConfig:
     corruption: float = 0.2  # probability of masking each input field in the corrupted view
     noise_std: float = 0.1  # Gaussian noise added to the corrupted view
     hash_seed: int = 0
+    # The user's history (per-user sequence data, `flm-dist data sequences`): up to this
+    # many previous items, through a causal Transformer, as one more user field; 0: off.
+    history_len: int = 0
+    # Feed the user ID's embedding to the user tower. With a history it mostly memorises
+    # (measured: docs/RESULTS.md) and tells nothing about users new to the model.
+    user_id: bool = True
+    history_layers: int = 2
+    history_heads: int = 2
+    history_dropout: float = 0.2
 
     def __post_init__(self) -> None:
         for key in ("user_rows", "item_rows", "feature_rows", "embedding_dim", "latent_dim"):
@@ -171,6 +182,14 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be >= 1")
         if not 0.0 <= self.corruption < 1.0:
             raise ConfigError("model.corruption must be in [0, 1)")
+        if not self.user_id and not self.history_len:
+            raise ConfigError("model.user_id: false needs model.history_len > 0 (else the user tower would have no user input but features)")
+        if self.history_len < 0 or self.history_layers < 1 or self.history_heads < 1:
+            raise ConfigError("model.history_len must be >= 0, model.history_layers and model.history_heads >= 1")
+        if self.history_len and self.embedding_dim % self.history_heads:
+            raise ConfigError(f"model.embedding_dim={self.embedding_dim} must be a multiple of model.history_heads={self.history_heads}")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ConfigError("model.history_dropout must be in [0, 1)")
 
 
 @dataclass
@@ -185,6 +204,8 @@ class TrainConfig:
     contrastive_weight: float = 1.0  # weight of the in-batch interaction loss (pretrain, retrieval)
     temperature: float = 0.1
     num_negatives: int = 512  # in-batch items each row's item is contrasted with
+    # plus this many items drawn uniformly from the catalog seen so far (pretrain, retrieval)
+    uniform_negatives: int = 0
     freeze: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
     log_every: int = 20
     grad_clip: float = 0.0  # 0: off

@@ -118,6 +118,7 @@ def validation_loss(model, batches, task: str, device, empty: Batch, popularity,
 
     flags = forward_flags(task, 0.0)
     flags["corrupt"] = False  # the clean view: what serving sees
+    flags["next_item"] = False  # the example's own item: what evaluation ranks
     total, rows = 0.0, 0
     model.eval()
     for batch in batches:

@@ -391,17 +391,20 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
     d = job.data
     split = d.split if not eval_uri else SplitConfig()  # an explicit eval set replaces the split
     need_ts = split.by == "time"
-    carve = d.valid_fraction if validate and not d.valid else 0.0
+    # Leave-one-out holds each user's second-to-last event out of every training side
+    # (pretraining too), so a fine-tune's validation events are never seen before.
+    carve = d.valid_fraction if (validate or split.by == "last") and not d.valid else 0.0
     datasets, plans, specs = {}, {}, {}
 
     def add(name: str, uri: str, rs: ReadSpec, side: str, shuffle: bool, plan: DataPlan | None = None) -> None:
         plan = plan or _plan(store, uri, rs, job)
+        rs = replace(rs, sequence=plan.sequence)
         enc = EncodeSpec(read=rs, hash=hash_spec, split=split, side=side, seed=job.run.seed, valid_fraction=carve)
         src = InteractionDatasource(plan, enc, store, shuffle, job.run.seed, d.read_block_rows, d.on_bad_file)
         datasets[name], plans[name], specs[name] = (src, plan.to_dict()), plan, enc
 
     if train_uri:
-        rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts)
+        rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts, history_len=job.model.history_len)
         add("train", train_uri, rs, "train", d.shuffle)
         specs["known"] = replace(specs["train"], side="known")
         if validate and d.valid:
@@ -409,7 +412,7 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         elif carve:
             add("valid", train_uri, rs, "valid", False, plans["train"])
     if eval_uri or (train_uri and split.by != "none"):
-        rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True)
+        rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True, history_len=job.model.history_len)
         add("eval", eval_uri or train_uri, rs, "all" if eval_uri else "eval", False)
     return datasets, plans, specs
 

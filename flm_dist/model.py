@@ -1,6 +1,7 @@
 """FLM, the Feature Learning Model: plain PyTorch, nothing distributed.
 
     fields (user, item, features) --embedding tables--> x_user, x_item   [B, fields, d]
+    (history: the user's previous items --item table--> causal Transformer --> one user field)
     corrupt(x) --encoder MLP--> z (latent)  --decoder MLP--> x_hat ≈ x  (denoising)
     fuse(z_user, z_item) = [z_u, z_i, z_u * z_i] --head MLP--> task output
 
@@ -20,7 +21,7 @@ from torch import nn
 from flm_dist.batch import Batch
 from flm_dist.config import FeatureConfig, ModelConfig
 
-__all__ = ["FLM", "FLMOutput", "init_rows_", "table_init_seed", "table_sizes"]
+__all__ = ["FLM", "FLMOutput", "HistoryEncoder", "init_rows_", "table_init_seed", "table_sizes"]
 
 _INIT_CHUNK = 1 << 16
 
@@ -64,6 +65,80 @@ def _mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _Block(nn.Module):
+    """A pre-LayerNorm Transformer block; attention through
+    `scaled_dot_product_attention`, so GPUs get the fused (flash) kernels."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask.unsqueeze(1), dropout_p=p)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class HistoryEncoder(nn.Module):
+    """The user's previous items -> one vector: a causal Transformer (SASRec's encoder)
+    over their embeddings plus learned positions (slot j of the left-padded window; the
+    last slot is the most recent item), read at the most recent position. An empty slot
+    is a learned vector and attends only to itself, so a user without history gets a
+    learned "no history" state, never NaN."""
+
+    def __init__(self, dim: int, length: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.empty = nn.Parameter(torch.zeros(dim))
+        self.blocks = nn.ModuleList([_Block(dim, heads, dropout) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """items [B, L, d] (embeddings of the history's rows), valid [B, L] -> the state
+        at the most recent position [B, d], or with `all_positions` the state at every
+        position [B, L, d] (position p has seen the history up to p, causally).
+
+        Most histories are much shorter than L: rows are grouped by length into buckets
+        of power-of-two widths and each bucket runs on its last `width` slots only (an
+        empty slot contributes nothing to the others), so the cost follows the real
+        lengths, not L."""
+        b, n, d = items.shape
+        out = items.new_zeros(b, n, d) if all_positions else items.new_empty(b, d)
+        lengths = valid.sum(1)
+        width, low = 1, -1
+        while low < n:
+            high = min(width, n)
+            rows = torch.nonzero((lengths > low) & (lengths <= high)).flatten()
+            if len(rows):
+                states = self._encode(items[rows, n - high :], valid[rows, n - high :])
+                if all_positions:
+                    out[rows, n - high :] = states
+                else:
+                    out[rows] = states[:, -1]
+            low, width = high, width * 2
+        return out
+
+    def _encode(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        n = items.shape[1]
+        x = self.drop(torch.where(valid.unsqueeze(-1), items, self.empty) + self.pos[-n:])
+        causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
+        eye = torch.eye(n, dtype=torch.bool, device=items.device)
+        mask = causal & (valid.unsqueeze(1) | eye)  # [B, query, key]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+
 @dataclass
 class FLMOutput:
     z_user: torch.Tensor  # [B, latent] from the clean (or corrupted, in `corrupt` mode) view
@@ -73,10 +148,15 @@ class FLMOutput:
     x_item: torch.Tensor | None = None
     recon_user: torch.Tensor | None = None  # decoder outputs [B, F_u, d]
     recon_item: torch.Tensor | None = None
+    z_negative: torch.Tensor | None = None  # [K, latent] item tower of sampled negative items
+    # next-item prediction at every position of the history (sequence models)
+    z_next_user: torch.Tensor | None = None  # [P, latent] user tower at each position
+    z_next_item: torch.Tensor | None = None  # [P, latent] item tower of the item that came next
+    next_rows: torch.Tensor | None = None  # [P] that item's row
 
     def float(self) -> FLMOutput:
         """The same outputs in fp32 (losses are computed in fp32 under bf16 autocast)."""
-        return FLMOutput(**{k: (v.float() if v is not None else None) for k, v in self.__dict__.items()})
+        return FLMOutput(**{k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in self.__dict__.items()})
 
 
 class FLM(nn.Module):
@@ -90,7 +170,7 @@ class FLM(nn.Module):
         self.numeric = nn.ParameterDict(
             {f.name: nn.Parameter(torch.randn(d) * 0.05) for f in features if f.kind == "numeric"}
         )
-        self.user_fields = ["user"] + [f.name for f in features if f.side == "user"]
+        self.user_fields = (["user"] if cfg.user_id else []) + [f.name for f in features if f.side == "user"] + (["history"] if cfg.history_len else [])
         self.item_fields = ["item"] + [f.name for f in features if f.side == "item"]
         nu, ni = len(self.user_fields) * d, len(self.item_fields) * d
         self.user_encoder = _mlp([nu, *cfg.hidden, cfg.latent_dim])
@@ -98,6 +178,8 @@ class FLM(nn.Module):
         self.user_decoder = _mlp([cfg.latent_dim, *reversed(cfg.hidden), nu])
         self.item_decoder = _mlp([cfg.latent_dim, *reversed(cfg.hidden), ni])
         self.head = _mlp([3 * cfg.latent_dim, *cfg.head_hidden, 1])
+        if cfg.history_len:  # created after the dense layers: with it off, they draw the same init
+            self.history = HistoryEncoder(d, cfg.history_len, cfg.history_layers, cfg.history_heads, cfg.history_dropout)
         # The head predicts around this value (the middle of the rating range for `rating`).
         self.register_buffer("rating_center", torch.tensor(float(rating_center)))
         # Tables last, so the dense layers draw the same random init whether or not the
@@ -108,6 +190,7 @@ class FLM(nn.Module):
                 # _weight: skip nn.Embedding's own init, init_rows_ below sets every row
                 name: nn.Embedding(rows, d, sparse=True, _weight=torch.empty(rows, d, device=table_device))
                 for name, rows in table_sizes(cfg, features).items()
+                if name != "user" or cfg.user_id
             }
         )
         for name, t in self.tables.items():
@@ -116,11 +199,15 @@ class FLM(nn.Module):
 
     # -- pieces -------------------------------------------------------------------
 
-    def _field(self, name: str, batch: Batch) -> torch.Tensor:
+    def _field(self, name: str, batch: Batch, states: torch.Tensor | None = None) -> torch.Tensor:
         if name == "user":
             return self.tables["user"](batch.user)
         if name == "item":
             return self.tables["item"](batch.item)
+        if name == "history":
+            if states is not None:
+                return states[:, -1]
+            return self.history(self.tables["item"](batch.history.clamp_min(0)), batch.history >= 0)
         x = batch.features[name]
         if name in self.numeric:
             return x.unsqueeze(-1).float() * self.numeric[name]
@@ -130,8 +217,8 @@ class FLM(nn.Module):
             return v.sum(1) / valid.sum(1).clamp_min(1.0)
         return self.tables[name](x)
 
-    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        xu = torch.stack([self._field(n, batch) for n in self.user_fields], dim=1)
+    def embed(self, batch: Batch, states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xu = torch.stack([self._field(n, batch, states) for n in self.user_fields], dim=1)
         xi = torch.stack([self._field(n, batch) for n in self.item_fields], dim=1)
         return xu, xi
 
@@ -159,10 +246,15 @@ class FLM(nn.Module):
 
     # -- whole passes ---------------------------------------------------------------
 
-    def forward(self, batch: Batch, corrupt: bool = False, reconstruct: bool = False, score: bool = True) -> FLMOutput:
+    def forward(self, batch: Batch, corrupt: bool = False, reconstruct: bool = False, score: bool = True, next_item: bool = False) -> FLMOutput:
         """`corrupt`: encode a corrupted view (pretraining); `reconstruct`: also decode it
-        back and return the clean embeddings as targets; `score`: run the task head."""
-        xu, xi = self.embed(batch)
+        back and return the clean embeddings as targets; `score`: run the task head;
+        `next_item` (models with a history): the user tower at every position of the
+        history and the item tower of the item that followed it."""
+        states = None
+        if next_item and self.cfg.history_len:
+            states = self.history(self.tables["item"](batch.history.clamp_min(0)), batch.history >= 0, all_positions=True)
+        xu, xi = self.embed(batch, states)
         if corrupt or reconstruct:
             zu, zi = self.encode(self.corrupt(xu), self.corrupt(xi))
         else:
@@ -176,9 +268,40 @@ class FLM(nn.Module):
             if not corrupt:  # score on the clean view, reconstruct from the corrupted one
                 zu, zi = self.encode(xu, xi)
                 out.z_user, out.z_item = zu, zi
+        if states is not None:
+            self._next_item(batch, states, out)
+        if batch.negatives is not None:  # the item tower on sampled negatives, in the same view
+            neg = Batch(user=batch.negatives, item=batch.negatives, features=batch.negative_features)
+            xn = torch.stack([self._field(n, neg) for n in self.item_fields], dim=1)
+            out.z_negative = self.item_encoder((self.corrupt(xn) if corrupt or reconstruct else xn).flatten(1))
         if score:
             out.score = self.fuse(zu, zi)
         return out
+
+    def _next_item(self, batch: Batch, states: torch.Tensor, out: FLMOutput) -> None:
+        """Every position p of the history predicts the item at p + 1; the most recent
+        one (also for an empty history) predicts the example's item. The user tower
+        runs on each such position (the example's other user fields, the history state
+        at p), the item tower on each next item (its features: the example's, or those
+        the batch carries for its history, `history_features`), clean views."""
+        hist = batch.history
+        valid = hist >= 0
+        last = torch.zeros_like(valid)
+        last[:, -1] = True
+        has_next = torch.cat([valid[:, 1:], torch.ones_like(valid[:, :1])], dim=1)
+        b, p = torch.nonzero((valid & has_next) | last, as_tuple=True)
+        fields = [self._field(n, batch)[b] for n in self.user_fields if n != "history"]
+        out.z_next_user = self.user_encoder(torch.stack([*fields, states[b, p]], dim=1).flatten(1))
+        final = p == hist.shape[1] - 1
+        nxt = torch.where(final, batch.item[b], hist[b, (p + 1).clamp_max(hist.shape[1] - 1)])
+        feats = {}
+        for f in self.features:
+            if f.side == "item":
+                now = batch.features[f.name][b]
+                later = batch.history_features[f.name][b, (p + 1).clamp_max(hist.shape[1] - 1)]
+                feats[f.name] = torch.where(final.view(-1, *[1] * (now.dim() - 1)), now, later)
+        out.next_rows = nxt
+        out.z_next_item = self.item_vector(Batch(user=nxt, item=nxt, features=feats))
 
     def backbone_keys(self) -> list[str]:
         """State-dict keys a fine-tune takes from a pretraining checkpoint (all but the head)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from flm_dist.batch import Batch
 from flm_dist.model import FLMOutput
 
-__all__ = ["LossParts", "PopularityEstimator", "compute_loss", "forward_flags", "used_modules"]
+__all__ = ["LossParts", "NegativeSampler", "PopularityEstimator", "compute_loss", "forward_flags", "used_modules"]
 
 
 class PopularityEstimator:
@@ -77,14 +77,15 @@ class LossParts:
 def forward_flags(task: str, recon_weight: float) -> dict[str, bool]:
     """How the model runs for a task: which views and heads the loss needs."""
     if task in ("pretrain", "retrieval"):
-        return {"corrupt": task == "pretrain", "reconstruct": recon_weight > 0, "score": False}
+        # next_item: with a history, next-item prediction at every position of it
+        return {"corrupt": task == "pretrain", "reconstruct": recon_weight > 0, "score": False, "next_item": True}
     return {"corrupt": False, "reconstruct": recon_weight > 0, "score": True}
 
 
 def used_modules(task: str, recon_weight: float) -> set[str]:
     """Top-level modules that receive gradients; the rest are frozen for the task so
     DDP sees every trainable parameter used in every step."""
-    mods = {"tables", "numeric", "user_encoder", "item_encoder"}
+    mods = {"tables", "numeric", "user_encoder", "item_encoder", "history"}
     if recon_weight > 0:
         mods |= {"user_decoder", "item_decoder"}
     if task in ("ctr", "rating"):
@@ -100,32 +101,94 @@ def _recon(out: FLMOutput) -> torch.Tensor:
     return lu + li
 
 
-def _in_batch_softmax(out: FLMOutput, item_rows: torch.Tensor, temperature: float, log_q: torch.Tensor | None, num_negatives: int) -> torch.Tensor:
-    """Sampled softmax: each row's item against the items of the first `num_negatives`
-    rows of the (shuffled) batch, a uniform sample of in-batch items. Every logit is
-    corrected by -log q(item) so popular items are not over-penalised as negatives.
-    Cost O(B * num_negatives) instead of O(B^2)."""
-    zu = F.normalize(out.z_user, dim=-1)
-    zi = F.normalize(out.z_item, dim=-1)
-    k = min(num_negatives, len(item_rows))
+def _sampled_softmax(z_user: torch.Tensor, z_item: torch.Tensor, item_rows: torch.Tensor, cand_z: torch.Tensor, cand_rows: torch.Tensor, temperature: float, popularity: PopularityEstimator | None, k: int, uniform_share: float) -> torch.Tensor:
+    """Sampled softmax: each user vector's item (`z_item`, rows `item_rows`) against the
+    candidates: k in-batch items (drawn in proportion to popularity) and K items drawn
+    uniformly from the catalog (`uniform_share` = K / catalog). Every logit is corrected
+    by -log of the item's expected count among the candidates, k q(item) + K / catalog,
+    so popular items are not over-penalised as negatives (Yi et al. 2019; Yang et al.
+    2020 for the mixture). Cost O(rows * (k + K)) instead of O(rows * catalog)."""
+    zu = F.normalize(z_user, dim=-1)
+    zi = F.normalize(z_item, dim=-1)
+    cz = F.normalize(cand_z, dim=-1)
     pos = (zu * zi).sum(-1, keepdim=True) / temperature
-    neg = zu @ zi[:k].T / temperature
-    if log_q is not None:
-        pos = pos - log_q[:, None]
-        neg = neg - log_q[None, :k]
+    neg = zu @ cz.T / temperature
+    if popularity is not None:
+        def log_count(rows):
+            return torch.log(k * popularity.log_q(rows).exp() + uniform_share)
+
+        pos = pos - log_count(item_rows)[:, None]
+        neg = neg - log_count(cand_rows)[None, :]
     # The row's own item (and any duplicate of it) is not a negative.
-    neg = neg.masked_fill(item_rows[:, None] == item_rows[None, :k], float("-inf"))
+    neg = neg.masked_fill(item_rows[:, None] == cand_rows[None, :], float("-inf"))
     logits = torch.cat([pos, neg], dim=1)
     target = torch.zeros(len(item_rows), dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target, reduction="none")
 
 
-def compute_loss(task: str, out: FLMOutput, batch: Batch, recon_weight: float, contrastive_weight: float, temperature: float, popularity: PopularityEstimator | None, num_negatives: int = 512) -> LossParts:
+def _contrastive(out: FLMOutput, batch: Batch, temperature: float, popularity: PopularityEstimator | None, num_negatives: int, uniform_share: float) -> torch.Tensor:
+    """The interaction objective of pretraining and retrieval (a sum over rows): the
+    user tower against the item tower, or with a history, next-item prediction at every
+    position of it."""
+    k = min(num_negatives, len(batch.item))
+    cand_z, cand_rows = out.z_item[:k], batch.item[:k]
+    if batch.negatives is not None and out.z_negative is not None:
+        cand_z, cand_rows = torch.cat([cand_z, out.z_negative]), torch.cat([cand_rows, batch.negatives])
+    if out.z_next_user is not None:
+        return _sampled_softmax(out.z_next_user, out.z_next_item, out.next_rows, cand_z, cand_rows, temperature, popularity, k, uniform_share).sum()
+    return _sampled_softmax(out.z_user, out.z_item, batch.item, cand_z, cand_rows, temperature, popularity, k, uniform_share).sum()
+
+
+class NegativeSampler:
+    """Uniform negatives for the sampled softmax: item rows drawn uniformly from the
+    rows this rank has seen in training so far (the catalog, as hashed), with the
+    item-side feature values last seen with each row. Candidates are refreshed every
+    `refresh` steps. Memory: one byte per item row, plus the cached feature values."""
+
+    def __init__(self, item_rows: int, features, count: int, device, seed: int, refresh: int = 100):
+        self.count, self.refresh, self.device = count, refresh, device
+        self.seen = torch.zeros(item_rows, dtype=torch.bool, device=device)
+        self.cache: dict[str, torch.Tensor] = {}
+        for f in features:
+            if f.side != "item":
+                continue
+            if f.kind == "numeric":
+                self.cache[f.name] = torch.zeros(item_rows, device=device)
+            elif f.kind == "multi":
+                self.cache[f.name] = torch.full((item_rows, f.max_len), -1, dtype=torch.long, device=device)
+            else:
+                self.cache[f.name] = torch.zeros(item_rows, dtype=torch.long, device=device)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self._candidates: torch.Tensor | None = None
+        self._steps = 0
+
+    def observe(self, batch: Batch) -> None:
+        self.seen[batch.item] = True
+        for name, table in self.cache.items():
+            table[batch.item] = batch.features[name].to(table.dtype)
+
+    def history_features(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The last-seen item features of a batch's history items [B, H(, L)]."""
+        rows = history.clamp_min(0)
+        return {name: table[rows] for name, table in self.cache.items()}
+
+    def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """(rows [count], their item features, count / catalog size)."""
+        if self._candidates is None or self._steps % self.refresh == 0:
+            self._candidates = torch.nonzero(self.seen).flatten()
+        self._steps += 1
+        n = max(len(self._candidates), 1)
+        pick = torch.randint(0, n, (self.count,), generator=self.gen, device=self.device)
+        rows = self._candidates[pick] if len(self._candidates) else torch.zeros(self.count, dtype=torch.long, device=self.device)
+        return rows, {name: table[rows] for name, table in self.cache.items()}, self.count / n
+
+
+def compute_loss(task: str, out: FLMOutput, batch: Batch, recon_weight: float, contrastive_weight: float, temperature: float, popularity: PopularityEstimator | None, num_negatives: int = 512, uniform_share: float = 0.0) -> LossParts:
+    """`uniform_share`: the batch's uniform negatives (`batch.negatives`) over the catalog size."""
     parts: dict[str, torch.Tensor] = {}
     total = out.z_user.new_zeros(())
     if task in ("pretrain", "retrieval"):
-        log_q = popularity.log_q(batch.item) if popularity is not None else None
-        ce = _in_batch_softmax(out, batch.item, temperature, log_q, num_negatives).sum()
+        ce = _contrastive(out, batch, temperature, popularity, num_negatives, uniform_share)
         parts["contrastive"] = ce.detach()
         total = total + contrastive_weight * ce
     elif task == "ctr":

@@ -44,7 +44,13 @@ from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS
 from flm_dist.evaluation import catalog_vectors, eval_outputs, gather_outputs, validation_loss
 from flm_dist.model import FLM
-from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules
+from flm_dist.objectives import (
+    NegativeSampler,
+    PopularityEstimator,
+    compute_loss,
+    forward_flags,
+    used_modules,
+)
 from flm_dist.optim import build_optimizers, optimizer_state
 from flm_dist.sharding import describe_plan, global_view, parallelize, plan_tables, unwrap
 from flm_dist.storage import Store, join
@@ -333,7 +339,7 @@ class Worker:
         self.store = spec.store
         self.hash = HashSpec.from_dict(spec.hash_spec)
         self.train_plan = DataPlan.from_dict(spec.train_plan) if spec.train_plan else None
-        self.empty = empty_batch(tuple(spec.features), label=spec.task == "ctr", rating=spec.task == "rating")
+        self.empty = empty_batch(tuple(spec.features), label=spec.task == "ctr", rating=spec.task == "rating", history_len=spec.model.history_len)
         self.checkpointer: ckpt.Checkpointer | None = None
 
     # -- model ----------------------------------------------------------------------
@@ -350,7 +356,7 @@ class Worker:
             if "embeddings" in s.train.freeze:
                 frozen |= {"tables", "numeric"}
             if "encoder" in s.train.freeze:
-                frozen |= {"user_encoder", "item_encoder"}
+                frozen |= {"user_encoder", "item_encoder", "history"}
             if "decoder" in s.train.freeze:
                 frozen |= {"user_decoder", "item_decoder"}
             for name, mod in model.named_children():
@@ -369,6 +375,11 @@ class Worker:
         # checkpoint never carries more than 8 MB of it.
         buckets = min(s.model.item_rows, 1 << 20)
         self.popularity = PopularityEstimator(buckets, device=self.device) if s.mode == "train" and s.task in ("pretrain", "retrieval") else None
+        # Uniform negatives, and the item features of history items (next-item targets)
+        item_features = any(f.side == "item" for f in s.features)
+        self.negatives = None
+        if self.popularity is not None and (s.train.uniform_negatives or (s.model.history_len and item_features)):
+            self.negatives = NegativeSampler(s.model.item_rows, s.features, s.train.uniform_negatives, self.device, seed=s.seed * 7919 + self.rank)
         self.dense_opt = self.sparse_opt = None
         if s.mode == "train":
             self.dense_opt, self.sparse_opt = build_optimizers(unwrap(self.model), s.train.lr, s.train.weight_decay, s.train.sparse_lr, s.train.sparse_optimizer)
@@ -463,13 +474,20 @@ class Worker:
         b = batch.to(self.device, non_blocking=True)
         if self.popularity is not None:
             self.popularity.update(b.item)
+        share = 0.0
+        if self.negatives is not None:  # every rank draws (and looks up) the same number
+            self.negatives.observe(b)
+            if s.train.uniform_negatives:
+                b.negatives, b.negative_features, share = self.negatives.sample()
+            if b.history is not None and self.negatives.cache:
+                b.history_features = self.negatives.history_features(b.history)
         # bf16 autocast on GPU for the dense layers; embedding rows and their exchange
         # stay fp32 (the tables are the model's memory, not its FLOPs).
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(b, **self.flags)
         # The loss in fp32: softmaxes and logs over bf16 logits lose too much.
         t = s.train
-        lp = compute_loss(s.task, out.float(), b, t.recon_weight, t.contrastive_weight, t.temperature, self.popularity, t.num_negatives)
+        lp = compute_loss(s.task, out.float(), b, t.recon_weight, t.contrastive_weight, t.temperature, self.popularity, t.num_negatives, share)
         # Local sum / global rows, times world because DDP averages gradients: the sum
         # over ranks is the gradient of the global mean loss.
         opts = [o for o in (self.dense_opt, self.sparse_opt) if o is not None]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +18,10 @@ from flm_dist.config import FeatureConfig, SplitConfig
 from flm_dist.data.hashing import HashSpec, _fmix64, _fnv1a64_strings
 from flm_dist.data.plan import Unit
 from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
+from flm_dist.data.sequences import expand, history_rows
 from flm_dist.storage import Store, split_uri
 
-__all__ = ["EncodeSpec", "KEY_SEED", "empty_columns", "encode_table", "id_keys", "read_units"]
+__all__ = ["EncodeSpec", "KEY_SEED", "empty_columns", "encode_table", "id_keys", "read_units", "sequence_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,19 @@ def _unit_hash(t: pa.Table, columns: tuple[str, ...], seed: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _split_mask(t: pa.Table, spec: EncodeSpec) -> np.ndarray | None:
-    """True for rows on `spec.side`. Hash-based, so identical across runs and worker counts."""
+def _split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, seq_len: np.ndarray | None = None) -> np.ndarray | None:
+    """True for rows on `spec.side`. A function of the data alone (hashes, times,
+    positions in a user's sequence), so identical across runs and worker counts.
+    `index` / `seq_len`: each event's place in its user's sequence (sequence data)."""
     split, side = spec.split, spec.side
     if side == "all":
         return None
+    if split.by == "last":
+        if index is None:
+            raise DataError("data.split.by=last (leave-one-out) needs per-user sequences: run `flm-dist data sequences IN OUT`")
+        in_eval = index == seq_len - 1
+        in_valid = (index == seq_len - 2) if spec.valid_fraction > 0 else np.zeros(t.num_rows, dtype=bool)
+        return {"eval": in_eval, "known": ~in_eval, "valid": in_valid}.get(side, ~in_eval & ~in_valid)
     in_eval = np.zeros(t.num_rows, dtype=bool)
     if split.by == "time":
         in_eval = _ts_seconds(t.column("ts")) >= split.time_cutoff
@@ -124,7 +133,10 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
 
     Returns numpy columns: `user`, `item` (int64 rows), `f_<name>` per feature
     (multi features as `f_<name>__<j>` columns, -1 padded), `label`/`rating` (float32,
-    when read), `_pos` (int64 position) and `_bad` (int8 reason code, 0 = good)."""
+    when read), `hist__<j>` (history rows, -1 padded on the left, with
+    `read.history_len`), `_pos` (int64 position) and `_bad` (int8 reason code, 0 = good)."""
+    if spec.read.sequence:
+        return _encode_sequences(t, spec, unit)
     n = t.num_rows
     pos = (np.int64(unit) << np.int64(32)) | (np.arange(n, dtype=np.int64) + row_offset)
     keep = _split_mask(t, spec)
@@ -184,6 +196,33 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
     out["_pos"] = pos
     out["_bad"] = bad
     return out
+
+
+def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.ndarray]:
+    """Per-user sequences: one example per event (a leaf slot of item_id), each with the
+    rows of the user's previous items, at most `read.history_len`. Every event is
+    validated and hashed first, the history taken from the good ones, then the split
+    keeps the events of `spec.side`: an eval event's history holds the training events
+    before it."""
+    flat, _, index, seq_len, placeholder = expand(t)
+    flat_spec = replace(spec, read=replace(spec.read, sequence=False), side="all")
+    cols = encode_table(flat, flat_spec, unit, 0)
+    cols["_bad"][placeholder] = BAD_REASONS.index("empty_sequence")
+    length = spec.read.history_len
+    if length:
+        hist = history_rows(cols["item"], index, length, usable=cols["_bad"] == 0)
+        for j in range(length):
+            cols[f"hist__{j}"] = np.ascontiguousarray(hist[:, j])
+    keep = _split_mask(flat, spec, index, seq_len)
+    if keep is not None:
+        cols = {k: v[keep] for k, v in cols.items()}
+    return cols
+
+
+def sequence_slots(t: pa.Table) -> int:
+    """Events (leaf slots of item_id, an empty or null list one each) of a sequence table."""
+    lengths = pc.fill_null(pc.list_value_length(t.column("item_id").combine_chunks()), 0).to_numpy(zero_copy_only=False)
+    return int(np.maximum(lengths, 1).sum())
 
 
 def _encode_multi(col: pa.Array, f: FeatureConfig, hs: HashSpec) -> dict[str, np.ndarray]:
@@ -247,8 +286,9 @@ def read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Sto
 
 
 def _encode_unit(t: pa.Table, u: Unit, uri: str, spec: EncodeSpec, skip_rows: dict, shuffle_seed: int | None):
-    if t.num_rows != u.rows:
-        raise DataError(f"{uri}: row group {u.row_group} has {t.num_rows} rows, the plan expected {u.rows} (file changed during the run?)")
+    rows = sequence_slots(t) if spec.read.sequence else t.num_rows
+    if rows != u.rows:
+        raise DataError(f"{uri}: row group {u.row_group} has {rows} rows, the plan expected {u.rows} (file changed during the run?)")
     cols = encode_table(t, spec, u.index, 0)
     seen = skip_rows.get(u.index)
     if seen is not None:
@@ -279,6 +319,8 @@ def empty_columns(spec: EncodeSpec) -> dict[str, np.ndarray]:
         else:
             for j in range(f.max_len):
                 out[f"f_{f.name}__{j}"] = np.zeros(0, np.int64)
+    for j in range(rs.history_len):
+        out[f"hist__{j}"] = np.zeros(0, np.int64)
     out["_pos"] = np.zeros(0, np.int64)
     out["_bad"] = np.zeros(0, np.int8)
     return out

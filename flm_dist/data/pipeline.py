@@ -151,7 +151,7 @@ def read(source: InteractionDatasource):
 # ------------------------------------------------------------------ worker side
 
 
-def empty_batch(features: tuple[FeatureConfig, ...], label: bool, rating: bool) -> Batch:
+def empty_batch(features: tuple[FeatureConfig, ...], label: bool, rating: bool, history_len: int = 0) -> Batch:
     feats = {}
     for f in features:
         if f.kind == "numeric":
@@ -166,6 +166,7 @@ def empty_batch(features: tuple[FeatureConfig, ...], label: bool, rating: bool) 
         features=feats,
         label=torch.zeros(0) if label else None,
         rating=torch.zeros(0) if rating else None,
+        history=torch.zeros(0, history_len, dtype=torch.int64) if history_len else None,
         pos=torch.zeros(0, dtype=torch.int64),
     )
 
@@ -197,12 +198,18 @@ class BatchStream:
         def t(name):
             return torch.from_numpy(np.ascontiguousarray(cols[name])) if name in cols else None
 
+        history = None
+        if "hist__0" in cols:
+            width = sum(1 for k in cols if k.startswith("hist__"))
+            history = torch.from_numpy(np.stack([cols[f"hist__{j}"] for j in range(width)], axis=1))
+
         return Batch(
             user=t("user"),
             item=t("item"),
             features=feats,
             label=t("label"),
             rating=t("rating"),
+            history=history,
             pos=t("_pos"),
             user_key=t("user_key"),
             item_key=t("item_key"),

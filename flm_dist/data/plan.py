@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flm_dist.data.schema import DataError, ReadSpec, check_schema
+from flm_dist.data.sequences import is_sequence
 from flm_dist.storage import StorageError, Store, is_remote, split_uri
 
 __all__ = ["DataPlan", "FileInfo", "Unit", "list_files", "plan_read", "read_unit"]
@@ -48,6 +49,9 @@ class DataPlan:
     id_kinds: dict[str, str]  # column -> "int" | "string": must agree across files
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     empty_files: int = 0
+    # Per-user sequences (data/sequences.py): a unit's rows are its events (leaf slots
+    # of the item_id list column), not its user rows.
+    sequence: bool = False
 
     @property
     def total_rows(self) -> int:
@@ -81,6 +85,7 @@ class DataPlan:
             "id_kinds": self.id_kinds,
             "skipped_files": [list(s) for s in self.skipped_files],
             "empty_files": self.empty_files,
+            "sequence": self.sequence,
         }
 
     @classmethod
@@ -93,6 +98,7 @@ class DataPlan:
             id_kinds=dict(d["id_kinds"]),
             skipped_files=[tuple(s) for s in d.get("skipped_files", [])],
             empty_files=d.get("empty_files", 0),
+            sequence=d.get("sequence", False),
         )
 
 
@@ -178,6 +184,7 @@ def plan_read(
     metas = []
     skipped: list[tuple[str, str]] = []
     empty = 0
+    sequence = False
     id_kinds: dict[str, str] = {}
     id_where: dict[str, str] = {}
     columns: list[str] | None = None
@@ -191,9 +198,22 @@ def plan_read(
             empty += 1
             continue
         schema = md.schema.to_arrow_schema()
-        check_schema(schema, spec, f.uri)
+        seq = is_sequence(schema)
+        if kept and seq != sequence:
+            raise DataError(
+                f"{f.uri}: {'per-user sequences' if seq else 'a flat interaction log'} beside "
+                f"{'flat logs' if seq else 'per-user sequences'} in {kept[0].uri}; one data set holds one kind"
+            )
+        sequence = seq
+        if spec.history_len and not seq:
+            raise DataError(
+                f"{f.uri}: model.history_len={spec.history_len} needs per-user sequences ('item_id' a list column); "
+                f"write them with `flm-dist data sequences IN OUT` and train on OUT, or set model.history_len: 0"
+            )
+        check_schema(schema, spec, f.uri, sequence=seq)
         for col in ["user_id", "item_id"] + [x.name for x in spec.features if x.kind == "categorical"]:
-            kind = _id_kind(schema.field(col).type)
+            t = schema.field(col).type
+            kind = _id_kind(t.value_type if seq and col != "user_id" else t)
             if col not in id_kinds:
                 id_kinds[col], id_where[col] = kind, f.uri
             elif id_kinds[col] != kind:
@@ -218,7 +238,8 @@ def plan_read(
     for fi, md in enumerate(metas):
         start = 0
         for rg in range(md.num_row_groups):
-            n = md.row_group(rg).num_rows
+            # sequences: one row per event, i.e. per leaf slot of the item_id lists
+            n = md.row_group(rg).column(_leaf(md, "item_id")).num_values if sequence else md.row_group(rg).num_rows
             if n:
                 units.append(Unit(index=len(units), file=fi, row_group=rg, row_start=start, rows=n))
             start += n
@@ -231,7 +252,16 @@ def plan_read(
         id_kinds=id_kinds,
         skipped_files=skipped,
         empty_files=empty,
+        sequence=sequence,
     )
+
+
+def _leaf(md: pq.FileMetaData, column: str) -> int:
+    """The index of `column`'s leaf (for a list column, its element) in the row groups."""
+    for i in range(md.num_columns):
+        if md.schema.column(i).path.split(".")[0] == column:
+            return i
+    raise KeyError(column)
 
 
 def read_unit(store: Store, plan: DataPlan, unit: Unit, columns: list[str] | None = None) -> pa.Table:

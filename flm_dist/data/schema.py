@@ -42,6 +42,7 @@ BAD_REASONS = (
     "bad_file",  # a whole read unit skipped under on_bad_file=skip (one marker row per unit)
     "nonfinite_feature",  # a numeric feature is NaN or +-Inf (null is a value: 0)
     "not_positive",  # retrieval: label <= 0, not a positive interaction (filtered, not bad)
+    "empty_sequence",  # per-user sequence data: a user row with an empty or null item list
 )
 BAD_FILE_CODE = BAD_REASONS.index("bad_file")
 # Counted per reason but outside data.max_bad_fraction: skipped files have their own
@@ -78,9 +79,11 @@ class ReadSpec:
     keys: bool = False  # also emit 64-bit user/item identity keys (evaluation slices, retrieval)
     rating_range: tuple[float, float] = (1.0, 5.0)
     features: tuple[FeatureConfig, ...] = field(default_factory=tuple)
+    sequence: bool = False  # the files hold per-user sequences (set by the plan, see data/sequences.py)
+    history_len: int = 0  # each example carries the hashed rows of up to this many previous items
 
     @classmethod
-    def for_task(cls, task: str, features, rating_range, need_ts: bool = False, evaluate: bool = False) -> ReadSpec:
+    def for_task(cls, task: str, features, rating_range, need_ts: bool = False, evaluate: bool = False, history_len: int = 0) -> ReadSpec:
         return cls(
             need_label=task == "ctr",
             need_rating=task == "rating",
@@ -92,6 +95,7 @@ class ReadSpec:
             keys=evaluate,
             rating_range=(float(rating_range[0]), float(rating_range[1])),
             features=tuple(features),
+            history_len=history_len,
         )
 
     def columns(self, schema: pa.Schema) -> list[str]:
@@ -103,12 +107,21 @@ class ReadSpec:
         return cols
 
 
-def check_schema(schema: pa.Schema, spec: ReadSpec, where: str) -> None:
-    """Raise DataError naming `where` (a file) and the column when `schema` cannot serve `spec`."""
+def check_schema(schema: pa.Schema, spec: ReadSpec, where: str, sequence: bool = False) -> None:
+    """Raise DataError naming `where` (a file) and the column when `schema` cannot serve
+    `spec`. In per-user sequence files every column but user_id is a list of per-event
+    values: the checks apply to the values."""
 
     def col(name: str) -> pa.DataType | None:
         i = schema.get_field_index(name)
-        return schema.field(i).type if i >= 0 else None
+        if i < 0:
+            return None
+        t = schema.field(i).type
+        if sequence and name != "user_id":
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+                raise DataError(f"{where}: column '{name}' has type {t}; in per-user sequence files every column but user_id is a list of per-event values")
+            return t.value_type
+        return t
 
     required = [("user_id", _is_id_type, "integer or string"), ("item_id", _is_id_type, "integer or string")]
     if spec.need_label:

@@ -1,0 +1,162 @@
+"""Per-user sequences: the interaction log grouped by user and ordered by time, one
+row per user, for models that read a user's history (`model.history_len`).
+
+    flm-dist data sequences IN OUT [--files N]
+
+A Ray Data stage hash-partitions the log by user across the cluster (no machine holds
+the whole log), orders each user's events by `ts` and writes one row per user:
+`user_id` and, for every other column, the list of its values in event order
+(`item_id`, `ts`, `label`, features...). Ties on `ts` are broken by item ID, then by
+the values of the other columns, so the order is the same on every run.
+
+Read tasks expand the rows back into one example per event (`expand`), each with the
+hashed rows of the user's previous items, at most `history_len` of them, strictly
+earlier in this order (`history_rows`): the history is never stored once per event.
+Positions stay exact for resuming: each event is a leaf slot of the `item_id` list
+column, counted in the Parquet footer (`num_values`); an empty or null list takes one
+slot and is a bad row (`empty_sequence`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flm_dist.data.schema import DataError
+from flm_dist.storage import Store, split_uri
+
+__all__ = ["build_sequences", "expand", "history_rows", "is_sequence"]
+
+log = logging.getLogger(__name__)
+
+
+def is_sequence(schema: pa.Schema) -> bool:
+    """Per-user sequence data: `item_id` is a list column."""
+    i = schema.get_field_index("item_id")
+    return i >= 0 and (pa.types.is_list(schema.field(i).type) or pa.types.is_large_list(schema.field(i).type))
+
+
+def expand(t: pa.Table, where: str = "") -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One row per event of a sequence table: (flat table with the log's columns, the
+    user row of each event, its index in the user's sequence, the user's sequence
+    length, and a mask of placeholder slots: empty or null sequences, one slot each)."""
+    items = t.column("item_id").combine_chunks()
+    n = len(items)
+    lengths = pc.fill_null(pc.list_value_length(items), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    slots = np.maximum(lengths, 1)
+    user_of = np.repeat(np.arange(n), slots)
+    start = np.repeat(np.cumsum(slots) - slots, slots)
+    index = np.arange(int(slots.sum()), dtype=np.int64) - start
+    placeholder = np.repeat(lengths == 0, slots)
+    seq_len = np.repeat(lengths, slots)
+    cols = {}
+    take = pa.array(user_of)
+    for name in t.column_names:
+        col = t.column(name).combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            col_len = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+            if not np.array_equal(col_len, lengths):
+                bad = int(np.flatnonzero(col_len != lengths)[0])
+                raise DataError(
+                    f"{where}: row {bad} (user {t.column('user_id')[bad].as_py()!r}): column '{name}' has {int(col_len[bad])} "
+                    f"values but 'item_id' has {int(lengths[bad])}; every list column of a sequence holds one value per event"
+                )
+            values = pc.list_flatten(col)
+            if placeholder.any():  # one null value in each placeholder slot
+                values = _scatter(values, np.flatnonzero(~placeholder), int(slots.sum()))
+            cols[name] = values
+        else:
+            cols[name] = col.take(take)
+    return pa.table(cols), user_of, index, seq_len, placeholder
+
+
+def _scatter(values: pa.Array, idx: np.ndarray, n: int) -> pa.Array:
+    """`values` placed at positions `idx` of an array of length `n`, nulls elsewhere."""
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[idx] = np.arange(len(idx))
+    return values.take(pa.array(pos, mask=pos < 0))
+
+
+def history_rows(item_rows: np.ndarray, index: np.ndarray, length: int, usable: np.ndarray | None = None) -> np.ndarray:
+    """[events, length] hashed item rows of each event's previous events (same user,
+    strictly earlier in the sequence), left-padded with -1: column length-1 holds the
+    most recent. `usable`: events that may appear in a history (bad rows may not)."""
+    e = len(item_rows)
+    out = np.full((e, length), -1, dtype=np.int64)
+    src_rows = item_rows if usable is None else np.where(usable, item_rows, -1)
+    for j in range(length):
+        back = length - j  # column j looks `back` events back
+        ok = index >= back
+        src = np.arange(e) - back
+        out[ok, j] = src_rows[src[ok]]
+    return out
+
+
+# ------------------------------------------------------------------ the Ray Data stage
+
+
+def _to_sequences(block: pa.Table) -> pa.Table:
+    """One block holding every event of its users -> one row per user, events in order."""
+    if block.num_rows == 0:
+        return block
+    keys = [("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")]
+    keys += [(c, "ascending") for c in block.column_names if c not in ("user_id", "ts", "item_id") and _sortable(block.schema.field(c).type)]
+    block = block.take(pc.sort_indices(block, sort_keys=keys))
+    others = [c for c in block.column_names if c != "user_id"]
+    grouped = block.group_by("user_id", use_threads=False).aggregate([(c, "list") for c in others])
+    return grouped.rename_columns(["user_id" if c == "user_id" else c.removesuffix("_list") for c in grouped.column_names])
+
+
+def _sortable(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t) or pa.types.is_timestamp(t)
+
+
+def build_sequences(store: Store, src: str, out: str, files: int | None = None) -> dict:
+    """Write `src` (an interaction log) as per-user sequences under `out`; returns a
+    report (users, events, rows dropped for a null user_id / item_id / ts, files)."""
+    import ray
+
+    from flm_dist.data.plan import list_files
+
+    t0 = time.perf_counter()
+    inputs = list_files(store, src)
+    if not inputs:
+        raise DataError(f"{src}: no data files found (names starting with '_' or '.' are ignored)")
+    fs, _ = store.arrow_fs(src)
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(split_uri(inputs[0].uri)[1], filesystem=fs)
+    for col in ("user_id", "item_id", "ts"):
+        if schema.get_field_index(col) < 0:
+            raise DataError(f"{inputs[0].uri}: column '{col}' is missing; per-user sequences order each user's events by ts")
+    if is_sequence(schema):
+        raise DataError(f"{src} already holds per-user sequences ('item_id' is a list column)")
+    existing = list_files(store, out) if store.exists(out) else []
+    if existing:
+        raise DataError(f"{out} already holds data files ({existing[0].uri}); write sequences to a new prefix")
+    rows_in = sum(pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata.num_rows for f in inputs)
+    blocks = files or max(1, min(64, rows_in // 500_000 + 1))
+    ds = ray.data.read_parquet([split_uri(f.uri)[1] for f in inputs], filesystem=fs)
+    ds = ds.map_batches(_drop_null_keys, batch_format="pyarrow")
+    ds = ds.repartition(blocks, keys=["user_id"]).map_batches(_to_sequences, batch_format="pyarrow", batch_size=None)
+    store.ensure_bucket(out)
+    ds.write_parquet(split_uri(out)[1], filesystem=fs, min_rows_per_file=1)
+    written = list_files(store, out)
+    users = events = 0
+    for f in written:
+        md = pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata
+        users += md.num_rows
+        col = md.schema.names.index("item_id") if "item_id" in md.schema.names else 1
+        events += sum(md.row_group(g).column(col).num_values for g in range(md.num_row_groups))
+    return {"input": src, "out": out, "input_rows": int(rows_in), "users": int(users), "events": int(events),
+            "dropped_null_keys": int(rows_in - events), "files": len(written), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _drop_null_keys(batch: pa.Table) -> pa.Table:
+    """Rows without a user, item or time cannot be placed in a sequence (counted in the report)."""
+    keep = pc.and_(pc.and_(pc.is_valid(batch.column("user_id")), pc.is_valid(batch.column("item_id"))), pc.is_valid(batch.column("ts")))
+    return batch.filter(keep)
