@@ -323,6 +323,118 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
     return result
 
 
+# ------------------------------------------------------------------ sequences (issue 17)
+
+SEQ_SIZES = {"lastfm": {"model.user_rows": 1024, "model.item_rows": 100_000}, "toys": {"model.user_rows": 1024, "model.item_rows": 250_000}}
+SEQ_EPOCHS = {"lastfm": (3, 6), "toys": (3, 6)}
+
+
+def prepare_sequences(work: str, name: str, file: str, cold_share: float = 0.1, seed: int = 0) -> dict:
+    """The file as per-user sequences (the `flm-dist data sequences` stage), split by
+    user: `cold_share` of the users are held out of all training (cold start)."""
+    from flm_dist.data.sequences import build_sequences
+
+    store = Store()
+    d = f"{work}/{name}-seq"
+    src = os.path.join(SHARED, file)
+    convert(store, "sequence", src, f"{d}/flat", files=4)
+    launch.ensure_ray()
+    rep = build_sequences(store, f"{d}/flat", f"{d}/all", files=4)
+    t = pq.read_table(f"{d}/all")
+    users = t.column("user_id").to_numpy()
+    cold = np.random.default_rng(seed).random(len(users)) < cold_share
+    _write(t.filter(pa.array(~cold)), f"{d}/warm")
+    _write(t.filter(pa.array(cold)), f"{d}/cold")
+    return {"dir": d, "users": int(len(users)), "cold_users": int(cold.sum()), "events": rep["events"], "sequences_stage_s": rep["seconds"]}
+
+
+def _seq_job(file: str, name: str, work: str, run: str, epochs: int, **paths):
+    sets = {**SEQ_SIZES[name], "train.epochs": epochs, "run.storage": f"{work}/runs", "run.name": run, **paths}
+    return load_job(os.path.join(JOBS, file), [f"{k}={v}" for k, v in sets.items()])
+
+
+def _seq_examples(table: pa.Table) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+    """Leave-one-out examples of sequence rows: (user IDs, each user's earlier items, the last item)."""
+    users = table.column("user_id").to_numpy()
+    items = table.column("item_id").to_pylist()
+    return users, [s[:-1] for s in items], np.array([s[-1] for s in items], np.int64)
+
+
+def _seq_rows(out: str, users: np.ndarray, histories: list[list[int]], targets: np.ndarray, catalog: np.ndarray, ref, ks=(10,)) -> tuple[dict, dict]:
+    """Per-row expected hits from an export: user vectors from the scorer with each
+    user's history, item vectors from item_vectors.parquet, ranked over `catalog`."""
+    import torch
+
+    scorer = torch.jit.load(f"{out}/scorer.pt")
+    ikeys, ivec = _vectors(f"{out}/item_vectors.parquet", "item_id")
+    order = np.argsort(ikeys)
+    cat = ivec[order][np.minimum(np.searchsorted(ikeys[order], catalog), len(order) - 1)]
+    width = max(1, max(len(h) for h in histories))
+    hist = np.zeros((len(users), width), np.int64)
+    for i, h in enumerate(histories):
+        hist[i, : len(h)] = h
+    lens = np.array([len(h) for h in histories], np.int64)
+    with torch.no_grad():
+        uvec = np.concatenate([
+            scorer.user_vectors(torch.from_numpy(users[i : i + 2048].copy()), {"history": torch.from_numpy(hist[i : i + 2048]), "history__len": torch.from_numpy(lens[i : i + 2048])}).numpy()
+            for i in range(0, len(users), 2048)
+        ])
+    ukeys = identity_keys(pa.array(users))
+    return ranking_rows(lambda lo, hi: uvec[lo:hi] @ cat.T, len(users), ukeys, identity_keys(pa.array(targets)), catalog, ref, ks)
+
+
+def _history_reference(users: np.ndarray, histories: list[list[int]], base) -> object:
+    """A reference whose "training items" are each user's history (for users new to the model)."""
+    from flm_dist.data.reference import Reference
+
+    pu = np.concatenate([np.full(len(h), u) for u, h in zip(users, histories, strict=True)]) if users.size else np.zeros(0, np.int64)
+    pi = np.concatenate([np.asarray(h, np.int64) for h in histories]) if users.size else np.zeros(0, np.int64)
+    pairs = np.unique(np.stack([identity_keys(pa.array(pu)), identity_keys(pa.array(pi))], axis=1), axis=0)
+    return Reference(users=np.unique(pairs[:, 0]), items=base.items, item_counts=base.item_counts, catalog=base.catalog, pair_users=pairs[:, 0].copy(), pair_items=pairs[:, 1].copy())
+
+
+def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
+    store = Store()
+    info = prepare_sequences(work, name, file)
+    d = info["dir"]
+    pre_epochs, ft_epochs = (1, 2) if quick else SEQ_EPOCHS[name]
+    t0 = time.time()
+    pre = _seq_job("pretrain_sequence.yaml", name, work, f"{name}-seq-pre", pre_epochs, **{"data.pretrain": f"{d}/warm"})
+    r_pre = launch.train(pre, store, fresh=True, progress=False)
+    result = {"data": info, "pretrain": {"checkpoint": r_pre["checkpoint"], "seconds": round(time.time() - t0, 1), "rows_per_s": r_pre["metrics"]["rows_per_s"]}}
+    t0 = time.time()
+    ft = _seq_job("finetune_retrieval_sequence.yaml", name, work, f"{name}-seq-ft", ft_epochs, **{"data.train": f"{d}/warm", "init_from": r_pre["checkpoint"]})
+    res = compare(ft, store, out=f"{work}/compare/{name}-seq")
+    hs = HashSpec.build(table_sizes(ft.model, ft.data.features), ft.model.hash_seed)
+    _, plans, specs = launch._datasets(ft, store, hs, ft.data.train, None, "retrieval", validate=True)
+    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
+    catalog = ref.catalog["item_key"]
+    pop = np.log1p(ref.item_counts[np.searchsorted(ref.items, catalog)]).astype(np.float32)
+    groups = {"warm users": _seq_examples(pq.read_table(f"{d}/warm")), "cold users (never trained on)": _seq_examples(pq.read_table(f"{d}/cold"))}
+    tables = {}
+    for group, (users, histories, targets) in groups.items():
+        gref = ref if group == "warm users" else _history_reference(users, histories, ref)
+        rows = {}
+        for arm in ("scratch", "pretrained"):
+            out = f"{work}/export/{name}-seq-{arm}"
+            export(store, res["arms"][arm]["checkpoint"], out, formats="torchscript")
+            rows[arm] = _seq_rows(out, users, histories, targets, catalog, gref)
+        ukeys = identity_keys(pa.array(users))
+        rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
+        tables[group] = ranking_table(ukeys, rows, [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular")])
+    merged = {"arms": {}, "differences": {}}
+    for group, t in tables.items():
+        for arm, m in t["arms"].items():
+            merged["arms"].setdefault(arm, {})[group] = m["all"]
+        for key, m in t["differences"].items():
+            merged["differences"].setdefault(key, {})[group] = m["all"]
+    merged.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained")},
+                   "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
+    result["protocols"] = {"retrieval, sequence model": merged}
+    print(f"{name} sequence: {json.dumps(_brief(merged))}", flush=True)
+    return result
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -394,7 +506,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="ml,lastfm,toys")
+    ap.add_argument("--only", default="ml,lastfm,toys,lastfm-seq,toys-seq")
     ap.add_argument("--quick", action="store_true", help="a few epochs: checks the harness, not the model")
     ap.add_argument("--work", default="/tmp/flm-quality")
     ap.add_argument("--out", default=os.path.join(OUT, "quality.json"))
@@ -410,6 +522,10 @@ def main() -> None:
         results["lastfm"] = run_loo(args.work, "lastfm", "LastFM.txt", args.quick)
     if "toys" in only:
         results["toys"] = run_loo(args.work, "toys", "Toys_and_Games.txt", args.quick)
+    if "lastfm-seq" in only:
+        results["lastfm-seq"] = run_seq(args.work, "lastfm", "LastFM.txt", args.quick)
+    if "toys-seq" in only:
+        results["toys-seq"] = run_seq(args.work, "toys", "Toys_and_Games.txt", args.quick)
     results["_meta"] = {"seconds": round(time.time() - t0, 1), "machine": info, "quick": args.quick, "bootstrap": BOOT}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -206,6 +206,10 @@ class TrainConfig:
     num_negatives: int = 512  # in-batch items each row's item is contrasted with
     # plus this many items drawn uniformly from the catalog seen so far (pretrain, retrieval)
     uniform_negatives: int = 0
+    # Models with a history: predict each example's item from the history before it
+    # ("last"), or also every history item from the history before that ("all", SASRec's
+    # objective; on Toys it overfitted sooner at the same budget, docs/RESULTS.md).
+    next_item_positions: Literal["last", "all"] = "last"
     freeze: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
     log_every: int = 20
     grad_clip: float = 0.0  # 0: off

@@ -44,6 +44,7 @@ from flm_dist.data.hashing import (
     prehash_str,
     to_signed,
 )
+from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
 from flm_dist.storage import Store, join, split_uri
 
@@ -166,6 +167,37 @@ class _Field(nn.Module):
         return F.embedding(torch_hash_int64(v, self.seed, self.rows), self.weight).float()
 
 
+class _HistoryField(nn.Module):
+    """The user's history: `history` int64 [N, W] raw item IDs, oldest first, the first
+    `history__len` of each row valid (a missing input: an empty history) -> the last
+    `length` of them, right-aligned as in training -> hashed item rows -> the model's
+    history encoder at full width (static shapes, for ONNX)."""
+
+    def __init__(self, weight: torch.Tensor, seed: int, rows: int, encoder: nn.Module, length: int):
+        super().__init__()
+        self.seed = to_signed(seed)
+        self.rows = rows
+        self.length = length
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor, features: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        n, h = ids.shape[0], self.length
+        values = torch.zeros([n, 1], dtype=torch.long)
+        lengths = torch.zeros([n], dtype=torch.long)
+        if features is not None and "history" in features:
+            values = features["history"].long()
+            lengths = torch.full([n], values.shape[1], dtype=torch.long)
+            if "history__len" in features:
+                lengths = features["history__len"].long()
+        # slot j of the window holds item len - h + j (the last h, the most recent at the end)
+        src = lengths.unsqueeze(1) - h + torch.arange(h).unsqueeze(0)
+        valid = (src >= 0) & (src < values.shape[1])
+        items = torch.gather(values, 1, src.clamp(0, values.shape[1] - 1))
+        emb = F.embedding(torch_hash_int64(items, self.seed, self.rows), self.weight).float()
+        return self.encoder.last_state(emb, valid)
+
+
 class Scorer(nn.Module):
     """The FLM scoring path with hashing inside; TorchScript-able and ONNX-exportable.
 
@@ -176,7 +208,10 @@ class Scorer(nn.Module):
         super().__init__()
         features = {f.name: f for f in model.features}
 
-        def field(name: str) -> _Field:
+        def field(name: str) -> nn.Module:
+            if name == "history":
+                item = spec.tables["item"]
+                return _HistoryField(model.tables["item"].weight.to(dtype), item["seed"], item["rows"], model.history, model.cfg.history_len)
             if name in model.numeric:
                 return _Field(name, model.numeric[name].float(), _NUMERIC, 0, 1, 0)
             table = spec.tables[name]
@@ -254,6 +289,9 @@ def graph_inputs(features: list[dict]) -> list[dict]:
             out.append({"name": f["name"], "dtype": "float32", "shape": ["N"], "meaning": f"{f['side']} feature value (null, NaN: 0)", "null": 0.0})
         elif f["kind"] == "categorical":
             out.append({"name": f["name"], "dtype": "int64", "shape": ["N"], "meaning": f"{f['side']} feature value (strings: prehash(s))", "null": f["null"]})
+        elif f["kind"] == "history":
+            out.append({"name": "history", "dtype": "int64", "shape": ["N", "L"], "meaning": f"the user's previous item IDs, oldest first, the last {f['max_len']} used (strings: prehash(s)); pad with anything"})
+            out.append({"name": "history" + LEN_SUFFIX, "dtype": "int64", "shape": ["N"], "meaning": "number of valid item IDs per row of history (0: no history)"})
         else:
             out.append({"name": f["name"], "dtype": "int64", "shape": ["N", "L"], "meaning": f"{f['side']} feature values, first {f['max_len']} used (strings: prehash(s)); pad with anything"})
             out.append({"name": f["name"] + LEN_SUFFIX, "dtype": "int64", "shape": ["N"], "meaning": f"number of valid values per row of {f['name']} (0: a null list)"})
@@ -335,12 +373,15 @@ def feature_inputs(table: pa.Table, features: list[dict]) -> dict[str, torch.Ten
                 col = pa.concat_arrays([col])  # rebase offsets at 0
             offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
             keys = id_keys(col.values)
-            lengths = np.minimum(offsets[1:] - offsets[:-1], f["max_len"])
+            full = offsets[1:] - offsets[:-1]
+            lengths = np.minimum(full, f["max_len"])
+            # a history keeps its most recent values, other multi-valued features their first
+            start = offsets[:-1] + (full - lengths if f["kind"] == "history" else 0)
             width = max(1, int(lengths.max()) if n else 1)
             vals = np.zeros((n, width), dtype=np.int64)
             for j in range(width):
                 has = lengths > j
-                vals[has, j] = keys[offsets[:-1][has] + j]
+                vals[has, j] = keys[start[has] + j]
             out[f["name"]] = torch.from_numpy(vals)
             out[f["name"] + LEN_SUFFIX] = torch.from_numpy(lengths.astype(np.int64))
     return out
@@ -356,7 +397,7 @@ def _canonical(col: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
     t = col.type
     if kind == "numeric":
         return pc.cast(col, pa.float64(), safe=False)
-    if kind == "multi":
+    if kind in ("multi", "history"):
         v = t.value_type
         if pa.types.is_dictionary(v):
             v = v.value_type
@@ -412,6 +453,7 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
     Returns the tables and the files that changed since training (size differs)."""
     changed = []
     seen = {side: _LastSeen(f"{side}_id") for side in sides}
+    history = next((f for f in sides.get("user", []) if f["kind"] == "history"), None)
     for info in data_files:
         uri = info["uri"]
         afs, _ = store.arrow_fs(uri)
@@ -428,14 +470,35 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
             changed.append(uri)
         with handle:
             pf = pq.ParquetFile(handle)
-            columns = sorted({f"{s}_id" for s in sides} | {f["name"] for fs in sides.values() for f in fs})
+            sequence = is_sequence(pf.schema_arrow)
+            columns = sorted({f"{s}_id" for s in sides} | {f["name"] for fs in sides.values() for f in fs if f["kind"] != "history"} | ({"item_id"} if history else set()))
             for batch in pf.iter_batches(batch_size=1 << 16, columns=columns, use_threads=False):
                 block = pa.Table.from_batches([batch])
+                if sequence:  # one row per event, each carrying its user's most recent items
+                    tails = _tails(block.column("item_id").combine_chunks(), history["max_len"]) if history else None
+                    block, user_of, _, _, placeholder = expand(block, uri)
+                    if tails is not None:
+                        block = block.append_column("history", tails.take(pa.array(user_of)))
+                    block = block.filter(pa.array(~placeholder))
                 for side, feats in sides.items():
                     cols = [f"{side}_id"] + [f["name"] for f in feats]
                     kinds = ["id"] + [f["kind"] for f in feats]
                     seen[side].add(pa.table({c: _canonical(block.column(c), k) for c, k in zip(cols, kinds, strict=True)}))
     return {side: s.table() for side, s in seen.items()}, changed
+
+
+def _tails(items: pa.Array, length: int) -> pa.Array:
+    """The last `length` values of each list (a user's most recent items)."""
+    items = items.fill_null(pa.scalar([], type=items.type)) if items.null_count else items
+    if items.offset:
+        items = pa.concat_arrays([items])
+    offsets = items.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    full = offsets[1:] - offsets[:-1]
+    keep = np.minimum(full, length)
+    starts = offsets[1:] - keep
+    idx = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, keep, strict=True)]) if len(keep) else np.zeros(0, np.int64)
+    new_offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(new_offsets), items.values.take(pa.array(idx, pa.int64())))
 
 
 def _write_vectors(scorer, table: pa.Table, side: str, features: list[dict], path: str) -> int:
@@ -462,8 +525,11 @@ def _write_vectors(scorer, table: pa.Table, side: str, features: list[dict], pat
     return table.num_rows
 
 
-def _feature_meta(features: list[FeatureConfig], id_kinds: dict[str, str], first_schema: pa.Schema | None) -> list[dict]:
+def _feature_meta(features: list[FeatureConfig], id_kinds: dict[str, str], first_schema: pa.Schema | None, history_len: int = 0) -> list[dict]:
+    """The manifest's feature entries (graph inputs); a model with a history gets a
+    user-side "history" entry (the user's previous item IDs)."""
     out = []
+    sequence = first_schema is not None and is_sequence(first_schema)
     for f in features:
         if f.kind == "numeric":
             kind = "float"
@@ -471,6 +537,7 @@ def _feature_meta(features: list[FeatureConfig], id_kinds: dict[str, str], first
             kind = id_kinds.get(f.name, "int")
         else:
             t = first_schema.field(f.name).type.value_type if first_schema is not None else pa.int64()
+            t = t.value_type if sequence else t  # sequence files: a list of per-event lists
             t = t.value_type if pa.types.is_dictionary(t) else t
             kind = "int" if pa.types.is_integer(t) else "string"
         entry = {"name": f.name, "side": f.side, "kind": f.kind, "id_kind": kind}
@@ -479,6 +546,8 @@ def _feature_meta(features: list[FeatureConfig], id_kinds: dict[str, str], first
         if f.kind == "multi":
             entry["max_len"] = f.max_len
         out.append(entry)
+    if history_len:
+        out.append({"name": "history", "side": "user", "kind": "history", "id_kind": id_kinds.get("item_id", "int"), "max_len": history_len})
     return out
 
 
@@ -528,10 +597,10 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
 
     first_schema = None
-    if data_files and any(f.kind == "multi" for f in job.data.features):
+    if data_files:
         afs, path = store.arrow_fs(data_files[0]["uri"])
         first_schema = pq.read_schema(path, filesystem=afs)
-    features = _feature_meta(job.data.features, id_kinds, first_schema)
+    features = _feature_meta(job.data.features, id_kinds, first_schema, job.model.history_len)
     sides = {s: [f for f in features if f["side"] == s] for s in ("user", "item")}
     want_vectors = task in _VECTOR_TASKS
     want_snapshot = bool(features)

@@ -409,7 +409,7 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
         specs["known"] = replace(specs["train"], side="known")
         if validate and d.valid:
             add("valid", d.valid, rs, "all", False)
-        elif carve:
+        elif carve and validate:
             add("valid", train_uri, rs, "valid", False, plans["train"])
     if eval_uri or (train_uri and split.by != "none"):
         rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True, history_len=job.model.history_len)
@@ -434,7 +434,9 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
     """Tables whose size makes many IDs share rows (see data.inspect.collision_warnings)."""
     from flm_dist.data.inspect import collision_warnings
 
-    tables = {"user": ("user_id", job.model.user_rows, "model.user_rows"), "item": ("item_id", job.model.item_rows, "model.item_rows")}
+    tables = {"item": ("item_id", job.model.item_rows, "model.item_rows")}
+    if job.model.user_id:  # without it, the user table is not part of the model
+        tables["user"] = ("user_id", job.model.user_rows, "model.user_rows")
     for f in job.data.features:
         if f.kind == "categorical":
             key = f"data.features[{f.name}].rows" if f.rows else "model.feature_rows"

@@ -67,12 +67,13 @@ def _mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
 
 class _Block(nn.Module):
     """A pre-LayerNorm Transformer block; attention through
-    `scaled_dot_product_attention`, so GPUs get the fused (flash) kernels."""
+    `scaled_dot_product_attention`, so GPUs get the fused (flash) kernels. Dropout on
+    the residual branches (not on the attention weights: on CPU, a mask per head and
+    position pair cost a sixth of the step)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads = heads
-        self.dropout = dropout
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -82,8 +83,7 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask.unsqueeze(1), dropout_p=p)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask.unsqueeze(1))
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.ff(self.ln2(x)))
 
@@ -103,30 +103,46 @@ class HistoryEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, items: torch.Tensor, valid: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
-        """items [B, L, d] (embeddings of the history's rows), valid [B, L] -> the state
+    def forward(self, vectors: torch.Tensor, index: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """`vectors` [U, d]: the embeddings of the distinct items of the batch's history;
+        `index` [B, L]: each slot's row in `vectors`, -1 for an empty slot. -> the state
         at the most recent position [B, d], or with `all_positions` the state at every
         position [B, L, d] (position p has seen the history up to p, causally).
 
         Most histories are much shorter than L: rows are grouped by length into buckets
         of power-of-two widths and each bucket runs on its last `width` slots only (an
         empty slot contributes nothing to the others), so the cost follows the real
-        lengths, not L."""
-        b, n, d = items.shape
-        out = items.new_zeros(b, n, d) if all_positions else items.new_empty(b, d)
+        lengths, not L. Slots gather from the distinct vectors, so backward scatters
+        into [U, d], never into [B, L, d] per bucket."""
+        b, n = index.shape
+        if b == 0:  # an empty batch still runs the encoder: under DDP every parameter takes part
+            states = self._encode(vectors.new_zeros(0, n, vectors.shape[1]), index >= 0)
+            return states if all_positions else states[:, -1]
+        valid = index >= 0
         lengths = valid.sum(1)
+        parts, order = [], []
         width, low = 1, -1
         while low < n:
             high = min(width, n)
             rows = torch.nonzero((lengths > low) & (lengths <= high)).flatten()
             if len(rows):
-                states = self._encode(items[rows, n - high :], valid[rows, n - high :])
+                idx = index[rows, n - high :]
+                states = self._encode(vectors[idx.clamp_min(0)], idx >= 0)
                 if all_positions:
-                    out[rows, n - high :] = states
+                    states = torch.cat([states.new_zeros(len(rows), n - high, states.shape[2]), states], dim=1)
                 else:
-                    out[rows] = states[:, -1]
+                    states = states[:, -1]
+                parts.append(states)
+                order.append(rows)
             low, width = high, width * 2
-        return out
+        inverse = torch.empty(b, dtype=torch.long, device=index.device)
+        inverse[torch.cat(order)] = torch.arange(b, device=index.device)
+        return torch.cat(parts)[inverse]
+
+    def last_state(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The state at the most recent position, at full width (static shapes: the
+        exported graphs)."""
+        return self._encode(items, valid)[:, -1]
 
     def _encode(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         n = items.shape[1]
@@ -207,7 +223,7 @@ class FLM(nn.Module):
         if name == "history":
             if states is not None:
                 return states[:, -1]
-            return self.history(self.tables["item"](batch.history.clamp_min(0)), batch.history >= 0)
+            return self.history(*self._history_rows(batch))
         x = batch.features[name]
         if name in self.numeric:
             return x.unsqueeze(-1).float() * self.numeric[name]
@@ -253,7 +269,7 @@ class FLM(nn.Module):
         history and the item tower of the item that followed it."""
         states = None
         if next_item and self.cfg.history_len:
-            states = self.history(self.tables["item"](batch.history.clamp_min(0)), batch.history >= 0, all_positions=True)
+            states = self.history(*self._history_rows(batch), all_positions=True)
         xu, xi = self.embed(batch, states)
         if corrupt or reconstruct:
             zu, zi = self.encode(self.corrupt(xu), self.corrupt(xi))
@@ -277,6 +293,12 @@ class FLM(nn.Module):
         if score:
             out.score = self.fuse(zu, zi)
         return out
+
+    def _history_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings of the distinct history rows, each slot's index among them): one
+        table lookup per step, whatever the histories (sharded lookups are collectives)."""
+        rows, index = torch.unique(batch.history.clamp_min(0), return_inverse=True)
+        return self.tables["item"](rows), torch.where(batch.history >= 0, index, -1)
 
     def _next_item(self, batch: Batch, states: torch.Tensor, out: FLMOutput) -> None:
         """Every position p of the history predicts the item at p + 1; the most recent

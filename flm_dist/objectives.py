@@ -74,11 +74,11 @@ class LossParts:
     parts: dict[str, torch.Tensor]  # unweighted per-part sums (detached), for logging
 
 
-def forward_flags(task: str, recon_weight: float) -> dict[str, bool]:
+def forward_flags(task: str, recon_weight: float, all_positions: bool = False) -> dict[str, bool]:
     """How the model runs for a task: which views and heads the loss needs."""
     if task in ("pretrain", "retrieval"):
         # next_item: with a history, next-item prediction at every position of it
-        return {"corrupt": task == "pretrain", "reconstruct": recon_weight > 0, "score": False, "next_item": True}
+        return {"corrupt": task == "pretrain", "reconstruct": recon_weight > 0, "score": False, "next_item": all_positions}
     return {"corrupt": False, "reconstruct": recon_weight > 0, "score": True}
 
 

@@ -50,14 +50,14 @@ def compare(job: JobConfig, store: Store, *, out: str | None = None, progress: b
         raise ConfigError(f"compare fine-tunes: task must be one of {FINETUNE_TASKS}, got {job.task!r}")
     if not job.init_from:
         raise ConfigError("compare needs init_from: the pretrained checkpoint (or run folder) to compare against scratch")
-    if not job.data.eval:
-        raise ConfigError("compare needs data.eval: both arms are evaluated on it")
+    if not job.data.eval and job.data.split.by == "none":
+        raise ConfigError("compare needs data.eval (or a data.split): both arms are evaluated on it")
     out = out or join(job.run.storage, f"{job.run.name}-compare")
     arms = {
         "scratch": replace(job, init_from="", run=replace(job.run, name=f"{job.run.name}-scratch")),
         "pretrained": replace(job, run=replace(job.run, name=f"{job.run.name}-pretrained")),
     }
-    results: dict = {"task": job.task, "init_from": job.init_from, "data": {"train": job.data.train, "eval": job.data.eval}, "budget": {"epochs": job.train.epochs, "batch_size": job.data.batch_size, "workers": job.scaling.max_workers, "seed": job.run.seed}, "arms": {}}
+    results: dict = {"task": job.task, "init_from": job.init_from, "data": {"train": job.data.train, "eval": job.data.eval or f"the split ({job.data.split.by})"}, "budget": {"epochs": job.train.epochs, "batch_size": job.data.batch_size, "workers": job.scaling.max_workers, "seed": job.run.seed}, "arms": {}}
     for name, arm in arms.items():
         print(f"compare: fine-tuning {name}", flush=True)
         res = launch.train(arm, store, fresh=True, progress=progress, address=address)

@@ -181,7 +181,7 @@ class LoadedExport:
         out = {}
         for f in self.features[side]:
             name = f["name"]
-            if f["kind"] == "multi":
+            if f["kind"] in ("multi", "history"):
                 vals = inputs[name][order]
                 pad = f["max_len"] - vals.shape[1]
                 out[name] = torch.nn.functional.pad(vals, (0, pad)) if pad > 0 else vals[:, : f["max_len"]]
@@ -233,7 +233,7 @@ class LoadedExport:
     def _null(f: dict, n: int) -> dict[str, torch.Tensor]:
         if f["kind"] == "numeric":
             return {f["name"]: torch.zeros(n)}
-        if f["kind"] == "multi":
+        if f["kind"] in ("multi", "history"):  # a null list; an empty history
             return {f["name"]: torch.zeros(n, f["max_len"], dtype=torch.long), f["name"] + LEN_SUFFIX: torch.zeros(n, dtype=torch.long)}
         return {f["name"]: torch.full((n,), int(f["null"]), dtype=torch.long)}
 
@@ -266,12 +266,27 @@ class LoadedExport:
             v = [] if v is None else v
             if not isinstance(v, list):
                 raise RequestError(f"{at(i)} must be a list of values (a multi-valued feature) or null", at(i))
-            v = v[: f["max_len"]]
+            # a history keeps its most recent items (the list is oldest first), a feature its first values
+            v = v[-f["max_len"] :] if f["kind"] == "history" else v[: f["max_len"]]
             for j, x in enumerate(v):
                 # a null value in the list hashes as training hashes it: like "" / 0
                 vals[i, j] = (prehash_str("") if f["id_kind"] == "string" else 0) if x is None else id_key(x, f["id_kind"], f"{at(i)}[{j}]")
             lens[i] = len(v)
         return {name: vals, name + LEN_SUFFIX: lens}
+
+    def _with_history(self, body: dict):
+        """The request's user features, with its "history" (a list of item IDs, oldest
+        first) as the history input of a model that has one."""
+        given = body.get("user_features")
+        if "history" not in body:
+            return given
+        if not any(f["kind"] == "history" for f in self.features["user"]):
+            raise RequestError("history: this export's model does not read a user's history (model.history_len = 0)", "history")
+        if not isinstance(body["history"], list):
+            raise RequestError(f"history must be a list of item IDs, oldest first, got {type(body['history']).__name__}", "history")
+        if given is not None and not isinstance(given, dict):
+            return given  # refused with its own message
+        return {**(given or {}), "history": body["history"]}
 
     @staticmethod
     def _check_fields(body, allowed: set[str], required: set[str]) -> dict:
@@ -286,7 +301,7 @@ class LoadedExport:
         return body
 
     def parse_score(self, body) -> ScoreRequest:
-        body = self._check_fields(body, {"user_id", "item_ids", "user_features", "item_features"}, {"user_id", "item_ids"})
+        body = self._check_fields(body, {"user_id", "item_ids", "user_features", "item_features", "history"}, {"user_id", "item_ids"})
         items = body["item_ids"]
         if not isinstance(items, list):
             raise RequestError(f"item_ids must be a list of IDs, got {type(items).__name__}", "item_ids")
@@ -294,7 +309,7 @@ class LoadedExport:
             raise RequestError(f"item_ids has {len(items)} items; this server scores at most serve.max_items = {self.cfg.max_items}", "item_ids", 413)
         user = np.array([id_key(body["user_id"], self.id_kind["user"], "user_id")], dtype=np.int64)
         item = self._keys(items, self.id_kind["item"], "item_ids")
-        features = self._side_inputs("user", user, body.get("user_features"), "user_features", per_row=False)
+        features = self._side_inputs("user", user, self._with_history(body), "user_features", per_row=False)
         features.update(self._side_inputs("item", item, body.get("item_features"), "item_features", per_row=True))
         return ScoreRequest(body["user_id"], items, torch.from_numpy(user), torch.from_numpy(item), features)
 
@@ -304,7 +319,7 @@ class LoadedExport:
                 f"/recommend needs an export with item vectors (task retrieval or pretrain); this export's task is {self.task}",
                 "task",
             )
-        body = self._check_fields(body, {"user_id", "k", "user_features", "exclude"}, {"user_id"})
+        body = self._check_fields(body, {"user_id", "k", "user_features", "exclude", "history"}, {"user_id"})
         k = body.get("k", 10)
         top = min(self.cfg.max_items, len(self.item_ids))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
@@ -318,7 +333,7 @@ class LoadedExport:
         ex = self._keys(exclude, self.id_kind["item"], "exclude")
         pos = np.minimum(np.searchsorted(self._item_keys, ex), len(self._item_keys) - 1)
         rows = self._item_rows[pos[self._item_keys[pos] == ex]]
-        features = self._side_inputs("user", user, body.get("user_features"), "user_features", per_row=False)
+        features = self._side_inputs("user", user, self._with_history(body), "user_features", per_row=False)
         return RecommendRequest(body["user_id"], k, torch.from_numpy(user), features, rows)
 
     # -- batches -------------------------------------------------------------------------
@@ -372,7 +387,7 @@ class LoadedExport:
 
     @staticmethod
     def _keys_of(f: dict) -> list[str]:
-        return [f["name"], f["name"] + LEN_SUFFIX] if f["kind"] == "multi" else [f["name"]]
+        return [f["name"], f["name"] + LEN_SUFFIX] if f["kind"] in ("multi", "history") else [f["name"]]
 
     def health(self) -> dict:
         m = self.manifest

@@ -384,7 +384,7 @@ class Worker:
         if s.mode == "train":
             self.dense_opt, self.sparse_opt = build_optimizers(unwrap(self.model), s.train.lr, s.train.weight_decay, s.train.sparse_lr, s.train.sparse_optimizer)
             _prime_optimizers(self.model, self.dense_opt, self.sparse_opt)
-        self.flags = forward_flags(s.task, s.train.recon_weight)
+        self.flags = forward_flags(s.task, s.train.recon_weight, all_positions=s.train.next_item_positions == "all")
         # The new head of a fine-tune from a pretrained backbone trains alone first, so
         # the backbone's first updates follow a head that already fits it (a random head
         # pulls the pretrained features wherever its first gradients point).

@@ -368,7 +368,8 @@ def collision_warnings(store: Store, plan, tables: dict[str, tuple[str, int, str
         from flm_dist.data.plan import read_unit
 
         t = read_unit(store, plan, unit, columns)
-        return {c: _id_hashes(t.column(c)) for c in columns if c in t.column_names}
+        # per-user sequences: the IDs of every event
+        return {c: _id_hashes(pc.list_flatten(t.column(c)) if plan.sequence and c != "user_id" else t.column(c)) for c in columns if c in t.column_names}
 
     from concurrent.futures import ThreadPoolExecutor
 
