@@ -210,13 +210,37 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     cols["_bad"][placeholder] = BAD_REASONS.index("empty_sequence")
     length = spec.read.history_len
     if length:
-        hist = history_rows(cols["item"], index, length, usable=cols["_bad"] == 0)
+        times = _event_times(flat, index) if "ts" in flat.column_names else None
+        usable = cols["_bad"] == 0
+        if times is not None:
+            usable &= flat.column("ts").is_valid().to_numpy(zero_copy_only=False)
+        hist = history_rows(cols["item"], index, length, usable=usable, times=times)
         for j in range(length):
             cols[f"hist__{j}"] = np.ascontiguousarray(hist[:, j])
     keep = _split_mask(flat, spec, index, seq_len)
     if keep is not None:
         cols = {k: v[keep] for k, v in cols.items()}
     return cols
+
+
+def _event_times(flat: pa.Table, index: np.ndarray) -> np.ndarray:
+    """Comparable `ts` of each event; refuses a sequence whose times go backwards (its
+    history would hold later events)."""
+    ts = flat.column("ts").combine_chunks()
+    if pa.types.is_date32(ts.type):
+        ts = pc.cast(ts, pa.int32())
+    if not (pa.types.is_integer(ts.type) or pa.types.is_floating(ts.type)):
+        ts = pc.cast(ts, pa.int64())  # timestamps, dates, durations
+    valid = ts.is_valid().to_numpy(zero_copy_only=False)
+    times = ts.fill_null(0).to_numpy(zero_copy_only=False)
+    back = np.flatnonzero((index[1:] > 0) & valid[1:] & valid[:-1] & (times[1:] < times[:-1]))
+    if len(back):
+        i = int(back[0]) + 1
+        raise DataError(
+            f"user {flat.column('user_id')[i].as_py()!r}: event {int(index[i])} of the sequence has ts {ts[i].as_py()} after "
+            f"{ts[i - 1].as_py()}; per-user sequences list events in time order (write them with `flm-dist data sequences`)"
+        )
+    return times
 
 
 def sequence_slots(t: pa.Table) -> int:

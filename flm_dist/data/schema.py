@@ -101,6 +101,8 @@ class ReadSpec:
     def columns(self, schema: pa.Schema) -> list[str]:
         cols = ["user_id", "item_id"]
         for name, want in (("ts", self.read_ts), ("label", self.read_label), ("rating", self.read_rating)):
+            # a history holds only strictly earlier events: sequences read their times
+            want = want or (name == "ts" and self.history_len > 0)
             if want and schema.get_field_index(name) >= 0:
                 cols.append(name)
         cols += [f.name for f in self.features]

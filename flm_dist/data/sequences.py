@@ -11,7 +11,8 @@ the values of the other columns, so the order is the same on every run.
 
 Read tasks expand the rows back into one example per event (`expand`), each with the
 hashed rows of the user's previous items, at most `history_len` of them, strictly
-earlier in this order (`history_rows`): the history is never stored once per event.
+earlier in time (`history_rows`: events with the example's own `ts` are left out of
+its history, whatever their order): the history is never stored once per event.
 Positions stay exact for resuming: each event is a leaf slot of the `item_id` list
 column, counted in the Parquet footer (`num_values`); an empty or null list takes one
 slot and is a bad row (`empty_sequence`).
@@ -81,18 +82,29 @@ def _scatter(values: pa.Array, idx: np.ndarray, n: int) -> pa.Array:
     return values.take(pa.array(pos, mask=pos < 0))
 
 
-def history_rows(item_rows: np.ndarray, index: np.ndarray, length: int, usable: np.ndarray | None = None) -> np.ndarray:
-    """[events, length] hashed item rows of each event's previous events (same user,
-    strictly earlier in the sequence), left-padded with -1: column length-1 holds the
-    most recent. `usable`: events that may appear in a history (bad rows may not)."""
+def history_rows(item_rows: np.ndarray, index: np.ndarray, length: int, usable: np.ndarray | None = None, times: np.ndarray | None = None) -> np.ndarray:
+    """[events, length] hashed item rows of each event's previous events (same user),
+    left-padded with -1 and packed: column length-1 holds the most recent. `index`: each
+    event's position in its user's sequence (events of a user are contiguous, in order).
+    `usable`: events that may appear in a history (bad rows may not). `times` (the
+    events' `ts`, non-decreasing within a user): a history holds only events strictly
+    earlier in time, so events at the example's own time (a tie) are left out."""
     e = len(item_rows)
+    pos = np.arange(e, dtype=np.int64)
+    user_start = pos - index
+    usable = np.ones(e, dtype=bool) if usable is None else usable.astype(bool)
+    cutoff = pos  # the history of event i: usable events of its user at positions < cutoff[i]
+    if times is not None:
+        tie_start = (index == 0) | np.r_[True, times[1:] != times[:-1]]
+        cutoff = np.maximum.accumulate(np.where(tie_start, pos, 0))
+    before = np.concatenate([[0], np.cumsum(usable)])  # usable events at positions < p
+    events = np.flatnonzero(usable)
+    have = before[cutoff] - before[user_start]
     out = np.full((e, length), -1, dtype=np.int64)
-    src_rows = item_rows if usable is None else np.where(usable, item_rows, -1)
     for j in range(length):
-        back = length - j  # column j looks `back` events back
-        ok = index >= back
-        src = np.arange(e) - back
-        out[ok, j] = src_rows[src[ok]]
+        back = length - j  # column j holds the `back`-th most recent
+        ok = have >= back
+        out[ok, j] = item_rows[events[before[cutoff[ok]] - back]]
     return out
 
 

@@ -1,0 +1,235 @@
+"""Per-user sequences: the Ray Data stage that writes them, histories that hold only
+strictly earlier events, the same examples whatever the worker count, the history
+encoder's length buckets, and the history input through training, TorchScript, ONNX and
+the server alike."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flm_dist.batch import Batch
+from flm_dist.config import JobConfig, ModelConfig, ServeConfig, to_dict
+from flm_dist.data.encode import EncodeSpec, encode_table
+from flm_dist.data.hashing import HashSpec
+from flm_dist.data.plan import plan_read
+from flm_dist.data.schema import DataError, ReadSpec
+from flm_dist.data.sequences import expand
+from flm_dist.model import FLM, HistoryEncoder, table_sizes
+from flm_dist.storage import Store
+
+L = 5
+HASH = HashSpec.build({"user": 1 << 16, "item": 1 << 16}, 0)
+
+
+def raw_log(n: int = 900, seed: int = 0) -> pa.Table:
+    """Events of 40 users with many ties in time (ts drawn from 25 values); no event repeats
+    (user, ts, item), so each example is known by those three."""
+    rng = np.random.default_rng(seed)
+    seen, rows = set(), []
+    while len(rows) < n:
+        r = (int(rng.integers(0, 40)), int(rng.integers(0, 25)), int(rng.integers(0, 120)))
+        if r not in seen:
+            seen.add(r)
+            rows.append(r)
+    u, ts, it = map(list, zip(*rows, strict=True))
+    return pa.table({"user_id": pa.array(u, pa.int64()), "ts": pa.array(ts, pa.int64()), "item_id": pa.array(it, pa.int64()), "label": pa.array(rng.random(n) < 0.5, pa.bool_()).cast(pa.float32())})
+
+
+def oracle(raw: pa.Table, length: int) -> dict[tuple[int, int, int], list[int]]:
+    """(user, ts, item) -> the raw item IDs of the user's last `length` events strictly
+    earlier in time, oldest first (events at one time in item order, as the stage writes)."""
+    events: dict[int, list[tuple[int, int]]] = {}
+    for u, t, i in zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id")), strict=True):
+        events.setdefault(u, []).append((t, i))
+    out = {}
+    for u, evs in events.items():
+        evs.sort()
+        for t, i in evs:
+            out[(u, t, i)] = [x for tt, x in evs if tt < t][-length:] if length else []
+    return out
+
+
+@pytest.fixture(scope="module")
+def sequences(ray_local, tmp_path_factory):
+    from flm_dist.data.sequences import build_sequences
+
+    d = tmp_path_factory.mktemp("seq")
+    raw = raw_log()
+    order = np.random.default_rng(1).permutation(raw.num_rows)  # a user's events spread over files, out of order
+    os.makedirs(d / "log")
+    for k, part in enumerate(np.array_split(order, 3)):
+        pq.write_table(raw.take(pa.array(part)), str(d / "log" / f"part-{k}.parquet"))
+    rep = build_sequences(Store(), str(d / "log"), str(d / "seq"), files=3)
+    return raw, str(d / "seq"), rep
+
+
+def _examples(plan, enc) -> dict[int, tuple]:
+    """position -> (user row, item row, history rows, (user, ts, item) of the event), read
+    unit by unit as the read tasks do."""
+    out = {}
+    for u in plan.units:
+        t = pq.ParquetFile(plan.files[u.file].uri).read_row_group(u.row_group, columns=plan.columns)
+        cols = encode_table(t, enc, u.index)
+        flat = expand(t)[0]
+        keys = zip(*(flat.column(c).to_pylist() for c in ("user_id", "ts", "item_id")), strict=True)
+        hist = np.stack([cols[f"hist__{j}"] for j in range(enc.read.history_len)], 1)
+        for p, us, it, h, k in zip(cols["_pos"].tolist(), cols["user"].tolist(), cols["item"].tolist(), hist.tolist(), keys, strict=True):
+            out[p] = (us, it, tuple(h), k)
+    return out
+
+
+def _spec(store, uri, length=L):
+    read = ReadSpec.for_task("pretrain", [], [1, 5], history_len=length)
+    plan = plan_read(store, uri, read)
+    return plan, EncodeSpec(read=replace(read, sequence=plan.sequence), hash=HASH)
+
+
+@pytest.mark.slow
+def test_stage_writes_each_user_once_with_events_in_time_order(sequences):
+    raw, out, rep = sequences
+    t = pq.read_table(out)
+    assert rep["events"] == raw.num_rows and rep["users"] == t.num_rows == len(set(raw.column("user_id").to_pylist()))
+    got = []
+    for r in t.to_pylist():
+        pairs = list(zip(r["ts"], r["item_id"], strict=True))
+        assert pairs == sorted(pairs), f"user {r['user_id']}: events not in (ts, item) order"
+        got += [(r["user_id"], ts, it, lab) for (ts, it), lab in zip(pairs, r["label"], strict=True)]
+    want = list(zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label")), strict=True))
+    assert sorted(got) == sorted(want)
+
+
+@pytest.mark.slow
+def test_history_holds_only_strictly_earlier_events(sequences):
+    raw, out, _ = sequences
+    plan, enc = _spec(Store(), out)
+    assert plan.sequence and plan.total_rows == raw.num_rows
+    want = oracle(raw, L)
+    times = {}
+    for u, t, i in want:
+        times.setdefault(u, []).append((t, i))
+    examples = _examples(plan, enc)
+    assert sorted(e[3] for e in examples.values()) == sorted(want)
+    ties = 0
+    for _, _, hist, (u, t, i) in examples.values():
+        expected = [int(x) for x in HASH.hash("item", pa.array(want[(u, t, i)], pa.int64()))]
+        assert [h for h in hist if h >= 0] == expected and hist[: L - len(expected)] == (-1,) * (L - len(expected)), (u, t, i)
+        ties += sum(tt == t and x != i for tt, x in times[u])
+    assert ties > 100, "the log must hold events at the same time as others of their user"
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_read_the_same_examples(sequences):
+    from flm_dist.data.pipeline import build_dataset
+
+    _, out, _ = sequences
+    plan, enc = _spec(Store(), out)
+    expected = {p: (e[0], e[1], e[2]) for p, e in _examples(plan, enc).items()}
+
+    def consume(split) -> list:
+        got = []
+        for b in split.iter_batches(batch_size=97, batch_format="numpy"):
+            hist = np.stack([b[f"hist__{j}"] for j in range(L)], 1).tolist()
+            got += [(p, (u, i, tuple(h))) for p, u, i, h in zip(b["_pos"].tolist(), b["user"].tolist(), b["item"].tolist(), hist, strict=True)]
+        return got
+
+    for n in (1, 2):
+        ds = build_dataset(plan, enc, Store(), shuffle=True, seed=3, block_rows=200, on_bad_file="fail")
+        with ThreadPoolExecutor(n) as pool:
+            parts = list(pool.map(consume, ds.streaming_split(n, equal=False)))
+        seen = [x for part in parts for x in part]
+        assert len(seen) == len(expected) and dict(seen) == expected, f"{n} worker(s)"
+
+
+def test_a_sequence_whose_time_goes_back_is_refused(tmp_path):
+    t = pa.table({"user_id": pa.array([7, 8], pa.int64()), "item_id": pa.array([[1, 2, 3], [4, 5]]), "ts": pa.array([[1, 5, 4], [1, 2]])})
+    pq.write_table(t, tmp_path / "seq.parquet")
+    plan, enc = _spec(Store(), str(tmp_path))
+    with pytest.raises(DataError, match=r"user 7: event 2 of the sequence has ts 4 after 5"):
+        encode_table(pq.read_table(tmp_path / "seq.parquet"), enc, 0)
+
+
+def test_history_encoder_length_buckets_equal_the_full_width():
+    torch.manual_seed(0)
+    enc = HistoryEncoder(dim=8, length=8, layers=2, heads=2, dropout=0.0).eval()
+    vectors = torch.randn(30, 8)
+    lengths = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 3, 1])
+    index = torch.full((len(lengths), 8), -1)
+    for r, n in enumerate(lengths.tolist()):
+        index[r, 8 - n :] = torch.randint(0, 30, (n,))
+    with torch.no_grad():
+        full = enc._encode(vectors[index.clamp_min(0)], index >= 0)
+        torch.testing.assert_close(enc(vectors, index), full[:, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(enc.last_state(vectors[index.clamp_min(0)], index >= 0), full[:, -1])
+        every = enc(vectors, index, all_positions=True)
+        valid = index >= 0
+        torch.testing.assert_close(every[valid], full[valid], rtol=1e-5, atol=1e-5)
+        assert enc(vectors, index[:0]).shape == (0, 8)
+        assert torch.isfinite(full).all()  # an empty history is a learned state, not NaN
+
+
+def test_the_history_scores_the_same_in_training_torchscript_onnx_and_the_server(tmp_path):
+    """One event per row of a sequence file: the training encode path (history from the
+    earlier events) against the export and the server, given the same raw item IDs."""
+    import onnxruntime as ort
+
+    from flm_dist.export import write_export
+    from flm_dist.serve import LoadedExport
+
+    cfg = ModelConfig(user_rows=97, item_rows=89, embedding_dim=8, hidden=[8], latent_dim=4, head_hidden=[], history_len=3, history_layers=1, history_heads=2)
+    torch.manual_seed(0)
+    model = FLM(cfg, []).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    spec = HashSpec.build(table_sizes(cfg, []), 3)
+    rng = np.random.default_rng(0)
+    seqs = [[f"i{x}" for x in rng.integers(0, 40, n)] for n in (1, 2, 4, 6, 3)]
+    table = pa.table({"user_id": pa.array(range(len(seqs)), pa.int64()), "item_id": pa.array(seqs), "ts": pa.array([list(range(len(s))) for s in seqs])})
+    data = tmp_path / "seq.parquet"
+    pq.write_table(table, data)
+
+    read = replace(ReadSpec.for_task("ctr", [], [1, 5], history_len=3), need_label=False, read_label=False, sequence=True)
+    cols = encode_table(table, EncodeSpec(read=read, hash=spec), 0)
+    hist = torch.from_numpy(np.stack([cols[f"hist__{j}"] for j in range(3)], 1))
+    with torch.no_grad():
+        want = model(Batch(user=torch.from_numpy(cols["user"]), item=torch.from_numpy(cols["item"]), features={}, history=hist)).score.sigmoid().numpy()  # the scorer answers ctr with a probability
+
+    job = JobConfig(task="ctr", model=cfg)
+    source = {"task": "ctr", "config": to_dict(job), "hash_spec": spec.to_dict(), "data_files": [{"uri": str(data), "size": data.stat().st_size}], "data_columns": {"user_id": "int", "item_id": "string"}}
+    out = tmp_path / "export"
+    manifest = write_export(Store(), model, source, str(out))
+    assert [f["name"] for f in manifest["features"] if f["side"] == "user"] == ["history"]
+    # the raw inputs of each event: its user, its item, the items before it (oldest first)
+    users, items, prev = [], [], []
+    for u, s in enumerate(seqs):
+        for k, it in enumerate(s):
+            users.append(u), items.append(it), prev.append(s[:k])
+    from flm_dist.data.hashing import prehash_str
+
+    width = max(len(p) for p in prev)
+    ids = np.zeros((len(prev), width), np.int64)
+    for r, p in enumerate(prev):
+        ids[r, : len(p)] = [prehash_str(x) for x in p]
+    feats = {"history": torch.from_numpy(ids), "history__len": torch.tensor([len(p) for p in prev])}
+    user = torch.tensor(users, dtype=torch.int64)
+    item = torch.tensor([prehash_str(x) for x in items], dtype=torch.int64)
+    with torch.no_grad():
+        ts = torch.jit.load(str(out / "scorer.pt"))(user, item, feats).numpy()
+    sess = ort.InferenceSession(str(out / "scorer.onnx"), providers=["CPUExecutionProvider"])
+    onnx = sess.run(None, {"user_id": user.numpy(), "item_id": item.numpy(), "history": ids, "history__len": feats["history__len"].numpy()})[0]
+    server = LoadedExport(str(out), ServeConfig())
+    served = [s for r in server.score_batch([server.parse_score({"user_id": u, "item_ids": [it], "history": p}) for u, it, p in zip(users, items, prev, strict=True)]) for s in r["scores"]]
+    for got in (ts, onnx, np.array(served, np.float32)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the history changes the score (the parity above is not between history-blind paths)
+    with torch.no_grad():
+        blind = torch.jit.load(str(out / "scorer.pt"))(user, item, {"history__len": torch.zeros(len(users), dtype=torch.int64), "history": torch.from_numpy(ids)}).numpy()
+    assert np.abs(blind - want).max() > 1e-3
