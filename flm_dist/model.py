@@ -115,8 +115,11 @@ class HistoryEncoder(nn.Module):
         lengths, not L. Slots gather from the distinct vectors, so backward scatters
         into [U, d], never into [B, L, d] per bucket."""
         b, n = index.shape
-        if b == 0:  # an empty batch still runs the encoder: under DDP every parameter takes part
-            states = self._encode(vectors.new_zeros(0, n, vectors.shape[1]), index >= 0)
+        if b == 0:
+            # an empty batch still runs the encoder on the looked-up vectors: every parameter
+            # and every table lookup takes part in backward, whose collectives (DDP, the
+            # replicated tables' gradient gather) every rank must call alike
+            states = self._encode(vectors[index.clamp_min(0)], index >= 0)
             return states if all_positions else states[:, -1]
         valid = index >= 0
         lengths = valid.sum(1)

@@ -193,3 +193,59 @@ def test_plan_defaults_and_overrides():
     # uneven: 10 rows over 4 ranks -> 3, 3, 3, 1
     p = TablePlan("row_wise", 10, 4, 4)
     assert [p.local_range(r) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+
+def _sequence_steps(rank, world):
+    """The sequence model (replicated tables, uniform negatives, next-item prediction at
+    the last and at every position) on 2 ranks, one rank's batch empty in turn."""
+    import torch.distributed as dist
+
+    from flm_dist.batch import Batch
+    from flm_dist.config import ModelConfig
+    from flm_dist.model import FLM
+    from flm_dist.objectives import NegativeSampler, compute_loss, forward_flags, used_modules
+    from flm_dist.optim import build_optimizers
+    from flm_dist.sharding import parallelize, plan_tables, unwrap
+
+    cfg = ModelConfig(user_rows=101, item_rows=53, embedding_dim=8, hidden=[16], latent_dim=8, head_hidden=[], history_len=4, history_layers=1, history_heads=2, user_id=False)
+    g = torch.Generator().manual_seed(rank)
+
+    def batch(n):
+        hist = torch.randint(0, 53, (n, 4), generator=g)
+        hist[: n // 2, :2] = -1  # short histories beside full ones
+        return Batch(user=torch.randint(0, 101, (n,), generator=g), item=torch.randint(0, 53, (n,), generator=g), features={}, history=hist)
+
+    torch.manual_seed(3)
+    model = FLM(cfg, [], init_seed=3, table_device="meta")
+    for name, m in model.named_children():
+        if name not in used_modules("pretrain", 0.0):
+            m.requires_grad_(False)
+    plan = plan_tables({n: t.num_embeddings for n, t in model.tables.items()}, 8, world, 1 << 30)
+    assert {p.kind for p in plan.values()} == {"replicated"}
+    pm = parallelize(model, plan, torch.device("cpu"), seed=3)
+    opts = build_optimizers(unwrap(pm), 1e-2, 0.01, 0.02, "adagrad")
+    sampler = NegativeSampler(53, [], 16, torch.device("cpu"), seed=rank)
+    sizes = [(6, 0), (0, 5), (3, 4), (0, 2)]  # the other rank's batch is empty in turn
+    for s, per_rank in enumerate(sizes):
+        b = batch(per_rank[rank])
+        sampler.observe(b)
+        b.negatives, b.negative_features, share = sampler.sample()
+        out = pm(b, **forward_flags("pretrain", 0.0, all_positions=s % 2 == 1))
+        lp = compute_loss("pretrain", out, b, 0.0, 1.0, 0.1, None, 16, share)
+        (lp.total * (world / sum(per_rank))).backward()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    state = {k: v.detach().clone() for k, v in unwrap(pm).state_dict().items()}
+    dist.barrier()
+    return state
+
+
+def test_sequence_model_steps_with_an_empty_batch_on_one_rank():
+    """A rank whose batch is empty must still take part in every backward collective,
+    or its peer waits in the gradient gather forever; afterwards the replicas agree."""
+    a, b = run_ranks(_sequence_steps, 2, timeout=120)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"replicas differ in {k}"
