@@ -46,9 +46,12 @@ import common  # noqa: E402 - the benchmarks' shared helpers live next to this f
 from flm_dist import launch  # noqa: E402
 from flm_dist.config import load_job  # noqa: E402
 from flm_dist.data.convert import convert  # noqa: E402
-from flm_dist.data.encode import id_keys as identity_keys  # noqa: E402
-from flm_dist.data.hashing import HashSpec  # noqa: E402
-from flm_dist.export import export, feature_inputs, id_keys  # noqa: E402
+from flm_dist.data.hashing import (  # noqa: E402
+    HashSpec,  # noqa: E402
+    identity_keys,
+    prehash_ids,
+)
+from flm_dist.export import export, feature_inputs  # noqa: E402
 from flm_dist.metrics import auc, ranking_rows  # noqa: E402
 from flm_dist.model import table_sizes  # noqa: E402
 from flm_dist.payoff import compare  # noqa: E402
@@ -214,7 +217,7 @@ def _score_export(store: Store, checkpoint: str, test: pa.Table, out: str) -> np
     scorer = torch.jit.load(f"{out}/scorer.pt")
     feats = feature_inputs(test, manifest["features"])
     with torch.no_grad():
-        s = scorer(torch.from_numpy(id_keys(test.column("user_id")).copy()), torch.from_numpy(id_keys(test.column("item_id")).copy()), feats)
+        s = scorer(torch.from_numpy(prehash_ids(test.column("user_id")).copy()), torch.from_numpy(prehash_ids(test.column("item_id")).copy()), feats)
     return s.numpy().astype(np.float64)
 
 
@@ -307,8 +310,8 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
     ft = _job("finetune_retrieval.yaml", name, work, f"{name}-ft", ft_epochs, **{"data.train": f"{d}/train", "data.eval": f"{d}/test", "init_from": r_pre["checkpoint"]})
     res = compare(ft, store, out=f"{work}/compare/{name}", progress=False)
     hs = HashSpec.build(table_sizes(ft.model, ft.data.features), ft.model.hash_seed)
-    _, plans, specs = launch._datasets(ft, store, hs, ft.data.train, ft.data.eval, "retrieval", validate=True)
-    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
+    _, plans, specs = launch.plan_datasets(ft, store, hs, ft.data.train, ft.data.eval, "retrieval", validate=True)
+    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
     catalog = ref.catalog["item_key"]
     test = pq.read_table(f"{d}/test")
     rows = {arm: _ranking_rows_from_export(store, res["arms"][arm]["checkpoint"], f"{work}/export/{name}-{arm}", test, ref, catalog) for arm in ("scratch", "pretrained")}
@@ -406,8 +409,8 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
     ft = _seq_job("finetune_retrieval_sequence.yaml", name, work, f"{name}-seq-ft", ft_epochs, **{"data.train": f"{d}/warm", "init_from": r_pre["checkpoint"]})
     res = compare(ft, store, out=f"{work}/compare/{name}-seq")
     hs = HashSpec.build(table_sizes(ft.model, ft.data.features), ft.model.hash_seed)
-    _, plans, specs = launch._datasets(ft, store, hs, ft.data.train, None, "retrieval", validate=True)
-    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
+    _, plans, specs = launch.plan_datasets(ft, store, hs, ft.data.train, None, "retrieval", validate=True)
+    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
     catalog = ref.catalog["item_key"]
     pop = np.log1p(ref.item_counts[np.searchsorted(ref.items, catalog)]).astype(np.float32)
     groups = {"warm users": _seq_examples(pq.read_table(f"{d}/warm")), "cold users (never trained on)": _seq_examples(pq.read_table(f"{d}/cold"))}

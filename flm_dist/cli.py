@@ -205,7 +205,7 @@ def cmd_store(args) -> int:
     s3 = EmbeddedS3(port=args.port, verbose=args.verbose).start()
     print(f"embedded S3 endpoint on {s3.url} (access key {s3.ACCESS_KEY}, secret {s3.SECRET_KEY}); Ctrl-C stops it", flush=True)
     try:
-        s3._proc.wait()
+        s3.wait()
     except KeyboardInterrupt:
         pass
     finally:
@@ -352,6 +352,47 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job-file key (repeatable)")
 
 
+def _data_parsers(data) -> None:
+    """`flm-dist data synth | convert | sequences | inspect`."""
+    p = data.add_parser("synth", help="write a synthetic interaction log with a planted structure")
+    _common(p, config_required=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--users", type=int, default=50_000)
+    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--labeled-users", type=float, default=1.0, help="share of users whose rows carry labels in train/")
+    p.add_argument("--feature-share", type=float, default=0.9, help="share of latent variance the categorical features explain")
+
+    from flm_dist.data.convert import FORMATS
+
+    p = data.add_parser("convert", help="convert MovieLens / RecBole / sequence / CSV files to interaction-log Parquet")
+    _common(p, config_required=False)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("src", metavar="IN", help="input file or folder (any URI)")
+    p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
+    p.add_argument("--map", action="append", metavar="NAME=COLUMN,...", help="csv: columns to rename, e.g. user_id=uid,item_id=movie,ts=time")
+    p.add_argument("--delimiter", help="csv: one character (default ','; '\\t' or 'tab' for tabs)")
+    p.add_argument("--files", type=int, default=8, help="Parquet parts to write (at least min(files, rows))")
+
+    p = data.add_parser("sequences", help="group an interaction log into per-user sequences ordered by ts (for model.history_len)")
+    _common(p, config_required=False)
+    p.add_argument("src", metavar="IN", help="interaction log: Parquet file or prefix (any URI)")
+    p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
+    p.add_argument("--files", type=int, help="output files (default: one per 500k input rows, at most 64)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", help="write the report as JSON here (any URI)")
+
+    p = data.add_parser("inspect", help="files, rows, schema, distinct IDs, bad rows and hash collisions of a dataset")
+    _common(p, config_required=False)
+    p.add_argument("uri", metavar="URI", help="Parquet file or prefix")
+    p.add_argument("--user-rows", type=int, help="user table rows for the collision estimate (default: the job's model.user_rows)")
+    p.add_argument("--item-rows", type=int, help="item table rows for the collision estimate (default: the job's model.item_rows)")
+    p.add_argument("--plot", help="write item popularity and user activity plots here (PNG, any URI)")
+    p.add_argument("--json", help="write the full report as JSON here (any URI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flm-dist", description="Distributed FLM pretraining and fine-tuning on Ray")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -396,44 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the summary JSON here")
     p.add_argument("--no-progress", action="store_true")
 
-    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
-    p = data.add_parser("synth", help="write a synthetic interaction log with a planted structure")
-    _common(p, config_required=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--users", type=int, default=50_000)
-    p.add_argument("--items", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--files", type=int, default=8)
-    p.add_argument("--labeled-users", type=float, default=1.0, help="share of users whose rows carry labels in train/")
-    p.add_argument("--feature-share", type=float, default=0.9, help="share of latent variance the categorical features explain")
-
-    from flm_dist.data.convert import FORMATS
-
-    p = data.add_parser("convert", help="convert MovieLens / RecBole / sequence / CSV files to interaction-log Parquet")
-    _common(p, config_required=False)
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("src", metavar="IN", help="input file or folder (any URI)")
-    p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
-    p.add_argument("--map", action="append", metavar="NAME=COLUMN,...", help="csv: columns to rename, e.g. user_id=uid,item_id=movie,ts=time")
-    p.add_argument("--delimiter", help="csv: one character (default ','; '\\t' or 'tab' for tabs)")
-    p.add_argument("--files", type=int, default=8, help="Parquet parts to write (at least min(files, rows))")
-
-    p = data.add_parser("sequences", help="group an interaction log into per-user sequences ordered by ts (for model.history_len)")
-    _common(p, config_required=False)
-    p.add_argument("src", metavar="IN", help="interaction log: Parquet file or prefix (any URI)")
-    p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
-    p.add_argument("--files", type=int, help="output files (default: one per 500k input rows, at most 64)")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", help="write the report as JSON here (any URI)")
-
-    p = data.add_parser("inspect", help="files, rows, schema, distinct IDs, bad rows and hash collisions of a dataset")
-    _common(p, config_required=False)
-    p.add_argument("uri", metavar="URI", help="Parquet file or prefix")
-    p.add_argument("--user-rows", type=int, help="user table rows for the collision estimate (default: the job's model.user_rows)")
-    p.add_argument("--item-rows", type=int, help="item table rows for the collision estimate (default: the job's model.item_rows)")
-    p.add_argument("--plot", help="write item popularity and user activity plots here (PNG, any URI)")
-    p.add_argument("--json", help="write the full report as JSON here (any URI)")
+    _data_parsers(sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True))
 
     p = sub.add_parser("compare", help="fine-tune from scratch and from init_from on the same budget; report the payoff")
     _common(p)

@@ -37,13 +37,7 @@ from torch import nn
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
 from flm_dist.config import FeatureConfig, JobConfig, from_dict
-from flm_dist.data.hashing import (
-    _STRING_DOMAIN,
-    HashSpec,
-    _fnv1a64_strings,
-    prehash_str,
-    to_signed,
-)
+from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
 from flm_dist.storage import Store, join, split_uri
@@ -53,7 +47,6 @@ __all__ = [
     "Scorer",
     "export",
     "feature_inputs",
-    "id_keys",
     "load_model",
     "write_export",
 ]
@@ -337,21 +330,6 @@ def _export_onnx(scorer: Scorer, features: list[dict], path: str) -> None:
 # ------------------------------------------------------------------ raw values -> graph inputs
 
 
-def id_keys(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Raw IDs as the int64 the graphs take: integers as they are, strings as
-    prehash(s); nulls as 0 / prehash("") (how training hashed them)."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.cast(arr.type.value_type)
-    if pa.types.is_integer(arr.type):
-        return pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        # The vectorised FNV-1a of flm_dist.data.hashing, then the string-domain constant.
-        return (_fnv1a64_strings(arr) ^ np.uint64(_STRING_DOMAIN)).view(np.int64)
-    raise TypeError(f"IDs must be integers or strings, got {arr.type}")
-
-
 def feature_inputs(table: pa.Table, features: list[dict]) -> dict[str, torch.Tensor]:
     """Scorer inputs for the feature columns of `table` that `features` (manifest
     entries) declare, encoded as training encoded them."""
@@ -366,13 +344,13 @@ def feature_inputs(table: pa.Table, features: list[dict]) -> dict[str, torch.Ten
             v = pc.cast(col, pa.float64(), safe=False).fill_null(0.0).to_numpy(zero_copy_only=False)
             out[f["name"]] = torch.from_numpy(np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32))
         elif f["kind"] == "categorical":
-            out[f["name"]] = torch.from_numpy(id_keys(col).copy())
+            out[f["name"]] = torch.from_numpy(prehash_ids(col).copy())
         else:
             col = col.fill_null(pa.scalar([], type=col.type)) if col.null_count else col
             if col.offset:
                 col = pa.concat_arrays([col])  # rebase offsets at 0
             offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-            keys = id_keys(col.values)
+            keys = prehash_ids(col.values)
             full = offsets[1:] - offsets[:-1]
             lengths = np.minimum(full, f["max_len"])
             # a history keeps its most recent values, other multi-valued features their first
@@ -508,7 +486,7 @@ def _write_vectors(scorer, table: pa.Table, side: str, features: list[dict], pat
     try:
         for start in range(0, table.num_rows, _BATCH):
             part = table.slice(start, _BATCH)
-            ids = torch.from_numpy(id_keys(part.column(f"{side}_id")).copy())
+            ids = torch.from_numpy(prehash_ids(part.column(f"{side}_id")).copy())
             with torch.no_grad():
                 vec = fn(ids, feature_inputs(part, features)).float().numpy()
             dim = vec.shape[1]
@@ -582,137 +560,143 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     (task, config, hash_spec, data_files, data_columns, lineage fields) to `out`.
     Files are uploaded first and manifest.json last: an export is complete once its
     manifest exists, and the manifest lists (with sha256) exactly the files it owns."""
-    from safetensors.torch import save_file
-
     formats = _parse_formats(formats)
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     table_dtype = torch.float16 if dtype == "fp16" else torch.float32
     model = model.float().eval()
     spec = HashSpec.from_dict(source["hash_spec"])
-    task = source["task"]
-    id_kinds = source.get("data_columns", {})
+    task, id_kinds = source["task"], source.get("data_columns", {})
     job = from_dict(JobConfig, source["config"])
     data_files = source.get("data_files") or []
-    scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
-
     first_schema = None
     if data_files:
         afs, path = store.arrow_fs(data_files[0]["uri"])
         first_schema = pq.read_schema(path, filesystem=afs)
     features = _feature_meta(job.data.features, id_kinds, first_schema, job.model.history_len)
-    sides = {s: [f for f in features if f["side"] == s] for s in ("user", "item")}
-    want_vectors = task in _VECTOR_TASKS
-    want_snapshot = bool(features)
 
     with tempfile.TemporaryDirectory(prefix="flm-export-") as tmp:
         t0 = time.perf_counter()
-        if "torchscript" in formats:
-            scorer.save(os.path.join(tmp, "scorer.pt"))
-        onnx_info = None
-        if "onnx" in formats:
-            _export_onnx(Scorer(model, spec, task, id_kinds, table_dtype), features, os.path.join(tmp, "scorer.onnx"))
-            onnx_info = {
-                "file": "scorer.onnx",
-                "opset": ONNX_OPSET,
-                "inputs": [i["name"] for i in graph_inputs(features)],
-                "outputs": ["score"],
-                "hash": "inside the graph (int64 Mul / BitwiseXor / BitwiseAnd, BitShift on uint64); "
-                "string IDs and values enter as prehash(s)",
-                "optional_inputs": "none: pass every input; the null of each feature is in 'inputs'",
-            }
-        os.makedirs(os.path.join(tmp, "tables"))
-        for name, table in model.tables.items():
-            w = table.weight.detach().to(table_dtype).contiguous()
-            save_file({"weight": w}, os.path.join(tmp, "tables", f"{name}.safetensors"))
-
-        vectors, snapshot, changed = {}, {}, []
-        if want_vectors or want_snapshot:
-            if not data_files:
-                raise ValueError(
-                    f"{checkpoint or 'the checkpoint'} records no training data files (manifest 'data_files'); "
-                    f"its vectors / feature snapshot cannot be built"
-                )
-            need = {s: sides[s] for s in ("user", "item") if want_vectors or sides[s]}
-            universe, changed = _universe(store, data_files, need)
-            for side, table in universe.items():
-                if table is None:
-                    continue
-                if sides[side]:
-                    rel = f"features/{side}s.parquet"
-                    os.makedirs(os.path.join(tmp, "features"), exist_ok=True)
-                    pq.write_table(table, os.path.join(tmp, rel))
-                    snapshot[f"{side}s"] = {"file": rel, "rows": table.num_rows, "key": f"{side}_id", "columns": table.column_names[1:]}
-                if want_vectors:
-                    rel = f"{side}_vectors.parquet"
-                    rows = _write_vectors(scorer, table, side, sides[side], os.path.join(tmp, rel))
-                    vectors[f"{side}s"] = {"file": rel, "rows": rows, "dim": job.model.latent_dim, "id_column": f"{side}_id", "vector_column": "vector"}
-            if changed:
-                log.warning("%d training data file(s) changed since the checkpoint (first: %s); vectors reflect the files now", len(changed), changed[0])
-
+        scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
+        onnx_info = _write_model_files(tmp, model, scorer, Scorer(model, spec, task, id_kinds, table_dtype), features, formats, table_dtype)
+        vectors, snapshot, changed = _write_data_files(tmp, store, scorer, task, features, data_files, job.model.latent_dim, checkpoint)
         files = {}
         for root, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(root, n)
                 files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        out_manifest = {
-            "format": EXPORT_FORMAT,
-            "formats": list(formats),
-            "task": task,
-            "dtype": dtype,
-            "dtype_note": "fp16: tables stored in fp16; dense layers and all arithmetic in fp32" if dtype == "fp16" else "fp32",
-            "output": {"ctr": "click probability", "rating": "predicted rating"}.get(task, "cosine similarity of user and item vectors"),
-            "torchscript": {
-                "file": "scorer.pt",
-                "forward": "forward(user_id int64[N], item_id int64[N], features: dict[str, Tensor] | None) -> float32[N]",
-                "methods": {
-                    "user_vectors": "user_vectors(user_id int64[N], features=None) -> float32[N, latent], unit norm",
-                    "item_vectors": "item_vectors(item_id int64[N], features=None) -> float32[N, latent], unit norm",
-                },
-                "features": "optional dict: keys as the ONNX inputs below; a missing key scores as null",
-            } if "torchscript" in formats else None,
-            "onnx": onnx_info,
-            "inputs": graph_inputs(features),
-            "outputs": [{"name": "score", "dtype": "float32", "shape": ["N"]}],
-            "id_kinds": id_kinds,
-            "features": features,
-            "hash_spec": {
-                **spec.to_dict(),
-                "prehash": {"definition": PREHASH_DEFINITION, "numpy": PREHASH_NUMPY},
-                "where": "inside scorer.pt and scorer.onnx for int64 inputs; strings need prehash(s) first",
-            },
-            "feature_snapshot": {
-                **snapshot,
-                "policy": "distinct raw IDs of the training data files, each with the feature values of its "
-                "last row in file order (files sorted, rows in file order)",
-            } if snapshot else None,
-            "vectors": {
-                **vectors,
-                "normalized": True,
-                "score": "inner product of a user vector and an item vector = the scorer's output",
-            } if vectors else None,
-            "universe": {"files": len(data_files), "changed_since_training": changed} if (vectors or snapshot) else None,
-            "embedding_dim": job.model.embedding_dim,
-            "latent_dim": job.model.latent_dim,
-            "lineage": {
-                "checkpoint": checkpoint,
-                "step": source.get("step"),
-                "run": source.get("run"),
-                "data": source.get("data"),
-                "parent": source.get("parent"),
-            },
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "export_seconds": round(time.perf_counter() - t0, 3),
-            "flm_dist": __version__,
-            "versions": {"torch": torch.__version__, **_onnx_versions(formats)},
-            "files": files,
-        }
+        out_manifest = _manifest(source, job, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files)
+        out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
         store.ensure_bucket(out)
         for rel in sorted(files):
             with open(os.path.join(tmp, rel), "rb") as f:
                 store.write_bytes(join(out, rel), f.read())
         store.write_bytes(join(out, "manifest.json"), json.dumps(out_manifest, indent=2, sort_keys=True).encode())
     return out_manifest
+
+
+def _write_model_files(tmp: str, model: FLM, scorer, onnx_scorer: Scorer, features: list[dict], formats, table_dtype) -> dict | None:
+    """scorer.pt, scorer.onnx and the tables as safetensors; returns the manifest's ONNX entry."""
+    from safetensors.torch import save_file
+
+    if "torchscript" in formats:
+        scorer.save(os.path.join(tmp, "scorer.pt"))
+    onnx_info = None
+    if "onnx" in formats:
+        _export_onnx(onnx_scorer, features, os.path.join(tmp, "scorer.onnx"))
+        onnx_info = {
+            "file": "scorer.onnx",
+            "opset": ONNX_OPSET,
+            "inputs": [i["name"] for i in graph_inputs(features)],
+            "outputs": ["score"],
+            "hash": "inside the graph (int64 Mul / BitwiseXor / BitwiseAnd, BitShift on uint64); "
+            "string IDs and values enter as prehash(s)",
+            "optional_inputs": "none: pass every input; the null of each feature is in 'inputs'",
+        }
+    os.makedirs(os.path.join(tmp, "tables"))
+    for name, table in model.tables.items():
+        save_file({"weight": table.weight.detach().to(table_dtype).contiguous()}, os.path.join(tmp, "tables", f"{name}.safetensors"))
+    return onnx_info
+
+
+def _write_data_files(tmp: str, store: Store, scorer, task: str, features: list[dict], data_files: list[dict], latent_dim: int, checkpoint: str | None) -> tuple[dict, dict, list]:
+    """The vectors of every user and item of the training data (retrieval-style tasks)
+    and the feature snapshot (the last values of each ID): (vectors, snapshot, changed files)."""
+    sides = {s: [f for f in features if f["side"] == s] for s in ("user", "item")}
+    want_vectors = task in _VECTOR_TASKS
+    vectors, snapshot, changed = {}, {}, []
+    if not (want_vectors or features):
+        return vectors, snapshot, changed
+    if not data_files:
+        raise ValueError(
+            f"{checkpoint or 'the checkpoint'} records no training data files (manifest 'data_files'); "
+            f"its vectors / feature snapshot cannot be built"
+        )
+    need = {s: sides[s] for s in ("user", "item") if want_vectors or sides[s]}
+    universe, changed = _universe(store, data_files, need)
+    for side, table in universe.items():
+        if table is None:
+            continue
+        if sides[side]:
+            rel = f"features/{side}s.parquet"
+            os.makedirs(os.path.join(tmp, "features"), exist_ok=True)
+            pq.write_table(table, os.path.join(tmp, rel))
+            snapshot[f"{side}s"] = {"file": rel, "rows": table.num_rows, "key": f"{side}_id", "columns": table.column_names[1:]}
+        if want_vectors:
+            rel = f"{side}_vectors.parquet"
+            rows = _write_vectors(scorer, table, side, sides[side], os.path.join(tmp, rel))
+            vectors[f"{side}s"] = {"file": rel, "rows": rows, "dim": latent_dim, "id_column": f"{side}_id", "vector_column": "vector"}
+    if changed:
+        log.warning("%d training data file(s) changed since the checkpoint (first: %s); vectors reflect the files now", len(changed), changed[0])
+    return vectors, snapshot, changed
+
+
+def _manifest(source, job, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files) -> dict:
+    return {
+        "format": EXPORT_FORMAT,
+        "formats": list(formats),
+        "task": task,
+        "dtype": dtype,
+        "dtype_note": "fp16: tables stored in fp16; dense layers and all arithmetic in fp32" if dtype == "fp16" else "fp32",
+        "output": {"ctr": "click probability", "rating": "predicted rating"}.get(task, "cosine similarity of user and item vectors"),
+        "torchscript": {
+            "file": "scorer.pt",
+            "forward": "forward(user_id int64[N], item_id int64[N], features: dict[str, Tensor] | None) -> float32[N]",
+            "methods": {
+                "user_vectors": "user_vectors(user_id int64[N], features=None) -> float32[N, latent], unit norm",
+                "item_vectors": "item_vectors(item_id int64[N], features=None) -> float32[N, latent], unit norm",
+            },
+            "features": "optional dict: keys as the ONNX inputs below; a missing key scores as null",
+        } if "torchscript" in formats else None,
+        "onnx": onnx_info,
+        "inputs": graph_inputs(features),
+        "outputs": [{"name": "score", "dtype": "float32", "shape": ["N"]}],
+        "id_kinds": id_kinds,
+        "features": features,
+        "hash_spec": {
+            **spec.to_dict(),
+            "prehash": {"definition": PREHASH_DEFINITION, "numpy": PREHASH_NUMPY},
+            "where": "inside scorer.pt and scorer.onnx for int64 inputs; strings need prehash(s) first",
+        },
+        "feature_snapshot": {
+            **snapshot,
+            "policy": "distinct raw IDs of the training data files, each with the feature values of its "
+            "last row in file order (files sorted, rows in file order)",
+        } if snapshot else None,
+        "vectors": {
+            **vectors,
+            "normalized": True,
+            "score": "inner product of a user vector and an item vector = the scorer's output",
+        } if vectors else None,
+        "universe": {"files": len(source.get("data_files") or []), "changed_since_training": changed} if (vectors or snapshot) else None,
+        "embedding_dim": job.model.embedding_dim,
+        "latent_dim": job.model.latent_dim,
+        "lineage": {"checkpoint": checkpoint, "step": source.get("step"), "run": source.get("run"), "data": source.get("data"), "parent": source.get("parent")},
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "flm_dist": __version__,
+        "versions": {"torch": torch.__version__, **_onnx_versions(formats)},
+        "files": files,
+    }
 
 
 def _onnx_versions(formats) -> dict:

@@ -31,7 +31,7 @@ from flm_dist.model import table_sizes
 from flm_dist.storage import Store, is_remote, join, split_uri
 from flm_dist.train_loop import WorkerSpec, worker_main
 
-__all__ = ["TrainingFailed", "ensure_ray", "evaluate", "resources", "train"]
+__all__ = ["TrainingFailed", "ensure_ray", "evaluate", "plan_datasets", "resources", "train", "training_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
     )
 
 
-def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str, train_task: str | None = None, validate: bool = False):
+def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str | None, eval_uri: str | None, task: str, train_task: str | None = None, validate: bool = False):
     """Plans (validated before any worker starts) and datasources for train / valid /
     eval: {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec (plus
     "known": the training data, validation rows included, for the evaluation
@@ -417,7 +417,7 @@ def _datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: str 
     return datasets, plans, specs
 
 
-def _reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str) -> Reference:
+def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str) -> Reference:
     """The training data's users, item popularity and, for ranking, catalog and pairs:
     read exactly as training reads it (`train_spec`, side "known": the same split and
     bad-row rules, validation rows included), so eval rows of a `data.split` never
@@ -472,10 +472,10 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.init_from:
         _check_parent_hash(store, job.init_from, hash_spec)
     eval_uri = job.data.eval if job.task != "pretrain" else ""
-    datasets, plans, specs = _datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=job.task != "pretrain")
+    datasets, plans, specs = plan_datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=job.task != "pretrain")
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
-    ref = _reference(store, plans["train"], specs["known"], job.task) if "eval" in plans else None
+    ref = training_reference(store, plans["train"], specs["known"], job.task) if "eval" in plans else None
     for warning in _collisions(store, plans["train"], job):
         print(f"warning: {warning}", flush=True)
     cpw, threads = resources(job.scaling, _node_cpus())
@@ -546,8 +546,8 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     # a pretrained backbone is evaluated on its interaction objective: full ranking
     task = "retrieval" if manifest["task"] == "pretrain" else manifest["task"]
     job.task = task
-    datasets, plans, specs = _datasets(job, store, hash_spec, train_uri, data or None, task, train_task=manifest["task"])
-    reference_data = _reference(store, plans["train"], specs["known"], task)
+    datasets, plans, specs = plan_datasets(job, store, hash_spec, train_uri, data or None, task, train_task=manifest["task"])
+    reference_data = training_reference(store, plans["train"], specs["known"], task)
     cpw, threads = resources(job.scaling, _node_cpus())
     channel = RunChannel.remote()
     spec = _worker_spec(

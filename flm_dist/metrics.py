@@ -7,7 +7,27 @@ import math
 
 import numpy as np
 
-from flm_dist.data.synth import auc
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC AUC with ties counted as 1/2 (average ranks)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels) > 0.5
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # average rank per tie group
+    boundaries = np.flatnonzero(np.diff(s)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(s)]])
+    avg = (starts + ends - 1) / 2.0 + 1.0
+    ranks_sorted = np.repeat(avg, ends - starts)
+    ranks[order] = ranks_sorted
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
 
 __all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ranking_report", "ranking_rows", "rating_metrics", "slice_masks"]
 

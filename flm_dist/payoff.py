@@ -30,8 +30,8 @@ def most_popular(store: Store, job: JobConfig, ks=(10, 20)) -> dict:
     training popularity (their own training items excluded), scored like the models.
     Training and eval rows are read exactly as the fine-tune reads them."""
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
-    _, plans, specs = launch._datasets(job, store, hs, job.data.train, job.data.eval or None, "retrieval")
-    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
+    _, plans, specs = launch.plan_datasets(job, store, hs, job.data.train, job.data.eval or None, "retrieval")
+    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
     plan, spec = plans["eval"], specs["eval"]
     users, items = [], []
     for u in plan.units:

@@ -42,8 +42,8 @@ import torch
 from ray import serve
 
 from flm_dist.config import ConfigError, ServeConfig
-from flm_dist.data.hashing import HASH_VERSION, prehash_str
-from flm_dist.export import LEN_SUFFIX, feature_inputs, id_keys
+from flm_dist.data.hashing import HASH_VERSION, prehash_ids, prehash_str
+from flm_dist.export import LEN_SUFFIX, feature_inputs
 from flm_dist.storage import Store, join
 
 __all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_serve_config", "run"]
@@ -134,6 +134,71 @@ class RecommendRequest:
     exclude: np.ndarray  # rows of the item matrix
 
 
+# ------------------------------------------------------------------ request values -> graph inputs
+
+
+def check_fields(body, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}", "body")
+    for k in body:
+        if k not in allowed:
+            raise RequestError(f"unknown field {k!r}; fields are {', '.join(sorted(allowed))}", k)
+    for k in sorted(required):
+        if k not in body:
+            raise RequestError(f"missing field {k!r}", k)
+    return body
+
+
+def null_inputs(f: dict, n: int) -> dict[str, torch.Tensor]:
+    if f["kind"] == "numeric":
+        return {f["name"]: torch.zeros(n)}
+    if f["kind"] in ("multi", "history"):  # a null list; an empty history
+        return {f["name"]: torch.zeros(n, f["max_len"], dtype=torch.long), f["name"] + LEN_SUFFIX: torch.zeros(n, dtype=torch.long)}
+    return {f["name"]: torch.full((n,), int(f["null"]), dtype=torch.long)}
+
+
+def input_keys(f: dict) -> list[str]:
+    return [f["name"], f["name"] + LEN_SUFFIX] if f["kind"] in ("multi", "history") else [f["name"]]
+
+
+def encode_values(f: dict, values: list, where: str, per_row: bool) -> dict[str, torch.Tensor]:
+    def at(i: int) -> str:
+        return f"{where}[{i}]" if per_row else where
+
+    name, n = f["name"], len(values)
+    if f["kind"] == "numeric":
+        out = []
+        for i, v in enumerate(values):
+            if v is None:
+                v = 0.0
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RequestError(f"{at(i)} must be a number or null", at(i))
+            try:
+                v = float(v)
+            except OverflowError:
+                raise RequestError(f"{at(i)} is too large for a float32 feature", at(i)) from None
+            if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:  # a bad row in training: never scored as a silent 0
+                raise RequestError(f"{at(i)} must be a finite float32 number, got {v}", at(i))
+            out.append(v)
+        return {name: torch.tensor(out, dtype=torch.float32)}
+    if f["kind"] == "categorical":
+        keys = [int(f["null"]) if v is None else id_key(v, f["id_kind"], at(i)) for i, v in enumerate(values)]
+        return {name: torch.tensor(keys, dtype=torch.long)}
+    vals = torch.zeros(n, f["max_len"], dtype=torch.long)
+    lens = torch.zeros(n, dtype=torch.long)
+    for i, v in enumerate(values):
+        v = [] if v is None else v
+        if not isinstance(v, list):
+            raise RequestError(f"{at(i)} must be a list of values (a multi-valued feature) or null", at(i))
+        # a history keeps its most recent items (the list is oldest first), a feature its first values
+        v = v[-f["max_len"] :] if f["kind"] == "history" else v[: f["max_len"]]
+        for j, x in enumerate(v):
+            # a null value in the list hashes as training hashes it: like "" / 0
+            vals[i, j] = (prehash_str("") if f["id_kind"] == "string" else 0) if x is None else id_key(x, f["id_kind"], f"{at(i)}[{j}]")
+        lens[i] = len(v)
+    return {name: vals, name + LEN_SUFFIX: lens}
+
+
 class LoadedExport:
     """An export folder on local disk, loaded with torch + pyarrow; no Ray, no model code.
     Validates and encodes requests and answers batches of them."""
@@ -170,12 +235,12 @@ class LoadedExport:
             self.item_ids = t.column("item_id").to_pylist()
             flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             self.item_matrix = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(t.num_rows, vec["dim"]))
-            keys = id_keys(t.column("item_id"))
+            keys = prehash_ids(t.column("item_id"))
             order = np.argsort(keys, kind="stable")
             self._item_keys, self._item_rows = keys[order], order
 
     def _load_side(self, table: pa.Table, side: str) -> _Side:
-        keys = id_keys(table.column(f"{side}_id"))
+        keys = prehash_ids(table.column(f"{side}_id"))
         order = np.argsort(keys, kind="stable")
         inputs = feature_inputs(table, self.features[side])
         out = {}
@@ -220,59 +285,14 @@ class LoadedExport:
                         raise RequestError(f"{fw} must be a list with one value per item ({n})", fw)
                 else:
                     values = [values]
-                out.update(self._encode_values(f, values, fw, per_row))
+                out.update(encode_values(f, values, fw, per_row))
                 continue
-            null = self._null(f, n)
+            null = null_inputs(f, n)
             for key, t in null.items():
                 if key in snap and len(idx):
                     t[idx] = snap[key][rows]
                 out[key] = t
         return out
-
-    @staticmethod
-    def _null(f: dict, n: int) -> dict[str, torch.Tensor]:
-        if f["kind"] == "numeric":
-            return {f["name"]: torch.zeros(n)}
-        if f["kind"] in ("multi", "history"):  # a null list; an empty history
-            return {f["name"]: torch.zeros(n, f["max_len"], dtype=torch.long), f["name"] + LEN_SUFFIX: torch.zeros(n, dtype=torch.long)}
-        return {f["name"]: torch.full((n,), int(f["null"]), dtype=torch.long)}
-
-    def _encode_values(self, f: dict, values: list, where: str, per_row: bool) -> dict[str, torch.Tensor]:
-        def at(i: int) -> str:
-            return f"{where}[{i}]" if per_row else where
-
-        name, n = f["name"], len(values)
-        if f["kind"] == "numeric":
-            out = []
-            for i, v in enumerate(values):
-                if v is None:
-                    v = 0.0
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise RequestError(f"{at(i)} must be a number or null", at(i))
-                try:
-                    v = float(v)
-                except OverflowError:
-                    raise RequestError(f"{at(i)} is too large for a float32 feature", at(i)) from None
-                if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:  # a bad row in training: never scored as a silent 0
-                    raise RequestError(f"{at(i)} must be a finite float32 number, got {v}", at(i))
-                out.append(v)
-            return {name: torch.tensor(out, dtype=torch.float32)}
-        if f["kind"] == "categorical":
-            keys = [int(f["null"]) if v is None else id_key(v, f["id_kind"], at(i)) for i, v in enumerate(values)]
-            return {name: torch.tensor(keys, dtype=torch.long)}
-        vals = torch.zeros(n, f["max_len"], dtype=torch.long)
-        lens = torch.zeros(n, dtype=torch.long)
-        for i, v in enumerate(values):
-            v = [] if v is None else v
-            if not isinstance(v, list):
-                raise RequestError(f"{at(i)} must be a list of values (a multi-valued feature) or null", at(i))
-            # a history keeps its most recent items (the list is oldest first), a feature its first values
-            v = v[-f["max_len"] :] if f["kind"] == "history" else v[: f["max_len"]]
-            for j, x in enumerate(v):
-                # a null value in the list hashes as training hashes it: like "" / 0
-                vals[i, j] = (prehash_str("") if f["id_kind"] == "string" else 0) if x is None else id_key(x, f["id_kind"], f"{at(i)}[{j}]")
-            lens[i] = len(v)
-        return {name: vals, name + LEN_SUFFIX: lens}
 
     def _with_history(self, body: dict):
         """The request's user features, with its "history" (a list of item IDs, oldest
@@ -288,20 +308,8 @@ class LoadedExport:
             return given  # refused with its own message
         return {**(given or {}), "history": body["history"]}
 
-    @staticmethod
-    def _check_fields(body, allowed: set[str], required: set[str]) -> dict:
-        if not isinstance(body, dict):
-            raise RequestError(f"the body must be a JSON object, got {type(body).__name__}", "body")
-        for k in body:
-            if k not in allowed:
-                raise RequestError(f"unknown field {k!r}; fields are {', '.join(sorted(allowed))}", k)
-        for k in sorted(required):
-            if k not in body:
-                raise RequestError(f"missing field {k!r}", k)
-        return body
-
     def parse_score(self, body) -> ScoreRequest:
-        body = self._check_fields(body, {"user_id", "item_ids", "user_features", "item_features", "history"}, {"user_id", "item_ids"})
+        body = check_fields(body, {"user_id", "item_ids", "user_features", "item_features", "history"}, {"user_id", "item_ids"})
         items = body["item_ids"]
         if not isinstance(items, list):
             raise RequestError(f"item_ids must be a list of IDs, got {type(items).__name__}", "item_ids")
@@ -319,7 +327,7 @@ class LoadedExport:
                 f"/recommend needs an export with item vectors (task retrieval or pretrain); this export's task is {self.task}",
                 "task",
             )
-        body = self._check_fields(body, {"user_id", "k", "user_features", "exclude", "history"}, {"user_id"})
+        body = check_fields(body, {"user_id", "k", "user_features", "exclude", "history"}, {"user_id"})
         k = body.get("k", 10)
         top = min(self.cfg.max_items, len(self.item_ids))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
@@ -347,10 +355,10 @@ class LoadedExport:
         items = torch.cat([r.items for r in reqs])
         features: dict[str, torch.Tensor] = {}
         for f in self.features["user"]:
-            for key in self._keys_of(f):
+            for key in input_keys(f):
                 features[key] = torch.cat([r.features[key].expand(c, *r.features[key].shape[1:]) for r, c in zip(reqs, counts, strict=True)])
         for f in self.features["item"]:
-            for key in self._keys_of(f):
+            for key in input_keys(f):
                 features[key] = torch.cat([r.features[key] for r in reqs])
         scores = self.scorer(users, items, features).tolist() if len(items) else []
         out, start = [], 0
@@ -364,7 +372,7 @@ class LoadedExport:
         """One user-tower call and one [B, d] x [d, items] product for the batch."""
         self._count("recommend", reqs)
         users = torch.cat([r.user for r in reqs])
-        features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["user"] for key in self._keys_of(f)}
+        features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["user"] for key in input_keys(f)}
         scores = self.scorer.user_vectors(users, features) @ self.item_matrix.T
         for i, r in enumerate(reqs):
             if len(r.exclude):
@@ -384,10 +392,6 @@ class LoadedExport:
     def _count(self, endpoint: str, reqs: list) -> None:
         self.stats[endpoint]["requests"] += len(reqs)
         self.stats[endpoint]["batches"] += 1
-
-    @staticmethod
-    def _keys_of(f: dict) -> list[str]:
-        return [f["name"], f["name"] + LEN_SUFFIX] if f["kind"] in ("multi", "history") else [f["name"]]
 
     def health(self) -> dict:
         m = self.manifest

@@ -1,5 +1,8 @@
-"""The only module that knows about process groups: row-wise embedding sharding with
-all-to-all lookups, and DDP for everything else.
+"""How the model is distributed: row-wise embedding sharding with all-to-all lookups,
+replicated tables, and DDP for everything else. The model (model.py) knows nothing of
+it. The other collectives are the train loop's control calls (step agreement, resume
+decision, validation and evaluation sums) and the checkpoint's DCP save/load; every
+rank makes each of them in the same order.
 
 `parallelize(model, plan, ...)` takes a plain `FLM` and, in place:
 - replaces each `row_wise` table with a `RowWiseEmbedding` holding one contiguous
@@ -242,6 +245,9 @@ def parallelize(
     model.to(device)
     if world == 1 or not any(p.requires_grad for p in model.parameters()):
         return model  # one process, or inference only: nothing for DDP to synchronise
+    # The tables synchronise their own gradients (the exchange above): DDP must not
+    # all-reduce them. This static method is DDP's documented hook for that (its
+    # docstring, and TorchRec's data-parallel wrapper); it has no public spelling.
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DDP(
         model,

@@ -339,6 +339,10 @@ class EmbeddedS3:
         self.stop()
         raise StorageError(f"embedded S3 endpoint on {self.url} did not start within 30 s")
 
+    def wait(self) -> int | None:
+        """Block until the endpoint's process exits (its exit code)."""
+        return self._proc.wait() if self._proc else None
+
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
             self._proc.terminate()

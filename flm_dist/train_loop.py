@@ -115,6 +115,19 @@ class Progress:
     stale: int = 0  # epochs since the best one
     curve: list = field(default_factory=list)  # per epoch: {"step", "epoch", "loss", "valid_loss"}
 
+    @classmethod
+    def resumed(cls, manifest: dict, uri: str) -> Progress:
+        return cls(
+            step=manifest["step"],
+            epoch=manifest["epoch"],
+            epoch_done=manifest.get("epoch_done", False),
+            data_state=manifest.get("data_state"),
+            checkpoint=uri,
+            best=manifest.get("best"),
+            stale=manifest.get("stale", 0),
+            curve=manifest.get("curve", []),
+        )
+
 
 # ------------------------------------------------------------------ helpers
 
@@ -318,6 +331,24 @@ class StepLog:
 # ------------------------------------------------------------------ the worker
 
 
+def _set_trainable(model: FLM, task: str, recon_weight: float, freeze: list[str] | None) -> None:
+    """Train only the modules the task's loss reaches, less those in `train.freeze`;
+    `freeze` None: nothing trains (evaluation)."""
+    if freeze is None:
+        model.requires_grad_(False)
+        return
+    used = used_modules(task, recon_weight)
+    frozen = set()
+    if "embeddings" in freeze:
+        frozen |= {"tables", "numeric"}
+    if "encoder" in freeze:
+        frozen |= {"user_encoder", "item_encoder", "history"}
+    if "decoder" in freeze:
+        frozen |= {"user_decoder", "item_decoder"}
+    for name, mod in model.named_children():
+        mod.requires_grad_(name in used and name not in frozen)
+
+
 class Worker:
     """One rank's model, optimisers and checkpoints, built from the spec."""
 
@@ -350,19 +381,7 @@ class Worker:
         lo, hi = s.rating_range
         center = (lo + hi) / 2 if s.task == "rating" else 0.0
         model = FLM(s.model, s.features, rating_center=center, init_seed=s.seed, table_device="meta")
-        if s.mode == "train":
-            used = used_modules(s.task, s.train.recon_weight)
-            frozen = set()
-            if "embeddings" in s.train.freeze:
-                frozen |= {"tables", "numeric"}
-            if "encoder" in s.train.freeze:
-                frozen |= {"user_encoder", "item_encoder", "history"}
-            if "decoder" in s.train.freeze:
-                frozen |= {"user_decoder", "item_decoder"}
-            for name, mod in model.named_children():
-                mod.requires_grad_(name in used and name not in frozen)
-        else:
-            model.requires_grad_(False)
+        _set_trainable(model, s.task, s.train.recon_weight, s.train.freeze if s.mode == "train" else None)
         sizes = {n: t.num_embeddings for n, t in model.tables.items()}
         self.plan = plan_tables(sizes, s.model.embedding_dim, self.world, s.shard_threshold_bytes, s.plan_overrides)
         if self.rank == 0:
@@ -410,16 +429,7 @@ class Worker:
                 self.popularity.load(pop)
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
-            return Progress(
-                step=manifest["step"],
-                epoch=manifest["epoch"],
-                epoch_done=manifest.get("epoch_done", False),
-                data_state=manifest.get("data_state"),
-                checkpoint=ref.uri,
-                best=manifest.get("best"),
-                stale=manifest.get("stale", 0),
-                curve=manifest.get("curve", []),
-            )
+            return Progress.resumed(manifest, ref.uri)
         if s.init_from:
             ref = ckpt.resolve(self.store, s.init_from)
             m = unwrap(self.model)

@@ -49,8 +49,8 @@ def test_reference_of_a_split_holds_only_the_training_side(tmp_path, by, extra):
     job = tiny_job(str(tmp_path / "runs"), "split", "ctr", **{"data.train": str(tmp_path / "log"), "data.split.by": by, **extra})
     store = Store()
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
-    _, plans, specs = launch._datasets(job, store, hs, job.data.train, None, "ctr")
-    ref = launch._reference(store, plans["train"], specs["known"], "retrieval")
+    _, plans, specs = launch.plan_datasets(job, store, hs, job.data.train, None, "ctr")
+    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
     users, items = _eval_rows(store, plans, specs)
     assert len(users) > 0
     masks = slice_masks(users, items, ref)

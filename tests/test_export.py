@@ -24,7 +24,7 @@ from flm_dist.batch import Batch
 from flm_dist.cli import main as cli_main
 from flm_dist.config import FeatureConfig, ModelConfig
 from flm_dist.data.encode import EncodeSpec, encode_table
-from flm_dist.data.hashing import HashSpec, prehash_str
+from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str
 from flm_dist.data.schema import ReadSpec
 from flm_dist.data.synth import synth
 from flm_dist.export import (
@@ -34,7 +34,6 @@ from flm_dist.export import (
     _LastSeen,
     export,
     feature_inputs,
-    id_keys,
     load_model,
     write_export,
 )
@@ -114,8 +113,8 @@ def test_torchscript_scorer_matches_the_model_for_every_feature_kind(task):
     model, spec = _random_model(task)
     table = _raw_rows()
     feats = feature_inputs(table, _feature_meta(ALL_KINDS, ID_KINDS, table.schema))
-    user = torch.from_numpy(id_keys(table.column("user_id")).copy())
-    item = torch.from_numpy(id_keys(table.column("item_id")).copy())
+    user = torch.from_numpy(prehash_ids(table.column("user_id")).copy())
+    item = torch.from_numpy(prehash_ids(table.column("item_id")).copy())
     expected = _expected(model, table, spec, ALL_KINDS, task)
     with torch.no_grad():
         got = torch.jit.script(Scorer(model, spec, task, ID_KINDS))(user, item, feats)
@@ -150,7 +149,7 @@ def test_onnx_scorer_matches_the_model_for_every_feature_kind(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "scorer.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     assert names == ["user_id", "item_id", "u_seg", "i_tags", "i_tags__len", "i_price", "i_brand"]
-    feed = {"user_id": id_keys(table.column("user_id")), "item_id": id_keys(table.column("item_id"))}
+    feed = {"user_id": prehash_ids(table.column("user_id")), "item_id": prehash_ids(table.column("item_id"))}
     feed.update({k: v.numpy() for k, v in feature_inputs(table, meta).items()})
     (got,) = sess.run(None, feed)
     assert float(np.abs(got - _expected(model, table, spec, ALL_KINDS, "ctr").numpy()).max()) <= FP32_TOL
@@ -176,14 +175,14 @@ def test_last_seen_keeps_the_last_row_per_id_across_merges():
     assert dict(zip(got.column("user_id").to_pylist(), got.column("seg").to_pylist(), strict=True)) == expected
 
 
-def test_id_keys_are_prehashed_strings_and_raw_ints():
+def test_prehash_ids_are_prehashed_strings_and_raw_ints():
     strings = ["", "a", "ünïcode", None]
     want = [prehash_str(s or "") for s in strings]
-    assert id_keys(pa.array(strings)).tolist() == want
-    assert id_keys(pa.array(strings).dictionary_encode()).tolist() == want
-    assert id_keys(pa.array(strings, pa.large_string())).tolist() == want
-    assert id_keys(pa.array([5, None, -(2**63)], pa.int64())).tolist() == [5, 0, -(2**63)]
-    assert id_keys(pa.array([7], pa.int8())).tolist() == [7]
+    assert prehash_ids(pa.array(strings)).tolist() == want
+    assert prehash_ids(pa.array(strings).dictionary_encode()).tolist() == want
+    assert prehash_ids(pa.array(strings, pa.large_string())).tolist() == want
+    assert prehash_ids(pa.array([5, None, -(2**63)], pa.int64())).tolist() == [5, 0, -(2**63)]
+    assert prehash_ids(pa.array([7], pa.int8())).tolist() == [7]
 
 
 def test_bad_format_or_dtype_is_refused_before_any_work():
@@ -440,7 +439,7 @@ def test_default_export_of_every_task_with_0_1_and_several_features(tmp_path, ta
     manifest = write_export(Store(), model, source, str(tmp_path / "out"))
     assert manifest["formats"] == ["torchscript", "onnx"]
     meta = manifest["features"]
-    feed = {"user_id": id_keys(table.column("user_id")), "item_id": id_keys(table.column("item_id"))}
+    feed = {"user_id": prehash_ids(table.column("user_id")), "item_id": prehash_ids(table.column("item_id"))}
     feed.update({k: v.numpy() for k, v in feature_inputs(table, meta).items()})
     want = _expected(model, table, spec, features, "retrieval" if task == "pretrain" else task).numpy()
     (got,) = ort.InferenceSession(str(tmp_path / "out" / "scorer.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from flm_dist.batch import Batch
 from flm_dist.config import FeatureConfig, JobConfig, ModelConfig, ServeConfig, to_dict
 from flm_dist.data.encode import EncodeSpec, encode_table
-from flm_dist.data.hashing import HashSpec
+from flm_dist.data.hashing import HashSpec, prehash_ids
 from flm_dist.data.schema import ReadSpec
-from flm_dist.export import feature_inputs, id_keys, write_export
+from flm_dist.export import feature_inputs, write_export
 from flm_dist.model import FLM, table_sizes
 from flm_dist.serve import LoadedExport
 from flm_dist.storage import Store
@@ -127,8 +127,8 @@ def test_training_export_onnx_and_server_map_values_to_the_same_rows(exported, r
 
     # the export's Arrow path (vectors, feature snapshot), into TorchScript and ONNX
     inputs = feature_inputs(table, manifest["features"])
-    user = torch.from_numpy(id_keys(table.column("user_id")).copy())
-    item = torch.from_numpy(id_keys(table.column("item_id")).copy())
+    user = torch.from_numpy(prehash_ids(table.column("user_id")).copy())
+    item = torch.from_numpy(prehash_ids(table.column("item_id")).copy())
     with torch.no_grad():
         ts = exported["scorer"](user, item, inputs).numpy()[good]
     onnx_in = {"user_id": user.numpy(), "item_id": item.numpy(), **{k: v.numpy() for k, v in inputs.items()}}

@@ -199,7 +199,7 @@ def _finetune(tmp_path, name, **sets):
     job = tiny_job(str(tmp_path / "runs"), name, "ctr", **{"data.train": data, "data.batch_size": 128, "train.lr": 0.02, "train.sparse_lr": 0.2, **sets})
     store = Store()
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
-    datasets, plans, specs = launch._datasets(job, store, hs, data, None, "ctr", validate=True)
+    datasets, plans, specs = launch.plan_datasets(job, store, hs, data, None, "ctr", validate=True)
     manifest = {"task": "ctr", "config": to_dict(job)}
     spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plans["train"].to_dict(), valid_rows=300, manifest=manifest, init_from=job.init_from)
     w = Worker(spec)

@@ -15,13 +15,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flm_dist.config import FeatureConfig, SplitConfig
-from flm_dist.data.hashing import HashSpec, _fmix64, _fnv1a64_strings
+from flm_dist.data.hashing import HashSpec, fmix64, hash64, identity_keys
 from flm_dist.data.plan import Unit
 from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
 from flm_dist.data.sequences import expand, history_rows
 from flm_dist.storage import Store, split_uri
 
-__all__ = ["EncodeSpec", "KEY_SEED", "empty_columns", "encode_table", "id_keys", "read_units", "sequence_slots"]
+__all__ = ["EncodeSpec", "empty_columns", "encode_table", "read_units", "sequence_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +47,12 @@ class EncodeSpec:
 # ------------------------------------------------------------------ encoding
 
 
-def _hash64(arr: pa.Array, seed: int) -> np.ndarray:
-    """Full 64-bit hash of IDs (used for splits, independent of table sizes)."""
-    spec = HashSpec.build({"_split": 1}, seed)
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.cast(arr.type.value_type)
-    s = np.uint64(spec.tables["_split"]["seed"])
-    if pa.types.is_integer(arr.type):
-        k = pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False).view(np.uint64).copy()
-    else:
-        k = _fnv1a64_strings(arr)
-    k ^= s
-    return _fmix64(k)
-
-
-def id_keys(arr: pa.Array) -> np.ndarray:
-    """64-bit identity keys of raw IDs (int64 view), independent of table sizes: which
-    user/item a row is, for evaluation slices and retrieval exclusions."""
-    return _hash64(arr, KEY_SEED).view(np.int64)
-
-
-KEY_SEED = 0x5EED
-
-
 def _unit_hash(t: pa.Table, columns: tuple[str, ...], seed: int) -> np.ndarray:
     """A uniform number in [0, 1) per row from a hash of `columns`."""
-    h = _hash64(t.column(columns[0]).combine_chunks(), seed)
+    h = hash64(t.column(columns[0]).combine_chunks(), seed)
     for k, c in enumerate(columns[1:], start=1):
-        h ^= _hash64(t.column(c).combine_chunks(), seed + k) * np.uint64(0x9E3779B97F4A7C15)
-        h = _fmix64(h)
+        h ^= hash64(t.column(c).combine_chunks(), seed + k) * np.uint64(0x9E3779B97F4A7C15)
+        h = fmix64(h)
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
@@ -157,7 +134,7 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
         mark(arr.is_null().to_numpy(zero_copy_only=False), f"null_{col}")
         out[table] = spec.hash.hash(table, arr)
         if spec.read.keys:
-            out[f"{table}_key"] = id_keys(arr)
+            out[f"{table}_key"] = identity_keys(arr)
     rs = spec.read
     if rs.read_label and "label" in t.column_names:
         v, nulls = _float_col(t, "label")

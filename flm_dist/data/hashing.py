@@ -33,6 +33,10 @@ __all__ = [
     "hash_array",
     "reference_hash_int",
     "reference_hash_str",
+    "fmix64",
+    "fnv1a64_strings",
+    "identity_keys",
+    "prehash_ids",
     "prehash_str",
     "to_signed",
 ]
@@ -43,7 +47,7 @@ _C1 = 0xFF51AFD7ED558CCD
 _C2 = 0xC4CEB9FE1A85EC53
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
-_STRING_DOMAIN = 0x9E3779B97F4A7C15
+STRING_DOMAIN = 0x9E3779B97F4A7C15
 
 
 # ------------------------------------------------------------------ plain-Python reference
@@ -77,13 +81,13 @@ def reference_hash_int(value: int, seed: int, rows: int) -> int:
 
 def reference_hash_str(value: str, seed: int, rows: int) -> int:
     """The spec for one string ID, in plain Python."""
-    return (_fmix64_int(_fnv1a64_bytes(value.encode()) ^ seed ^ _STRING_DOMAIN) >> 1) % rows
+    return (_fmix64_int(_fnv1a64_bytes(value.encode()) ^ seed ^ STRING_DOMAIN) >> 1) % rows
 
 
 # ------------------------------------------------------------------ vectorised numpy
 
 
-def _fmix64(k: np.ndarray) -> np.ndarray:
+def fmix64(k: np.ndarray) -> np.ndarray:
     # In-place on a uint64 array: numpy wraps uint64 multiplication mod 2**64.
     k ^= k >> np.uint64(33)
     k *= np.uint64(_C1)
@@ -93,7 +97,7 @@ def _fmix64(k: np.ndarray) -> np.ndarray:
     return k
 
 
-def _fnv1a64_strings(arr: pa.Array) -> np.ndarray:
+def fnv1a64_strings(arr: pa.Array) -> np.ndarray:
     """FNV-1a over each string's UTF-8 bytes, vectorised across strings: one numpy pass
     per byte position (IDs are short), over the strings still that long."""
     if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
@@ -125,6 +129,44 @@ def _fnv1a64_strings(arr: pa.Array) -> np.ndarray:
     return h
 
 
+def prehash_ids(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Raw IDs as the int64 the exported graphs take: integers as they are, strings as
+    prehash(s); nulls as 0 / prehash("") (how training hashes them)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_integer(arr.type):
+        return pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return (fnv1a64_strings(arr) ^ np.uint64(STRING_DOMAIN)).view(np.int64)
+    raise TypeError(f"IDs must be integers or strings, got {arr.type}")
+
+
+def hash64(arr: pa.Array, seed: int) -> np.ndarray:
+    """Full 64-bit hash (uint64) of raw IDs, independent of table sizes (splits, keys)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    s = np.uint64(table_seed("_split", seed))
+    if pa.types.is_integer(arr.type):
+        k = pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False).view(np.uint64).copy()
+    else:
+        k = fnv1a64_strings(arr)
+    k ^= s
+    return fmix64(k)
+
+
+KEY_SEED = 0x5EED
+
+
+def identity_keys(arr: pa.Array) -> np.ndarray:
+    """64-bit identity keys of raw IDs (int64 view), independent of table sizes: which
+    user/item a row is, for evaluation slices and retrieval exclusions."""
+    return hash64(arr, KEY_SEED).view(np.int64)
+
+
 def hash_array(arr: pa.Array | pa.ChunkedArray | np.ndarray, seed: int, rows: int) -> np.ndarray:
     """Rows (int64) for an array of IDs. Integers and strings follow the spec; nulls hash
     as 0 / "" (callers drop null-ID rows before training and count them)."""
@@ -145,11 +187,11 @@ def hash_array(arr: pa.Array | pa.ChunkedArray | np.ndarray, seed: int, rows: in
         k = pc.cast(arr.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False).view(np.uint64).copy()
         k ^= np.uint64(seed)
     elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-        k = _fnv1a64_strings(arr)
-        k ^= np.uint64(seed ^ _STRING_DOMAIN)
+        k = fnv1a64_strings(arr)
+        k ^= np.uint64(seed ^ STRING_DOMAIN)
     else:
         raise TypeError(f"IDs must be integer or string, got {arr.type}")
-    h = _fmix64(k)
+    h = fmix64(k)
     h >>= np.uint64(1)
     return (h % np.uint64(rows)).astype(np.int64)
 
@@ -166,7 +208,7 @@ def prehash_str(value: str) -> int:
     """A string ID as the int64 that, hashed as an integer ID, gives the string's row:
     fmix64(prehash ^ seed) == fmix64(fnv1a64(s) ^ seed ^ DOMAIN). Lets int64-only
     graphs (TorchScript, ONNX) serve string IDs."""
-    return to_signed(_fnv1a64_bytes(value.encode()) ^ _STRING_DOMAIN)
+    return to_signed(_fnv1a64_bytes(value.encode()) ^ STRING_DOMAIN)
 
 
 # ------------------------------------------------------------------ spec object

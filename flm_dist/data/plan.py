@@ -234,15 +234,7 @@ def plan_read(
     if not kept:
         raise DataError(f"{uri}: no rows: all {len(files)} files are empty or unreadable")
 
-    units: list[Unit] = []
-    for fi, md in enumerate(metas):
-        start = 0
-        for rg in range(md.num_row_groups):
-            # sequences: one row per event, i.e. per leaf slot of the item_id lists
-            n = md.row_group(rg).column(_leaf(md, "item_id")).num_values if sequence else md.row_group(rg).num_rows
-            if n:
-                units.append(Unit(index=len(units), file=fi, row_group=rg, row_start=start, rows=n))
-            start += n
+    units = _units(metas, sequence)
     # Optional columns must be read the same way from every file: keep those all files have.
     return DataPlan(
         uri=uri,
@@ -254,6 +246,20 @@ def plan_read(
         empty_files=empty,
         sequence=sequence,
     )
+
+
+def _units(metas: list[pq.FileMetaData], sequence: bool) -> list[Unit]:
+    """One unit per non-empty row group, numbered in file order."""
+    units: list[Unit] = []
+    for fi, md in enumerate(metas):
+        start = 0
+        for rg in range(md.num_row_groups):
+            # sequences: one row per event, i.e. per leaf slot of the item_id lists
+            n = md.row_group(rg).column(_leaf(md, "item_id")).num_values if sequence else md.row_group(rg).num_rows
+            if n:
+                units.append(Unit(index=len(units), file=fi, row_group=rg, row_start=start, rows=n))
+            start += n
+    return units
 
 
 def _leaf(md: pq.FileMetaData, column: str) -> int:

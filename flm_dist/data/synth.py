@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flm_dist.metrics import auc
 from flm_dist.storage import Store, join, split_uri
 
 __all__ = ["auc", "synth"]
@@ -35,27 +36,6 @@ ALPHA = 2.2  # click logit scale on affinity
 GAMMA = 1.0  # how strongly affinity drives which items a user interacts with
 USER_ID_BASE = 10_000_000
 ITEM_ID_BASE = 5_000_000_000
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC with ties counted as 1/2 (average ranks)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels) > 0.5
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average rank per tie group
-    boundaries = np.flatnonzero(np.diff(s)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(s)]])
-    avg = (starts + ends - 1) / 2.0 + 1.0
-    ranks_sorted = np.repeat(avg, ends - starts)
-    ranks[order] = ranks_sorted
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def _latents(rng, n: int, groups: int, share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +69,20 @@ def _sample_items(rng, user_lat, item_lat, log_pop, counts) -> np.ndarray:
         out[pos : pos + len(idx)] = np.clip(idx, 0, n_items - 1)
         pos += len(idx)
     return out
+
+
+def _write_parts(store: Store, t: pa.Table, prefix: str, n_files: int, row_group_rows: int) -> int:
+    """`t` as `n_files` Parquet parts under `prefix`, in row order."""
+    afs, base = store.arrow_fs(prefix)
+    store.ensure_bucket(prefix)
+    if split_uri(prefix)[0] == "file":
+        afs.create_dir(base, recursive=True)
+    n_files = max(1, min(n_files, max(1, t.num_rows)))
+    bounds = np.linspace(0, t.num_rows, n_files + 1).astype(int)
+    for k in range(n_files):
+        part = t.slice(bounds[k], bounds[k + 1] - bounds[k])
+        pq.write_table(part, f"{base}/part-{k:05d}.parquet", filesystem=afs, row_group_size=row_group_rows)
+    return n_files
 
 
 def synth(
@@ -159,23 +153,11 @@ def synth(
             cols["rating"] = pa.array(rating[mask], pa.float32())
         return pa.table(cols)
 
-    def write(t: pa.Table, prefix: str, n_files: int) -> int:
-        afs, base = store.arrow_fs(prefix)
-        store.ensure_bucket(prefix)
-        if split_uri(prefix)[0] == "file":
-            afs.create_dir(base, recursive=True)
-        n_files = max(1, min(n_files, max(1, t.num_rows)))
-        bounds = np.linspace(0, t.num_rows, n_files + 1).astype(int)
-        for k in range(n_files):
-            part = t.slice(bounds[k], bounds[k + 1] - bounds[k])
-            pq.write_table(part, f"{base}/part-{k:05d}.parquet", filesystem=afs, row_group_size=row_group_rows)
-        return n_files
-
     train_mask = ~in_eval
     n_files = max(files, 8)
-    write(table(train_mask, with_labels=False), join(out, "pretrain"), n_files)
-    write(table(train_mask & labeled[user_idx], with_labels=True), join(out, "train"), n_files)
-    write(table(in_eval, with_labels=True), join(out, "eval"), max(2, n_files // 4))
+    _write_parts(store, table(train_mask, with_labels=False), join(out, "pretrain"), n_files, row_group_rows)
+    _write_parts(store, table(train_mask & labeled[user_idx], with_labels=True), join(out, "train"), n_files, row_group_rows)
+    _write_parts(store, table(in_eval, with_labels=True), join(out, "eval"), max(2, n_files // 4), row_group_rows)
 
     eval_auc = auc(p_click[in_eval], label[in_eval])
     eval_rmse = float(np.sqrt(np.mean((rating[in_eval] - np.clip(3.0 + 1.1 * affinity[in_eval], 1, 5)) ** 2)))
