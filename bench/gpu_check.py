@@ -9,6 +9,10 @@
    limit, L) vs flm_dist end to end from Parquet on local disk with 1 worker (C),
    same model and batch size: samples/s and C/L.
 3. memory: peak device memory of the L arm.
+4. the sequence model (model.history_len; causal Transformer over the history through
+   scaled_dot_product_attention): the same float64 oracle for retrieval steps with
+   uniform negatives, bf16 throughput of the bare loop, and which attention kernels
+   (flash, memory-efficient, math) run its masked attention on the device.
 
     bash bench/gpu_check.sh [--dry] [--out bench/results/gpu_check.json]
 """
@@ -117,6 +121,89 @@ def limit_arm(device, cfg: ModelConfig, bs: int, n: int) -> dict:
     return {"samples_per_s": n * bs / dt, "steps": n, "peak_device_bytes": mem}
 
 
+def seq_batches(cfg: ModelConfig, n: int, bs: int, device, seed: int = 0) -> list[Batch]:
+    """Histories of every length, left-padded (-1), as the read tasks build them."""
+    g = torch.Generator().manual_seed(seed)
+    length = cfg.history_len
+    out = []
+    for _ in range(n):
+        hist = torch.randint(0, cfg.item_rows, (bs, length), generator=g)
+        lengths = torch.randint(0, length + 1, (bs,), generator=g)
+        hist[torch.arange(length).unsqueeze(0) < (length - lengths).unsqueeze(1)] = -1
+        b = Batch(user=torch.randint(0, cfg.user_rows, (bs,), generator=g), item=torch.randint(0, cfg.item_rows, (bs,), generator=g), features={}, history=hist)
+        b.negatives = torch.randint(0, cfg.item_rows, (bs // 2,), generator=g)
+        out.append(b.to(device))
+    return out
+
+
+def seq_steps(model, batches, amp: bool, device) -> list[float]:
+    """Retrieval steps of the sequence model: sampled softmax over in-batch and uniform
+    negatives (the loss in fp32, as the train loop computes it)."""
+    dense, sparse = build_optimizers(model, 1e-3, 0.0, 0.05, "adagrad")
+    model.user_decoder.requires_grad_(False)
+    model.item_decoder.requires_grad_(False)
+    model.head.requires_grad_(False)
+    losses = []
+    for b in batches:
+        b.negatives = b.negatives.to(b.item.device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(b, **forward_flags("retrieval", 0.0))
+        lp = compute_loss("retrieval", out.float(), b, 0.0, 1.0, 0.05, None, len(b), len(b.negatives) / model.cfg.item_rows)
+        loss = lp.total / len(b)
+        for o in (dense, sparse):
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        dense.step()
+        sparse.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# Row-wise Adagrad normalises each row's gradient: a float32 rounding in a tiny gradient
+# moves a row by up to ~lr, so 3 steps of the sequence model reach ~1e-4 on CPU; a
+# wrong kernel, mask or update is off by far more (a dropout mask alone: 0.29).
+SEQ_ORACLE_TOL = 1e-3
+
+
+def seq_check(device, cfg: ModelConfig, bs: int, n: int) -> dict:
+    """Oracle, bf16 throughput and attention kernels of the sequence model."""
+    torch.manual_seed(0)
+    ref = FLM(cfg, [], init_seed=0).double()
+    torch.manual_seed(0)
+    dev = FLM(cfg, [], init_seed=0).to(device)
+    la = seq_steps(ref, seq_batches(cfg, 3, bs, "cpu"), False, torch.device("cpu"))
+    lb = seq_steps(dev, seq_batches(cfg, 3, bs, device), False, device)
+    diff = max(float((a - b.detach().cpu().double()).abs().max()) for a, b in zip(ref.state_dict().values(), dev.state_dict().values(), strict=True))
+    res = {"oracle_max_abs_diff": diff, "oracle_ok": diff < SEQ_ORACLE_TOL and all(abs(a - b) < SEQ_ORACLE_TOL for a, b in zip(la, lb, strict=True))}
+    amp = device.type == "cuda"
+    torch.manual_seed(0)
+    model = FLM(cfg, [], init_seed=0).to(device)
+    batches = seq_batches(cfg, min(n, 32), bs, device)
+    seq_steps(model, batches[:2], amp, device)  # warm-up
+    if amp:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    seq_steps(model, batches, amp, device)
+    if amp:
+        torch.cuda.synchronize()
+    res["bf16" if amp else "fp32"] = {"samples_per_s": len(batches) * bs / (time.perf_counter() - t0), "steps": len(batches), "peak_device_bytes": torch.cuda.max_memory_allocated() if amp else None}
+    # which kernels take the encoder's masked attention (causal & valid slots)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = batches[0]
+    kernels = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+        try:
+            with torch.no_grad(), sdpa_kernel(backend), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                model(b, **forward_flags("retrieval", 0.0))
+            kernels[name] = "ok"
+        except RuntimeError as e:
+            kernels[name] = f"unavailable: {str(e).splitlines()[0][:160]}"
+    res["attention_kernels"] = kernels
+    return res
+
+
 def system_arm(use_gpu: bool, cfg: ModelConfig, bs: int, rows: int) -> dict:
     from flm_dist import launch
     from flm_dist.config import load_job
@@ -173,6 +260,8 @@ def main() -> None:
         "oracle": oracle(device, cfg, min(bs, 512)),
         "limit": limit_arm(device, cfg, bs, n),
     }
+    seq_cfg = replace(cfg, history_len=8 if args.dry else 50, history_layers=1, history_heads=2, history_dropout=0.0, user_id=False)  # no dropout: the oracle needs the same function
+    result["sequence"] = seq_check(device, seq_cfg, min(bs, 128) if args.dry else 2048, 4 if args.dry else 50)
     if not args.skip_system:
         result["system"] = system_arm(gpu, cfg, bs, rows)
         result["C_over_L"] = result["system"]["samples_per_s"] / result["limit"]["samples_per_s"]
@@ -182,6 +271,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if not result["oracle"]["world1_ok"]:
         raise SystemExit("oracle check FAILED: device steps differ from the CPU reference")
+    if not result["sequence"]["oracle_ok"]:
+        raise SystemExit("oracle check FAILED: the sequence model's device steps differ from the CPU reference")
 
 
 if __name__ == "__main__":

@@ -52,10 +52,25 @@ def _job(s3, name, task, **sets):
     return replace(job, storage=s3.storage_config())
 
 
-def test_pretrain_finetune_evaluate_export(ray_local, s3, s3_store, data, tmp_path):
-    # 1. pretraining with 2 workers streaming Parquet from the S3 endpoint
+@pytest.fixture(scope="module")
+def trained(ray_local, s3, s3_store, data):
+    """Pretraining with 2 workers streaming Parquet from the S3 endpoint, then a ctr
+    fine-tune from it (evaluated at the end)."""
     pre = _job(s3, "pre", "pretrain", **{"data.pretrain": "s3://e2e/data/pretrain", "train.epochs": 1})
     r_pre = launch.train(pre, s3_store, fresh=True, progress=False)
+    ft = _job(
+        s3,
+        "ft",
+        "ctr",
+        init_from=r_pre["checkpoint"],
+        **{"data.train": "s3://e2e/data/train", "data.eval": "s3://e2e/data/eval", "train.epochs": 3, "train.lr": 0.01},
+    )
+    return r_pre, launch.train(ft, s3_store, fresh=True, progress=False), ft
+
+
+def test_pretrain_finetune_evaluate_export(trained, s3_store, data, tmp_path):
+    # 1. pretraining
+    r_pre, r_ft, ft = trained
     ref = ckpt.resolve(s3_store, r_pre["checkpoint"])
     assert r_pre["checkpoint"].startswith("s3://e2e/runs/pre/step-")
     assert s3_store.exists(join(ref.step_dir, "COMMITTED"))
@@ -64,15 +79,7 @@ def test_pretrain_finetune_evaluate_export(ray_local, s3, s3_store, data, tmp_pa
     assert {p["kind"] for p in m_pre["sharding_plan"].values()} == {"row_wise"}
     assert r_pre["metrics"]["rows"] == data["rows_pretrain"]  # every row trained on exactly once
 
-    # 2. fine-tune ctr from it, evaluating at the end
-    ft = _job(
-        s3,
-        "ft",
-        "ctr",
-        init_from=r_pre["checkpoint"],
-        **{"data.train": "s3://e2e/data/train", "data.eval": "s3://e2e/data/eval", "train.epochs": 3, "train.lr": 0.01},
-    )
-    r_ft = launch.train(ft, s3_store, fresh=True, progress=False)
+    # 2. the ctr fine-tune from it, evaluated at the end
     ev_train = r_ft["metrics"]["eval"]["overall"]
     assert ev_train["rows"] == data["rows_eval"]
     assert ev_train["auc"] > 0.6, ev_train  # it learned the planted signal
@@ -182,6 +189,34 @@ def _recall_from_export(store, checkpoint, eval_rows, tmp_path, k=10) -> float:
             hit = max(0, min(k, above + tied + 1) - above) / (tied + 1)
         hits.setdefault(u, []).append(hit)
     return float(np.mean([np.mean(h) for h in hits.values()]))
+
+
+def test_case18_never_seen_ids_at_evaluation_are_hashed(trained, s3_store, tmp_path):
+    """RELIABILITY case 18: users (and a feature value) never seen in training, scored
+    by the distributed evaluation through their hashed rows."""
+    _, r_ft, ft = trained
+    n = 300
+    cold = pa.table({
+        "user_id": pa.array(np.arange(10**12, 10**12 + n), pa.int64()),  # never seen
+        "item_id": pa.array(np.arange(n) % 150 + 1, pa.int64()),
+        "label": pa.array((np.arange(n) % 2).astype(np.float32)),
+        "u_segment": pa.array(["never-seen-segment"] * n),
+        "i_category": pa.array([f"c{x % 7}" for x in range(n)]),
+    })
+    fs, path = s3_store.arrow_fs("s3://e2e/cold/part-0.parquet")
+    pq.write_table(cold, path, filesystem=fs)
+    ev = launch.evaluate(r_ft["checkpoint"], s3_store, "s3://e2e/cold")
+    assert ev["overall"]["rows"] == n and ev["slices"]["cold_user"]["rows"] == n
+    # the distributed evaluation equals this process's model on the same rows, hashed here
+    from flm_dist.metrics import auc
+
+    model, manifest, _ = load_model(s3_store, r_ft["checkpoint"])
+    spec = EncodeSpec(read=ReadSpec.for_task("ctr", ft.data.features, [1, 5]), hash=HashSpec.from_dict(manifest["hash_spec"]))
+    cols = encode_table(cold, spec)
+    feats = {f.name: torch.from_numpy(cols[f"f_{f.name}"]) for f in ft.data.features}
+    with torch.no_grad():
+        scores = model(Batch(user=torch.from_numpy(cols["user"]), item=torch.from_numpy(cols["item"]), features=feats)).score.numpy()
+    assert ev["overall"]["auc"] == pytest.approx(auc(scores, cols["label"]), abs=1e-6)
 
 
 def test_config_error_names_key_and_file(tmp_path):

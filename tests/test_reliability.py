@@ -92,7 +92,7 @@ def _worker_pid(trace: str, rank: int) -> int | None:
 
 def test_case02_more_failures_than_max_failures_fail_with_the_error(ray_local, tmp_path, monkeypatch):
     data = str(tmp_path / "log")
-    _write_log(data, 6, 1500)
+    _write_log(data, 4, 800)
     trace = str(tmp_path / "trace")
     job = _job(str(tmp_path / "runs"), "fail", data, **{"scaling.max_failures": 0, "train.epochs": 3})
     t, box = _run_in_thread(job, Store(), monkeypatch, trace, fresh=True)
@@ -111,7 +111,7 @@ def test_case02_more_failures_than_max_failures_fail_with_the_error(ray_local, t
 
 def test_case03_failure_before_first_checkpoint_restarts_from_step_0(ray_local, tmp_path, monkeypatch):
     data = str(tmp_path / "log")
-    _write_log(data, 6, 1500)
+    _write_log(data, 4, 800)
     clean = launch.train(_job(str(tmp_path / "runs"), "clean", data, **{"checkpoint.every_steps": 0}), Store(), fresh=True, progress=False)
     trace = str(tmp_path / "trace")
     job = _job(str(tmp_path / "runs"), "early", data, **{"scaling.max_failures": 1, "checkpoint.every_steps": 0})
@@ -239,7 +239,7 @@ def test_case14_network_and_permission_errors_are_never_skipped(s3, s3_store, bu
 def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, s3, s3_store, tmp_path):
     s3_store.ensure_bucket("s3://rel19")
     local = str(tmp_path / "log")
-    _write_log(local, 4, 1000)
+    _write_log(local, 2, 600)
     s3_store.upload_dir(local, "s3://rel19/log")
 
     def job(name, endpoint, **sets):
@@ -259,7 +259,7 @@ def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, 
     # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
     with FaultyS3(s3.url) as px:
         down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
-        j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 4})
+        j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 1000})  # outlives the outage
         box: dict = {}
         t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
         t.start()
@@ -282,46 +282,3 @@ def _safe(fn):
         return fn()
     except BaseException as e:  # noqa: BLE001
         return e
-
-
-# ---------------------------------------------------------------- case 18
-
-
-def test_case18_never_seen_ids_at_evaluation_are_hashed(ray_local, tmp_path):
-    data = str(tmp_path / "log")
-    _write_log(data, 3, 800)
-    runs = str(tmp_path / "runs")
-    job = tiny_job(runs, "cold", "ctr", **{"data.train": data, "train.epochs": 1})
-    res = launch.train(job, Store(), fresh=True, progress=False)
-    cold = str(tmp_path / "cold")
-    os.makedirs(cold)
-    n = 300
-    pq.write_table(
-        pa.table(
-            {
-                "user_id": pa.array(np.arange(10**12, 10**12 + n), pa.int64()),  # never seen
-                "item_id": pa.array(np.arange(n) % 150, pa.int64()),
-                "label": pa.array((np.arange(n) % 2).astype(np.float32)),
-                "u_segment": pa.array(["never-seen-segment"] * n),
-                "i_category": pa.array([f"c{x % 7}" for x in range(n)]),
-            }
-        ),
-        os.path.join(cold, "part-0.parquet"),
-    )
-    ev = launch.evaluate(res["checkpoint"], Store(), cold)
-    assert ev["overall"]["rows"] == n and ev["slices"]["cold_user"]["rows"] == n
-    # the never-seen IDs were scored through their hashed rows: the distributed
-    # evaluation equals this process's model on the same rows, hashed here
-    from flm_dist.batch import Batch
-    from flm_dist.data.encode import EncodeSpec, encode_table
-    from flm_dist.data.hashing import HashSpec
-    from flm_dist.metrics import auc
-
-    model, manifest, _ = load_model(Store(), res["checkpoint"])
-    table = pq.read_table(os.path.join(cold, "part-0.parquet"))
-    spec = EncodeSpec(read=ReadSpec.for_task("ctr", job.data.features, [1, 5]), hash=HashSpec.from_dict(manifest["hash_spec"]))
-    cols = encode_table(table, spec)
-    feats = {f.name: torch.from_numpy(cols[f"f_{f.name}"]) for f in job.data.features}
-    with torch.no_grad():
-        scores = model(Batch(user=torch.from_numpy(cols["user"]), item=torch.from_numpy(cols["item"]), features=feats)).score.numpy()
-    assert ev["overall"]["auc"] == pytest.approx(auc(scores, cols["label"]), abs=1e-6)
