@@ -148,7 +148,9 @@ def seq_steps(model, batches, amp: bool, device) -> list[float]:
         b.negatives = b.negatives.to(b.item.device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(b, **forward_flags("retrieval", 0.0))
-        lp = compute_loss("retrieval", out.float(), b, 0.0, 1.0, 0.05, None, len(b), len(b.negatives) / model.cfg.item_rows)
+        # the device path computes the loss in fp32 as the train loop does; the float64 reference in float64
+        out = out if model.history.pos.dtype == torch.float64 else out.float()
+        lp = compute_loss("retrieval", out, b, 0.0, 1.0, 0.05, None, len(b), len(b.negatives) / model.cfg.item_rows)
         loss = lp.total / len(b)
         for o in (dense, sparse):
             o.zero_grad(set_to_none=True)
@@ -189,18 +191,28 @@ def seq_check(device, cfg: ModelConfig, bs: int, n: int) -> dict:
         torch.cuda.synchronize()
     res["bf16" if amp else "fp32"] = {"samples_per_s": len(batches) * bs / (time.perf_counter() - t0), "steps": len(batches), "peak_device_bytes": torch.cuda.max_memory_allocated() if amp else None}
     # which kernels take the encoder's masked attention (causal & valid slots)
+    import warnings
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b = batches[0]
     kernels = {}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
-        try:
-            with torch.no_grad(), sdpa_kernel(backend), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                model(b, **forward_flags("retrieval", 0.0))
-            kernels[name] = "ok"
-        except RuntimeError as e:
-            kernels[name] = f"unavailable: {str(e).splitlines()[0][:160]}"
+        with warnings.catch_warnings(record=True) as caught:  # why a kernel cannot run comes as warnings
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(backend), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    model(b, **forward_flags("retrieval", 0.0)).z_user.float().sum().backward()  # forward and backward kernels
+                kernels[name] = "ok"
+            except RuntimeError as e:
+                reasons = "; ".join(str(w.message).splitlines()[0][:200] for w in caught)
+                kernels[name] = f"unavailable: {str(e).splitlines()[0][:120]}" + (f" ({reasons})" if reasons else "")
     res["attention_kernels"] = kernels
+    # an empty batch (a rank whose data ran out) still runs the encoder on the device
+    empty = seq_batches(model.cfg, 1, 0, device)[0]
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        z = model(empty, **forward_flags("retrieval", 0.0)).z_user
+    res["empty_batch_ok"] = tuple(z.shape) == (0, model.cfg.latent_dim)
     return res
 
 

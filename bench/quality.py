@@ -15,13 +15,20 @@ Protocols (data in ../shared/data):
 - `lastfm`, `toys`: LastFM.txt and Toys_and_Games.txt, leave-one-out (each user's last
   item is the test target), full ranking over every item, the user's earlier items
   excluded; `retrieval` scratch vs pretrained, beside most-popular.
+- `lastfm-seq`, `toys-seq` (issue 17): the same files as per-user sequences (the
+  `flm-dist data sequences` stage) for the sequence model (`jobs/pretrain_sequence.yaml`,
+  `jobs/finetune_retrieval_sequence.yaml`: a causal Transformer over each user's
+  history, no user ID). 10% of the users are held out of all training (cold start);
+  for the others the last item is the test target and the one before it validation.
+  Full ranking, earlier items excluded; warm users and cold users (scored from the
+  export with their history only), beside most-popular.
 
 Scores come from each arm's exported TorchScript scorer (ctr, rating) or its exported
 user and item vectors (retrieval), computed here independently of the training
 system's own evaluation (both are printed). Confidence intervals: 95% percentile
 bootstrap over users (the same resamples for both sides of a difference).
 
-    python bench/quality.py [--only ml,lastfm,toys] [--quick] [--work /tmp/flm-quality]
+    python bench/quality.py [--only ml,lastfm,toys,lastfm-seq,toys-seq] [--quick] [--work /tmp/flm-quality]
 
 Writes docs/results/quality.json and its section of docs/RESULTS.md.
 """

@@ -239,17 +239,18 @@ def test_case14_network_and_permission_errors_are_never_skipped(s3, s3_store, bu
 def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, s3, s3_store, tmp_path):
     s3_store.ensure_bucket("s3://rel19")
     local = str(tmp_path / "log")
-    _write_log(local, 2, 600)
+    _write_log(local, 3, 600)
     s3_store.upload_dir(local, "s3://rel19/log")
 
     def job(name, endpoint, **sets):
         j = _job("s3://rel19/runs", name, "s3://rel19/log", **{"data.deterministic": True, "train.epochs": 1, **sets})
         return replace(j, storage=replace(s3.storage_config(), endpoint_url=endpoint))
 
-    clean = launch.train(job("clean", s3.url), s3_store, fresh=True, progress=False)
+    # a save every 3 steps: enough requests (reads, saves, commits) for the faults to land
+    clean = launch.train(job("clean", s3.url, **{"checkpoint.every_steps": 3}), s3_store, fresh=True, progress=False)
     with FaultyS3(s3.url, error_rate=0.10, delay_rate=0.10, reset_rate=0.02, delay_s=0.2, seed=1) as px:
         flaky_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url))
-        flaky = launch.train(job("flaky", px.url), flaky_store, fresh=True, progress=False)
+        flaky = launch.train(job("flaky", px.url, **{"checkpoint.every_steps": 3}), flaky_store, fresh=True, progress=False)
         assert px.counts["errors"] > 10 and px.counts["resets"] > 0, px.counts
     assert flaky["metrics"]["steps"] == clean["metrics"]["steps"] and flaky["metrics"]["rows"] == clean["metrics"]["rows"]
     a, _, _ = load_model(s3_store, clean["checkpoint"])
@@ -259,7 +260,7 @@ def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, 
     # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
     with FaultyS3(s3.url) as px:
         down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
-        j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 1000})  # outlives the outage
+        j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 50})  # outlives the outage (each epoch re-reads the store)
         box: dict = {}
         t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
         t.start()
