@@ -28,7 +28,7 @@ user and item vectors (retrieval), computed here independently of the training
 system's own evaluation (both are printed). Confidence intervals: 95% percentile
 bootstrap over users (the same resamples for both sides of a difference).
 
-    python bench/quality.py [--only ml,lastfm,toys,lastfm-seq,toys-seq] [--quick] [--work /tmp/flm-quality]
+    python bench/quality.py [--only ml,lastfm,toys,lastfm-seq,toys-seq [--merge]] [--quick] [--work /tmp/flm-quality]
 
 Writes docs/results/quality.json and its section of docs/RESULTS.md.
 """
@@ -76,7 +76,7 @@ SIZES = {
     "lastfm": {"model.user_rows": 32768, "model.item_rows": 100_000},
     "toys": {"model.user_rows": 400_000, "model.item_rows": 250_000},
 }
-BATCH = {"ml": (2048, 512), "lastfm": (1024, 1024), "toys": (2048, 1024)}
+BATCH = {"ml": (1024, 1024), "lastfm": (1024, 1024), "toys": (2048, 1024)}
 EPOCHS = {"ml": (20, 10), "lastfm": (20, 10), "toys": (10, 10)}
 GENRES = "[{name: genres, side: item, kind: multi, max_len: 8}]"
 
@@ -535,26 +535,39 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/flm-quality")
     ap.add_argument("--out", default=os.path.join(OUT, "quality.json"))
     ap.add_argument("--no-md", action="store_true", help="do not rewrite docs/RESULTS.md")
+    ap.add_argument("--merge", action="store_true", help="keep the protocols of --out that this run does not redo")
     args = ap.parse_args()
     info = common.machine_info()
     t0 = time.time()
     results: dict = {}
     only = args.only.split(",")
-    if "ml" in only:
-        results["ml"] = run_ml(args.work, args.quick)
-    if "lastfm" in only:
-        results["lastfm"] = run_loo(args.work, "lastfm", "LastFM.txt", args.quick)
-    if "toys" in only:
-        results["toys"] = run_loo(args.work, "toys", "Toys_and_Games.txt", args.quick)
-    if "lastfm-seq" in only:
-        results["lastfm-seq"] = run_seq(args.work, "lastfm", "LastFM.txt", args.quick)
-    if "toys-seq" in only:
-        results["toys-seq"] = run_seq(args.work, "toys", "Toys_and_Games.txt", args.quick)
-    results["_meta"] = {"seconds": round(time.time() - t0, 1), "machine": info, "quick": args.quick, "bootstrap": BOOT}
+    protocols = {
+        "ml": lambda: run_ml(args.work, args.quick),
+        "lastfm": lambda: run_loo(args.work, "lastfm", "LastFM.txt", args.quick),
+        "toys": lambda: run_loo(args.work, "toys", "Toys_and_Games.txt", args.quick),
+        "lastfm-seq": lambda: run_seq(args.work, "lastfm", "LastFM.txt", args.quick),
+        "toys-seq": lambda: run_seq(args.work, "toys", "Toys_and_Games.txt", args.quick),
+    }
+    for name, run in protocols.items():
+        if name in only:
+            t = time.time()
+            results[name] = run()
+            results[name]["wall_s"] = round(time.time() - t, 1)
+    if args.merge and os.path.exists(args.out):  # keep the other protocols of an earlier run
+        with open(args.out) as f:
+            earlier = json.load(f)
+        earlier.pop("_meta", None)
+        results = {**{k: v for k, v in earlier.items() if k not in results}, **results}
+    # runs before wall_s was recorded: pretraining + protocol seconds (data preparation not counted)
+    wall = {k: v.get("wall_s") or round(v["pretrain"]["seconds"] + sum(p["seconds"] for p in v["protocols"].values()), 1) for k, v in results.items()}
+    results["_meta"] = {"seconds": round(time.time() - t0, 1), "wall_s": wall, "machine": info, "quick": args.quick, "bootstrap": BOOT}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, default=str)
-    body = markdown(results) + f"\n\nWall time {results['_meta']['seconds']:.0f} s. Raw figures: `docs/results/quality.json`."
+    wall = results["_meta"]["wall_s"]
+    known = list(wall.values())
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items())
+    body = markdown(results) + f"\n\nWall time on this machine: {sum(known) / 60:.1f} min ({parts}). Raw figures: `docs/results/quality.json`."
     print(body)
     if not args.no_md and not args.quick:
         common.update_benchmarks_md("quality", body, "python bench/quality.py", info, path=os.path.join(os.path.dirname(__file__), "..", "docs", "RESULTS.md"))
