@@ -570,7 +570,7 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     job = from_dict(JobConfig, source["config"])
     data_files = source.get("data_files") or []
     first_schema = None
-    if data_files:
+    if data_files and any(f.kind == "multi" for f in job.data.features):  # their value kind
         afs, path = store.arrow_fs(data_files[0]["uri"])
         first_schema = pq.read_schema(path, filesystem=afs)
     features = _feature_meta(job.data.features, id_kinds, first_schema, job.model.history_len)

@@ -156,6 +156,24 @@ def test_a_sequence_whose_time_goes_back_is_refused(tmp_path):
         encode_table(pq.read_table(tmp_path / "seq.parquet"), enc, 0)
 
 
+def test_events_without_a_time_keep_order_and_ties(tmp_path):
+    """A null ts takes the time before it: [7, null, 3] still goes back in time, and in
+    [5, null, 5, 6] the two 5s still tie (neither is the other's history), while the
+    null event itself is history to nobody."""
+    bad = pa.table({"user_id": pa.array([1], pa.int64()), "item_id": pa.array([[10, 11, 12]]), "ts": pa.array([[7, None, 3]], pa.list_(pa.int64()))})
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    plan, enc = _spec(Store(), str(tmp_path / "bad.parquet"), length=3)
+    with pytest.raises(DataError, match=r"user 1: event 2 of the sequence has ts 3 after 7"):
+        encode_table(bad, enc, 0)
+    ok = pa.table({"user_id": pa.array([2], pa.int64()), "item_id": pa.array([[20, 21, 22, 23]]), "ts": pa.array([[5, None, 5, 6]], pa.list_(pa.int64()))})
+    pq.write_table(ok, tmp_path / "ok.parquet")
+    plan, enc = _spec(Store(), str(tmp_path / "ok.parquet"), length=3)
+    cols = encode_table(ok, enc, 0)
+    hist = np.stack([cols[f"hist__{j}"] for j in range(3)], 1).tolist()
+    row = {i: int(HASH.hash("item", pa.array([i], pa.int64()))[0]) for i in (20, 21, 22)}
+    assert hist == [[-1, -1, -1], [-1, -1, -1], [-1, -1, -1], [-1, row[20], row[22]]]
+
+
 def test_history_encoder_length_buckets_equal_the_full_width():
     torch.manual_seed(0)
     enc = HistoryEncoder(dim=8, length=8, layers=2, heads=2, dropout=0.0).eval()

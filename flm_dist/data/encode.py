@@ -210,12 +210,23 @@ def _event_times(flat: pa.Table, index: np.ndarray) -> np.ndarray:
         ts = pc.cast(ts, pa.int64())  # timestamps, dates, durations
     valid = ts.is_valid().to_numpy(zero_copy_only=False)
     times = ts.fill_null(0).to_numpy(zero_copy_only=False)
-    back = np.flatnonzero((index[1:] > 0) & valid[1:] & valid[:-1] & (times[1:] < times[:-1]))
+    if times.dtype.kind == "f":
+        valid &= ~np.isnan(times)
+    # An event without a time takes the last time before it in its user's sequence (the
+    # user's first times: the lowest value), so order and ties are judged across it: in
+    # [7, null, 3] the 3 still comes after the 7, in [5, null, 5] the two 5s still tie.
+    pos = np.arange(len(times))
+    last = np.maximum.accumulate(np.where(valid, pos, -1))
+    carried = valid | (last >= pos - index)
+    low = np.iinfo(times.dtype).min if times.dtype.kind in "iu" else -np.inf
+    times = np.where(valid, times, np.where(carried, times[np.maximum(last, 0)], low))
+    back = np.flatnonzero((index[1:] > 0) & (times[1:] < times[:-1]))
     if len(back):
         i = int(back[0]) + 1
+        j = int(last[i - 1])
         raise DataError(
             f"user {flat.column('user_id')[i].as_py()!r}: event {int(index[i])} of the sequence has ts {ts[i].as_py()} after "
-            f"{ts[i - 1].as_py()}; per-user sequences list events in time order (write them with `flm-dist data sequences`)"
+            f"{ts[j].as_py()}; per-user sequences list events in time order (write them with `flm-dist data sequences`)"
         )
     return times
 

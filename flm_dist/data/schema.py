@@ -141,7 +141,7 @@ def check_schema(schema: pa.Schema, spec: ReadSpec, where: str, sequence: bool =
     # Optional columns are checked only when the job reads them: a pretraining job
     # does not care what type a `label` column has.
     optional = [
-        ("ts", _is_ts, "integer seconds or timestamp", spec.read_ts),
+        ("ts", _is_ts, "integer seconds or timestamp", spec.read_ts or spec.history_len > 0),
         ("label", _is_numeric, "numeric", spec.read_label),
         ("rating", _is_numeric, "numeric", spec.read_rating),
     ]
