@@ -1,11 +1,10 @@
-"""The pretraining payoff, reproducibly: two protocols, each pretrained vs scratch at
-the same fine-tune budget and seeds, written to docs/RESULTS.md (+ plots).
+"""The pretraining payoff on synthetic data: pretrained vs scratch at the same
+fine-tune budget and seeds, written to docs/results/ (section 2 of docs/RESULTS.md).
 
-1. synthetic, label scarcity: a log of all users for pretraining, labels for only a
-   share of users (--labeled-users), evaluation on all users (cold users = unlabeled).
-2. Amazon Toys_and_Games (../shared/data): leave-one-out by order (the last item of
-   each user is the test target), full ranking over all items, the user's earlier
-   items excluded; the most-popular baseline beside both arms.
+Label scarcity: a log of all users for pretraining, labels for only a share of users
+(--labeled-users), evaluation on all users (cold users = unlabeled). The generator
+plants the structure FLM learns, so this checks the machinery; real data is
+bench/quality.py's.
 
     python bench/payoff.py [--quick] [--out docs/results]
 """
@@ -18,20 +17,13 @@ import os
 import sys
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from flm_dist import launch  # noqa: E402
 from flm_dist.config import load_job  # noqa: E402
-from flm_dist.data.convert import convert  # noqa: E402
 from flm_dist.data.synth import synth  # noqa: E402
 from flm_dist.payoff import compare, summary_markdown  # noqa: E402
 from flm_dist.storage import Store  # noqa: E402
-
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 def synthetic(root: str, out: str, quick: bool, labeled: float) -> dict:
@@ -56,64 +48,19 @@ def synthetic(root: str, out: str, quick: bool, labeled: float) -> dict:
     return res
 
 
-def leave_one_out(src_dir: str, dst: str) -> None:
-    """train/: every interaction but each user's last; test/: the last one."""
-    t = pq.read_table(src_dir)
-    order = np.lexsort((t.column("ts").to_numpy(), t.column("user_id").to_numpy()))
-    t = t.take(pa.array(order))
-    u = t.column("user_id").to_numpy()
-    last = np.r_[u[1:] != u[:-1], True]
-    for name, mask in (("train", ~last), ("test", last)):
-        part = t.filter(pa.array(mask))
-        os.makedirs(f"{dst}/{name}", exist_ok=True)
-        n = 4
-        for k, lo in enumerate(np.linspace(0, part.num_rows, n + 1).astype(int)[:-1]):
-            hi = np.linspace(0, part.num_rows, n + 1).astype(int)[k + 1]
-            pq.write_table(part.slice(lo, hi - lo), f"{dst}/{name}/part-{k}.parquet")
-
-
-def toys(root: str, out: str, quick: bool) -> dict:
-    store = Store()
-    src = os.path.join(SHARED, "Toys_and_Games.txt")
-    if not os.path.exists(src):
-        raise SystemExit(f"{src} not found: the Toys protocol needs ../shared/data")
-    convert(store, "sequence", src, f"{root}/seq", files=4)
-    leave_one_out(f"{root}/seq", f"{root}/loo")
-    common = [
-        f"run.storage={root}/runs",
-        "model.user_rows=32768",
-        "model.item_rows=32768",
-        "model.embedding_dim=64",
-        "model.hidden=[256]",
-        "model.latent_dim=64",
-        "data.batch_size=1024",
-        "scaling.num_workers=2",
-        "train.temperature=0.1",
-        "train.lr=0.002",
-        "train.sparse_lr=0.05",
-    ]
-    epochs = 2 if quick else 10
-    pre = load_job(None, [*common, "task=pretrain", "run.name=toys-pre", f"data.pretrain={root}/loo/train", f"train.epochs={epochs}"])
-    r_pre = launch.train(pre, store, fresh=True, progress=False)
-    ft = load_job(None, [*common, "task=retrieval", "run.name=toys-ft", f"init_from={r_pre['checkpoint']}", f"data.train={root}/loo/train", f"data.eval={root}/loo/test", f"train.epochs={epochs}", "train.recon_weight=0"])
-    return compare(ft, store, out=out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", default="/tmp/flm-payoff")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results"))
     ap.add_argument("--labeled-users", type=float, default=0.3)
-    ap.add_argument("--only", choices=["synthetic", "toys"])
+    ap.add_argument("--only", choices=["synthetic"], help="the only protocol here (real data: bench/quality.py)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     results = {}
     if args.only in (None, "synthetic"):
         results["synthetic"] = synthetic(f"{args.work}/syn", f"{args.out}/synthetic", args.quick, args.labeled_users)
-    if args.only in (None, "toys"):
-        results["toys"] = toys(f"{args.work}/toys", f"{args.out}/toys", args.quick)
     with open(os.path.join(args.out, "payoff.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     for name, r in results.items():
