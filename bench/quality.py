@@ -574,10 +574,15 @@ def main() -> None:
     ap.add_argument("--no-md", action="store_true", help="do not rewrite docs/RESULTS.md")
     ap.add_argument("--merge", action="store_true", help="keep the protocols of --out that this run does not redo")
     args = ap.parse_args()
+    only = args.only.split(",")
+    if "ml" in only:
+        try:
+            import surprise  # noqa: F401
+        except ImportError:
+            raise SystemExit("the ml protocol's baselines need scikit-surprise: `make quality`, or pip install -e '.[quality]' -c constraints.txt") from None
     info = common.machine_info()
     t0 = time.time()
     results: dict = {}
-    only = args.only.split(",")
     protocols = {
         "ml": lambda: run_ml(args.work, args.quick),
         "lastfm": lambda: run_loo(args.work, "lastfm", "LastFM.txt", args.quick),
