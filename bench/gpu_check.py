@@ -273,7 +273,7 @@ def main() -> None:
         "limit": limit_arm(device, cfg, bs, n),
     }
     seq_cfg = replace(cfg, history_len=8 if args.dry else 50, history_layers=1, history_heads=2, history_dropout=0.0, user_id=False)  # no dropout: the oracle needs the same function
-    result["sequence"] = seq_check(device, seq_cfg, min(bs, 128) if args.dry else 2048, 4 if args.dry else 50)
+    result["sequence"] = seq_check(device, seq_cfg, 64 if args.dry else 2048, 2 if args.dry else 50)
     if not args.skip_system:
         result["system"] = system_arm(gpu, cfg, bs, rows)
         result["C_over_L"] = result["system"]["samples_per_s"] / result["limit"]["samples_per_s"]
