@@ -363,7 +363,7 @@ def ray_worker(config: dict) -> None:
     import ray.train
 
     from flm_dist.data.pipeline import BatchStream
-    from flm_dist.train_loop import _Fetcher
+    from flm_dist.train_loop import Fetcher
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -380,7 +380,7 @@ def ray_worker(config: dict) -> None:
             """The train loop's prefetch thread over one epoch of the stream."""
 
             def __init__(self):
-                self.f = _Fetcher(stream, next(epoch))
+                self.f = Fetcher(stream, next(epoch))
 
             def __iter__(self):
                 while (b := self.f.next()[0]) is not None:
