@@ -55,23 +55,29 @@ def make_batches(cfg: ModelConfig, n: int, bs: int, device, seed: int = 0) -> li
     return out
 
 
-def steps(model, batches, amp: bool, device) -> list[float]:
+def _train(model, batches, loss_of, frozen=("user_decoder", "item_decoder")) -> list[float]:
+    """Optimiser steps over `batches`; `loss_of(batch)` is the batch's loss sum."""
     dense, sparse = build_optimizers(model, 1e-3, 0.0, 0.05, "adagrad")
-    model.user_decoder.requires_grad_(False)
-    model.item_decoder.requires_grad_(False)
+    for name in frozen:
+        getattr(model, name).requires_grad_(False)
     losses = []
     for b in batches:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(b, **forward_flags("ctr", 0.0))
-            lp = compute_loss("ctr", out, b, 0.0, 1.0, 0.1, None)
-        loss = lp.total / len(b)
+        loss = loss_of(b) / len(b)
         for o in (dense, sparse):
             o.zero_grad(set_to_none=True)
         loss.backward()
         dense.step()
         sparse.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
+
+
+def steps(model, batches, amp: bool, device) -> list[float]:
+    def loss_of(b):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            return compute_loss("ctr", model(b, **forward_flags("ctr", 0.0)), b, 0.0, 1.0, 0.1, None).total
+
+    return _train(model, batches, loss_of)
 
 
 ORACLE_TOL = 1e-4  # float32 rounding over 4 steps stays far below; a wrong kernel or update does not
@@ -139,26 +145,16 @@ def seq_batches(cfg: ModelConfig, n: int, bs: int, device, seed: int = 0) -> lis
 def seq_steps(model, batches, amp: bool, device) -> list[float]:
     """Retrieval steps of the sequence model: sampled softmax over in-batch and uniform
     negatives (the loss in fp32, as the train loop computes it)."""
-    dense, sparse = build_optimizers(model, 1e-3, 0.0, 0.05, "adagrad")
-    model.user_decoder.requires_grad_(False)
-    model.item_decoder.requires_grad_(False)
-    model.head.requires_grad_(False)
-    losses = []
-    for b in batches:
+
+    def loss_of(b):
         b.negatives = b.negatives.to(b.item.device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(b, **forward_flags("retrieval", 0.0))
         # the device path computes the loss in fp32 as the train loop does; the float64 reference in float64
         out = out if model.history.pos.dtype == torch.float64 else out.float()
-        lp = compute_loss("retrieval", out, b, 0.0, 1.0, 0.05, None, len(b), len(b.negatives) / model.cfg.item_rows)
-        loss = lp.total / len(b)
-        for o in (dense, sparse):
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        dense.step()
-        sparse.step()
-        losses.append(float(loss.detach()))
-    return losses
+        return compute_loss("retrieval", out, b, 0.0, 1.0, 0.05, None, len(b), len(b.negatives) / model.cfg.item_rows).total
+
+    return _train(model, batches, loss_of, ("user_decoder", "item_decoder", "head"))
 
 
 # Row-wise Adagrad normalises each row's gradient: a float32 rounding in a tiny gradient
