@@ -54,6 +54,17 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def _s3fs_module():
+    """s3fs, with botocore's retry as the only retry layer. s3fs wraps every call in
+    its own loop of 5 attempts (SlowDown, connection errors), each running botocore's
+    `storage.max_attempts`: a store that is down took 5x the attempts and ~25 s to
+    report it. Set on the class because DCP builds its own S3FileSystem instances."""
+    import s3fs
+
+    s3fs.S3FileSystem.retries = 1
+    return s3fs
+
+
 @dataclass(frozen=True)
 class Store:
     """Connection settings for object storage; picklable, so it travels to Ray workers.
@@ -97,8 +108,7 @@ class Store:
 
     @cached_property
     def _s3fs(self) -> Any:
-        import s3fs
-
+        s3fs = _s3fs_module()
         kwargs: dict[str, Any] = {
             "client_kwargs": {"region_name": self._region},
             # botocore's adaptive mode: exponential backoff with jitter, bounded attempts.
@@ -122,6 +132,7 @@ class Store:
         """fsspec storage options for libraries that open URIs themselves (DCP)."""
         if not is_remote(uri):
             return {}
+        _s3fs_module()  # the filesystem DCP builds from these options retries once, too
         opts: dict[str, Any] = {
             "client_kwargs": {"region_name": self._region},
             "config_kwargs": {"retries": {"max_attempts": self.max_attempts, "mode": "adaptive"}},

@@ -232,8 +232,12 @@ def test_case14_network_and_permission_errors_are_never_skipped(s3, s3_store, bu
             plan_read(store, join(bucket, "log"), spec, on_bad_file="skip", max_bad_files=100)
         px.deny = set()
         px.down = True  # the store answers 503 to everything
+        before = px.counts["requests"]
         with pytest.raises(StorageError):
             plan_read(store, join(bucket, "log"), spec, on_bad_file="skip", max_bad_files=100)
+        # storage.max_attempts (2) bounds each call's attempts: one retry layer, not s3fs's
+        # 5 x botocore's. s3fs's info() may make two calls, so at most 4 requests (was 15).
+        assert px.counts["requests"] - before <= 4, px.counts
 
 
 def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, s3, s3_store, tmp_path):
