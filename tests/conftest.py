@@ -14,6 +14,11 @@ from flm_dist.storage import EmbeddedS3, Store
 # Ray on CI has 2 cores, like this machine: the tests run with what the defaults pick.
 RAY_CPUS = int(os.environ.get("FLM_TEST_RAY_CPUS", "2"))
 
+# Ray Train's controller polls its workers every 2 s, so every run (and every worker
+# death a test causes) is noticed up to 2 s late; the suite starts ~40 runs. Set before
+# any Ray starts, so the local runtime, `ray start` nodes and CLI subprocesses inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 @pytest.fixture(scope="session")
 def s3():
