@@ -26,7 +26,7 @@ from flm_dist.storage import StorageError, Store, join
 from flm_dist.train_loop import NonFiniteLossError
 from tests.conftest import tiny_job
 from tests.faulty_s3 import FaultyS3
-from tests.test_resume import read_trace
+from tests.test_resume import all_positions, read_trace
 
 pytestmark = pytest.mark.slow
 
@@ -112,20 +112,21 @@ def test_case02_more_failures_than_max_failures_fail_with_the_error(ray_local, t
 def test_case03_failure_before_first_checkpoint_restarts_from_step_0(ray_local, tmp_path, monkeypatch):
     data = str(tmp_path / "log")
     _write_log(data, 4, 800)
-    clean = launch.train(_job(str(tmp_path / "runs"), "clean", data, **{"checkpoint.every_steps": 0}), Store(), fresh=True, progress=False)
     trace = str(tmp_path / "trace")
     job = _job(str(tmp_path / "runs"), "early", data, **{"scaling.max_failures": 1, "checkpoint.every_steps": 0})
     t, box = _run_in_thread(job, Store(), monkeypatch, trace, fresh=True)
-    pid = _wait(lambda: _worker_pid(trace, 1), every=0.05)
-    assert pid
+    first = _wait(lambda: (_worker_pid(trace, 0), _worker_pid(trace, 1)) if _worker_pid(trace, 0) and _worker_pid(trace, 1) else None, every=0.05)
+    assert first
     assert ckpt.find_latest(Store(), str(tmp_path / "runs" / "early")) is None  # nothing committed yet
-    os.kill(pid, signal.SIGKILL)
+    os.kill(first[1], signal.SIGKILL)
     t.join(timeout=300)
     assert "result" in box, box.get("error")
-    assert box["result"]["metrics"]["steps"] == clean["metrics"]["steps"]
-    # the second attempt started over: its steps start at 1
-    starts = sorted(min(s for s, _ in recs) for recs in read_trace(trace, 0).values())
-    assert starts.count(1) >= 3
+    # the second attempt started over at step 1 and trained every row exactly once
+    second = {pid: recs for pid, recs in read_trace(trace, 0).items() if pid not in first}
+    assert len(second) == 2 and all(min(s for s, _ in recs) == 1 for recs in second.values())
+    got = np.sort(np.concatenate([p for recs in second.values() for _, p in recs]))
+    assert np.array_equal(got, all_positions(data))
+    assert box["result"]["metrics"]["steps"] == max(s for recs in second.values() for s, _ in recs)
 
 
 # ---------------------------------------------------------------- case 4
