@@ -227,12 +227,21 @@ def new_attempt_id(group=None) -> str:
 def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
     """Rank 0 only, after save_state returned everywhere: write the manifest, then the
     marker (create-exclusive). False if another attempt already committed this step."""
-    store.write_json(join(ref.uri, MANIFEST), manifest)
-    files = _listing(store, ref.uri)
-    if not is_remote(ref.uri):
-        # Local disks have no content checksums of their own: record sha256 per file.
-        for name in files:
-            files[name]["sha256"] = _sha256(store, join(ref.uri, name))
+    try:
+        store.write_json(join(ref.uri, MANIFEST), manifest)
+        files = _listing(store, ref.uri)
+        if not is_remote(ref.uri):
+            # Local disks have no content checksums of their own: record sha256 per file.
+            for name in files:
+                files[name]["sha256"] = _sha256(store, join(ref.uri, name))
+    except (FileNotFoundError, StorageError):
+        # A racing attempt that committed first prunes the other attempts of its step,
+        # ours included, possibly under our feet: then we lost, we did not fail.
+        winner = _read_marker(store, ref.step_dir)
+        if winner is None or winner["attempt"] == ref.attempt:
+            raise
+        log.warning("step %d was committed by attempt %s while %s was committing; ours is discarded", ref.step, winner["attempt"], ref.uri)
+        return False
     marker = {"attempt": ref.attempt, "step": ref.step, "files": files, "committed_at": time.time()}
     won = store.create_exclusive(join(ref.step_dir, MARKER), json.dumps(marker, indent=2).encode())
     if not won:

@@ -133,6 +133,28 @@ def test_zombie_writers_exactly_one_commit_wins(tmp_path, s3_store, bucket):
         assert not all(torch.equal(sd[k], torch.from_numpy(v)) for k, v in results[loser][2].items())
 
 
+def test_a_loser_whose_folder_the_winner_prunes_mid_commit_learns_it_lost(tmp_path, monkeypatch):
+    """The winner's prune deletes the other attempts of its step, one of which may be a
+    racing writer between its manifest and its marker: that writer lost, and must say
+    so (and learn the winner), not report the step as failed (seen in CI)."""
+    store, run_dir = Store(), str(tmp_path / "run")
+    sd = {"model": FLM(CFG, FEATS, init_seed=1).state_dict()}
+    loser = ckpt.CheckpointRef(run_dir, 10, "loser")
+    ckpt.dcp.save(sd, storage_writer=ckpt.FsspecWriter(loser.uri, single_file_per_rank=True, sync_files=False))
+    original, raced = ckpt._sha256, {}
+
+    def winner_commits_first(store_, uri):
+        if not raced:  # the other writer's commit lands between our listing and our checksums
+            raced["winner"] = None
+            raced["winner"] = _save(store, run_dir, 10, seed=2)[0]
+        return original(store_, uri)
+
+    monkeypatch.setattr(ckpt, "_sha256", winner_commits_first)
+    assert ckpt.commit(store, loser, {"step": 10}) is False
+    assert ckpt.find_latest(store, run_dir) == raced["winner"]
+    assert not os.path.exists(loser.uri)
+
+
 def test_keep_last_deletes_only_after_a_newer_commit(tmp_path):
     store, run_dir = Store(), str(tmp_path / "run")
     refs = [_save(store, run_dir, s)[0] for s in (10, 20, 30)]
