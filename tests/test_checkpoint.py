@@ -97,7 +97,11 @@ def _racing_writer(store, run_dir, seed, barrier, out):
         return original(*args)
 
     ckpt.commit = synced
-    ref, uri, m = _save(store, run_dir, 10, seed=seed)
+    try:
+        ref, uri, m = _save(store, run_dir, 10, seed=seed)
+    except Exception as e:  # the parent reports it now instead of waiting out its timeout
+        out.put((seed, f"{type(e).__name__}: {e}", None, None))
+        raise
     # numpy, not tensors: torch would pass tensors through shared memory this process frees on exit
     out.put((seed, ref.attempt, uri, {k: v.numpy().copy() for k, v in m.state_dict().items()}))
 
@@ -116,6 +120,7 @@ def test_zombie_writers_exactly_one_commit_wins(tmp_path, s3_store, bucket):
         for p in procs:
             p.start()
         results = {r[0]: r[1:] for r in (out.get(timeout=180) for _ in procs)}
+        assert all(r[2] is not None for r in results.values()), results
         for p in procs:
             p.join(timeout=30)
             assert p.exitcode == 0
