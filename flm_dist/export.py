@@ -36,7 +36,7 @@ from torch import nn
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import FeatureConfig, JobConfig, from_dict
+from flm_dist.config import FeatureConfig, ModelConfig, from_dict
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
@@ -98,10 +98,13 @@ def load_model(store: Store, checkpoint: str) -> tuple[FLM, dict, ckpt.Checkpoin
     gathers the row blocks of every shard, whatever the world size that saved them."""
     ref = ckpt.resolve(store, checkpoint)
     manifest = ckpt.load_manifest(store, ref)
-    job = from_dict(JobConfig, manifest["config"])
-    lo, hi = job.data.rating_range
+    # the model's own configs, not the whole job: its data, storage and cluster keys are
+    # not this function's business
+    cfg = manifest["config"]
+    lo, hi = cfg["data"]["rating_range"]
     center = (lo + hi) / 2 if manifest["task"] == "rating" else 0.0
-    model = FLM(job.model, job.data.features, rating_center=center)
+    features = [from_dict(FeatureConfig, f) for f in cfg["data"]["features"]]
+    model = FLM(from_dict(ModelConfig, cfg["model"]), features, rating_center=center)
     state = {"model": model.state_dict()}
     ckpt.load_state(store, ref, state)
     model.eval()
@@ -567,25 +570,24 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     model = model.float().eval()
     spec = HashSpec.from_dict(source["hash_spec"])
     task, id_kinds = source["task"], source.get("data_columns", {})
-    job = from_dict(JobConfig, source["config"])
     data_files = source.get("data_files") or []
     first_schema = None
-    if data_files and any(f.kind == "multi" for f in job.data.features):  # their value kind
+    if data_files and any(f.kind == "multi" for f in model.features):  # their value kind
         afs, path = store.arrow_fs(data_files[0]["uri"])
         first_schema = pq.read_schema(path, filesystem=afs)
-    features = _feature_meta(job.data.features, id_kinds, first_schema, job.model.history_len)
+    features = _feature_meta(list(model.features), id_kinds, first_schema, model.cfg.history_len)
 
     with tempfile.TemporaryDirectory(prefix="flm-export-") as tmp:
         t0 = time.perf_counter()
         scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
         onnx_info = _write_model_files(tmp, model, scorer, Scorer(model, spec, task, id_kinds, table_dtype), features, formats, table_dtype)
-        vectors, snapshot, changed = _write_data_files(tmp, store, scorer, task, features, data_files, job.model.latent_dim, checkpoint)
+        vectors, snapshot, changed = _write_data_files(tmp, store, scorer, task, features, data_files, model.cfg.latent_dim, checkpoint)
         files = {}
         for root, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(root, n)
                 files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        out_manifest = _manifest(source, job, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files)
+        out_manifest = _manifest(source, model.cfg, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files)
         out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
         store.ensure_bucket(out)
         for rel in sorted(files):
@@ -651,7 +653,7 @@ def _write_data_files(tmp: str, store: Store, scorer, task: str, features: list[
     return vectors, snapshot, changed
 
 
-def _manifest(source, job, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files) -> dict:
+def _manifest(source, cfg: ModelConfig, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files) -> dict:
     return {
         "format": EXPORT_FORMAT,
         "formats": list(formats),
@@ -689,8 +691,8 @@ def _manifest(source, job, spec, task, dtype, formats, id_kinds, features, onnx_
             "score": "inner product of a user vector and an item vector = the scorer's output",
         } if vectors else None,
         "universe": {"files": len(source.get("data_files") or []), "changed_since_training": changed} if (vectors or snapshot) else None,
-        "embedding_dim": job.model.embedding_dim,
-        "latent_dim": job.model.latent_dim,
+        "embedding_dim": cfg.embedding_dim,
+        "latent_dim": cfg.latent_dim,
         "lineage": {"checkpoint": checkpoint, "step": source.get("step"), "run": source.get("run"), "data": source.get("data"), "parent": source.get("parent")},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "flm_dist": __version__,

@@ -29,7 +29,7 @@ from flm_dist.data.schema import DataError, ReadSpec
 from flm_dist.metrics import pointwise_report, ranking_report
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store, is_remote, join, split_uri
-from flm_dist.train_loop import WorkerSpec, worker_main
+from flm_dist.train_loop import DataSpec, RunSpec, RuntimeSpec, WorkerSpec, worker_main
 
 __all__ = ["TrainingFailed", "ensure_ray", "evaluate", "plan_datasets", "resources", "train", "training_reference"]
 
@@ -355,28 +355,39 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
     )
 
 
-def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, threads: int, **kw) -> WorkerSpec:
+def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, threads: int, *, train_plan: dict | None = None, eval_plan: dict | None = None,
+                 valid_rows: int = 0, catalog: dict | None = None, manifest: dict | None = None, init_from: str = "", evaluate_from: str = "", resume: bool = True,
+                 progress=None, print_steps: bool = False, trace_rows: str = "") -> WorkerSpec:
+    d = job.data
     return WorkerSpec(
         mode=mode,
         task=job.task,
         model=job.model,
-        features=list(job.data.features),
+        features=list(d.features),
         train=job.train,
         checkpoint=job.checkpoint,
-        store=store,
-        run_dir=join(job.run.storage, job.run.name),
-        hash_spec=hash_spec.to_dict(),
-        seed=job.run.seed,
-        batch_size=job.data.batch_size,
-        shuffle_window=job.data.shuffle_window if job.data.shuffle else 1,
-        prefetch_batches=job.data.prefetch_batches,
-        max_bad_fraction=job.data.max_bad_fraction,
-        rating_range=list(job.data.rating_range),
-        shard_threshold_bytes=job.scaling.shard_threshold_bytes,
-        plan_overrides=dict(job.scaling.plan),
-        use_gpu=job.scaling.use_gpu,
-        threads=threads,
-        **kw,
+        data=DataSpec(
+            hash_spec=hash_spec.to_dict(),
+            batch_size=d.batch_size,
+            shuffle_window=d.shuffle_window if d.shuffle else 1,
+            prefetch_batches=d.prefetch_batches,
+            max_bad_fraction=d.max_bad_fraction,
+            rating_range=list(d.rating_range),
+            train_plan=train_plan,
+            eval_plan=eval_plan,
+            valid_rows=valid_rows,
+            catalog=catalog,
+        ),
+        run=RunSpec(store=store, dir=join(job.run.storage, job.run.name), seed=job.run.seed, manifest=manifest or {}, init_from=init_from, evaluate_from=evaluate_from, resume=resume),
+        runtime=RuntimeSpec(
+            use_gpu=job.scaling.use_gpu,
+            threads=threads,
+            shard_threshold_bytes=job.scaling.shard_threshold_bytes,
+            plan_overrides=dict(job.scaling.plan),
+            progress=progress,
+            print_steps=print_steps,
+            trace_rows=trace_rows,
+        ),
     )
 
 

@@ -55,7 +55,7 @@ from flm_dist.optim import build_optimizers, optimizer_state
 from flm_dist.sharding import describe_plan, global_view, parallelize, plan_tables, unwrap
 from flm_dist.storage import Store, join
 
-__all__ = ["NonFiniteLossError", "Progress", "Worker", "WorkerSpec", "train", "worker_main"]
+__all__ = ["DataSpec", "NonFiniteLossError", "Progress", "RunSpec", "RuntimeSpec", "Worker", "WorkerSpec", "train", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,55 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
+class DataSpec:
+    """The worker's data side: how its shards become batches, and the bad-row budget."""
+
+    hash_spec: dict  # HashSpec.to_dict(): raw IDs -> table rows, as the driver planned them
+    batch_size: int
+    shuffle_window: int
+    prefetch_batches: int
+    max_bad_fraction: float
+    rating_range: list[float]
+    train_plan: dict | None = None  # DataPlan.to_dict() of the training data
+    eval_plan: dict | None = None
+    valid_rows: int = 0  # rows of the validation data (0: no validation)
+    catalog: dict | None = None  # retrieval evaluation: the item catalog (rows, features)
+
+    def stream(self, shard, features, seed: int | None = None) -> BatchStream:
+        """Batches of a Ray Data shard; `seed` shuffles them (training), None keeps the order."""
+        window = self.shuffle_window if seed is not None else 1
+        return BatchStream(shard, self.batch_size, tuple(features), window, seed or 0, self.prefetch_batches)
+
+
+@dataclass
+class RunSpec:
+    """Where the run lives and what it starts from."""
+
+    store: Store
+    dir: str  # the run folder: checkpoints, TensorBoard
+    seed: int
+    manifest: dict = field(default_factory=dict)  # config, lineage, data fingerprint
+    init_from: str = ""  # a committed checkpoint URI (backbone for fine-tuning)
+    evaluate_from: str = ""  # mode=evaluate: the checkpoint to evaluate
+    resume: bool = True
+
+
+@dataclass
+class RuntimeSpec:
+    """How the worker process runs and reports."""
+
+    use_gpu: bool = False
+    threads: int = 1
+    shard_threshold_bytes: int = 0  # tables above this are row-wise sharded
+    plan_overrides: dict[str, str] = field(default_factory=dict)
+    progress: Any = None  # a launch.RunChannel handle, or None
+    print_steps: bool = False  # rank 0 prints its step records (job logs without a progress bar)
+    trace_rows: str = ""  # folder for the per-step row audit trail (tests), "" = off
+
+
+@dataclass
 class WorkerSpec:
-    """What a worker needs, and nothing more; built by the driver (launch.py)."""
+    """What a worker needs, as the components' own configs; assembled by the driver (launch.py)."""
 
     mode: str  # "train" | "evaluate"
     task: str
@@ -76,30 +123,9 @@ class WorkerSpec:
     features: list[FeatureConfig]
     train: TrainConfig
     checkpoint: CheckpointConfig
-    store: Store
-    run_dir: str
-    hash_spec: dict
-    seed: int
-    batch_size: int
-    shuffle_window: int
-    prefetch_batches: int
-    max_bad_fraction: float
-    rating_range: list[float]
-    shard_threshold_bytes: int
-    plan_overrides: dict[str, str]
-    train_plan: dict | None = None  # DataPlan.to_dict() of the training data
-    eval_plan: dict | None = None
-    valid_rows: int = 0  # rows of the validation data (0: no validation)
-    init_from: str = ""  # a committed checkpoint URI (backbone for fine-tuning)
-    evaluate_from: str = ""  # mode=evaluate: the checkpoint to evaluate
-    resume: bool = True
-    use_gpu: bool = False
-    threads: int = 1
-    manifest: dict = field(default_factory=dict)  # config, lineage, data fingerprint
-    progress: Any = None  # a launch.RunChannel handle, or None
-    print_steps: bool = False  # rank 0 prints its step records (job logs without a progress bar)
-    trace_rows: str = ""  # folder for the per-step row audit trail (tests), "" = off
-    catalog: dict | None = None  # retrieval evaluation: the item catalog (rows, features)
+    data: DataSpec
+    run: RunSpec
+    runtime: RuntimeSpec
 
 
 @dataclass
@@ -305,9 +331,9 @@ class StepLog:
         if self.rank != 0:
             return
         self.records.append(rec)
-        if self.spec.progress is not None:
-            self.spec.progress.update.remote(rec)
-        if self.spec.print_steps:
+        if self.spec.runtime.progress is not None:
+            self.spec.runtime.progress.update.remote(rec)
+        if self.spec.runtime.print_steps:
             _say(str({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -321,7 +347,7 @@ class StepLog:
     def flush(self, final: bool = False) -> None:
         if self.rank == 0 and self._tb is not None:
             self._tb.flush()
-            self.spec.store.upload_dir(self._tb_dir, join(self.spec.run_dir, "tensorboard"))
+            self.spec.run.store.upload_dir(self._tb_dir, join(self.spec.run.dir, "tensorboard"))
             if final:
                 self._tb.close()
                 shutil.rmtree(self._tb_dir, ignore_errors=True)
@@ -356,8 +382,8 @@ class Worker:
         self.spec = spec
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        torch.set_num_threads(spec.threads)
-        if spec.use_gpu:
+        torch.set_num_threads(spec.runtime.threads)
+        if spec.runtime.use_gpu:
             import ray.train.torch
 
             self.device = ray.train.torch.get_device()
@@ -367,9 +393,9 @@ class Worker:
         # Control collectives are tiny CPU tensors: on NCCL runs they get a gloo group.
         backend = dist.get_backend() if dist.is_initialized() else "gloo"
         self.ctrl = dist.new_group(backend="gloo") if dist.is_initialized() and backend != "gloo" else None
-        self.store = spec.store
-        self.hash = HashSpec.from_dict(spec.hash_spec)
-        self.train_plan = DataPlan.from_dict(spec.train_plan) if spec.train_plan else None
+        self.store = spec.run.store
+        self.hash = HashSpec.from_dict(spec.data.hash_spec)
+        self.train_plan = DataPlan.from_dict(spec.data.train_plan) if spec.data.train_plan else None
         self.empty = empty_batch(tuple(spec.features), label=spec.task == "ctr", rating=spec.task == "rating", history_len=spec.model.history_len)
         self.checkpointer: ckpt.Checkpointer | None = None
 
@@ -377,19 +403,19 @@ class Worker:
 
     def build(self) -> None:
         s = self.spec
-        torch.manual_seed(s.seed)  # dense layers start equal on every rank
-        lo, hi = s.rating_range
+        torch.manual_seed(s.run.seed)  # dense layers start equal on every rank
+        lo, hi = s.data.rating_range
         center = (lo + hi) / 2 if s.task == "rating" else 0.0
-        model = FLM(s.model, s.features, rating_center=center, init_seed=s.seed, table_device="meta")
+        model = FLM(s.model, s.features, rating_center=center, init_seed=s.run.seed, table_device="meta")
         _set_trainable(model, s.task, s.train.recon_weight, s.train.freeze if s.mode == "train" else None)
         sizes = {n: t.num_embeddings for n, t in model.tables.items()}
-        self.plan = plan_tables(sizes, s.model.embedding_dim, self.world, s.shard_threshold_bytes, s.plan_overrides)
+        self.plan = plan_tables(sizes, s.model.embedding_dim, self.world, s.runtime.shard_threshold_bytes, s.runtime.plan_overrides)
         if self.rank == 0:
             _say(describe_plan(self.plan))
-        self.model = parallelize(model, self.plan, self.device, seed=s.seed)
+        self.model = parallelize(model, self.plan, self.device, seed=s.run.seed)
         # From here on, randomness (corruption masks, noise) differs per rank: equal
         # masks on every rank would make the ranks' views of the data correlated.
-        torch.manual_seed(s.seed * 1_000_003 + 7919 * (self.rank + 1))
+        torch.manual_seed(s.run.seed * 1_000_003 + 7919 * (self.rank + 1))
         # One bucket per item row up to 2**20: exact counts for tables that small, and a
         # checkpoint never carries more than 8 MB of it.
         buckets = min(s.model.item_rows, 1 << 20)
@@ -398,7 +424,7 @@ class Worker:
         item_features = any(f.side == "item" for f in s.features)
         self.negatives = None
         if self.popularity is not None and (s.train.uniform_negatives or (s.model.history_len and item_features)):
-            self.negatives = NegativeSampler(s.model.item_rows, s.features, s.train.uniform_negatives, self.device, seed=s.seed * 7919 + self.rank)
+            self.negatives = NegativeSampler(s.model.item_rows, s.features, s.train.uniform_negatives, self.device, seed=s.run.seed * 7919 + self.rank)
         self.dense_opt = self.sparse_opt = None
         if s.mode == "train":
             self.dense_opt, self.sparse_opt = build_optimizers(unwrap(self.model), s.train.lr, s.train.weight_decay, s.train.sparse_lr, s.train.sparse_optimizer)
@@ -414,10 +440,10 @@ class Worker:
         backbone from `init_from`, else start fresh."""
         s = self.spec
         if s.mode == "evaluate":
-            ref = ckpt.resolve(self.store, s.evaluate_from)
+            ref = ckpt.resolve(self.store, s.run.evaluate_from)
             self.load_model(ref)
             return Progress(checkpoint=ref.uri)
-        uri = self._decide_resume() if s.resume else None
+        uri = self._decide_resume() if s.run.resume else None
         ref = ckpt.resolve(self.store, uri) if uri else None
         if ref is not None:
             manifest = ckpt.load_manifest(self.store, ref)
@@ -430,8 +456,8 @@ class Worker:
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
             return Progress.resumed(manifest, ref.uri)
-        if s.init_from:
-            ref = ckpt.resolve(self.store, s.init_from)
+        if s.run.init_from:
+            ref = ckpt.resolve(self.store, s.run.init_from)
             m = unwrap(self.model)
             full = _state(self.model, None, None)["model"]
             keys = [k for k in m.backbone_keys() if k in full]
@@ -455,10 +481,10 @@ class Worker:
         s = self.spec
         decided = [None]
         if self.rank == 0:
-            ref = ckpt.find_latest(self.store, s.run_dir)
+            ref = ckpt.find_latest(self.store, s.run.dir)
             decided = [ref.uri if ref is not None else None]
-            if s.progress is not None:
-                ray.get(s.progress.set_resume.remote(decided[0]))
+            if s.runtime.progress is not None:
+                ray.get(s.runtime.progress.set_resume.remote(decided[0]))
         if dist.is_initialized():
             dist.broadcast_object_list(decided, src=0, group=self.ctrl)
         return decided[0]
@@ -467,12 +493,12 @@ class Worker:
         """Steps in which only the new head trains: fine-tunes of a pretrained backbone
         with a head (ctr, rating); -1 = about one epoch, at most HEAD_WARMUP_MAX_STEPS."""
         s = self.spec
-        if not s.init_from or s.task not in ("ctr", "rating") or s.train.head_warmup_steps == 0:
+        if not s.run.init_from or s.task not in ("ctr", "rating") or s.train.head_warmup_steps == 0:
             return 0
         if s.train.head_warmup_steps > 0:
             return s.train.head_warmup_steps
-        rows = self.train_plan.total_rows - s.valid_rows if self.train_plan else 0
-        return min(HEAD_WARMUP_MAX_STEPS, max(1, -(-rows // (s.batch_size * self.world))))
+        rows = self.train_plan.total_rows - s.data.valid_rows if self.train_plan else 0
+        return min(HEAD_WARMUP_MAX_STEPS, max(1, -(-rows // (s.data.batch_size * self.world))))
 
     # -- one step ---------------------------------------------------------------------
 
@@ -536,7 +562,7 @@ class Worker:
             for st in states:
                 merged.merge_state(st)
             data_state = merged.state()
-        manifest = dict(s.manifest)
+        manifest = dict(s.run.manifest)
         manifest.update({
             "step": progress.step,
             "epoch": progress.epoch,
@@ -585,7 +611,7 @@ class Worker:
         batches = agreed_batches(stream, 0, self.ctrl, self.device, budget)
         local = eval_outputs(self.model, batches, s.task, self.device, self.empty, s.model.latent_dim)
         if s.task in ("retrieval", "pretrain"):
-            local["catalog"] = catalog_vectors(self.model, s.catalog, s.features, s.batch_size, self.device, self.empty, self.rank, self.world)
+            local["catalog"] = catalog_vectors(self.model, s.data.catalog, s.features, s.data.batch_size, self.device, self.empty, self.rank, self.world)
         result = gather_outputs(local, group=self.ctrl)
         self.model.train()
         if result is None:
@@ -601,11 +627,11 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
     """Train to `train.epochs` (or `train.max_steps`, or early stopping) from
     `progress`; `shard` / `valid_shard` are this rank's training / validation data."""
     s, t = w.spec, w.spec.train
-    stream = BatchStream(shard, s.batch_size, tuple(s.features), s.shuffle_window, s.seed * 1000 + w.rank, s.prefetch_batches)
-    valid = BatchStream(valid_shard, s.batch_size, tuple(s.features), prefetch_batches=s.prefetch_batches) if valid_shard is not None else None
-    w.checkpointer = ckpt.Checkpointer(w.store, s.run_dir, s.checkpoint.keep_last, s.checkpoint.async_save, w.ctrl)
+    stream = s.data.stream(shard, s.features, seed=s.run.seed * 1000 + w.rank)
+    valid = s.data.stream(valid_shard, s.features) if valid_shard is not None else None
+    w.checkpointer = ckpt.Checkpointer(w.store, s.run.dir, s.checkpoint.keep_last, s.checkpoint.async_save, w.ctrl)
     w.checkpointer.last_committed = progress.checkpoint
-    budget, steplog, trace = BadRows(w.store, w.train_plan, s.max_bad_fraction, w.ctrl), StepLog(s, w.rank), _RowTrace(s.trace_rows, w.rank)
+    budget, steplog, trace = BadRows(w.store, w.train_plan, s.data.max_bad_fraction, w.ctrl), StepLog(s, w.rank), _RowTrace(s.runtime.trace_rows, w.rank)
     consumed = ConsumedRows(w.train_plan)
     if progress.epoch_done:
         progress.epoch, progress.epoch_done = progress.epoch + 1, False
@@ -687,7 +713,7 @@ def _finish(w: Worker, progress: Progress, steplog: StepLog, budget: BadRows, ro
     steplog.flush(final=True)
     result_ckpt = last_saved
     if progress.best is not None and last_saved:
-        best = ckpt.resolve(w.store, ckpt.step_dir(w.spec.run_dir, progress.best["step"]))
+        best = ckpt.resolve(w.store, ckpt.step_dir(w.spec.run.dir, progress.best["step"]))
         if best.uri != last_saved:
             w.load_model(best)
         result_ckpt = best.uri
@@ -721,18 +747,18 @@ def worker_main(spec_dict: dict) -> None:
     import ray.train
 
     spec: WorkerSpec = spec_dict["spec"]
-    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec.runtime.threads))
     w = Worker(spec)
     w.build()
     progress = w.restore()
     result: dict[str, Any] = {}
     if spec.mode == "train":
-        valid = ray.train.get_dataset_shard("valid") if spec.valid_rows else None
+        valid = ray.train.get_dataset_shard("valid") if spec.data.valid_rows else None
         result["train"] = train(w, progress, ray.train.get_dataset_shard("train"), valid)
     else:
         result["checkpoint"] = progress.checkpoint
-    if spec.eval_plan is not None:
-        stream = BatchStream(ray.train.get_dataset_shard("eval"), spec.batch_size, tuple(spec.features), shuffle_window=1, prefetch_batches=spec.prefetch_batches)
+    if spec.data.eval_plan is not None:
+        stream = spec.data.stream(ray.train.get_dataset_shard("eval"), spec.features)
         result["eval"] = w.evaluate(stream)
-    if w.rank == 0 and spec.progress is not None:
-        ray.get(spec.progress.set_result.remote(result))
+    if w.rank == 0 and spec.runtime.progress is not None:
+        ray.get(spec.runtime.progress.set_result.remote(result))

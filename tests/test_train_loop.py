@@ -220,7 +220,7 @@ def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
         assert all(v > best["valid_loss"] for v in losses[-2:]) and len(curve) - 1 - best["epoch"] == 2
     # the best checkpoint survives keep_last=1, is the result, and is what the model holds now
     ref = ckpt.resolve(Store(), res["checkpoint"])
-    assert ref.step == best["step"] and ckpt.find_latest(Store(), w.spec.run_dir).step == curve[-1]["step"]
+    assert ref.step == best["step"] and ckpt.find_latest(Store(), w.spec.run.dir).step == curve[-1]["step"]
     from flm_dist.export import load_model
     from flm_dist.sharding import unwrap
 
