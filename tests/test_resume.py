@@ -27,7 +27,7 @@ from tests.conftest import tiny_job
 
 pytestmark = pytest.mark.slow
 
-FILES, ROWS_PER_FILE = 8, 1000
+FILES, ROWS_PER_FILE = 8, 500
 
 
 @pytest.fixture(scope="module")
