@@ -553,7 +553,7 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {key}: " + "; ".join(f"{sl} {k} {_ci(v)}" for sl, mm in d.items() for k, v in mm.items()))
             best = {arm: (e["best"] or {}).get("epoch") for arm, e in t.get("epochs", {}).items()}
             sys_eval = {arm: {k: round(v, 4) for k, v in m.items() if k in ("auc", "rmse", "recall@10", "ndcg@10")} for arm, m in t.get("system_eval_overall", {}).items()}
-            lines += [f"- best epoch by validation loss (0-based): {best}; the system's own evaluation, overall: {sys_eval}", ""]
+            lines += [f"- best epoch by the validation criterion (0-based): {best}; the system's own evaluation, overall: {sys_eval}", ""]
     sig = results.get("ml", {}).get("rating_signal")
     if sig:
         lines += [f"MovieLens: the pretrained user vector predicts {sig['cv_r2']:.3f} (cross-validated R², ridge) of the {sig['users']} users' "

@@ -215,7 +215,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0: off
     amp: bool = True  # bf16 autocast of the dense layers on GPU (ignored on CPU)
     # Fine-tuning with validation: stop after this many epochs without a better
-    # validation loss (0: run every epoch); the best epoch's checkpoint is the result.
+    # validation criterion (retrieval: NDCG@10 by full ranking; else the task loss; 0:
+    # run every epoch); the best epoch's checkpoint is the result.
     patience: int = 2
     # Fine-tuning a pretrained backbone with a task head (ctr, rating): steps in which
     # only the new head trains. -1: about one epoch (at most 1000 steps); 0: off.

@@ -1,5 +1,5 @@
 """Evaluation on the workers: model outputs for every eval row, the catalog's item
-vectors, and the validation loss that early stopping follows.
+vectors, and the validation criterion that early stopping follows.
 
 Every rank holds the outputs of its own eval rows (and, for ranking, its chunks of
 the catalog's item vectors); exact metrics need all of them in one place, so they are
@@ -19,7 +19,7 @@ from flm_dist.batch import Batch
 from flm_dist.objectives import compute_loss
 from flm_dist.sharding import unwrap
 
-__all__ = ["OUTPUT_DTYPES", "catalog_vectors", "eval_outputs", "gather_outputs", "local_outputs", "validation_loss"]
+__all__ = ["OUTPUT_DTYPES", "catalog_matrix", "catalog_vectors", "eval_outputs", "gather_outputs", "local_outputs", "validation_loss", "validation_ranking"]
 
 # Per-row outputs and their dtypes. A rank with no eval rows must still send arrays of
 # these dtypes: concatenating a float64 `np.zeros(0)` with int64 identity keys turns
@@ -130,3 +130,71 @@ def validation_loss(model, batches, task: str, device, empty: Batch, popularity,
             rows += len(batch)
     model.train()
     return total, rows
+
+
+def catalog_matrix(model, catalog: dict, features, batch_size: int, device, empty: Batch, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole catalog on every rank: (item rows sorted, their unit vectors).
+    Collective: each rank computes its chunks (`catalog_vectors`), then all gather them."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model.eval()
+    chunks = [catalog_vectors(model, catalog, features, batch_size, device, empty, rank, world)]
+    model.train()
+    if dist.is_initialized():
+        mine, chunks = chunks[0], [None] * world
+        dist.all_gather_object(chunks, mine, group=group)
+    order = sorted((i, v) for c in chunks for i, v in c)
+    rows, perm = torch.sort(torch.from_numpy(np.asarray(catalog["item"], np.int64)))
+    vecs = torch.from_numpy(np.concatenate([v for _, v in order])) if order else torch.zeros(0, 1)
+    return rows, vecs[perm] if len(rows) else vecs
+
+
+@torch.no_grad()
+def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor], device, empty: Batch, k: int = 10, chunk: int = 65536) -> tuple[float, float, int]:
+    """(sum of NDCG@k, sum of Recall@k, rows) over this rank's validation rows, each
+    row's item ranked by full ranking against `catalog` (item rows sorted, their unit
+    vectors), as the final evaluation ranks: ties count against the row's item, and the
+    items of the row's history (models with one) are excluded, the item itself not.
+
+    Early stopping for retrieval follows this, not the sampled softmax loss: on Toys the
+    validation loss rose from the third epoch while Recall@10 kept rising to the sixth
+    (docs/RESULTS.md). The catalog is scored in chunks of `chunk` items, twice: once
+    to take each row's own score from the very product the counts compare against."""
+    m = unwrap(model)
+    rows_sorted, cvec = catalog[0].to(device), catalog[1].to(device)
+    n = len(rows_sorted)
+    ndcg = recall = 0.0
+    count = 0
+    model.eval()
+    for batch in batches:
+        b = (batch or empty).to(device)
+        u = F.normalize(m.user_vector(b), dim=-1).float()
+        own = (u * F.normalize(m.item_vector(b), dim=-1).float()).sum(-1)  # items outside the catalog
+        if batch is None or not len(batch):
+            continue
+        pos = torch.searchsorted(rows_sorted, b.item).clamp_max(max(n - 1, 0))
+        in_cat = rows_sorted[pos] == b.item if n else torch.zeros_like(b.item, dtype=torch.bool)
+        excl = None
+        if b.history is not None:  # the history's distinct catalog items, other than the row's own
+            h, _ = torch.sort(b.history, dim=1)
+            hpos = torch.searchsorted(rows_sorted, h.clamp_min(0)).clamp_max(max(n - 1, 0))
+            distinct = torch.cat([torch.ones_like(h[:, :1], dtype=torch.bool), h[:, 1:] != h[:, :-1]], dim=1)
+            excl = (h >= 0) & distinct & (h != b.item[:, None]) & (rows_sorted[hpos] == h if n else torch.zeros_like(h, dtype=torch.bool))
+        for lo in range(0, n, chunk):  # the row's own score, from the catalog's product
+            sc = u @ cvec[lo : lo + chunk].T
+            here = in_cat & (pos >= lo) & (pos < lo + chunk)
+            own = torch.where(here, sc.gather(1, (pos - lo).clamp(0, sc.shape[1] - 1)[:, None]).squeeze(1), own)
+        above = torch.zeros(len(u), dtype=torch.long, device=device)
+        for lo in range(0, n, chunk):
+            sc = u @ cvec[lo : lo + chunk].T
+            above += (sc >= own[:, None]).sum(1)
+            if excl is not None:
+                inside = excl & (hpos >= lo) & (hpos < lo + chunk)
+                hs = sc.gather(1, (hpos - lo).clamp(0, sc.shape[1] - 1))
+                above -= (inside & (hs >= own[:, None])).sum(1)
+        rank = above - in_cat.long()  # items scored at or above the row's own, itself not counted
+        hit = rank < k
+        ndcg += float((hit.double() / torch.log2(rank.double() + 2)).sum())
+        recall += float(hit.sum())
+        count += len(batch)
+    model.train()
+    return ndcg, recall, count

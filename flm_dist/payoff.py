@@ -128,7 +128,7 @@ def _curves_png(results: dict) -> bytes:
         ax.plot([r["step"] for r in c], [r["loss"] for r in c], color=color, alpha=0.6, label=f"{arm}: training loss")
         v = [r for r in results["arms"][arm].get("epochs_curve", []) if "valid_loss" in r]
         if v:
-            ax.plot([r["step"] for r in v], [r["valid_loss"] for r in v], "o--", color=color, label=f"{arm}: validation loss")
+            ax.plot([r["step"] for r in v], [r["valid_loss"] for r in v], "o--", color=color, label=f"{arm}: validation criterion (retrieval: 1 - NDCG@10)")
             best = results["arms"][arm].get("best")
             if best:
                 ax.plot([best["step"]], [best["valid_loss"]], "*", color=color, markersize=14)

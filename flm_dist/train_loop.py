@@ -10,9 +10,11 @@ gradient (before a checkpoint could hold it), and save a checkpoint.
 
 Fine-tuning from a pretrained backbone follows the recipe measured in docs/RESULTS.md:
 the new head trains alone for about an epoch first (`train.head_warmup_steps`), the
-validation loss is measured after every epoch on rows held out of the training data,
-the best epoch's checkpoint is kept and is the result, and training stops once the
-validation loss has not improved for `train.patience` epochs.
+validation criterion is measured after every epoch on rows held out of the training
+data (the task loss; for retrieval NDCG@10 by full ranking, which on real data went on
+rising for epochs after the sampled softmax loss turned), the best epoch's checkpoint
+is kept and is the result, and training stops once the criterion has not improved for
+`train.patience` epochs.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from flm_dist.data.pipeline import BatchStream, empty_batch
 from flm_dist.data.plan import DataPlan
 from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS
-from flm_dist.evaluation import catalog_vectors, eval_outputs, gather_outputs, validation_loss
+from flm_dist.evaluation import (
+    catalog_matrix,
+    catalog_vectors,
+    eval_outputs,
+    gather_outputs,
+    validation_loss,
+    validation_ranking,
+)
 from flm_dist.model import FLM
 from flm_dist.objectives import (
     NegativeSampler,
@@ -592,15 +601,22 @@ class Worker:
 
     # -- evaluation ---------------------------------------------------------------------
 
-    def validate(self, stream: BatchStream, budget: BadRows) -> float:
-        """Collective: the mean validation loss over every rank's validation rows (rows
-        of the training data: their bad rows count in its budget)."""
-        batches = agreed_batches(stream, 0, self.ctrl, self.device, budget)
-        total, rows = validation_loss(self.model, batches, self.spec.task, self.device, self.empty, self.popularity, self.spec.train)
-        t = torch.tensor([total, float(rows)], dtype=torch.float64)
+    def validate(self, stream: BatchStream, budget: BadRows) -> dict[str, float]:
+        """Collective: the criterion (lower is better) over every rank's validation rows, whose
+        bad rows count in the training budget: 1 - NDCG@10 by full ranking for retrieval
+        with a catalog (`validation_ranking`), otherwise the mean task loss."""
+        s = self.spec
+        if ranking := s.task in ("retrieval", "pretrain") and bool(s.data.catalog):
+            catalog = catalog_matrix(self.model, s.data.catalog, s.features, s.data.batch_size, self.device, self.empty, self.ctrl)
+            parts = validation_ranking(self.model, agreed_batches(stream, 0, self.ctrl, self.device, budget), catalog, self.device, self.empty)
+        else:
+            batches = agreed_batches(stream, 0, self.ctrl, self.device, budget)
+            parts = validation_loss(self.model, batches, s.task, self.device, self.empty, self.popularity, s.train)
+        t = torch.tensor(parts, dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(t, group=self.ctrl)
-        return float(t[0] / max(t[1], 1.0))
+        m = t / max(float(t[-1]), 1.0)
+        return {"valid_loss": 1.0 - float(m[0]), "valid_ndcg@10": float(m[0]), "valid_recall@10": float(m[1])} if ranking else {"valid_loss": float(m[0])}
 
     def evaluate(self, stream: BatchStream) -> dict:
         """Model outputs for every eval row from every rank, gathered on rank 0 (the
@@ -693,13 +709,15 @@ def _end_of_epoch(w: Worker, progress: Progress, valid: BatchStream | None, budg
     """Validation and early stopping (collective); True when training should stop."""
     rec = {"step": progress.step, "epoch": progress.epoch, "loss": loss}
     if valid is not None:
-        rec["valid_loss"] = v = w.validate(valid, budget)
+        rec.update(w.validate(valid, budget))
+        v = rec["valid_loss"]
         if progress.best is None or v < progress.best["valid_loss"]:
             progress.best, progress.stale = {"step": progress.step, "epoch": progress.epoch, "valid_loss": v}, 0
         else:
             progress.stale += 1
         if w.rank == 0:
-            _say(f"epoch {progress.epoch}: validation loss {v:.5f} (best {progress.best['valid_loss']:.5f} at epoch {progress.best['epoch']})")
+            what = "1 - NDCG@10" if "valid_ndcg@10" in rec else "loss"
+            _say(f"epoch {progress.epoch}: validation {what} {v:.5f} (best {progress.best['valid_loss']:.5f} at epoch {progress.best['epoch']})")
     progress.curve.append(rec)
     patience = w.spec.train.patience
     return bool(valid is not None and patience and progress.stale >= patience)
