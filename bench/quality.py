@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -303,6 +304,7 @@ def prepare_loo(work: str, name: str, file: str) -> dict:
     if not os.path.exists(src):
         raise SystemExit(f"{src} not found: the {name} protocol needs ../shared/data")
     d = f"{work}/{name}"
+    shutil.rmtree(d, ignore_errors=True)  # the harness's own work folder: a rerun starts clean
     convert(store, "sequence", src, f"{d}/seq", files=4)
     t = pq.read_table(f"{d}/seq")
     order = np.lexsort((t.column("ts").to_numpy(), t.column("user_id").to_numpy()))
@@ -379,6 +381,7 @@ def prepare_sequences(work: str, name: str, file: str, cold_share: float = 0.1, 
 
     store = Store()
     d = f"{work}/{name}-seq"
+    shutil.rmtree(d, ignore_errors=True)  # the harness's own work folder: a rerun starts clean
     src = os.path.join(SHARED, file)
     convert(store, "sequence", src, f"{d}/flat", files=4)
     launch.ensure_ray()
