@@ -156,7 +156,7 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
     items of the row's history (models with one) are excluded, the item itself not.
 
     Early stopping for retrieval follows this, not the sampled softmax loss: on Toys the
-    validation loss rose from the third epoch while Recall@10 kept rising to the sixth
+    validation loss rose from the third epoch while Recall@10 rose for six more
     (docs/RESULTS.md). The catalog is scored in chunks of `chunk` items, twice: once
     to take each row's own score from the very product the counts compare against."""
     m = unwrap(model)
