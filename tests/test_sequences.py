@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flm_dist.batch import Batch
 from flm_dist.config import JobConfig, ModelConfig, ServeConfig, to_dict
@@ -251,3 +252,58 @@ def test_the_history_scores_the_same_in_training_torchscript_onnx_and_the_server
     with torch.no_grad():
         blind = torch.jit.load(str(out / "scorer.pt"))(user, item, {"history__len": torch.zeros(len(users), dtype=torch.int64), "history": torch.from_numpy(ids)}).numpy()
     assert np.abs(blind - want).max() > 1e-3
+
+
+def _chain_batch(perm: torch.Tensor, bs: int, length: int, g: torch.Generator) -> Batch:
+    """Histories that follow a fixed chain (after item i comes perm[i]), 1 to `length`
+    items, left-padded; the example's item is the one that follows its last item."""
+    seq = [torch.randint(0, len(perm), (bs,), generator=g)]
+    for _ in range(length):
+        seq.append(perm[seq[-1]])
+    hist = torch.stack(seq[:length], 1)
+    lengths = torch.randint(1, length + 1, (bs,), generator=g)
+    hist[torch.arange(length).unsqueeze(0) < (length - lengths).unsqueeze(1)] = -1
+    b = Batch(user=torch.zeros(bs, dtype=torch.long), item=seq[length], features={}, history=hist)
+    b.negatives = torch.randint(0, len(perm), (bs // 2,), generator=g)
+    return b
+
+
+def test_the_sequence_pretraining_recipe_learns_which_item_comes_next():
+    """jobs/pretrain_sequence.yaml's model and train settings (sizes aside), its objective
+    and optimisers, on histories with one fixed successor per item: within 80 steps the
+    pretrained user tower ranks the next item in the top 10 of 2,000 for almost every
+    history. With the corrupted view the recipe had (fields masked at 0.2, noise 0.1:
+    twice a new item row's scale) the same run reaches 0.28-0.33, and on Toys the
+    pretrained model stayed at most-popular level."""
+    from flm_dist.config import load_job
+    from flm_dist.objectives import compute_loss, forward_flags, used_modules
+    from flm_dist.optim import build_optimizers
+
+    items, length = 2000, 8
+    root = os.path.join(os.path.dirname(__file__), "..")
+    job = load_job(os.path.join(root, "jobs", "pretrain_sequence.yaml"), ["model.user_rows=64", f"model.item_rows={items}", f"model.history_len={length}", "model.embedding_dim=32", "model.latent_dim=32"])
+    cfg, t = job.model, job.train
+    torch.manual_seed(0)
+    model = FLM(cfg, [], init_seed=0)
+    for name, module in model.named_children():
+        if name not in used_modules("pretrain", t.recon_weight):
+            module.requires_grad_(False)
+    dense, sparse = build_optimizers(model, t.lr, t.weight_decay, t.sparse_lr, t.sparse_optimizer)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(items, generator=g)
+    flags = forward_flags("pretrain", t.recon_weight, t.next_item_positions == "all")
+    for _ in range(80):
+        b = _chain_batch(perm, 256, length, g)
+        loss = compute_loss("pretrain", model(b, **flags), b, t.recon_weight, t.contrastive_weight, t.temperature, None, t.num_negatives, len(b.negatives) / items).total / len(b)
+        dense.zero_grad(), sparse.zero_grad()
+        loss.backward()
+        dense.step(), sparse.step()
+    model.eval()
+    with torch.no_grad():
+        b = _chain_batch(perm, 1000, length, torch.Generator().manual_seed(1))
+        every = torch.arange(items)
+        s = F.normalize(model.user_vector(b), dim=-1) @ F.normalize(model.item_vector(Batch(user=every, item=every, features={})), dim=-1).T
+        own = s[torch.arange(len(b.item)), b.item]
+        rank = (s > own[:, None]).sum(1) + (s == own[:, None]).sum(1) - 1  # ties count against
+    recall = float((rank < 10).float().mean())
+    assert recall >= 0.9, recall
