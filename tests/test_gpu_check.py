@@ -11,10 +11,10 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run(tmp_path):
+def test_gpu_check_dry_run(ray_local, tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("RAY_ADDRESS", None)
+    # the script's system arm joins the session's Ray runtime instead of starting its own
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -160,8 +160,9 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
     assert np.array_equal(got1, all_positions(log_dir))
 
 
-def test_kill_driver_and_rerun_resumes(tmp_path, log_dir):
-    """SIGKILL the whole driver (CLI process and the Ray it started), rerun the command."""
+def test_kill_driver_and_rerun_resumes(ray_local, tmp_path, log_dir):
+    """SIGKILL the whole driver (CLI process and the Ray it started), rerun the command
+    (on the session's Ray runtime: a fresh one would only add its start-up)."""
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         f"""
@@ -193,7 +194,7 @@ scaling: {{num_workers: 2}}
             break
     proc.wait(timeout=30)
     assert killed_after is not None, "no checkpoint appeared before the driver finished"
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, env={**env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resumed from {run_dir}/step-" in out.stdout + out.stderr
     import json
