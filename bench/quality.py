@@ -371,7 +371,7 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
 
 # LastFM has 1,090 users: batches of 256 give it ~90 steps an epoch (1,024: 23)
 SEQ_SIZES = {"lastfm": {"model.user_rows": 1024, "model.item_rows": 100_000, "data.batch_size": 256}, "toys": {"model.user_rows": 1024, "model.item_rows": 250_000}}
-SEQ_EPOCHS = {"lastfm": (4, 10), "toys": (3, 10)}
+SEQ_EPOCHS = {"lastfm": (4, 20), "toys": (3, 20)}
 
 
 def prepare_sequences(work: str, name: str, file: str, cold_share: float = 0.1, seed: int = 0) -> dict:
