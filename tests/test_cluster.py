@@ -51,10 +51,20 @@ TINY = {
 }
 
 
+_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port no earlier call returned: the OS may hand a just-released port out
+    again, and two components of one node given the same port fail its start (seen:
+    the dashboard and the runtime-env agent both on 44369)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 # Ray 2.60 clusters use token authentication by default; this cluster's token is its own,
