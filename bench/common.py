@@ -487,7 +487,7 @@ def ray_train_data(arm: str, store, uri: str, columns: list[str], spec, shuffle:
         return {"datasets": {"train": ds}}
     from flm_dist.data.pipeline import InteractionDatasource, read
     from flm_dist.data.plan import plan_read
-    from flm_dist.launch import FLMDataConfig
+    from flm_dist.ingest import FLMDataConfig
 
     plan = plan_read(store, uri, spec.read)
     src = InteractionDatasource(plan, spec, store, shuffle, seed, block_rows, "fail")

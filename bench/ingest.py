@@ -49,9 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402 - the benchmarks' shared helpers live next to this file
 
 from flm_dist.config import FeatureConfig, ModelConfig  # noqa: E402
+from flm_dist.data.batches import BatchStream  # noqa: E402
 from flm_dist.data.encode import EncodeSpec, encode_table  # noqa: E402
 from flm_dist.data.hashing import HashSpec  # noqa: E402
-from flm_dist.data.pipeline import BatchStream  # noqa: E402
 from flm_dist.data.schema import ReadSpec  # noqa: E402
 from flm_dist.model import table_sizes  # noqa: E402
 

@@ -362,7 +362,7 @@ def run_local(arm: str, world: int, files: list[str], columns: list[str], caps: 
 def ray_worker(config: dict) -> None:
     import ray.train
 
-    from flm_dist.data.pipeline import BatchStream
+    from flm_dist.data.batches import BatchStream
     from flm_dist.train_loop import Fetcher
 
     ctx = ray.train.get_context()

@@ -15,6 +15,11 @@ a broken checkpoint is never silently replaced by a fresh start.
 
 Sharded tables are saved as DTensor row blocks, so DCP can load them onto any number
 of workers (or one process without a process group, for export and evaluation).
+
+torch is imported only by the functions that move tensors: the commit protocol
+(markers, manifests, resolve, prune) is also read by the Ray Train controller and the
+driver, fresh processes that would otherwise pay torch's ~2 s import on every run's
+start (`tests/test_launch.py` keeps them torch-free).
 """
 
 from __future__ import annotations
@@ -27,11 +32,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from flm_dist.storage import StorageError, Store, is_remote, join
 
@@ -218,6 +218,8 @@ def load_manifest(store: Store, ref: CheckpointRef) -> dict:
 
 def new_attempt_id(group=None) -> str:
     """Agreed by all ranks (rank 0 draws it and broadcasts it)."""
+    import torch.distributed as dist
+
     ids = [f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"]
     if dist.is_initialized():
         dist.broadcast_object_list(ids, src=0, group=group)
@@ -256,6 +258,10 @@ def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
 def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:
     """Load in place into `state` (tensors / DTensors pre-allocated with the target
     layout); DCP reshards row blocks to whatever layout `state` has."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
     verify_contents(store, ref)
     reader = FsspecReader(ref.uri, **store.storage_options(ref.uri))
     try:
@@ -268,6 +274,8 @@ def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:
 
 def saved_keys(store: Store, ref: CheckpointRef) -> set[str]:
     """The flattened keys ("model.head.0.weight", ...) a checkpoint holds, from DCP's metadata."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
     reader = FsspecReader(ref.uri, **store.storage_options(ref.uri))
     try:
         return set(reader.read_metadata().state_dict_metadata)
@@ -319,6 +327,8 @@ class Checkpointer:
     failed attempt was never committed."""
 
     def __init__(self, store: Store, run_dir: str, keep_last: int, async_save: bool, ctrl_group=None):
+        import torch.distributed as dist
+
         self.store, self.run_dir, self.keep_last, self.async_save = store, run_dir, keep_last, async_save
         self.ctrl = ctrl_group
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -331,6 +341,9 @@ class Checkpointer:
     def save(self, step: int, state: dict, manifest: dict, keep: set[int] | frozenset[int] = frozenset()) -> CheckpointRef:
         """Collective. Returns the attempt's ref; it counts only once committed. Steps
         in `keep` survive the pruning of checkpoints beyond keep_last."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
         self.finish()
         ref = CheckpointRef(self.run_dir, step, new_attempt_id(self.ctrl))
         writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False, overwrite=False, **self.store.storage_options(ref.uri))
@@ -372,6 +385,9 @@ class Checkpointer:
 
     def finish(self) -> str | None:
         """Collective: wait for the save in flight; all ranks raise if any rank failed."""
+        import torch
+        import torch.distributed as dist
+
         if self._pending is None:
             return self.last_committed
         err = ""

@@ -14,7 +14,6 @@ from dataclasses import replace
 from typing import Any
 
 import ray
-from ray.train import DataConfig
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
@@ -23,9 +22,9 @@ from flm_dist.data.encode import EncodeSpec
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import InteractionDatasource, read
 from flm_dist.data.plan import DataPlan, plan_read
-from flm_dist.data.position import ConsumedRows
 from flm_dist.data.reference import Reference, scan_reference
 from flm_dist.data.schema import DataError, ReadSpec
+from flm_dist.ingest import FLMDataConfig, RunChannel
 from flm_dist.metrics import pointwise_report, ranking_report
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store, is_remote, join, split_uri
@@ -147,36 +146,6 @@ def _ray_storage(store: Store, uri: str):
     return path, None
 
 
-@ray.remote(num_cpus=0)
-class RunChannel:
-    """Rank 0 pushes its latest step record (for the driver's progress bar) and the
-    final result here."""
-
-    def __init__(self):
-        self.latest: dict | None = None
-        self.final: dict | None = None
-        self.resume_from: tuple[str | None] | None = None  # set by rank 0 at each worker-group start
-
-    def update(self, rec: dict) -> None:
-        self.latest = rec
-
-    def get(self) -> dict | None:
-        return self.latest
-
-    def set_result(self, res: dict) -> None:
-        self.final = res
-
-    def result(self) -> dict | None:
-        return self.final
-
-    def set_resume(self, uri: str | None) -> None:
-        self.resume_from = (uri,)
-
-    def resume(self) -> tuple[str | None] | None:
-        """(checkpoint URI or None,) once rank 0 has decided; None before."""
-        return self.resume_from
-
-
 class _ProgressBar:
     def __init__(self, actor, total_rows: int, desc: str, enabled: bool):
         self.actor, self.total, self.desc, self.enabled = actor, total_rows, desc, enabled
@@ -243,68 +212,6 @@ def _plan(store: Store, uri: str, spec: ReadSpec, job: JobConfig) -> DataPlan:
     for uri_, reason in plan.skipped_files:
         print(f"skipped unreadable file {uri_}: {reason}", flush=True)
     return plan
-
-
-class FLMDataConfig(DataConfig):
-    """Gives each train worker its own deterministic share of the data
-    (`pipeline.assign_units`) instead of Ray's dynamic `streaming_split`, whose
-    `equal=True` mode drops up to world-1 rows per epoch and whose assignment depends
-    on worker speed. Per-rank shares make an epoch's remaining work after a restart a
-    function of the data alone; rows of a resumed epoch that the latest checkpoint
-    already consumed are skipped at the read.
-
-    `configure` runs whenever a worker group starts (first start, Ray Train restart,
-    rerun of the command), when a worker first asks for its shard; it skips the rows
-    consumed by exactly the checkpoint the workers restored, which rank 0 decided once
-    and published on the run channel."""
-
-    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, channel=None, deterministic: bool = False):
-        super().__init__(datasets_to_split="all")
-        self._sources = sources
-        self._store = store
-        self._channel = channel  # a RunChannel: the resume point rank 0 decided; None: never resume (evaluation)
-        self._deterministic = deterministic
-
-    def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
-        out: list[dict] = [{} for _ in range(world_size)]
-        for name in datasets:
-            source, plan = self._sources[name]
-            first_epoch, skip = self.resume(DataPlan.from_dict(plan)) if name == "train" else (0, {})
-            for rank in range(world_size):
-                ds = read(source.for_rank(rank, world_size, first_epoch, skip))
-                ds.context.execution_options = self._resolve_execution_options(name)
-                if self._deterministic:
-                    ds.context.execution_options.preserve_order = True
-                # A split of one: the rank's own dataset, executed by a coordinator actor
-                # (placed for the rank's node) instead of inside the train worker, where
-                # the executor's threads would take the GIL and CPU from the step
-                # (measured: bench/run_all.py, C at 2 workers).
-                hints = [worker_node_ids[rank]] if worker_node_ids else None
-                out[rank][name] = ds.streaming_split(1, equal=False, locality_hints=hints)[0]
-        return out
-
-
-    def resume(self, plan: DataPlan) -> tuple[int, dict]:
-        """(epoch to read first, rows of it already consumed) of the checkpoint rank 0
-        decided. Called when a worker first asks for its shard, which the workers do
-        only after that decision."""
-        if self._channel is None:
-            return 0, {}
-        decided = ray.get(self._channel.resume.remote())
-        if decided is None:
-            raise RuntimeError("the training data was requested before rank 0 decided the resume point")
-        return resume_point(self._store, decided[0], plan)
-
-
-def resume_point(store: Store, checkpoint: str | None, plan: DataPlan) -> tuple[int, dict]:
-    """(epoch to read first, rows of it already consumed) of the checkpoint the workers
-    resumed from (None: a fresh start)."""
-    if checkpoint is None:
-        return 0, {}
-    m = ckpt.load_manifest(store, ckpt.resolve(store, checkpoint))
-    if m.get("epoch_done"):
-        return int(m["epoch"]) + 1, {}
-    return int(m["epoch"]), ConsumedRows(plan).merge_state(m.get("data_state")).skip_map()
 
 
 def _check_resumable(store: Store, run_dir: str, plan: DataPlan) -> None:

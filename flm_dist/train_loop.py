@@ -38,9 +38,9 @@ import torch.distributed as dist
 from flm_dist import checkpoint as ckpt
 from flm_dist.batch import Batch
 from flm_dist.config import CheckpointConfig, FeatureConfig, ModelConfig, TrainConfig
+from flm_dist.data.batches import BatchStream, empty_batch
 from flm_dist.data.budget import BadRows
 from flm_dist.data.hashing import HashSpec
-from flm_dist.data.pipeline import BatchStream, empty_batch
 from flm_dist.data.plan import DataPlan
 from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import BAD_REASONS
@@ -117,7 +117,7 @@ class RuntimeSpec:
     threads: int = 1
     shard_threshold_bytes: int = 0  # tables above this are row-wise sharded
     plan_overrides: dict[str, str] = field(default_factory=dict)
-    progress: Any = None  # a launch.RunChannel handle, or None
+    progress: Any = None  # an ingest.RunChannel handle, or None
     print_steps: bool = False  # rank 0 prints its step records (job logs without a progress bar)
     trace_rows: str = ""  # folder for the per-step row audit trail (tests), "" = off
 

@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from flm_dist import checkpoint as ckpt
 from flm_dist.config import FeatureConfig, ModelConfig
@@ -145,7 +147,7 @@ def test_a_loser_whose_folder_the_winner_prunes_mid_commit_learns_it_lost(tmp_pa
     store, run_dir = Store(), str(tmp_path / "run")
     sd = {"model": FLM(CFG, FEATS, init_seed=1).state_dict()}
     loser = ckpt.CheckpointRef(run_dir, 10, "loser")
-    ckpt.dcp.save(sd, storage_writer=ckpt.FsspecWriter(loser.uri, single_file_per_rank=True, sync_files=False))
+    dcp.save(sd, storage_writer=FsspecWriter(loser.uri, single_file_per_rank=True, sync_files=False))
     original, raced = ckpt._sha256, {}
 
     def winner_commits_first(store_, uri):

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from flm_dist.config import ConfigError, ScalingConfig
@@ -24,3 +27,12 @@ def test_explicit_cpus_that_starve_ray_data_are_refused():
 def test_elastic_sizes_for_the_maximum():
     cpw, _ = resources(ScalingConfig(num_workers=[1, 4]), [8.0])
     assert cpw * 4 <= 8 - 1
+
+
+def test_the_controller_and_ray_data_side_import_no_torch():
+    """The Ray Train controller, Ray Data's coordinators and read tasks, and the run
+    channel are fresh processes on every run's start: they import these modules (to
+    unpickle FLMDataConfig, the datasource, the channel) and must not pay for torch."""
+    code = "import sys, flm_dist.ingest, flm_dist.data.pipeline; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flm_dist import checkpoint as ckpt
-from flm_dist import launch
+from flm_dist import ingest, launch
 from flm_dist.config import to_dict
 from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
 from flm_dist.data.hashing import HashSpec
@@ -139,8 +139,8 @@ def test_data_resumes_from_the_checkpoint_the_workers_restored(ray_local, tmp_pa
         refs[step] = saver.save(step, {"model": FLM(job.model, job.data.features).state_dict()}, {"step": step, "epoch": 0, "epoch_done": False, "data_state": consumed.state()})
         saver.close()
     assert ckpt.find_latest(Store(), run_dir) == refs[6]
-    channel = launch.RunChannel.remote()
-    cfg = launch.FLMDataConfig({}, Store(), channel)
+    channel = ingest.RunChannel.remote()
+    cfg = ingest.FLMDataConfig({}, Store(), channel)
     with pytest.raises(RuntimeError, match="before rank 0 decided"):
         cfg.resume(plan)
     ray.get(channel.set_resume.remote(refs[3].uri))
