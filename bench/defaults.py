@@ -40,7 +40,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def one(plan, spec, store, s: dict, sleep_s: float) -> dict:
-    from flm_dist.data.pipeline import BatchStream, InteractionDatasource, read
+    from flm_dist.data.batches import BatchStream
+    from flm_dist.data.pipeline import InteractionDatasource, read
 
     src = InteractionDatasource(plan, spec, store, True, 0, s["read_block_rows"], "fail").for_rank(0, 1)
     stream = BatchStream(read(src), s["batch_size"], run_all.FEATURES, shuffle_window=s["shuffle_window"], seed=0, prefetch_batches=s["prefetch_batches"])
