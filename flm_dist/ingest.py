@@ -78,6 +78,13 @@ class FLMDataConfig(DataConfig):
                 ds.context.execution_options = self._resolve_execution_options(name)
                 if self._deterministic:
                     ds.context.execution_options.preserve_order = True
+                if name != "train":
+                    # Validation and evaluation run between steps: the worker executes
+                    # them itself, without a coordinator process per rank and dataset
+                    # (tiny 2-worker ctr runs: fine-tune 18.7 -> 15.2 s, evaluate
+                    # 12.6 -> 10.2 s on 2 cores).
+                    out[rank][name] = ds.iterator()
+                    continue
                 # A split of one: the rank's own dataset, executed by a coordinator actor
                 # (placed for the rank's node) instead of inside the train worker, where
                 # the executor's threads would take the GIL and CPU from the step
