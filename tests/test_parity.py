@@ -148,8 +148,11 @@ def test_training_export_onnx_and_server_map_values_to_the_same_rows(exported, r
     ]
     served = np.array([s for out in server.score_batch(reqs) for s in out["scores"]], np.float32) if reqs else np.zeros(0, np.float32)
 
-    for got in (ts, onnx, served):
+    for got in (ts, served):  # torch's own kernels: the same arithmetic
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # onnxruntime's float32 kernels round differently (1.8e-5 on a score of 0.55 was
+    # found); a wrong row moves a score by orders of magnitude more than 1e-4.
+    np.testing.assert_allclose(onnx, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_dictionary_null_is_not_its_first_value():
