@@ -161,8 +161,9 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
 
 
 def test_kill_driver_and_rerun_resumes(ray_local, tmp_path, log_dir):
-    """SIGKILL the whole driver (CLI process and the Ray it started), rerun the command
-    (on the session's Ray runtime: a fresh one would only add its start-up)."""
+    """SIGKILL the driver (the CLI process and its children) while it trains on a running
+    Ray runtime, as on a cluster: Ray ends the dead job's actors. Rerun the command: it
+    resumes. (The session's runtime: starting one per test would only add its start-up.)"""
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         f"""
@@ -180,8 +181,7 @@ scaling: {{num_workers: 2}}
     )
     run_dir = str(tmp_path / "runs" / "drv")
     cmd = [sys.executable, "-m", "flm_dist.cli", "pretrain", "--config", str(cfg), "--no-progress", "--output", str(tmp_path / "out.json")]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     killed_after = None
@@ -194,7 +194,7 @@ scaling: {{num_workers: 2}}
             break
     proc.wait(timeout=30)
     assert killed_after is not None, "no checkpoint appeared before the driver finished"
-    out = subprocess.run(cmd, env={**env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resumed from {run_dir}/step-" in out.stdout + out.stderr
     import json
