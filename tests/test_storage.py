@@ -29,6 +29,21 @@ def test_roundtrip_and_exclusive_create(kind, tmp_path, s3_store, bucket):
     assert not store.exists(uri)
 
 
+def test_a_store_sees_what_other_processes_wrote_since_it_listed(s3, s3_store, bucket):
+    """Another rank, process or machine writes between two calls of this one (a commit
+    marker, a new data file): no answer may come from a listing made before."""
+    other = Store.from_config(s3.storage_config())  # its own client, as another process has
+    d = join(bucket, "step-00000012")
+    s3_store.write_bytes(join(d, "shard-0"), b"x")
+    assert [p.rsplit("/", 1)[-1] for p in s3_store.ls(d)] == ["shard-0"]
+    assert not s3_store.exists(join(d, "COMMITTED"))
+    other.write_bytes(join(d, "COMMITTED"), b"{}")
+    assert s3_store.exists(join(d, "COMMITTED"))
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3_store.ls(d)) == ["COMMITTED", "shard-0"]
+    other.rm(d)
+    assert not s3_store.exists(join(d, "shard-0"))
+
+
 def test_parquet_through_pyarrow_s3_client(s3_store, bucket):
     fs, path = s3_store.arrow_fs(join(bucket, "t.parquet"))
     pq.write_table(pa.table({"a": [1, 2, 3]}), path, filesystem=fs)
