@@ -256,7 +256,7 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     if args.dry:
         cfg = ModelConfig(user_rows=4096, item_rows=1024, feature_rows=64, embedding_dim=16, hidden=[32], latent_dim=16, head_hidden=[16])
-        bs, n, rows = 256, 8, 20_000
+        bs, n, rows = 256, 8, 5_000
     else:
         cfg = ModelConfig(user_rows=1 << 20, item_rows=1 << 18, feature_rows=1 << 12, embedding_dim=64, hidden=[512, 256], latent_dim=128, head_hidden=[128])
         bs, n, rows = 8192, 200, 2_000_000
