@@ -103,6 +103,7 @@ def _listing(store: Store, uri: str) -> dict[str, dict]:
     """name -> {"size", "etag"} of the files in a checkpoint folder (one LIST request)."""
     fs, path = store.fs(uri)
     try:
+        fs.invalidate_cache(path)
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}

@@ -121,10 +121,6 @@ class Store:
             "client_kwargs": {"region_name": self._region},
             "config_kwargs": _retry_config(self.max_attempts),
             "skip_instance_cache": True,
-            # No listings cache: other ranks, processes and machines write between two
-            # calls of this one (a commit marker, a new file), and s3fs answered exists()
-            # from a listing made before (a committed checkpoint read as uncommitted).
-            "use_listings_cache": False,
         }
         if self._endpoint:
             kwargs["endpoint_url"] = self._endpoint
@@ -147,7 +143,6 @@ class Store:
         opts: dict[str, Any] = {
             "client_kwargs": {"region_name": self._region},
             "config_kwargs": _retry_config(self.max_attempts),
-            "use_listings_cache": False,
         }
         if self._endpoint:
             opts["endpoint_url"] = self._endpoint
@@ -184,6 +179,10 @@ class Store:
     def exists(self, uri: str) -> bool:
         fs, path = self.fs(uri)
         try:
+            # Never from s3fs's listings cache: other ranks, processes and machines write
+            # between two calls of this one (a commit marker), and a listing made before
+            # read a committed checkpoint as uncommitted.
+            fs.invalidate_cache(path)
             return fs.exists(path)
         except (PermissionError, OSError) as e:
             raise StorageError(f"cannot check {uri}: {e}") from e
@@ -267,6 +266,7 @@ class Store:
     def ls(self, uri: str, detail: bool = False) -> list:
         fs, path = self.fs(uri)
         try:
+            fs.invalidate_cache(path)  # a fresh listing, as in exists()
             return fs.ls(path, detail=detail)
         except FileNotFoundError:
             return []
@@ -294,6 +294,7 @@ class Store:
                 if self._region != "us-east-1":  # S3 rejects an explicit us-east-1 constraint
                     kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
                 fs.call_s3("create_bucket", **kwargs)
+                fs.invalidate_cache()
         except Exception as e:
             raise StorageError(f"cannot create bucket s3://{bucket}: {e}") from e
 
