@@ -44,6 +44,20 @@ def test_a_store_sees_what_other_processes_wrote_since_it_listed(s3, s3_store, b
     assert not s3_store.exists(join(d, "shard-0"))
 
 
+def test_the_data_plan_sees_a_file_rewritten_since_it_was_listed(s3, s3_store, bucket):
+    """A resume, or an evaluation after training, plans again in the same process: a
+    file rewritten in between must show its new version (resuming is then refused)."""
+    from flm_dist.data.plan import list_files
+
+    uri = join(bucket, "log", "part-0.parquet")
+    s3_store.write_bytes(uri, b"first")
+    before = list_files(s3_store, uri)[0]
+    assert [f.uri for f in list_files(s3_store, join(bucket, "log"))] == [uri]  # lists the prefix
+    Store.from_config(s3.storage_config()).write_bytes(uri, b"second, longer")
+    after = list_files(s3_store, uri)[0]
+    assert after.version != before.version and after.size == len(b"second, longer")
+
+
 def test_parquet_through_pyarrow_s3_client(s3_store, bucket):
     fs, path = s3_store.arrow_fs(join(bucket, "t.parquet"))
     pq.write_table(pa.table({"a": [1, 2, 3]}), path, filesystem=fs)

@@ -113,6 +113,9 @@ def list_files(store: Store, uri: str) -> list[FileInfo]:
     scheme, _ = split_uri(uri)
     prefix = "s3://" if scheme == "s3" else ""
     try:
+        # What the store holds now, not a listing this Store cached before (a resume or
+        # an evaluation plans again in the same process: a rewritten file must show).
+        fs.invalidate_cache(path)
         info = fs.info(path)
     except FileNotFoundError:
         raise DataError(f"{uri}: no such file or prefix") from None
