@@ -36,10 +36,20 @@ def _entry(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+def _context():
+    """Ranks fork from one server process that imported torch and flm_dist once per
+    session (it never runs torch ops or joins a group, so each fork starts clean):
+    a spawned rank spent 1-2 s importing them again. The ranks see the environment
+    the server started with: pass settings as arguments, not environment variables."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "flm_dist.sharding", "flm_dist.train_loop", "flm_dist.checkpoint", "flm_dist.metrics"])
+    return ctx
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
     """fn(rank, world, *args) on `world` spawned processes; returns results by rank or
     raises with the failing ranks' tracebacks. `fn` must be importable (module level)."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
