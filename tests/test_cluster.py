@@ -151,18 +151,23 @@ class RayNode:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(dashboard), start_new_session=True)
         return cls(proc, temp_dir, log_path)
 
-    def stop(self) -> None:
-        """SIGTERM the group (Ray's graceful path), SIGKILL whatever is left after a few
-        seconds, and wait until the group is empty."""
-        for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
+    @staticmethod
+    def stop(nodes: list[RayNode]) -> None:
+        """SIGTERM every node's group at once (Ray's graceful path), SIGKILL whatever is
+        left after a second, and wait until the groups are empty. (The raylet, GCS and
+        runtime-env agent of `ray start --block` outlived SIGTERM by more than 5 s here:
+        a longer grace only delayed the teardown.)"""
+        for sig, grace_s in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 10.0)):
+            for n in nodes:
+                try:
+                    os.killpg(n.proc.pid, sig)
+                except ProcessLookupError:
+                    pass
             deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and self._group_alive():
+            while time.monotonic() < deadline and any(n._group_alive() for n in nodes):
                 time.sleep(0.2)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for n in nodes:
+            shutil.rmtree(n.temp_dir, ignore_errors=True)
 
     def _group_alive(self) -> bool:
         self.proc.poll()  # reap the leader, or it stays a zombie member of the group
@@ -217,8 +222,7 @@ def cluster(tmp_path_factory):
         ids = _wait(lambda: _both_nodes(dashboard), 90, "the second node to join", second.log_path)
         yield TwoNodes(head, second, dashboard, ids)
     finally:
-        for n in reversed(nodes):
-            n.stop()
+        RayNode.stop(nodes)
 
 
 def _wait(probe, timeout_s: float, what: str, log: Path | None = None):
