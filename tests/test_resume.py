@@ -194,6 +194,15 @@ scaling: {{num_workers: 2}}
             break
     proc.wait(timeout=30)
     assert killed_after is not None, "no checkpoint appeared before the driver finished"
+    # Ray ends a dead driver's actors in the background: rerun once they are gone, as a
+    # user rerunning after `ray job status` says the job ended (a dead job's rank 0 could
+    # otherwise still commit, or prune the rerun's save in flight).
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 60
+    while [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name in ("TrainController", "RayTrainWorker")]:
+        assert time.monotonic() < deadline, "the killed driver's train actors outlived it by 60 s"
+        time.sleep(0.2)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resumed from {run_dir}/step-" in out.stdout + out.stderr
