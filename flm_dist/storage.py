@@ -67,7 +67,7 @@ def _s3fs_module():
 
 def _retry_config(max_attempts: int) -> dict[str, Any]:
     """botocore's standard mode: exponential backoff with jitter and bounded attempts,
-    the same strategy as pyarrow's reads (AwsStandardS3RetryStrategy). Not adaptive:
+    the AWS SDKs' standard strategy, which pyarrow's reads use too. Not adaptive:
     AWS recommends it only for a client throttled by one resource; its client-side rate
     limiter also slowed the report of a store that is down (14 s vs 6 s in case 19)."""
     return {"retries": {"max_attempts": max_attempts, "mode": "standard"}}
