@@ -199,9 +199,14 @@ scaling: {{num_workers: 2}}
     # otherwise still commit, or prune the rerun's save in flight).
     from ray.util.state import list_actors
 
+    ours = ray_local.get_runtime_context().get_job_id()  # this process's runs keep theirs
+
+    def killed_job_actors() -> list:
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.job_id != ours and a.class_name in ("TrainController", "RayTrainWorker")]
+
     deadline = time.monotonic() + 60
-    while [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name in ("TrainController", "RayTrainWorker")]:
-        assert time.monotonic() < deadline, "the killed driver's train actors outlived it by 60 s"
+    while killed_job_actors():
+        assert time.monotonic() < deadline, f"the killed driver's train actors outlived it by 60 s: {killed_job_actors()}"
         time.sleep(0.2)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
