@@ -69,8 +69,10 @@ def _retry_config(max_attempts: int) -> dict[str, Any]:
     """botocore's standard mode: exponential backoff with jitter and bounded attempts,
     the AWS SDKs' standard strategy, which pyarrow's reads use too. Not adaptive:
     AWS recommends it only for a client throttled by one resource; its client-side rate
-    limiter also slowed the report of a store that is down (14 s vs 6 s in case 19)."""
-    return {"retries": {"max_attempts": max_attempts, "mode": "standard"}}
+    limiter also slowed the report of a store that is down (14 s vs 6 s in case 19).
+    `total_max_attempts`: botocore's `max_attempts` counts retries after the first
+    request, pyarrow's counts every attempt; `storage.max_attempts` means the latter."""
+    return {"retries": {"total_max_attempts": max_attempts, "mode": "standard"}}
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,23 @@ def test_the_data_plan_sees_a_file_rewritten_since_it_was_listed(s3, s3_store, b
     assert after.version != before.version and after.size == len(b"second, longer")
 
 
+def test_max_attempts_counts_every_request_to_a_store_that_is_down(s3, s3_store, bucket):
+    """storage.max_attempts is attempts, first request included, on the botocore path as
+    on pyarrow's (botocore's own `max_attempts` counts retries: 3 meant 4 requests)."""
+    from dataclasses import replace
+
+    from tests.faulty_s3 import FaultyS3
+
+    uri = join(bucket, "obj")
+    s3_store.write_bytes(uri, b"x")
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=3))
+        px.down = True
+        with pytest.raises(Exception, match="Service Unavailable|SlowDown|503"):
+            store.read_bytes(uri)
+        assert px.counts["requests"] == 3, px.counts
+
+
 def test_parquet_through_pyarrow_s3_client(s3_store, bucket):
     fs, path = s3_store.arrow_fs(join(bucket, "t.parquet"))
     pq.write_table(pa.table({"a": [1, 2, 3]}), path, filesystem=fs)
