@@ -56,7 +56,7 @@ class StorageConfig:
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: str | None = None
-    # Retries for transient object-store errors (5xx, throttling, resets), with backoff.
+    # Attempts per request, the first included: transient errors (5xx, throttling, resets) are retried with backoff.
     max_attempts: int = 8
 
     def __post_init__(self) -> None:
