@@ -248,39 +248,51 @@ def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, 
     s3_store.upload_dir(local, "s3://rel19/log")
 
     def job(name, endpoint, **sets):
-        j = _job("s3://rel19/runs", name, "s3://rel19/log", **{"data.deterministic": True, "train.epochs": 1, **sets})
+        # a quarter CPU per worker: two runs share the 2-CPU runtime and leave Ray Data 1
+        sets = {"data.deterministic": True, "train.epochs": 1, "scaling.cpus_per_worker": 0.25, **sets}
+        j = _job("s3://rel19/runs", name, "s3://rel19/log", **sets)
         return replace(j, storage=replace(s3.storage_config(), endpoint_url=endpoint))
 
-    # a save every 3 steps: enough requests (reads, saves, commits) for the faults to land
-    clean = launch.train(job("clean", s3.url, **{"checkpoint.every_steps": 3}), s3_store, fresh=True, progress=False)
-    with FaultyS3(s3.url, error_rate=0.10, delay_rate=0.10, reset_rate=0.02, delay_s=0.2, seed=1) as px:
-        flaky_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url))
-        flaky = launch.train(job("flaky", px.url, **{"checkpoint.every_steps": 3}), flaky_store, fresh=True, progress=False)
-        assert px.counts["errors"] > 10 and px.counts["resets"] > 0, px.counts
+    # The flaky run spends most of its time in retry backoff, so the clean reference run
+    # and the store-down run go on beside it, each against its own endpoint.
+    # A save every 3 steps: enough requests (reads, saves, commits) for the faults to land.
+    with FaultyS3(s3.url, error_rate=0.10, delay_rate=0.10, reset_rate=0.02, delay_s=0.2, seed=1) as flaky_px:
+        flaky_store = Store.from_config(replace(s3.storage_config(), endpoint_url=flaky_px.url))
+        flaky_job = job("flaky", flaky_px.url, **{"checkpoint.every_steps": 3})
+        flaky_box: dict = {}
+        flaky_t = threading.Thread(target=lambda: flaky_box.update(r=_safe(lambda: launch.train(flaky_job, flaky_store, fresh=True, progress=False))))
+        flaky_t.start()
+        clean = launch.train(job("clean", s3.url, **{"checkpoint.every_steps": 3}), s3_store, fresh=True, progress=False)
+
+        # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
+        with FaultyS3(s3.url) as px:
+            down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+            j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 50})  # outlives the outage (each epoch re-reads the store)
+            box: dict = {}
+            t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
+            t.start()
+            assert _wait(lambda: ckpt.find_latest(s3_store, "s3://rel19/runs/down")), "no checkpoint before the outage"
+            t0 = time.monotonic()
+            px.down = True
+            t.join(timeout=400)
+            assert not t.is_alive(), "the job hung while the store was down"
+            err = box["r"]
+            assert isinstance(err, BaseException), "the job cannot succeed without its store"
+            assert re.search(r"SlowDown|503|reduce your request rate|failed", str(err)), err
+            assert time.monotonic() - t0 < 400
+        latest = ckpt.find_latest(s3_store, "s3://rel19/runs/down")
+        ckpt.verify_contents(s3_store, latest)
+        load_model(s3_store, latest.uri)
+
+        flaky_t.join(timeout=400)
+        assert not flaky_t.is_alive(), "the flaky run hung"
+        flaky = flaky_box["r"]
+        assert not isinstance(flaky, BaseException), flaky
+        assert flaky_px.counts["errors"] > 10 and flaky_px.counts["resets"] > 0, flaky_px.counts
     assert flaky["metrics"]["steps"] == clean["metrics"]["steps"] and flaky["metrics"]["rows"] == clean["metrics"]["rows"]
     a, _, _ = load_model(s3_store, clean["checkpoint"])
     b, _, _ = load_model(s3_store, flaky["checkpoint"])
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)), "a flaky store changed the result"
-
-    # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
-    with FaultyS3(s3.url) as px:
-        down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
-        j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 50})  # outlives the outage (each epoch re-reads the store)
-        box: dict = {}
-        t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
-        t.start()
-        assert _wait(lambda: ckpt.find_latest(s3_store, "s3://rel19/runs/down")), "no checkpoint before the outage"
-        t0 = time.monotonic()
-        px.down = True
-        t.join(timeout=400)
-        assert not t.is_alive(), "the job hung while the store was down"
-        err = box["r"]
-        assert isinstance(err, BaseException), "the job cannot succeed without its store"
-        assert re.search(r"SlowDown|503|reduce your request rate|failed", str(err)), err
-        assert time.monotonic() - t0 < 400
-    latest = ckpt.find_latest(s3_store, "s3://rel19/runs/down")
-    ckpt.verify_contents(s3_store, latest)
-    load_model(s3_store, latest.uri)
 
 
 def _safe(fn):
