@@ -262,29 +262,30 @@ def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, 
         flaky_box: dict = {}
         flaky_t = threading.Thread(target=lambda: flaky_box.update(r=_safe(lambda: launch.train(flaky_job, flaky_store, fresh=True, progress=False))))
         flaky_t.start()
-        clean = launch.train(job("clean", s3.url, **{"checkpoint.every_steps": 3}), s3_store, fresh=True, progress=False)
+        try:
+            clean = launch.train(job("clean", s3.url, **{"checkpoint.every_steps": 3}), s3_store, fresh=True, progress=False)
 
-        # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
-        with FaultyS3(s3.url) as px:
-            down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
-            j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 50})  # outlives the outage (each epoch re-reads the store)
-            box: dict = {}
-            t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
-            t.start()
-            assert _wait(lambda: ckpt.find_latest(s3_store, "s3://rel19/runs/down")), "no checkpoint before the outage"
-            t0 = time.monotonic()
-            px.down = True
-            t.join(timeout=400)
-            assert not t.is_alive(), "the job hung while the store was down"
-            err = box["r"]
-            assert isinstance(err, BaseException), "the job cannot succeed without its store"
-            assert re.search(r"SlowDown|503|reduce your request rate|failed", str(err)), err
-            assert time.monotonic() - t0 < 400
-        latest = ckpt.find_latest(s3_store, "s3://rel19/runs/down")
-        ckpt.verify_contents(s3_store, latest)
-        load_model(s3_store, latest.uri)
-
-        flaky_t.join(timeout=400)
+            # the store goes down for good mid-run: a clear error, bounded time, last checkpoint intact
+            with FaultyS3(s3.url) as px:
+                down_store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+                j = job("down", px.url, **{"storage.max_attempts": 2, "train.epochs": 50})  # outlives the outage (each epoch re-reads the store)
+                box: dict = {}
+                t = threading.Thread(target=lambda: box.update(r=_safe(lambda: launch.train(j, down_store, fresh=True, progress=False))))
+                t.start()
+                assert _wait(lambda: ckpt.find_latest(s3_store, "s3://rel19/runs/down")), "no checkpoint before the outage"
+                t0 = time.monotonic()
+                px.down = True
+                t.join(timeout=400)
+                assert not t.is_alive(), "the job hung while the store was down"
+                err = box["r"]
+                assert isinstance(err, BaseException), "the job cannot succeed without its store"
+                assert re.search(r"SlowDown|503|reduce your request rate|failed", str(err)), err
+                assert time.monotonic() - t0 < 400
+            latest = ckpt.find_latest(s3_store, "s3://rel19/runs/down")
+            ckpt.verify_contents(s3_store, latest)
+            load_model(s3_store, latest.uri)
+        finally:
+            flaky_t.join(timeout=400)  # never left running into later tests, the test failed or not
         assert not flaky_t.is_alive(), "the flaky run hung"
         flaky = flaky_box["r"]
         assert not isinstance(flaky, BaseException), flaky
