@@ -470,7 +470,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 900.0) -> list:
 # ------------------------------------------------------------------ Ray Train arms B and C
 
 
-def ray_train_data(arm: str, store, uri: str, columns: list[str], spec, shuffle: bool, seed: int, block_rows: int) -> dict:
+def ray_train_data(arm: str, store, uri: str, columns: list[str], spec, shuffle: bool, seed: int, block_rows: int, cpus_per_worker: float = 1.0) -> dict:
     """TorchTrainer's data arguments for arm B (the Ray recipe: read_parquet +
     map_batches(encode_table), Ray's own split) or C (flm_dist as launch.train builds
     it: plan_read -> InteractionDatasource -> per-rank shares through FLMDataConfig)."""
@@ -491,7 +491,7 @@ def ray_train_data(arm: str, store, uri: str, columns: list[str], spec, shuffle:
 
     plan = plan_read(store, uri, spec.read)
     src = InteractionDatasource(plan, spec, store, shuffle, seed, block_rows, "fail")
-    return {"datasets": {"train": read(src)}, "dataset_config": FLMDataConfig({"train": (src, plan.to_dict())}, store, None)}
+    return {"datasets": {"train": read(src)}, "dataset_config": FLMDataConfig({"train": (src, plan.to_dict())}, store, None, cpus_per_worker=cpus_per_worker)}
 
 
 # ------------------------------------------------------------------ runs and statistics

@@ -223,7 +223,7 @@ def run_ray(arm: str, workers: int, data: RayData, shuffle: bool, sleep_s: float
     storage = tempfile.mkdtemp(prefix="flm-bench-train-")
     spec = encode_spec()
     t_setup = time.monotonic()
-    kwargs = common.ray_train_data(arm, data.store, data.uri, data.columns, spec, shuffle, SEED, BLOCK_ROWS)
+    kwargs = common.ray_train_data(arm, data.store, data.uri, data.columns, spec, shuffle, SEED, BLOCK_ROWS, cpw)
     setup_s = time.monotonic() - t_setup
     config = {"arm": arm, "threads": threads, "shuffle_window": SHUFFLE_WINDOW if shuffle else 1, "sleep_s": sleep_s, "out_dir": out_dir}
     trainer = TorchTrainer(

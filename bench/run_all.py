@@ -418,7 +418,7 @@ def run_ray(arm: str, workers: int, data: RayData, caps: dict, profile_steps: in
     storage = tempfile.mkdtemp(prefix="flm-bench-train-")
     spec = encode_spec()
     t_setup = time.monotonic()
-    kwargs = common.ray_train_data(arm, data.store, data.uri, data.columns, spec, True, SEED, BLOCK_ROWS)
+    kwargs = common.ray_train_data(arm, data.store, data.uri, data.columns, spec, True, SEED, BLOCK_ROWS, cpw)
     plan_s = time.monotonic() - t_setup  # listing and footers (C), or building the dataset (B)
     config = {"arm": arm, "threads": threads, "caps": caps, "profile_steps": profile_steps, "out_dir": out_dir}
     trainer = TorchTrainer(

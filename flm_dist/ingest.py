@@ -6,6 +6,8 @@ each of them is a fresh process on every run's start, where importing torch cost
 
 from __future__ import annotations
 
+from collections import Counter
+
 import ray
 from ray.train import DataConfig
 
@@ -61,20 +63,24 @@ class FLMDataConfig(DataConfig):
     consumed by exactly the checkpoint the workers restored, which rank 0 decided once
     and published on the run channel."""
 
-    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, channel=None, deterministic: bool = False):
+    def __init__(self, sources: dict[str, tuple[InteractionDatasource, dict]], store: Store, channel=None, deterministic: bool = False,
+                 cpus_per_worker: float = 1.0):
         super().__init__(datasets_to_split="all")
         self._sources = sources
         self._store = store
         self._channel = channel  # a RunChannel: the resume point rank 0 decided; None: never resume (evaluation)
         self._deterministic = deterministic
+        self._cpus_per_worker = cpus_per_worker
 
     def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
         out: list[dict] = [{} for _ in range(world_size)]
+        nodes = worker_node_ids or [None] * world_size
+        slots = read_slots(nodes, _node_cpus(), self._cpus_per_worker)
         for name in datasets:
             source, plan = self._sources[name]
             first_epoch, skip = self.resume(DataPlan.from_dict(plan)) if name == "train" else (0, {})
             for rank in range(world_size):
-                ds = read(source.for_rank(rank, world_size, first_epoch, skip))
+                ds = read(source.for_rank(rank, world_size, first_epoch, skip), node_id=nodes[rank], slots=slots[rank])
                 ds.context.execution_options = self._resolve_execution_options(name)
                 if self._deterministic:
                     ds.context.execution_options.preserve_order = True
@@ -104,6 +110,27 @@ class FLMDataConfig(DataConfig):
         if decided is None:
             raise RuntimeError("the training data was requested before rank 0 decided the resume point")
         return resume_point(self._store, decided[0], plan)
+
+
+def read_slots(worker_nodes: list[str | None], node_cpus: dict[str | None, float], cpus_per_worker: float) -> list[int]:
+    """Read tasks each rank's dataset may run at once: an even share of the CPUs its
+    node has left after the train workers there, at least one.
+
+    Each rank's read tasks take no CPU reservation and run on the rank's node
+    (`pipeline.read`), so this cap is what keeps them from oversubscribing it. Ray's
+    own accounting cannot: its autoscaling coordinator (Ray 2.60) splits a node's
+    spare CPUs between concurrent datasets by integer division, so with fewer spare
+    CPUs than ranks on a node (2 workers on 2 cores) every rank's dataset got 0 CPUs,
+    launched a read task only when its worker had run dry, and its executor loop spun
+    meanwhile (0.46-0.69 of a core per coordinator; `bench/run_all.py`, C at 2 workers)."""
+    per_node = Counter(worker_nodes)
+    return [max(1, int((node_cpus.get(n, 1.0) - cpus_per_worker * per_node[n]) / per_node[n])) for n in worker_nodes]
+
+
+def _node_cpus() -> dict[str | None, float]:
+    """CPUs per alive node id; under None, the cluster's total (ranks with no known node)."""
+    nodes = {nd["NodeID"]: float(nd["Resources"].get("CPU", 0.0)) for nd in ray.nodes() if nd.get("Alive")}
+    return {**nodes, None: sum(nodes.values())}
 
 
 def resume_point(store: Store, checkpoint: str | None, plan: DataPlan) -> tuple[int, dict]:

@@ -73,11 +73,11 @@ def resources(scaling: ScalingConfig, node_cpus: list[float]) -> tuple[float, in
     """(CPUs reserved per train worker, torch threads per worker) for a cluster whose
     nodes have `node_cpus` CPUs.
 
-    Ray Data's read tasks need a whole CPU while train workers hold theirs: "auto"
-    leaves at least one CPU (or a quarter of the cluster) to Ray Data overall, and at
-    least one CPU on each node when the workers are spread evenly, so the defaults
-    cannot deadlock on a small machine or small nodes. An explicit value that leaves
-    nothing is refused."""
+    The CPUs the workers do not reserve read and decode the data (each rank's read
+    tasks run on its node, as many at once as its share of them: `ingest.read_slots`):
+    "auto" leaves at least one CPU (or a quarter of the cluster) to them overall, and
+    at least one CPU on each node when the workers are spread evenly. An explicit
+    value that leaves less than one is refused."""
     n = scaling.max_workers
     nodes = [c for c in node_cpus if c > 0] or [float(os.cpu_count() or 1)]
     total = sum(nodes)
@@ -95,7 +95,7 @@ def resources(scaling: ScalingConfig, node_cpus: list[float]) -> tuple[float, in
         if total - cpw * n < 1.0:
             raise ConfigError(
                 f"scaling.cpus_per_worker={cpw} x {n} workers leaves {total - cpw * n:.1f} of the cluster's "
-                f"{total:.0f} CPUs for Ray Data, which needs at least 1 to feed the workers (it would hang). "
+                f"{total:.0f} CPUs to read the data, which needs at least 1 beside the workers' reservations. "
                 f"Lower scaling.cpus_per_worker or use 'auto'."
             )
     return cpw, max(1, int(cpw))
@@ -258,7 +258,7 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
         ),
         datasets={name: read(src) for name, (src, _) in sources.items()},
-        dataset_config=FLMDataConfig(sources, store, channel, deterministic=job.data.deterministic),
+        dataset_config=FLMDataConfig(sources, store, channel, deterministic=job.data.deterministic, cpus_per_worker=cpw),
     )
 
 

@@ -232,3 +232,47 @@ def test_ray_data_rows_identical_across_worker_counts(ray_local, tmp_path):
             parts = list(pool.map(consume, ds.streaming_split(n, equal=False)))
         seen = [p for part in parts for p in part]
         assert len(seen) == len(expected) and dict(seen) == expected
+
+
+def test_read_slots_share_each_nodes_spare_cpus():
+    from flm_dist.ingest import read_slots
+
+    # 2 workers of 0.5 CPU on 2 cores: 1 spare CPU, still one read task per rank (never 0)
+    assert read_slots(["a", "a"], {"a": 2.0}, 0.5) == [1, 1]
+    # 8 GPU workers of 6 CPUs on a 64-CPU node: 16 spare, 2 read tasks each
+    assert read_slots(["n"] * 8, {"n": 64.0}, 6.0) == [2] * 8
+    # per node: 2 ranks on an 8-CPU node, 1 on a 4-CPU node, 2 CPUs per worker
+    assert read_slots(["a", "b", "a"], {"a": 8.0, "b": 4.0}, 2.0) == [2, 2, 2]
+    # ranks with no known node share the cluster's total
+    assert read_slots([None, None], {None: 12.0}, 1.0) == [5, 5]
+
+
+@pytest.mark.slow
+def test_per_rank_datasets_read_on_their_node_without_cpu_reservations(ray_local, tmp_path):
+    """Each rank's dataset (FLMDataConfig) reads its own disjoint share with read tasks
+    that reserve no CPU, run on the rank's node, at most `read_slots` at once, one block
+    each. With CPU reservations, Ray's coordinator gave each of 2 concurrent datasets
+    0 of the 1 spare CPU and the read ran only when a worker starved."""
+    import ray
+
+    from flm_dist.data.pipeline import InteractionDatasource
+    from flm_dist.ingest import FLMDataConfig
+
+    d = tmp_path / "log"
+    for i, n in enumerate([3000, 700, 1200]):
+        write(str(d / f"part-{i}.parquet"), log_table(n, start=i * 10_000), row_group_size=256)
+    plan = plan_read(Store(), str(d), CTR)
+    src = InteractionDatasource(plan, EncodeSpec(read=CTR, hash=HASH), Store(), True, 3, 1000, "fail")
+    node = ray.get_runtime_context().get_node_id()
+    cfg = FLMDataConfig({"valid": (src, plan.to_dict())}, Store(), cpus_per_worker=0.5)
+    its = [split["valid"] for split in cfg.configure({"valid": None}, 2, worker_node_ids=[node, node])]
+    for it in its:
+        read_op = it._base_dataset._logical_plan.dag  # the Read operator configure built
+        assert read_op.ray_remote_args["num_cpus"] == 0
+        assert read_op.ray_remote_args["scheduling_strategy"].node_id == node
+        assert read_op.compute.size == 1  # 2 ranks, 0.5 CPU each, on this 2-CPU runtime: 1 spare
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(lambda it: [p for b in it.iter_batches(batch_size=500, batch_format="numpy") for p in b["_pos"].tolist()], its))
+    assert len(parts[0]) and len(parts[1]) and not set(parts[0]) & set(parts[1])
+    assert len(parts[0]) + len(parts[1]) == 4900
+    assert all("SplitBlocks" not in it._base_dataset.stats() for it in its)

@@ -130,8 +130,21 @@ def build_dataset(plan: DataPlan, spec: EncodeSpec, store: Store, *, shuffle: bo
     return read(InteractionDatasource(plan, spec, store, shuffle, seed, block_rows, on_bad_file))
 
 
-def read(source: InteractionDatasource):
-    """A Ray Dataset over a datasource (all ranks' data, or one rank's share)."""
+def read(source: InteractionDatasource, *, node_id: str | None = None, slots: int | None = None):
+    """A Ray Dataset over a datasource (all ranks' data, or one rank's share).
+
+    Each read task is one block: `override_num_blocks=1` stops Ray Data from splitting
+    a rank's blocks to reach a parallelism meant for the whole dataset. With `slots`
+    (one rank's share, `ingest.read_slots`), at most that many read tasks run at once,
+    without a CPU reservation, on the rank's node `node_id` when known: the blocks never
+    cross the network to their worker."""
     import ray.data
 
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source._units)))
+    if slots is None:
+        return ray.data.read_datasource(source, override_num_blocks=1)
+    remote_args = {}
+    if node_id is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0, concurrency=slots, ray_remote_args=remote_args)
