@@ -269,7 +269,7 @@ def test_per_rank_datasets_read_on_their_node_without_cpu_reservations(ray_local
     for it in its:
         read_op = it._base_dataset._logical_plan.dag  # the Read operator configure built
         assert read_op.ray_remote_args["num_cpus"] == 0
-        assert read_op.ray_remote_args["scheduling_strategy"].node_id == node
+        assert read_op.ray_remote_args["label_selector"] == {"ray.io/node-id": node}
         assert read_op.compute.size == 1  # 2 ranks, 0.5 CPU each, on this 2-CPU runtime: 1 spare
     with ThreadPoolExecutor(2) as pool:
         parts = list(pool.map(lambda it: [p for b in it.iter_batches(batch_size=500, batch_format="numpy") for p in b["_pos"].tolist()], its))

@@ -142,9 +142,7 @@ def read(source: InteractionDatasource, *, node_id: str | None = None, slots: in
 
     if slots is None:
         return ray.data.read_datasource(source, override_num_blocks=1)
-    remote_args = {}
-    if node_id is not None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
-    return ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0, concurrency=slots, ray_remote_args=remote_args)
+    # A rank's worker dies with its node, so a hard constraint loses nothing (Ray's
+    # own node-local reads use the same label).
+    on_node = {"ray.io/node-id": node_id} if node_id is not None else None
+    return ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0, concurrency=slots, label_selector=on_node)
