@@ -92,9 +92,9 @@ class FLMDataConfig(DataConfig):
                     out[rank][name] = ds.iterator()
                     continue
                 # A split of one: the rank's own dataset, executed by a coordinator actor
-                # (placed for the rank's node) instead of inside the train worker, where
-                # the executor's threads would take the GIL and CPU from the step
-                # (measured: bench/run_all.py, C at 2 workers).
+                # (its read tasks run on the rank's node: `read_slots`) instead of inside
+                # the train worker, where the executor's threads would take the GIL and
+                # CPU from the step (measured: bench/run_all.py, C at 2 workers).
                 hints = [worker_node_ids[rank]] if worker_node_ids else None
                 out[rank][name] = ds.streaming_split(1, equal=False, locality_hints=hints)[0]
         return out
@@ -122,7 +122,9 @@ def read_slots(worker_nodes: list[str | None], node_cpus: dict[str | None, float
     spare CPUs between concurrent datasets by integer division, so with fewer spare
     CPUs than ranks on a node (2 workers on 2 cores) every rank's dataset got 0 CPUs,
     launched a read task only when its worker had run dry, and its executor loop spun
-    meanwhile (0.46-0.69 of a core per coordinator; `bench/run_all.py`, C at 2 workers)."""
+    meanwhile (0.46-0.69 of a core per coordinator; `bench/run_all.py`, C at 2 workers).
+    Slots count per dataset: while a validation pass reads, a rank's train prefetch
+    may still hold its own slots, briefly up to twice the share."""
     per_node = Counter(worker_nodes)
     return [max(1, int((node_cpus.get(n, 1.0) - cpus_per_worker * per_node[n]) / per_node[n])) for n in worker_nodes]
 
