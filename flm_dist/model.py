@@ -80,11 +80,24 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`x` [B, n, d] -> [B, n, d], or with `last_only` the last position alone
+        [B, 1, d]: it still attends over every position's keys and values, but its
+        query, projection and feed-forward run on one position instead of n (the same
+        values; a model read at its most recent position needs no more from its last
+        block)."""
         b, n, d = x.shape
-        qkv = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask.unsqueeze(1))
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        h, dh = self.ln1(x), d // self.heads
+        if last_only:
+            q = F.linear(h[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d]).view(b, 1, self.heads, dh).transpose(1, 2)
+            kv = F.linear(h, self.qkv.weight[d:], self.qkv.bias[d:]).view(b, n, 2, self.heads, dh).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
+            x, mask = x[:, -1:], mask[:, -1:]
+        else:
+            qkv = self.qkv(h).view(b, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, x.shape[1], d)))
         return x + self.drop(self.ff(self.ln2(x)))
 
 
@@ -119,7 +132,7 @@ class HistoryEncoder(nn.Module):
             # an empty batch still runs the encoder on the looked-up vectors: every parameter
             # and every table lookup takes part in backward, whose collectives (DDP, the
             # replicated tables' gradient gather) every rank must call alike
-            states = self._encode(vectors[index.clamp_min(0)], index >= 0)
+            states = self._encode(vectors[index.clamp_min(0)], index >= 0, last_only=not all_positions)
             return states if all_positions else states[:, -1]
         valid = index >= 0
         lengths = valid.sum(1)
@@ -130,7 +143,7 @@ class HistoryEncoder(nn.Module):
             rows = torch.nonzero((lengths > low) & (lengths <= high)).flatten()
             if len(rows):
                 idx = index[rows, n - high :]
-                states = self._encode(vectors[idx.clamp_min(0)], idx >= 0)
+                states = self._encode(vectors[idx.clamp_min(0)], idx >= 0, last_only=not all_positions)
                 if all_positions:
                     states = torch.cat([states.new_zeros(len(rows), n - high, states.shape[2]), states], dim=1)
                 else:
@@ -145,16 +158,17 @@ class HistoryEncoder(nn.Module):
     def last_state(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The state at the most recent position, at full width (static shapes: the
         exported graphs)."""
-        return self._encode(items, valid)[:, -1]
+        return self._encode(items, valid, last_only=True)[:, -1]
 
-    def _encode(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _encode(self, items: torch.Tensor, valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """The states [B, n, d], or with `last_only` the most recent one [B, 1, d]."""
         n = items.shape[1]
         x = self.drop(torch.where(valid.unsqueeze(-1), items, self.empty) + self.pos[-n:])
         causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
         eye = torch.eye(n, dtype=torch.bool, device=items.device)
         mask = causal & (valid.unsqueeze(1) | eye)  # [B, query, key]
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only=last_only and i == len(self.blocks) - 1)
         return self.norm(x)
 
 

@@ -192,6 +192,16 @@ def test_history_encoder_length_buckets_equal_the_full_width():
         torch.testing.assert_close(every[valid], full[valid], rtol=1e-5, atol=1e-5)
         assert enc(vectors, index[:0]).shape == (0, 8)
         assert torch.isfinite(full).all()  # an empty history is a learned state, not NaN
+    # The read-at-the-last-position path (the last block's query and feed-forward on
+    # one position) trains the same parameters with the same gradients.
+    grads = []
+    for last in (enc(vectors.requires_grad_(), index), enc._encode(vectors[index.clamp_min(0)], index >= 0)[:, -1]):
+        enc.zero_grad()
+        vectors.grad = None
+        (last * torch.linspace(-1, 1, last.numel()).view_as(last)).sum().backward()
+        grads.append([vectors.grad.clone(), *(p.grad.clone() for p in enc.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_history_scores_the_same_in_training_torchscript_onnx_and_the_server(tmp_path):
