@@ -1,6 +1,6 @@
 """Issue 10 — the full harness: arms L, A, B, C in modes skip / train / sleep-step
-(5, 20, 50 ms) at 1 and 2 workers, interleaved rounds, medians; then C's time to first
-batch on a 1,000-file dataset in the embedded S3 endpoint, a torch.profiler profile of
+(5, 20, 50 ms) at 1 and 2 workers, and the sequence model's L and C; interleaved
+rounds, medians; then C's time to first batch on a 1,000-file dataset in the embedded S3 endpoint, a torch.profiler profile of
 C in train mode, and the constants of the scaling model. Rewrites its section of
 BENCHMARKS.md, the results JSON and the PNG plots.
 
@@ -14,11 +14,14 @@ loop's step, `train_loop.Worker.train`, timed in parts):
   C  flm_dist: plan_read -> InteractionDatasource per-rank shares (FLMDataConfig) ->
      BatchStream (shuffle window) -> the train loop's prefetch thread and per-step
      `_agree` all-reduce, in a TorchTrainer worker with launch.resources' CPUs.
+  L-seq, C-seq  the sequence model of `jobs/pretrain_sequence.yaml` (issues 17, 18): L and C
+     as above on Amazon Toys as per-user sequences, in modes skip, train and sleep20;
+     and the history stage's throughput on the harness's log.
 Modes, each one pass over the worker's share (train and sleep passes stop at a step
 cap, the same in every arm): skip (touch every batch), train (a real optimiser step),
 sleepN (time.sleep(N ms) instead of compute, as a fast accelerator would leave the CPU).
 
-    python bench/run_all.py [--quick] [--pinned] [--repeats N] [--no-ttfb] [--no-profile]
+    python bench/run_all.py [--quick] [--pinned] [--repeats N] [--no-ttfb] [--no-profile] [--no-sequence]
                             [--out bench/results/run_all.json]      # `make bench`
 """
 
@@ -46,12 +49,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402 - the benchmarks' shared helpers live next to this file
 
 from flm_dist.batch import Batch  # noqa: E402
-from flm_dist.config import FeatureConfig, ModelConfig, TrainConfig  # noqa: E402
+from flm_dist.config import FeatureConfig, ModelConfig, TrainConfig, load_job  # noqa: E402
 from flm_dist.data.encode import EncodeSpec, encode_table  # noqa: E402
 from flm_dist.data.hashing import HashSpec  # noqa: E402
 from flm_dist.data.schema import ReadSpec  # noqa: E402
 from flm_dist.model import FLM, table_sizes  # noqa: E402
-from flm_dist.objectives import PopularityEstimator, compute_loss, forward_flags, used_modules  # noqa: E402
+from flm_dist.objectives import (  # noqa: E402
+    NegativeSampler,
+    PopularityEstimator,
+    compute_loss,
+    forward_flags,
+    used_modules,
+)
 from flm_dist.optim import build_optimizers  # noqa: E402
 from flm_dist.sharding import parallelize, plan_tables, unwrap  # noqa: E402
 
@@ -64,6 +73,30 @@ BLOCK_ROWS = 65536  # data.read_block_rows's default
 SHARD_THRESHOLD = 64 << 20  # scaling.shard_threshold_bytes's default: user and item tables row-wise at 2 workers
 SEED = 0
 MODES = ("skip", "train", "sleep5", "sleep20", "sleep50")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the arms of one comparison train, the same in each: task, model, optimiser
+    settings, features, batch size, and the modes they run."""
+
+    task: str
+    model: ModelConfig
+    train: TrainConfig
+    features: tuple[FeatureConfig, ...]
+    batch_size: int
+    modes: tuple[str, ...]
+
+
+FLM_SETUP = Setup(TASK, ModelConfig(), TrainConfig(), FEATURES, BATCH_SIZE, MODES)
+
+
+def sequence_setup() -> Setup:
+    """The sequence model as `jobs/pretrain_sequence.yaml` pretrains it (a causal
+    Transformer over the last 50 items, next-item sampled softmax with in-batch and
+    uniform negatives, the job's batch of 1,024), on per-user sequences (issues 17, 18)."""
+    job = load_job(os.path.join(common.REPO, "jobs", "pretrain_sequence.yaml"))
+    return Setup(job.task, job.model, job.train, tuple(job.data.features), job.data.batch_size, ("skip", "train", "sleep20"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +128,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", type=lambda v: v.split(","), default=None, help="subset, e.g. L-1w,C-1w")
     p.add_argument("--no-ttfb", action="store_true", help="skip the 1,000-file time-to-first-batch run")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of C")
+    p.add_argument("--no-sequence", action="store_true", help="skip the sequence model's arms and the history stage")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "flm-bench-run-all"))
     p.add_argument("--out", default="bench/results/run_all.json")
     p.add_argument("--no-md", action="store_true", help="do not rewrite BENCHMARKS.md")
@@ -102,14 +136,18 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def encode_spec() -> EncodeSpec:
-    hs = HashSpec.build(table_sizes(ModelConfig(), FEATURES), ModelConfig().hash_seed)
-    return EncodeSpec(read=ReadSpec.for_task(TASK, FEATURES, (1.0, 5.0)), hash=hs)
+def encode_spec(setup: Setup = FLM_SETUP) -> EncodeSpec:
+    hs = HashSpec.build(table_sizes(setup.model, setup.features), setup.model.hash_seed)
+    read = ReadSpec.for_task(setup.task, setup.features, (1.0, 5.0), history_len=setup.model.history_len)
+    return EncodeSpec(read=replace(read, sequence=setup.model.history_len > 0), hash=hs)
 
 
-def cols_to_batch(cols: dict) -> Batch:
+def cols_to_batch(cols: dict, features: tuple[FeatureConfig, ...] = FEATURES) -> Batch:
     t = {k: (torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v) for k, v in cols.items()}
-    return Batch(user=t["user"], item=t["item"], features={f.name: t[f"f_{f.name}"] for f in FEATURES})
+    history = t.get("history")
+    if history is None and "hist__0" in t:
+        history = torch.stack([t[f"hist__{j}"] for j in range(sum(k.startswith("hist__") for k in t))], dim=1)
+    return Batch(user=t["user"], item=t["item"], features={f.name: t[f"f_{f.name}"] for f in features}, history=history)
 
 
 # ------------------------------------------------------------------ the step, timed in parts
@@ -162,15 +200,16 @@ TIMERS = Timers()
 
 class Stepper:
     """The model, optimisers and step of the train loop (train_loop.Worker.build/train)
-    for `world` ranks, pretraining, default ModelConfig and TrainConfig."""
+    for `world` ranks and one Setup (default: pretraining, default ModelConfig and
+    TrainConfig)."""
 
-    def __init__(self, world: int):
+    def __init__(self, world: int, setup: Setup = FLM_SETUP):
         TIMERS.patch()
-        self.world, self.tc = world, TrainConfig()
+        self.world, self.tc, self.task = world, setup.train, setup.task
         torch.manual_seed(SEED)
-        cfg = ModelConfig()
-        model = FLM(cfg, list(FEATURES), init_seed=SEED, table_device="meta")
-        used = used_modules(TASK, self.tc.recon_weight)
+        cfg = setup.model
+        model = FLM(cfg, list(setup.features), init_seed=SEED, table_device="meta")
+        used = used_modules(self.task, self.tc.recon_weight)
         for name, mod in model.named_children():
             mod.requires_grad_(name in used)
         self.plan = plan_tables({n: t.num_embeddings for n, t in model.tables.items()}, cfg.embedding_dim, world, SHARD_THRESHOLD, {})
@@ -178,16 +217,21 @@ class Stepper:
         if hasattr(self.model, "register_comm_hook"):
             self.model.register_comm_hook(None, TIMERS.ddp_hook)
         self.dense, self.sparse = build_optimizers(unwrap(self.model), self.tc.lr, self.tc.weight_decay, self.tc.sparse_lr, self.tc.sparse_optimizer)
-        self.flags = forward_flags(TASK, self.tc.recon_weight)
+        self.flags = forward_flags(self.task, self.tc.recon_weight, all_positions=self.tc.next_item_positions == "all")
         self.popularity = PopularityEstimator()
+        self.negatives = NegativeSampler(cfg.item_rows, setup.features, self.tc.uniform_negatives, torch.device("cpu"), SEED) if self.tc.uniform_negatives else None
 
     def step(self, batch: Batch, global_rows: int) -> dict:
         tc = self.tc
         TIMERS.reset()
         t0 = time.perf_counter()
+        share = 0.0
+        if self.negatives is not None:  # uniform negatives, as the train loop draws them
+            self.negatives.observe(batch)
+            batch.negatives, batch.negative_features, share = self.negatives.sample()
         self.popularity.update(batch.item)
         out = self.model(batch, **self.flags)
-        lp = compute_loss(TASK, out, batch, tc.recon_weight, tc.contrastive_weight, tc.temperature, self.popularity, tc.num_negatives)
+        lp = compute_loss(self.task, out, batch, tc.recon_weight, tc.contrastive_weight, tc.temperature, self.popularity, tc.num_negatives, share)
         loss = lp.total * (self.world / global_rows)
         t1 = time.perf_counter()
         for opt in (self.dense, self.sparse):
@@ -255,15 +299,15 @@ def agree_rows(n: int, world: int) -> int | None:
     return int(t[0]) if both.item() > 0 else None
 
 
-def all_modes(rank: int, world: int, caps: dict, make_batches, profile_steps: int = 0, out_dir: str | None = None) -> list[dict]:
-    stepper = Stepper(world)
+def all_modes(rank: int, world: int, caps: dict, make_batches, profile_steps: int = 0, out_dir: str | None = None, setup: Setup = FLM_SETUP) -> list[dict]:
+    stepper = Stepper(world, setup)
     # One untimed step: lazy allocation (optimiser state, gloo buffers) is not a mode's cost.
     source = make_batches("warm")
-    stepper.step(next(iter(source)), BATCH_SIZE * world)
+    stepper.step(next(iter(source)), setup.batch_size * world)
     if hasattr(source, "close"):
         source.close()
     recs = []
-    for mode in MODES:
+    for mode in setup.modes:
         dist.barrier() if world > 1 else None
         recs.append(run_pass(make_batches(mode), mode, caps.get(mode), stepper, world, agree_rows))
     if profile_steps:
@@ -336,28 +380,29 @@ class ClosableQueueReader:
                 pass
 
 
-def local_rank(rank: int, world: int, arm: str, files: list[str], columns: list[str], caps: dict) -> list[dict]:
-    spec = encode_spec()
+def local_rank(rank: int, world: int, arm: str, files: list[str], columns: list[str], caps: dict, setup: Setup = FLM_SETUP) -> list[dict]:
+    spec = encode_spec(setup)
     mine = files[rank::world]
     if arm == "L":
+        # Sequence files expand into one example per event here, as in the read tasks.
         tables = [encode_table(pq.read_table(p, columns=columns), spec) for p in mine]
-        cols = {k: torch.from_numpy(np.concatenate([t[k] for t in tables])) for k in ("user", "item", *(f"f_{f.name}" for f in FEATURES))}
-        n = len(cols["user"])
+        cols = {k: torch.from_numpy(np.concatenate([t[k] for t in tables])) for k in tables[0] if k in ("user", "item") or k.startswith(("f_", "hist__"))}
+        n, bs = len(cols["user"]), setup.batch_size
 
         def make(_mode):
-            return (cols_to_batch({k: v[i : i + BATCH_SIZE] for k, v in cols.items()}) for i in range(0, n, BATCH_SIZE))
+            return (cols_to_batch({k: v[i : i + bs] for k, v in cols.items()}, setup.features) for i in range(0, n, bs))
     else:
         def make(_mode):
             return ClosableQueueReader(mine, columns, spec)
 
-    return all_modes(rank, world, caps, make)
+    return all_modes(rank, world, caps, make, setup=setup)
 
 
-def run_local(arm: str, world: int, files: list[str], columns: list[str], caps: dict) -> dict:
+def run_local(arm: str, world: int, files: list[str], columns: list[str], caps: dict, setup: Setup = FLM_SETUP) -> dict:
     # Only the spawned ranks count: the idle Ray runtime is not this arm's cost.
     with common.TreeSampler(os.getpid(), only_new=True) as sampler:
-        ranks = common.run_ranks(local_rank, world, arm, files, columns, caps)
-    return figures(ranks, sampler, startup_s=None, workers=world)
+        ranks = common.run_ranks(local_rank, world, arm, files, columns, caps, setup)
+    return figures(ranks, sampler, startup_s=None, workers=world, modes=setup.modes)
 
 
 # ------------------------------------------------------------------ B and C: Ray Train workers
@@ -372,12 +417,13 @@ def ray_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    setup = config["setup"]
     shard = ray.train.get_dataset_shard("train")
     if config["arm"] == "B":
         def make(_mode):
-            return (cols_to_batch(d) for d in shard.iter_torch_batches(batch_size=BATCH_SIZE))
+            return (cols_to_batch(d, setup.features) for d in shard.iter_torch_batches(batch_size=setup.batch_size))
     else:
-        stream = BatchStream(shard, BATCH_SIZE, FEATURES, shuffle_window=SHUFFLE_WINDOW, seed=SEED * 1000 + rank, prefetch_batches=PREFETCH)
+        stream = BatchStream(shard, setup.batch_size, setup.features, shuffle_window=SHUFFLE_WINDOW, seed=SEED * 1000 + rank, prefetch_batches=PREFETCH)
         epoch = iter(range(1000))
 
         class Fetch:
@@ -396,7 +442,7 @@ def ray_worker(config: dict) -> None:
         def make(_mode):
             return Fetch()
 
-    recs = all_modes(rank, world, config["caps"], make, config["profile_steps"] if rank == 0 else 0, config["out_dir"])
+    recs = all_modes(rank, world, config["caps"], make, config["profile_steps"] if rank == 0 else 0, config["out_dir"], setup)
     with open(os.path.join(config["out_dir"], f"rank-{rank}.json"), "w") as f:
         json.dump(recs, f)
 
@@ -408,7 +454,7 @@ class RayData:
     store: object
 
 
-def run_ray(arm: str, workers: int, data: RayData, caps: dict, profile_steps: int = 0, modes=MODES) -> dict:
+def run_ray(arm: str, workers: int, data: RayData, caps: dict, profile_steps: int = 0, setup: Setup = FLM_SETUP) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -420,11 +466,11 @@ def run_ray(arm: str, workers: int, data: RayData, caps: dict, profile_steps: in
     cpw, threads = resources(FLMScaling(num_workers=workers), node_cpus)
     out_dir = tempfile.mkdtemp(prefix="flm-bench-ranks-")
     storage = tempfile.mkdtemp(prefix="flm-bench-train-")
-    spec = encode_spec()
+    spec = encode_spec(setup)
     t_setup = time.monotonic()
     kwargs = common.ray_train_data(arm, data.store, data.uri, data.columns, spec, True, SEED, BLOCK_ROWS, cpw)
     plan_s = time.monotonic() - t_setup  # listing and footers (C), or building the dataset (B)
-    config = {"arm": arm, "threads": threads, "caps": caps, "profile_steps": profile_steps, "out_dir": out_dir}
+    config = {"arm": arm, "threads": threads, "caps": caps, "profile_steps": profile_steps, "out_dir": out_dir, "setup": setup}
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config=config,
@@ -444,7 +490,7 @@ def run_ray(arm: str, workers: int, data: RayData, caps: dict, profile_steps: in
             prof = json.load(f)
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
-    res = figures(ranks, sampler, startup_s=t_setup, workers=workers)
+    res = figures(ranks, sampler, startup_s=t_setup, workers=workers, modes=setup.modes)
     res["cpus_per_worker"] = cpw
     res["plan_s"] = plan_s
     if prof:
@@ -455,13 +501,13 @@ def run_ray(arm: str, workers: int, data: RayData, caps: dict, profile_steps: in
 # ------------------------------------------------------------------ figures
 
 
-def figures(ranks: list[list[dict]], sampler: common.TreeSampler, startup_s: float | None, workers: int) -> dict:
+def figures(ranks: list[list[dict]], sampler: common.TreeSampler, startup_s: float | None, workers: int, modes: tuple[str, ...] = MODES) -> dict:
     """Per mode: steady-state global rows/s over the union of the ranks' windows (each
     from the end of its last warm-up step to the end of its last step; rows of the
     steps in between), the share of that window spent waiting for data, batch waits,
     CPU cores the process tree used, and (train) the step's parts."""
     out = {"workers": workers, "peak_pss_mib": sampler.peak("pss") / common.MiB}
-    for k, mode in enumerate(MODES):
+    for k, mode in enumerate(modes):
         recs = [r[k] for r in ranks]
         starts, ends, steady, waits, wait_in = [], [], 0, [], 0.0
         for r in recs:
@@ -495,7 +541,7 @@ def figures(ranks: list[list[dict]], sampler: common.TreeSampler, startup_s: flo
 
 def medians(runs: list[dict]) -> dict:
     med = {"workers": runs[0]["workers"], "peak_pss_mib": common.median([r["peak_pss_mib"] for r in runs])}
-    for mode in MODES:
+    for mode in (m for m in MODES if m in runs[0]):
         keys = [k for k in runs[0][mode] if k != "parts_ms"]
         med[mode] = {k: common.median([r[mode].get(k) for r in runs]) for k in keys}
         if "parts_ms" in runs[0][mode]:
@@ -531,6 +577,46 @@ def ttfb_many_files(n_files: int, rows_per_file: int) -> dict:
         caps = {"train": 4, "sleep5": 4, "sleep20": 4, "sleep50": 4}
         res = run_ray("C", 1, data, caps)
     return {"files": n_files, "rows_per_file": rows_per_file, "upload_s": upload_s, "plan_s": res["plan_s"], "ttfb_s": res["skip"]["startup_s"]}
+
+
+# ------------------------------------------------------------------ the sequence model (issues 17, 18)
+
+
+SEQ_ARMS = ("L-seq-1w", "C-seq-1w", "L-seq-2w", "C-seq-2w")
+
+
+def run_sequence(data_dir: str, log_files: list[str], caps: dict, repeats: int, arms: list[str]) -> dict:
+    """The sequence model (`sequence_setup`), the bare loop L against flm_dist's C at 1
+    and 2 workers, on Amazon Toys as per-user sequences (real history lengths: most
+    users have a handful of events); and the throughput of the history stage
+    (`flm-dist data sequences`) on this harness's interaction log."""
+    import glob
+
+    from flm_dist.data.convert import convert
+    from flm_dist.data.sequences import build_sequences
+    from flm_dist.storage import Store
+
+    store, root = Store(), os.path.join(data_dir, "sequences")
+    shutil.rmtree(root, ignore_errors=True)  # the stage refuses to write over sequences
+    print(f"history stage: {len(log_files)} files of the interaction log -> per-user sequences", flush=True)
+    stage = build_sequences(store, os.path.dirname(log_files[0]), f"{root}/log")
+    src = os.path.join(common.REPO, "..", "shared", "data", "Toys_and_Games.txt")
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} not found: the sequence arms read Amazon Toys from ../shared/data (or pass --no-sequence)")
+    convert(store, "sequence", src, f"{root}/toys-log", files=4)
+    toys = build_sequences(store, f"{root}/toys-log", f"{root}/toys", files=4)
+    setup = sequence_setup()
+    files = sorted(glob.glob(f"{root}/toys/*.parquet"))
+    columns = encode_spec(setup).read.columns(pq.read_schema(files[0]))
+    data = RayData(uri=f"{root}/toys", columns=columns, store=store)
+    make = {}
+    for w in (1, 2):
+        make[f"L-seq-{w}w"] = functools.partial(run_local, "L", w, files, columns, caps, setup)
+        make[f"C-seq-{w}w"] = functools.partial(run_ray, "C", w, data, caps, 0, setup)
+    runs = common.interleaved({a: make[a] for a in arms}, repeats)
+    keep = ("input_rows", "users", "events", "files", "seconds")
+    return {"stage": {k: stage[k] for k in keep}, "toys": {k: toys[k] for k in keep}, "batch_size": setup.batch_size,
+            "history_len": setup.model.history_len, "medians": {a: medians(rs) for a, rs in runs.items()}, "runs": runs}
 
 
 # ------------------------------------------------------------------ main
@@ -578,15 +664,22 @@ def main() -> None:
         arms[f"B-{w}w"] = functools.partial(run_ray, "B", w, data, caps)
         arms[f"C-{w}w"] = functools.partial(run_ray, "C", w, data, caps)
     if args.arms:
-        arms = {k: arms[k] for k in args.arms}
-    print("warm-up (untimed): C-1w", flush=True)
-    run_ray("C", 1, data, dict(sizes.caps))
+        unknown = set(args.arms) - set(arms) - set(SEQ_ARMS)
+        if unknown:
+            raise SystemExit(f"--arms: unknown arm(s) {sorted(unknown)}; known: {sorted(arms) + list(SEQ_ARMS)}")
+        arms = {k: v for k, v in arms.items() if k in args.arms}
+    if arms:
+        print("warm-up (untimed): C-1w", flush=True)
+        run_ray("C", 1, data, dict(sizes.caps))
     runs = common.interleaved(arms, sizes.repeats)
     med = {arm: medians(rs) for arm, rs in runs.items()}
     # Saved before anything else can fail: `--report-from` rewrites the report from it.
     common.write_result(args.out, {"benchmark": "run_all", "machine": info, "args": vars(args), "sizes": asdict(sizes), "medians": med, "runs": runs, "extra": {}})
 
     extra = {}
+    seq_arms = [a for a in SEQ_ARMS if not args.arms or a in args.arms]
+    if seq_arms and not args.no_sequence:
+        extra["sequence"] = run_sequence(args.data_dir, files, caps, sizes.repeats, seq_arms)
     if not args.no_profile:
         print("profile: C-1w, train mode, torch.profiler", flush=True)
         extra["profile"] = run_ray("C", 1, data, caps, profile_steps=sizes.profile_steps)["profile"]
@@ -652,6 +745,20 @@ def report(args, info: dict, sizes: Sizes, med: dict, runs: dict, extra: dict) -
             limit = (1 if arm.endswith("1w") else 2) * BATCH_SIZE / (float(mode[5:]) / 1e3)
             if rate(arm, mode):
                 ratios[f"{arm} {mode} / sleep-only limit"] = rate(arm, mode) / limit
+    seq = extra.get("sequence")
+    if seq:
+        sm = seq["medians"]
+
+        def srate(arm, mode):
+            return sm.get(arm, {}).get(mode, {}).get("rows_per_s")
+
+        ratios["C-seq/L-seq train 1w (target >= 0.8)"] = r(srate("C-seq-1w", "train"), srate("L-seq-1w", "train"))
+        ratios["C-seq/L-seq train 2w"] = r(srate("C-seq-2w", "train"), srate("L-seq-2w", "train"))
+        for arm in ("L-seq", "C-seq"):
+            for mode in ("train", "sleep20"):
+                one, two = srate(f"{arm}-1w", mode), srate(f"{arm}-2w", mode)
+                if one and two:
+                    ratios[f"{arm} scaling 1->2w {mode}"] = two / (2 * one)
     ratios = {k: v for k, v in ratios.items() if v is not None}
 
     with common.captured() as cap:
@@ -667,6 +774,8 @@ def report(args, info: dict, sizes: Sizes, med: dict, runs: dict, extra: dict) -
         print(common.markdown_table(["arm", *keys], [[a, *(m["train"]["parts_ms"].get(k) for k in keys)] for a, m in med.items() if "parts_ms" in m["train"]]))
         print("\nexchange: row-wise all-to-alls and replicated-table all-gathers, inside forward/backward; ddp_allreduce: "
               "DDP's gradient buckets (overlaps backward; an upper bound); sync: the per-step control all-reduce.\n")
+        if seq:
+            sequence_section(seq)
         print("### ratios\n")
         print(common.markdown_table(["ratio", "value"], [[k, v] for k, v in ratios.items()]))
         if "ttfb_many_files" in extra:
@@ -694,7 +803,29 @@ def report(args, info: dict, sizes: Sizes, med: dict, runs: dict, extra: dict) -
                                     f"\n![step breakdown]({os.path.relpath(stem, common.REPO)}_step_parts.png)", cmd, info)
 
 
+def sequence_section(seq: dict) -> None:
+    sm = seq["medians"]
+    modes = [m for m in MODES if m in next(iter(sm.values()))]
+    toys, stage = seq["toys"], seq["stage"]
+    print(f"### sequence model: bare loop (L-seq) vs flm_dist (C-seq)\n\n`jobs/pretrain_sequence.yaml`'s model and "
+          f"objective (a causal Transformer over the last {seq['history_len']} items, next-item sampled softmax with "
+          f"in-batch and uniform negatives, batch {seq['batch_size']:,}) on Amazon Toys as per-user sequences "
+          f"({toys['events']:,} events of {toys['users']:,} users, expanded into one example per event in the read "
+          f"tasks; L expands them in memory first). rows/s, medians:\n")
+    print(common.markdown_table(["arm", *modes, "train cores", "train wait share", "skip TTFB s"],
+          [[a, *(m[mode]["rows_per_s"] for mode in modes), m["train"]["cores_used"], m["train"]["data_wait_share"], m["skip"]["ttfb_s"]] for a, m in sm.items()]))
+    keys = ["data_wait", "forward", "backward", "optimizer", "exchange", "ddp_allreduce", "sync"]
+    print("\nstep breakdown, train mode (rank 0, ms, medians):\n")
+    print(common.markdown_table(["arm", *keys], [[a, *(m["train"]["parts_ms"].get(k) for k in keys)] for a, m in sm.items() if "parts_ms" in m["train"]]))
+    print(f"\nhistory stage (`flm-dist data sequences`, a Ray Data hash shuffle by user on this machine's 2 cores): "
+          f"this harness's log, {stage['input_rows']:,} events of {stage['users']:,} users into {stage['files']} files in "
+          f"{stage['seconds']:.1f} s = {stage['input_rows'] / stage['seconds']:,.0f} events/s; Toys, {toys['input_rows']:,} "
+          f"events in {toys['seconds']:.1f} s (its fixed start dominates).\n")
+
+
 def plots(stem: str, med: dict, info: dict) -> None:
+    if not med:  # only the sequence arms ran
+        return
     try:
         import matplotlib
 
