@@ -219,7 +219,9 @@ class Stepper:
         self.dense, self.sparse = build_optimizers(unwrap(self.model), self.tc.lr, self.tc.weight_decay, self.tc.sparse_lr, self.tc.sparse_optimizer)
         self.flags = forward_flags(self.task, self.tc.recon_weight, all_positions=self.tc.next_item_positions == "all")
         self.popularity = PopularityEstimator()
-        self.negatives = NegativeSampler(cfg.item_rows, setup.features, self.tc.uniform_negatives, torch.device("cpu"), SEED) if self.tc.uniform_negatives else None
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        seed = SEED * 7919 + rank  # the train loop's seed for a rank's negatives
+        self.negatives = NegativeSampler(cfg.item_rows, setup.features, self.tc.uniform_negatives, torch.device("cpu"), seed) if self.tc.uniform_negatives else None
 
     def step(self, batch: Batch, global_rows: int) -> dict:
         tc = self.tc
@@ -384,9 +386,11 @@ def local_rank(rank: int, world: int, arm: str, files: list[str], columns: list[
     spec = encode_spec(setup)
     mine = files[rank::world]
     if arm == "L":
-        # Sequence files expand into one example per event here, as in the read tasks.
+        # Sequence files expand into one example per event here, as in the read tasks;
+        # rows the read tasks would drop as bad are dropped here too.
         tables = [encode_table(pq.read_table(p, columns=columns), spec) for p in mine]
-        cols = {k: torch.from_numpy(np.concatenate([t[k] for t in tables])) for k in tables[0] if k in ("user", "item") or k.startswith(("f_", "hist__"))}
+        good = np.concatenate([t["_bad"] == 0 for t in tables])
+        cols = {k: torch.from_numpy(np.concatenate([t[k] for t in tables])[good]) for k in tables[0] if k in ("user", "item") or k.startswith(("f_", "hist__"))}
         n, bs = len(cols["user"]), setup.batch_size
 
         def make(_mode):
@@ -583,6 +587,7 @@ def ttfb_many_files(n_files: int, rows_per_file: int) -> dict:
 
 
 SEQ_ARMS = ("L-seq-1w", "C-seq-1w", "L-seq-2w", "C-seq-2w")
+TOYS = os.path.join(common.REPO, "..", "shared", "data", "Toys_and_Games.txt")
 
 
 def run_sequence(data_dir: str, log_files: list[str], caps: dict, repeats: int, arms: list[str]) -> dict:
@@ -600,10 +605,7 @@ def run_sequence(data_dir: str, log_files: list[str], caps: dict, repeats: int, 
     shutil.rmtree(root, ignore_errors=True)  # the stage refuses to write over sequences
     print(f"history stage: {len(log_files)} files of the interaction log -> per-user sequences", flush=True)
     stage = build_sequences(store, os.path.dirname(log_files[0]), f"{root}/log")
-    src = os.path.join(common.REPO, "..", "shared", "data", "Toys_and_Games.txt")
-    if not os.path.exists(src):
-        raise SystemExit(f"{src} not found: the sequence arms read Amazon Toys from ../shared/data (or pass --no-sequence)")
-    convert(store, "sequence", src, f"{root}/toys-log", files=4)
+    convert(store, "sequence", TOYS, f"{root}/toys-log", files=4)
     toys = build_sequences(store, f"{root}/toys-log", f"{root}/toys", files=4)
     setup = sequence_setup()
     files = sorted(glob.glob(f"{root}/toys/*.parquet"))
@@ -615,7 +617,7 @@ def run_sequence(data_dir: str, log_files: list[str], caps: dict, repeats: int, 
         make[f"C-seq-{w}w"] = functools.partial(run_ray, "C", w, data, caps, 0, setup)
     runs = common.interleaved({a: make[a] for a in arms}, repeats)
     keep = ("input_rows", "users", "events", "files", "seconds")
-    return {"stage": {k: stage[k] for k in keep}, "toys": {k: toys[k] for k in keep}, "batch_size": setup.batch_size,
+    return {"stage": {k: stage[k] for k in keep}, "toys": {k: toys[k] for k in keep}, "batch_size": setup.batch_size, "cores": os.cpu_count(),
             "history_len": setup.model.history_len, "medians": {a: medians(rs) for a, rs in runs.items()}, "runs": runs}
 
 
@@ -644,6 +646,9 @@ def main() -> None:
     if args.repeats:
         sizes = replace(sizes, repeats=args.repeats)
     caps = dict(sizes.caps)
+    seq_arms = [] if args.no_sequence else [a for a in SEQ_ARMS if not args.arms or a in args.arms]
+    if seq_arms and not os.path.exists(TOYS):  # before an hour of the other arms, not after
+        raise SystemExit(f"{TOYS} not found: the sequence arms read Amazon Toys from ../shared/data (or pass --no-sequence)")
     info = common.machine_info()
     common.print_header("run_all: arms L/A/B/C x modes x 1, 2 workers", info, args)
     t_all = time.monotonic()
@@ -677,9 +682,9 @@ def main() -> None:
     common.write_result(args.out, {"benchmark": "run_all", "machine": info, "args": vars(args), "sizes": asdict(sizes), "medians": med, "runs": runs, "extra": {}})
 
     extra = {}
-    seq_arms = [a for a in SEQ_ARMS if not args.arms or a in args.arms]
-    if seq_arms and not args.no_sequence:
+    if seq_arms:
         extra["sequence"] = run_sequence(args.data_dir, files, caps, sizes.repeats, seq_arms)
+        common.write_result(args.out, {"benchmark": "run_all", "machine": info, "args": vars(args), "sizes": asdict(sizes), "medians": med, "runs": runs, "extra": extra})
     if not args.no_profile:
         print("profile: C-1w, train mode, torch.profiler", flush=True)
         extra["profile"] = run_ray("C", 1, data, caps, profile_steps=sizes.profile_steps)["profile"]
@@ -817,7 +822,7 @@ def sequence_section(seq: dict) -> None:
     keys = ["data_wait", "forward", "backward", "optimizer", "exchange", "ddp_allreduce", "sync"]
     print("\nstep breakdown, train mode (rank 0, ms, medians):\n")
     print(common.markdown_table(["arm", *keys], [[a, *(m["train"]["parts_ms"].get(k) for k in keys)] for a, m in sm.items() if "parts_ms" in m["train"]]))
-    print(f"\nhistory stage (`flm-dist data sequences`, a Ray Data hash shuffle by user on this machine's 2 cores): "
+    print(f"\nhistory stage (`flm-dist data sequences`, a Ray Data hash shuffle by user, {seq.get('cores', '?')} cores): "
           f"this harness's log, {stage['input_rows']:,} events of {stage['users']:,} users into {stage['files']} files in "
           f"{stage['seconds']:.1f} s = {stage['input_rows'] / stage['seconds']:,.0f} events/s; Toys, {toys['input_rows']:,} "
           f"events in {toys['seconds']:.1f} s (its fixed start dominates).\n")
