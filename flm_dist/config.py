@@ -116,6 +116,10 @@ class DataConfig:
     # the training rows (by (user, item) pair) held out for it; 0 turns validation off.
     valid: str = ""
     valid_fraction: float = 0.1
+    # Each rank keeps its validation batches in host memory after the first validation
+    # when they fit in this many MiB, and replays them every later epoch instead of
+    # reading them again (0: read every epoch).
+    valid_cache_mb: int = 256
     features: list[FeatureConfig] = field(default_factory=list)
     rating_range: list[float] = field(default_factory=lambda: [1.0, 5.0])
     batch_size: int = 4096  # per worker

@@ -283,6 +283,7 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
             train_plan=train_plan,
             eval_plan=eval_plan,
             valid_rows=valid_rows,
+            valid_cache_mb=d.valid_cache_mb,
             catalog=catalog,
         ),
         run=RunSpec(store=store, dir=join(job.run.storage, job.run.name), seed=job.run.seed, manifest=manifest or {}, init_from=init_from, evaluate_from=evaluate_from, resume=resume),

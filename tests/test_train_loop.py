@@ -15,6 +15,8 @@ import torch
 from flm_dist import checkpoint as ckpt
 from flm_dist import ingest, launch
 from flm_dist.config import to_dict
+from flm_dist.data.batches import BatchStream
+from flm_dist.data.budget import BadRows
 from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import assign_units
@@ -23,7 +25,7 @@ from flm_dist.data.schema import ReadSpec
 from flm_dist.export import load_model
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store
-from flm_dist.train_loop import NonFiniteLossError, Worker, train
+from flm_dist.train_loop import NonFiniteLossError, ValidationBatches, Worker, train
 from tests.conftest import tiny_job
 from tests.dist import run_ranks
 
@@ -208,6 +210,32 @@ def _finetune(tmp_path, name, **sets):
     shard = LocalShard(plans["train"], specs["train"], 0, 1)
     valid = LocalShard(plans["valid"], specs["valid"], 0, 1)
     return w, train(w, progress, shard, valid)
+
+
+def test_validation_rows_are_read_once_then_replayed_when_they_fit(tmp_path):
+    """Every epoch validates on the same rows: with room, later validations replay the
+    first pass's batches (the same rows, no read, bad and good rows counted once);
+    without room, each validation reads its rows again."""
+    data = _data(tmp_path / "log")
+    job = tiny_job(str(tmp_path / "runs"), "vc", "ctr", **{"data.train": data, "data.batch_size": 128})
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    _, plans, specs = launch.plan_datasets(job, Store(), hs, data, None, "ctr", validate=True)
+    for limit, reads_expected in ((64 << 20, 1), (1024, 3)):
+        shard, reads = LocalShard(plans["valid"], specs["valid"], 0, 1), []
+
+        class Counting:
+            def iter_batches(self, _shard=shard, _reads=reads, **kw):
+                _reads.append(1)
+                return _shard.iter_batches(**kw)
+
+        valid = ValidationBatches(BatchStream(Counting(), 128, tuple(job.data.features)), None, torch.device("cpu"), limit)
+        budget = BadRows(Store(), None, 1.0)
+        passes = [[pair for b in valid(budget) for pair in zip(b.user.tolist(), b.item.tolist(), strict=True)] for _ in range(3)]
+        assert len(reads) == reads_expected
+        assert sorted(passes[0]) == sorted(passes[1]) == sorted(passes[2]) and len(passes[0]) > 200
+        if reads_expected == 1:  # a replay: the very batches, in order
+            assert passes[0] == passes[1] == passes[2]
+        assert budget.other_rows == reads_expected * len(passes[0])
 
 
 def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
