@@ -179,13 +179,15 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
             hpos = torch.searchsorted(rows_sorted, h.clamp_min(0)).clamp_max(max(n - 1, 0))
             distinct = torch.cat([torch.ones_like(h[:, :1], dtype=torch.bool), h[:, 1:] != h[:, :-1]], dim=1)
             excl = (h >= 0) & distinct & (h != b.item[:, None]) & (rows_sorted[hpos] == h if n else torch.zeros_like(h, dtype=torch.bool))
+        # A catalog of one chunk (most) is scored once; larger ones chunk by chunk, twice.
+        whole = u @ cvec.T if n <= chunk else None
         for lo in range(0, n, chunk):  # the row's own score, from the catalog's product
-            sc = u @ cvec[lo : lo + chunk].T
+            sc = whole if whole is not None else u @ cvec[lo : lo + chunk].T
             here = in_cat & (pos >= lo) & (pos < lo + chunk)
             own = torch.where(here, sc.gather(1, (pos - lo).clamp(0, sc.shape[1] - 1)[:, None]).squeeze(1), own)
         above = torch.zeros(len(u), dtype=torch.long, device=device)
         for lo in range(0, n, chunk):
-            sc = u @ cvec[lo : lo + chunk].T
+            sc = whole if whole is not None else u @ cvec[lo : lo + chunk].T
             above += (sc >= own[:, None]).sum(1)
             if excl is not None:
                 inside = excl & (hpos >= lo) & (hpos < lo + chunk)

@@ -101,6 +101,7 @@ def test_validation_ranking_matches_brute_force_with_ties_against_and_history_ex
         above = sum(1 for j in range(len(rows)) if scores[i, j] >= own and j not in excluded) - (1 if in_cat else 0)
         want_ndcg += 1 / np.log2(above + 2) if above < 10 else 0.0
         want_recall += above < 10
-    got = validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, chunk=7)
-    assert got[2] == 4
-    assert got[0] == pytest.approx(want_ndcg, abs=1e-9) and got[1] == want_recall
+    for chunk in (7, 1 << 16):  # the catalog in chunks, and in one product
+        got = validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, chunk=chunk)
+        assert got[2] == 4
+        assert got[0] == pytest.approx(want_ndcg, abs=1e-9) and got[1] == want_recall
