@@ -1,8 +1,9 @@
 """Issue 10 — the full harness: arms L, A, B, C in modes skip / train / sleep-step
 (5, 20, 50 ms) at 1 and 2 workers, and the sequence model's L and C; interleaved
-rounds, medians; then C's time to first batch on a 1,000-file dataset in the embedded S3 endpoint, a torch.profiler profile of
-C in train mode, and the constants of the scaling model. Rewrites its section of
-BENCHMARKS.md, the results JSON and the PNG plots.
+rounds, medians; then C's time to first batch on a 1,000-file dataset in the embedded
+S3 endpoint, a torch.profiler profile of C in train mode, and the constants of the
+scaling model. Rewrites its section of BENCHMARKS.md, the results JSON and the PNG
+plots.
 
 Arms (same model, optimiser, batch size, seed and step code in every arm: the train
 loop's step, `train_loop.Worker.train`, timed in parts):
@@ -144,9 +145,8 @@ def encode_spec(setup: Setup = FLM_SETUP) -> EncodeSpec:
 
 def cols_to_batch(cols: dict, features: tuple[FeatureConfig, ...] = FEATURES) -> Batch:
     t = {k: (torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v) for k, v in cols.items()}
-    history = t.get("history")
-    if history is None and "hist__0" in t:
-        history = torch.stack([t[f"hist__{j}"] for j in range(sum(k.startswith("hist__") for k in t))], dim=1)
+    width = sum(k.startswith("hist__") for k in t)  # sequence examples: the history's slots
+    history = torch.stack([t[f"hist__{j}"] for j in range(width)], dim=1) if width else None
     return Batch(user=t["user"], item=t["item"], features={f.name: t[f"f_{f.name}"] for f in features}, history=history)
 
 
