@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -336,10 +336,12 @@ class ValidationBatches:
 
 
 def _nbytes(b: Batch | None) -> int:
+    """Host bytes of every tensor a batch holds (its fields and their dicts)."""
     if b is None:
         return 0
-    tensors = [b.user, b.item, b.label, b.rating, b.history, b.pos, *b.features.values()]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    values = [getattr(b, f.name) for f in fields(b)]
+    tensors = [t for v in values for t in (v.values() if isinstance(v, dict) else [v])]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _say(msg: str) -> None:
