@@ -470,6 +470,24 @@ def run_ranks(fn, world: int, *args, timeout: float = 900.0) -> list:
 # ------------------------------------------------------------------ Ray Train arms B and C
 
 
+def start_ray() -> None:
+    """A local Ray as `launch.ensure_ray` starts it (all CPUs, dashboard on, its node
+    settings `launch.RAY_NODE_ENV`, Ray Data progress bars off), except that worker logs
+    stay in Ray's log files: forwarded, they would bury the results (and cost the driver
+    CPU)."""
+    import ray
+    from ray.data import DataContext
+
+    from flm_dist.launch import RAY_NODE_ENV
+
+    # Ray workers import the shared helpers by name: put bench/ on their path.
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), REPO, os.environ.get("PYTHONPATH", "")])
+    for k, v in RAY_NODE_ENV.items():
+        os.environ.setdefault(k, v)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False, configure_logging=False)
+    DataContext.get_current().enable_progress_bars = False
+
+
 def ray_train_data(arm: str, store, uri: str, columns: list[str], spec, shuffle: bool, seed: int, block_rows: int, cpus_per_worker: float = 1.0) -> dict:
     """TorchTrainer's data arguments for arm B (the Ray recipe: read_parquet +
     map_batches(encode_table), Ray's own split) or C (flm_dist as launch.train builds

@@ -71,7 +71,7 @@ def main() -> None:
     from flm_dist.data.plan import plan_read
     from flm_dist.storage import Store
 
-    run_all.start_ray()
+    common.start_ray()
     spec, store = run_all.encode_spec(), Store()
     plan = plan_read(store, os.path.dirname(files[0]), spec.read)
     d = DataConfig()

@@ -363,19 +363,6 @@ def arms_for(args, files: dict[str, list[str]], columns: list[str], local: dict[
     return arms
 
 
-def start_ray() -> None:
-    """A local Ray as `launch.ensure_ray` starts it (all CPUs, dashboard on, Ray Data
-    progress bars off), except that worker logs stay in Ray's log files: forwarded,
-    they would bury the results (and cost the driver CPU)."""
-    import ray
-    from ray.data import DataContext
-
-    # Ray workers import the shared helpers by name: put bench/ on their path.
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), common.REPO, os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False, configure_logging=False)
-    DataContext.get_current().enable_progress_bars = False
-
-
 def upload_to_s3(endpoint, files: list[str], columns: list[str]) -> RayData:
     import pyarrow.fs as pafs
 
@@ -413,7 +400,7 @@ def main() -> None:
 
     from flm_dist.storage import Store
 
-    start_ray()
+    common.start_ray()
     local = {d: RayData(uri=os.path.dirname(f[0]), columns=columns, store=Store()) for d, f in files.items()}
     endpoint = s3 = None
     if args.s3:

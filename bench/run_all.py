@@ -627,15 +627,6 @@ def run_sequence(data_dir: str, log_files: list[str], caps: dict, repeats: int, 
 # ------------------------------------------------------------------ main
 
 
-def start_ray() -> None:
-    import ray
-    from ray.data import DataContext
-
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), common.REPO, os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False, configure_logging=False)
-    DataContext.get_current().enable_progress_bars = False
-
-
 def main() -> None:
     args = parse_args()
     if args.report_from:
@@ -663,7 +654,7 @@ def main() -> None:
 
     from flm_dist.storage import Store
 
-    start_ray()
+    common.start_ray()
     data = RayData(uri=os.path.dirname(files[0]), columns=columns, store=Store())
     arms = {}
     for w in (1, 2):

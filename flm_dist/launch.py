@@ -35,8 +35,18 @@ __all__ = ["TrainingFailed", "ensure_ray", "evaluate", "plan_datasets", "resourc
 log = logging.getLogger(__name__)
 
 
+# Ray settings for the nodes flm_dist starts (`ensure_ray`) and for its image
+# (Dockerfile; tests/test_cluster_configs.py keeps the two alike). Ray keeps only as many
+# idle worker processes as a node has unreserved CPUs and kills the others after 1 s
+# idle; a run's train workers reserve the CPUs, so every epoch's read tasks waited for a
+# fresh Python process (Amazon Toys sequence fine-tune, 2 workers on 2 cores: 1.7-2.1 s
+# to each epoch's first batch, 0.3-0.4 s with idle workers kept a minute).
+RAY_NODE_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS / `address`, else start a local Ray with this machine's CPUs."""
+    """Connect to RAY_ADDRESS / `address`, else start a local Ray with this machine's CPUs
+    (and `RAY_NODE_ENV`, unless the environment sets those keys)."""
     if ray.is_initialized():
         return
     addr = address or os.environ.get("RAY_ADDRESS")
@@ -48,6 +58,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Its address is fixed up front and given to every worker, so that monitoring
         # reaches this cluster even when other local Ray instances run beside it.
         port = _free_port()
+        for k, v in RAY_NODE_ENV.items():
+            os.environ.setdefault(k, v)  # read by the raylet this call starts
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=True,

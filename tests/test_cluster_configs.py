@@ -311,3 +311,12 @@ def test_dockerfile_runs_as_non_root_and_keeps_rays_command():
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     # KubeRay and the cluster launcher run `ray start` as the container's command.
     assert not [ln for ln in lines if ln[0] == "ENTRYPOINT"], "an ENTRYPOINT would wrap KubeRay's `ray start` command"
+
+
+def test_the_image_sets_the_ray_node_settings_a_local_run_uses():
+    from flm_dist.launch import RAY_NODE_ENV
+
+    text = (ROOT / "Dockerfile").read_text()
+    env = dict(re.findall(r"^\s*(?:ENV\s+)?(RAY_\w+)=(\S+?)\s*\\?$", text, re.MULTILINE))
+    assert env == RAY_NODE_ENV, f"Dockerfile ENV {env} != flm_dist.launch.RAY_NODE_ENV {RAY_NODE_ENV}"
+
