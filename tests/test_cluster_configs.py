@@ -319,4 +319,3 @@ def test_the_image_sets_the_ray_node_settings_a_local_run_uses():
     text = (ROOT / "Dockerfile").read_text()
     env = dict(re.findall(r"^\s*(?:ENV\s+)?(RAY_\w+)=(\S+?)\s*\\?$", text, re.MULTILINE))
     assert env == RAY_NODE_ENV, f"Dockerfile ENV {env} != flm_dist.launch.RAY_NODE_ENV {RAY_NODE_ENV}"
-

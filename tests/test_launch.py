@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,9 +46,6 @@ def test_the_local_runtime_keeps_idle_workers_between_epochs(ray_local):
     1 s idle; a run's train workers reserve the CPUs, so every epoch's reads waited for
     a fresh Python process (toys sequence fine-tune, 2 workers: 1.7-2.1 s to an epoch's
     first batch, 0.3-0.4 s with the idle workers kept)."""
-    import os
-    import time
-
     ray = ray_local
 
     @ray.remote
@@ -58,7 +57,7 @@ def test_the_local_runtime_keeps_idle_workers_between_epochs(ray_local):
     def pid():
         return os.getpid()
 
-    held = Train.options(num_cpus=ray.available_resources()["CPU"]).remote()
+    held = Train.options(num_cpus=ray.available_resources().get("CPU", 0.0)).remote()
     ray.get(held.ready.remote())
     worker = ray.get(pid.remote())
     time.sleep(3)  # Ray checks every 200 ms; its default threshold is 1 s
