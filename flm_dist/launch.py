@@ -315,16 +315,19 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
     """Plans (validated before any worker starts) and datasources for train / valid /
     eval: {name: (datasource, plan dict)}, the plans, and each side's EncodeSpec (plus
     "known": the training data, validation rows included, for the evaluation
-    reference). `validate`: hold out `data.valid` or a `data.valid_fraction` carve of
-    the training rows. The training side is read as `train_task` trained (default
+    reference). `validate`: also plan the validation set, `data.valid` or the
+    `data.valid_fraction` carve of the training rows (the carve is held out of the
+    training side either way). The training side is read as `train_task` trained (default
     `task`): evaluating a pretrained backbone ranks positives only, but its training
     data was every row."""
     d = job.data
     split = d.split if not eval_uri else SplitConfig()  # an explicit eval set replaces the split
     need_ts = split.by == "time"
-    # Leave-one-out holds each user's second-to-last event out of every training side
-    # (pretraining too), so a fine-tune's validation events are never seen before.
-    carve = d.valid_fraction if (validate or split.by == "last") and not d.valid else 0.0
+    # The validation carve (a function of the rows alone: a pair hash, or leave-one-out's
+    # second-to-last event) is held out of every training side, pretraining too: a
+    # backbone that trained on a fine-tune's validation rows inflates the pretrained
+    # arm's validation score, and early stopping then picks epochs on memorised pairs.
+    carve = d.valid_fraction if not d.valid else 0.0
     datasets, plans, specs = {}, {}, {}
 
     def add(name: str, uri: str, rs: ReadSpec, side: str, shuffle: bool, plan: DataPlan | None = None) -> None:

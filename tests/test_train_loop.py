@@ -17,7 +17,7 @@ from flm_dist import ingest, launch
 from flm_dist.config import to_dict
 from flm_dist.data.batches import BatchStream
 from flm_dist.data.budget import BadRows
-from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
+from flm_dist.data.encode import EncodeSpec, empty_columns, encode_table, read_units
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import assign_units
 from flm_dist.data.plan import plan_read
@@ -182,7 +182,6 @@ def test_validation_carve_partitions_the_training_rows(tmp_path):
     from dataclasses import replace as dc_replace
 
     from flm_dist.config import SplitConfig
-    from flm_dist.data.encode import encode_table
 
     t = pq.read_table(_data(tmp_path / "log"))
     rs = ReadSpec.for_task("ctr", [], [1, 5])
@@ -192,6 +191,26 @@ def test_validation_carve_partitions_the_training_rows(tmp_path):
     assert pos["train"] | pos["valid"] == pos["known"] and not pos["train"] & pos["valid"]
     assert not pos["known"] & pos["eval"] and len(pos["known"]) + len(pos["eval"]) == t.num_rows
     assert 0.2 < len(pos["valid"]) / len(pos["known"]) < 0.3
+
+
+def test_pretraining_never_reads_the_fine_tunes_validation_rows(tmp_path):
+    """A fine-tune validates on its carve of the training rows; a backbone pretrained on
+    the same log must not have trained on them, or the pretrained arm's validation
+    score is inflated and early stopping picks its epochs on memorised pairs."""
+    data = _data(tmp_path / "log")
+    t = pq.read_table(data)
+    store = Store()
+    read = {}
+    for task, validate in (("pretrain", False), ("ctr", True)):
+        job = tiny_job(str(tmp_path / "runs"), task, task, **{"data.train": data, "data.pretrain": data})
+        hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+        _, _, specs = launch.plan_datasets(job, store, hs, data, None, task, validate=validate)
+        read[task] = {side: set(encode_table(t, specs[side])["_pos"].tolist()) for side in specs}
+    valid = read["ctr"]["valid"]
+    assert valid and not valid & read["pretrain"]["train"]
+    assert read["pretrain"]["train"] == read["ctr"]["train"]  # the rest: every other row
+    # the reference data (what counts as seen in training) still holds every row
+    assert read["pretrain"]["known"] == read["ctr"]["known"] == set(encode_table(t, EncodeSpec(read=specs["train"].read, hash=specs["train"].hash))["_pos"].tolist())
 
 
 def _finetune(tmp_path, name, **sets):
