@@ -200,7 +200,9 @@ def prepare_ml(work: str, labeled_share: float = 0.3, seed: int = 0) -> dict:
             "labeled_users": int(len(np.unique(u[labeled]))), "labeled_train_rows": int((~test & labeled).sum()), "pretrain_rows": int((~test).sum())}
 
 
-def _surprise(train: pa.Table, test: pa.Table, target: str) -> dict[str, np.ndarray]:
+def _surprise(train: pa.Table, test: pa.Table, target: str, implicit: pa.Table | None = None) -> dict[str, np.ndarray]:
+    """The classical arms on `test`: global mean, BaselineOnly, SVD and, given the
+    unlabeled log (`implicit`), a user kNN over BaselineOnly's residuals."""
     import pandas as pd
     from surprise import SVD, BaselineOnly, Dataset, Reader
 
@@ -212,9 +214,45 @@ def _surprise(train: pa.Table, test: pa.Table, target: str) -> dict[str, np.ndar
     for name, algo in (("biases (BaselineOnly)", BaselineOnly(verbose=False)), ("SVD", SVD(random_state=0))):
         algo.fit(ds)
         out[name] = np.array([algo.predict(a, b, clip=False).est for a, b in zip(tu, ti, strict=True)], np.float64)
+        if name.startswith("biases") and implicit is not None:
+            fitted = np.array([algo.predict(a, b, clip=False).est for a, b in zip(df["u"], df["i"], strict=True)], np.float64)
+            out["user kNN (implicit)"] = out[name] + _implicit_knn(implicit, train, df["y"].to_numpy() - fitted, test)
     if target == "label":
         out = {k: np.clip(v, 1e-4, 1 - 1e-4) for k, v in out.items()}  # probabilities, for log loss and calibration
     return out
+
+
+def _implicit_knn(implicit: pa.Table, train: pa.Table, residual: np.ndarray, test: pa.Table, k: int = 100, shrink: float = 1.0) -> np.ndarray:
+    """A test row's correction to a biases model: the similarity-weighted mean residual
+    of the user's k nearest labeled users on the same item, shrunk towards 0 (`shrink`
+    in units of summed similarity), with users compared by the cosine of their item
+    sets in the unlabeled log. Neighbourhood CF with the similarity taken from the
+    implicit log: the classical way to carry labels to users who have none, and a
+    yardstick for what the log says about a user's ratings."""
+    from scipy import sparse
+
+    def index(col: pa.ChunkedArray, keys: np.ndarray) -> np.ndarray:
+        return np.searchsorted(keys, col.to_numpy())
+
+    users = np.unique(np.concatenate([implicit.column("user_id").to_numpy(), train.column("user_id").to_numpy(), test.column("user_id").to_numpy()]))
+    items = np.unique(np.concatenate([implicit.column("item_id").to_numpy(), train.column("item_id").to_numpy(), test.column("item_id").to_numpy()]))
+    shape = (len(users), len(items))
+    x = sparse.csr_matrix((np.ones(implicit.num_rows), (index(implicit.column("user_id"), users), index(implicit.column("item_id"), items))), shape=shape)
+    x.data[:] = 1.0  # an item set: repeats count once
+    x = sparse.csr_matrix(x.multiply(1.0 / np.sqrt(np.maximum(x.sum(1), 1))))
+    sim = (x @ x.T).toarray()
+    tu, tri = index(train.column("user_id"), users), index(train.column("item_id"), items)
+    sim[:, ~np.isin(np.arange(len(users)), tu)] = 0.0  # neighbours: users with labels
+    np.fill_diagonal(sim, 0.0)
+    top = np.argsort(-sim, axis=1)[:, :k]
+    near = np.zeros_like(sim)
+    np.put_along_axis(near, top, np.take_along_axis(sim, top, 1), 1)
+    near = sparse.csr_matrix(near)
+    res = sparse.csr_matrix((residual, (tu, tri)), shape=shape)
+    seen = sparse.csr_matrix((np.ones(len(tu)), (tu, tri)), shape=shape)
+    eu, ei = index(test.column("user_id"), users), index(test.column("item_id"), items)
+    num, den = np.asarray((near @ res)[eu, ei]).ravel(), np.asarray((near @ seen)[eu, ei]).ravel()
+    return num / (den + shrink)
 
 
 def _score_export(store: Store, checkpoint: str, test: pa.Table, out: str) -> np.ndarray:
@@ -250,10 +288,10 @@ def run_ml(work: str, quick: bool) -> dict:
         res = compare(ft, store, out=f"{work}/compare/{name}", progress=False)
         train_table = pq.read_table(f"{d}/{train_dir}")
         preds = {arm: _score_export(store, res["arms"][arm]["checkpoint"], test, f"{work}/export/{name}-{arm}") for arm in ("scratch", "pretrained")}
-        preds.update(_surprise(train_table, test, target))
+        preds.update(_surprise(train_table, test, target, implicit=pq.read_table(f"{d}/pretrain")))
         y = test.column(target).to_numpy().astype(np.float64)
         sl = masks if train_dir == "labeled" else {"all": masks["all"]}
-        pairs = [("pretrained", "scratch"), ("pretrained", "biases (BaselineOnly)"), ("pretrained", "SVD")]
+        pairs = [("pretrained", "scratch"), ("pretrained", "biases (BaselineOnly)"), ("pretrained", "SVD"), ("pretrained", "user kNN (implicit)")]
         table = pointwise_table("ctr" if target == "label" else "rating", users, y, preds, sl, pairs)
         system = {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained")}
         table.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": system,
