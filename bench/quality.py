@@ -599,7 +599,14 @@ def markdown(results: dict) -> str:
     if sig:
         lines += [f"MovieLens: the pretrained user vector predicts {sig['cv_r2']:.3f} (cross-validated R², ridge) of the {sig['users']} users' "
                   f"rating level (mean offset from the item means, std {sig['offset_std']:.3f}): the implicit log carries little of what RMSE "
-                  "needs for a user without labels.", ""]
+                  "needs for a user without labels."]
+        arms = results["ml"]["protocols"].get("rating", {}).get("arms", {})
+        if "user kNN (implicit)" in arms:
+            rmse = {a: arms[a]["users without labels"]["rmse"][0] for a in ("pretrained", "scratch", "user kNN (implicit)", "biases (BaselineOnly)")}
+            lines[-1] += (f" What a classical method gets from the same log: a user kNN over BaselineOnly's residuals, with users compared by "
+                          f"their item sets in the pretraining log, reaches RMSE {rmse['user kNN (implicit)']:.4f} for users without labels "
+                          f"(BaselineOnly {rmse['biases (BaselineOnly)']:.4f}; FLM scratch {rmse['scratch']:.4f}, pretrained {rmse['pretrained']:.4f}).")
+        lines += [""]
     lines += ["**Targets (issues 16 and 17)**", ""]
     for what, ok, detail in _targets(results):
         lines.append(f"- {'met' if ok else 'MISSED'}: {what} ({detail})")
