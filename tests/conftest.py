@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 
+import numpy as np
 import pytest
 
 from flm_dist.config import FeatureConfig, JobConfig, load_job
@@ -85,3 +86,21 @@ def tiny_job(tmp_storage: str, name: str, task: str = "pretrain", **sets) -> Job
     job = load_job(None, overrides)
     job.data.features = list(FEATURES)
     return job
+
+
+def pretraining_positions(uri: str, store: Store | None = None) -> np.ndarray:
+    """The sorted positions of the rows a pretraining job with the default config reads
+    from `uri`: every row but the `data.valid_fraction` carve, which pretraining holds
+    out for the fine-tunes' validation. Read by the read tasks' own code."""
+    from flm_dist.config import DataConfig
+    from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
+    from flm_dist.data.hashing import HashSpec
+    from flm_dist.data.plan import plan_read
+    from flm_dist.data.schema import ReadSpec
+
+    store = store or Store()
+    rs = ReadSpec.for_task("pretrain", [], [1, 5])
+    plan = plan_read(store, uri, rs)
+    spec = EncodeSpec(read=rs, hash=HashSpec.build({"user": 64, "item": 64}, 0), side="train", valid_fraction=DataConfig().valid_fraction)
+    tables = read_units(plan.units, [f.uri for f in plan.files], spec, store, plan.columns, None, "fail", empty_columns(spec), {})
+    return np.sort(np.concatenate([t.column("_pos").to_numpy() for t in tables]))

@@ -20,10 +20,8 @@ import pytest
 
 from flm_dist import checkpoint as ckpt
 from flm_dist import launch
-from flm_dist.data.plan import plan_read
-from flm_dist.data.schema import ReadSpec
 from flm_dist.storage import Store
-from tests.conftest import tiny_job
+from tests.conftest import pretraining_positions, tiny_job
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +48,6 @@ def log_dir(tmp_path_factory):
             row_group_size=500,
         )
     return str(d)
-
-
-def all_positions(log_dir) -> np.ndarray:
-    plan = plan_read(Store(), log_dir, ReadSpec.for_task("pretrain", [], [1, 5]))
-    return np.sort(np.concatenate([(np.int64(u.index) << 32) | np.arange(u.rows, dtype=np.int64) for u in plan.units]))
 
 
 def read_trace(folder: str, epoch: int) -> dict[int, list[tuple[int, np.ndarray]]]:
@@ -112,7 +105,7 @@ def test_resume_at_epoch_boundary_runs_the_next_epoch(boundary, log_dir):
     # asked for 2 epochs, the run resumed at the boundary and ran epoch 1 whole
     assert two["metrics"]["steps"] == 2 * one["metrics"]["steps"]
     got1 = np.sort(np.concatenate([p for recs in read_trace(trace, 1).values() for _, p in recs]))
-    assert np.array_equal(got1, all_positions(log_dir))
+    assert np.array_equal(got1, pretraining_positions(log_dir))
 
 
 def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir, boundary, monkeypatch):
@@ -154,10 +147,10 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
     rows = [p for pid in first_attempt for s, p in by_pid[pid] if s <= resumed_at]
     rows += [p for recs in second for _, p in recs]
     got = np.sort(np.concatenate(rows))
-    assert np.array_equal(got, all_positions(log_dir)), "epoch 0 rows lost or duplicated across the restart"
+    assert np.array_equal(got, pretraining_positions(log_dir)), "epoch 0 rows lost or duplicated across the restart"
     # epoch 1, entirely after the restart: once each
     got1 = np.sort(np.concatenate([p for recs in read_trace(trace, 1).values() for _, p in recs]))
-    assert np.array_equal(got1, all_positions(log_dir))
+    assert np.array_equal(got1, pretraining_positions(log_dir))
 
 
 def test_kill_driver_and_rerun_resumes(ray_local, tmp_path, log_dir):
