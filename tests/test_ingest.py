@@ -58,6 +58,25 @@ def test_listing_ignores_marker_and_hidden_files_and_accepts_empty(tmp_path):
     assert plan.empty_files == 2
 
 
+def test_footers_read_from_object_storage_small_and_large(s3_store, bucket):
+    # The plan reads each footer with one ranged GET of the file's tail; a footer larger
+    # than that first read (thousands of row groups) takes a second one.
+    small, large = log_table(100), log_table(3000, start=100)
+    s3_store.write_bytes(f"{bucket}/log/a.parquet", _parquet_bytes(small, None))
+    s3_store.write_bytes(f"{bucket}/log/b.parquet", _parquet_bytes(large, 1))
+    md = pq.ParquetFile(pa.BufferReader(s3_store.read_bytes(f"{bucket}/log/b.parquet"))).metadata
+    assert md.serialized_size > 64 * 1024  # the case under test
+    plan = plan_read(s3_store, f"{bucket}/log", CTR)
+    assert [f.rows for f in plan.files] == [100, 3000]
+    assert len(plan.units) == 1 + 3000 and plan.total_rows == 3100
+
+
+def _parquet_bytes(table, row_group_size):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size)
+    return sink.getvalue().to_pybytes()
+
+
 @pytest.mark.parametrize("damage", ["bad_magic", "truncated_footer"])
 def test_corrupt_file_fails_fast_naming_the_file(tmp_path, damage):
     d = tmp_path / "log"

