@@ -14,7 +14,8 @@ validation criterion is measured after every epoch on rows held out of the train
 data (the task loss; for retrieval NDCG@10 by full ranking, which on real data went on
 rising for epochs after the sampled softmax loss turned), the best epoch's checkpoint
 is kept and is the result, and training stops once the criterion has not improved for
-`train.patience` epochs.
+`train.patience` epochs. A retrieval fine-tune has no new head, so the pretrained model
+it starts from is validated too (epoch -1) and is the result when no epoch beats it.
 """
 
 from __future__ import annotations
@@ -695,6 +696,12 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
         consumed.merge_state(progress.data_state)  # the resumed epoch's rows so far
     warmup, rows_total, last_loss, t_start = w.head_warmup_steps(), 0, float("nan"), time.perf_counter()
     stop = valid is not None and bool(t.patience) and progress.stale >= t.patience  # stopped early before a resume
+    if valid is not None and s.task == "retrieval" and s.run.init_from and progress.step == 0 and progress.best is None:
+        # A retrieval fine-tune adds no parameters to the pretrained model, which is thus a
+        # candidate too: validated and saved before the first step, it is the result when
+        # no epoch beats it (epoch -1 in the curve).
+        _end_of_epoch(w, progress, valid, budget, last_loss, epoch=-1)
+        w.save(progress, consumed, {"loss": last_loss})
     while progress.epoch < t.epochs and not stop:
         fetch = Fetcher(stream, progress.epoch, pin=w.device.type == "cuda")
         loss_sum, nonfinite, step_rows = 0.0, False, 0
@@ -745,20 +752,21 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
     return _finish(w, progress, steplog, budget, rows_total, last_loss, time.perf_counter() - t_start)
 
 
-def _end_of_epoch(w: Worker, progress: Progress, valid: ValidationBatches | None, budget: BadRows, loss: float) -> bool:
+def _end_of_epoch(w: Worker, progress: Progress, valid: ValidationBatches | None, budget: BadRows, loss: float, epoch: int | None = None) -> bool:
     """Validation and early stopping (collective); True when training should stop.
     Validation's bad rows count in the training budget (once: a replay adds none)."""
-    rec = {"step": progress.step, "epoch": progress.epoch, "loss": loss}
+    epoch = progress.epoch if epoch is None else epoch
+    rec = {"step": progress.step, "epoch": epoch, "loss": loss}
     if valid is not None:
         rec.update(w.validate(valid(budget)))
         v = rec["valid_loss"]
         if progress.best is None or v < progress.best["valid_loss"]:
-            progress.best, progress.stale = {"step": progress.step, "epoch": progress.epoch, "valid_loss": v}, 0
+            progress.best, progress.stale = {"step": progress.step, "epoch": epoch, "valid_loss": v}, 0
         else:
             progress.stale += 1
         if w.rank == 0:
             what = "1 - NDCG@10" if "valid_ndcg@10" in rec else "loss"
-            _say(f"epoch {progress.epoch}: validation {what} {v:.5f} (best {progress.best['valid_loss']:.5f} at epoch {progress.best['epoch']})")
+            _say(f"epoch {epoch}: validation {what} {v:.5f} (best {progress.best['valid_loss']:.5f} at epoch {progress.best['epoch']})")
     progress.curve.append(rec)
     patience = w.spec.train.patience
     return bool(valid is not None and patience and progress.stale >= patience)

@@ -213,16 +213,19 @@ def test_pretraining_never_reads_the_fine_tunes_validation_rows(tmp_path):
     assert read["pretrain"]["known"] == read["ctr"]["known"] == set(encode_table(t, EncodeSpec(read=specs["train"].read, hash=specs["train"].hash))["_pos"].tolist())
 
 
-def _finetune(tmp_path, name, **sets):
+def _finetune(tmp_path, name, task="ctr", **sets):
     """An in-process fine-tune with a validation carve, on labels the model cannot
-    learn (random): it overfits, and early stopping has to pick the best epoch."""
+    learn (random): it overfits, and early stopping has to pick the best epoch.
+    Retrieval validates by full ranking over the training data's catalog."""
     data = _data(tmp_path / "log", positives=0.5)
-    job = tiny_job(str(tmp_path / "runs"), name, "ctr", **{"data.train": data, "data.batch_size": 128, "train.lr": 0.02, "train.sparse_lr": 0.2, **sets})
+    job = tiny_job(str(tmp_path / "runs"), name, task, **{"data.train": data, "data.batch_size": 128, "train.lr": 0.02, "train.sparse_lr": 0.2, **sets})
     store = Store()
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
-    datasets, plans, specs = launch.plan_datasets(job, store, hs, data, None, "ctr", validate=True)
-    manifest = {"task": "ctr", "config": to_dict(job)}
-    spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plans["train"].to_dict(), valid_rows=300, manifest=manifest, init_from=job.init_from)
+    datasets, plans, specs = launch.plan_datasets(job, store, hs, data, None, task, validate=True)
+    manifest = {"task": task, "config": to_dict(job)}
+    catalog = launch.training_reference(store, plans["train"], specs["known"], task).catalog if task == "retrieval" else None
+    spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plans["train"].to_dict(), valid_rows=300, manifest=manifest, init_from=job.init_from,
+                               catalog=catalog)
     w = Worker(spec)
     w.build()
     progress = w.restore()
@@ -277,17 +280,48 @@ def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
     assert ckpt.load_manifest(Store(), ref)["best"]["step"] == best["step"]
 
 
-def test_head_warmup_trains_only_the_head_then_everything(tmp_path):
-    """A fine-tune from a pretrained checkpoint: for head_warmup_steps steps only the
-    new head changes; after them the backbone trains too."""
+def _pretrained(tmp_path):
+    """A committed pretraining checkpoint of a randomly initialised FLM."""
     from flm_dist.model import FLM
-    from flm_dist.sharding import unwrap
 
     job = tiny_job(str(tmp_path / "runs"), "pre")
     pre = FLM(job.model, job.data.features, init_seed=3)
     saver = ckpt.Checkpointer(Store(), str(tmp_path / "runs" / "pre"), keep_last=1, async_save=False)
-    pre_ref = saver.save(1, {"model": pre.state_dict()}, {"step": 1, "epoch": 0, "epoch_done": True})
+    ref = saver.save(1, {"model": pre.state_dict()}, {"step": 1, "epoch": 0, "epoch_done": True})
     saver.close()
+    return pre, ref
+
+
+@pytest.mark.parametrize("lr", [0.0, 0.02])
+def test_a_retrieval_fine_tune_counts_the_model_it_starts_from(tmp_path, lr):
+    """A retrieval fine-tune adds no parameters to its pretrained backbone: the backbone
+    is validated and saved before the first step (epoch -1) and is the result when no
+    epoch beats it (lr 0: every epoch ties, and a tie does not replace the best)."""
+    from flm_dist.sharding import unwrap
+
+    pre, pre_ref = _pretrained(tmp_path)
+    sets = {"train.epochs": 2, "train.patience": 0, "train.lr": lr, "train.sparse_lr": 10 * lr, "checkpoint.keep_last": 1}
+    w, res = _finetune(tmp_path, f"ret-{lr}", task="retrieval", init_from=pre_ref.uri, **sets)
+    curve = res["epochs_curve"]
+    assert [(c["epoch"], c["step"] > 0) for c in curve] == [(-1, False), (0, True), (1, True)]
+    assert res["best"]["valid_loss"] == min(c["valid_loss"] for c in curve) and "valid_ndcg@10" in curve[0]
+    start = ckpt.resolve(Store(), ckpt.step_dir(w.spec.run.dir, 0))
+    kept, _, _ = load_model(Store(), start.uri)
+    backbone = {k: v for k, v in pre.state_dict().items() if k in unwrap(w.model).backbone_keys()}
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in backbone.items())
+    if lr == 0.0:  # the start is the result, and what the model holds now
+        assert res["best"]["step"] == 0 and res["checkpoint"] == start.uri
+        assert all(torch.equal(unwrap(w.model).state_dict()[k], v) for k, v in backbone.items())
+    w, res = _finetune(tmp_path, f"ctr-{lr}", init_from=pre_ref.uri, **sets)
+    assert [c["epoch"] for c in res["epochs_curve"]] == [0, 1]  # a new head: its start is no candidate
+
+
+def test_head_warmup_trains_only_the_head_then_everything(tmp_path):
+    """A fine-tune from a pretrained checkpoint: for head_warmup_steps steps only the
+    new head changes; after them the backbone trains too."""
+    from flm_dist.sharding import unwrap
+
+    pre, pre_ref = _pretrained(tmp_path)
     backbone = {k: v.clone() for k, v in pre.state_dict().items() if not k.startswith("head.")}
     w, res = _finetune(tmp_path, "warm", init_from=pre_ref.uri, **{"train.epochs": 1, "train.max_steps": 4, "train.head_warmup_steps": 4, "data.valid_fraction": 0.1})
     m = unwrap(w.model)
