@@ -316,6 +316,40 @@ def test_a_retrieval_fine_tune_counts_the_model_it_starts_from(tmp_path, lr):
     assert [c["epoch"] for c in res["epochs_curve"]] == [0, 1]  # a new head: its start is no candidate
 
 
+def test_a_fine_tune_continues_the_pretrained_optimiser_state_and_item_counts(tmp_path):
+    """The backbone's optimiser state travels with it (row-wise Adagrad's accumulators,
+    AdamW's moments): a parameter's first fine-tuning steps are then as small as its
+    pretraining left them, not about the learning rate from a fresh state. A retrieval
+    fine-tune also starts from the pretraining's item counts (logQ correction)."""
+    from flm_dist.model import FLM
+    from flm_dist.objectives import PopularityEstimator
+    from flm_dist.optim import RowWiseAdagrad, optimizer_state
+    from flm_dist.sharding import unwrap
+
+    job = tiny_job(str(tmp_path / "runs"), "pre")
+    pre = FLM(job.model, job.data.features, init_seed=3)
+    tables = {n: p for n, p in pre.named_parameters() if n.startswith("tables.")}
+    dense = {n: p for n, p in pre.named_parameters() if n.startswith("user_encoder.")}
+    sparse_opt, dense_opt = RowWiseAdagrad(list(tables.values())), torch.optim.AdamW(list(dense.values()))
+    for p in tables.values():
+        sparse_opt.state[p]["sum"] = torch.rand(p.shape[0]) + 1.0
+    for p in dense.values():
+        dense_opt.state[p].update(step=torch.tensor(50.0), exp_avg=torch.rand_like(p), exp_avg_sq=torch.rand_like(p))
+    pop = PopularityEstimator(job.model.item_rows)
+    pop.update(torch.arange(100_000) % 7)
+    state = {"model": pre.state_dict(), "sparse_optim": optimizer_state(pre, sparse_opt), "dense_optim": optimizer_state(pre, dense_opt), "popularity": pop.sync()}
+    saver = ckpt.Checkpointer(Store(), str(tmp_path / "runs" / "pre"), keep_last=1, async_save=False)
+    ref = saver.save(1, state, {"step": 1, "epoch": 0, "epoch_done": True})
+    saver.close()
+    # one step in which only the new head trains: the backbone and its state stay as loaded
+    w, _ = _finetune(tmp_path, "ft", init_from=ref.uri, **{"train.epochs": 1, "train.max_steps": 1, "train.head_warmup_steps": 1})
+    params = dict(unwrap(w.model).named_parameters())
+    assert all(torch.equal(w.sparse_opt.state[params[n]]["sum"], sparse_opt.state[p]["sum"]) for n, p in tables.items())
+    assert all(torch.equal(w.dense_opt.state[params[n]]["exp_avg_sq"], dense_opt.state[p]["exp_avg_sq"]) for n, p in dense.items())
+    w, _ = _finetune(tmp_path, "ft-ret", task="retrieval", init_from=ref.uri, **{"train.epochs": 1, "train.max_steps": 1})
+    assert w.popularity.total == 100_000 + 128 and w.popularity.counts[3] >= 100_000 // 7
+
+
 def test_head_warmup_trains_only_the_head_then_everything(tmp_path):
     """A fine-tune from a pretrained checkpoint: for head_warmup_steps steps only the
     new head changes; after them the backbone trains too."""
