@@ -234,8 +234,9 @@ def _load_backbone(w: Worker, ref: ckpt.CheckpointRef) -> tuple[int, int]:
     undid pretraining in a retrieval fine-tune's first epoch (LastFM sequences:
     validation NDCG@10 0.039 at the start, 0.016 after it; 0.025 with the rows' Adagrad
     state). A new task (ctr, rating) starts afresh: the rows must learn what pretraining
-    did not see, and pretraining's accumulators held them still (MovieLens rating with
-    all labels: RMSE 0.909 with the state carried, 0.894-0.904 without)."""
+    did not see, and pretraining's accumulators would hold them still (MovieLens rating
+    with all labels: RMSE 0.909 in the one run that carried the state, 0.894-0.904 in
+    every run without)."""
     full = _state(w.model, w.dense_opt, w.sparse_opt)
     keys = set(unwrap(w.model).backbone_keys())
     saved = ckpt.saved_keys(w.store, ref) if w.spec.task == "retrieval" else set()

@@ -164,26 +164,29 @@ def _footers(store: Store, uri: str, files: list[FileInfo], batch: int) -> list[
     one; on 1,000 files in the embedded S3 endpoint this halves the planning time)."""
     fs, _ = store.fs(uri)
     todo = [f for f in files if f.size > 0]
-    paths = [split_uri(f.uri)[1] for f in todo]
-    starts = [max(0, f.size - _TAIL) for f in todo]
-    tails = fs.cat_ranges(paths, starts, [f.size for f in todo], batch_size=batch, on_error="return") if todo else []
-    by_uri: dict[str, tuple[FileInfo, pq.FileMetaData | None, str | None]] = {}
-    for f, path, start, tail in zip(todo, paths, starts, tails, strict=True):
+    tails = iter(fs.cat_ranges([split_uri(f.uri)[1] for f in todo], [max(0, f.size - _TAIL) for f in todo], [f.size for f in todo],
+                               batch_size=batch, on_error="return") if todo else [])
+    out = []
+    for f in files:
+        if f.size == 0:
+            out.append((f, None, None))
+            continue
+        tail = next(tails)
         if isinstance(tail, BaseException):
             raise StorageError(f"{f.uri}: cannot read footer: {tail}") from tail
         need = int.from_bytes(tail[-8:-4], "little") + 8 if len(tail) >= 8 else 0
-        if start > 0 and len(tail) < need <= f.size:  # a footer larger than the first read
+        if len(tail) < need <= f.size:  # a footer larger than the first read
             try:
-                tail = fs.cat_file(path, start=f.size - need, end=f.size)
+                tail = fs.cat_file(split_uri(f.uri)[1], start=f.size - need, end=f.size)
             except Exception as e:
                 raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
         try:
-            by_uri[f.uri] = (f, pq.ParquetFile(pa.BufferReader(tail)).metadata, None)
+            out.append((f, pq.ParquetFile(pa.BufferReader(tail)).metadata, None))
         except Exception as e:
             if not _is_corrupt(e):
                 raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
-            by_uri[f.uri] = (f, None, f"not a readable Parquet file ({type(e).__name__}: {e})")
-    return [by_uri.get(f.uri, (f, None, None)) for f in files]
+            out.append((f, None, f"not a readable Parquet file ({type(e).__name__}: {e})"))
+    return out
 
 
 def plan_read(
