@@ -142,11 +142,18 @@ def _contrastive(out: FLMOutput, batch: Batch, temperature: float, popularity: P
 class NegativeSampler:
     """Uniform negatives for the sampled softmax: item rows drawn uniformly from the
     rows this rank has seen in training so far (the catalog, as hashed), with the
-    item-side feature values last seen with each row. Candidates are refreshed every
-    `refresh` steps. Memory: one byte per item row, plus the cached feature values."""
+    item-side feature values last seen with each row.
 
-    def __init__(self, item_rows: int, features, count: int, device, seed: int, refresh: int = 100):
-        self.count, self.refresh, self.device = count, refresh, device
+    The candidate list grows with every step that brings new rows, so a run's first
+    steps draw from every item seen so far, not from the first batch's few hundred
+    (drawn from those alone, the negatives train a softmax over a tiny catalog and
+    undo a pretrained model's ranking within an epoch). Without item features the
+    history items count as seen too, so the list covers most of the catalog at the
+    first step; with them, only rows whose features have been seen are drawn.
+    Memory: one byte and one int64 per item row, plus the cached feature values."""
+
+    def __init__(self, item_rows: int, features, count: int, device, seed: int):
+        self.count, self.device = count, device
         self.seen = torch.zeros(item_rows, dtype=torch.bool, device=device)
         self.cache: dict[str, torch.Tensor] = {}
         for f in features:
@@ -159,11 +166,23 @@ class NegativeSampler:
             else:
                 self.cache[f.name] = torch.zeros(item_rows, dtype=torch.long, device=device)
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        self._candidates: torch.Tensor | None = None
-        self._steps = 0
+        # The seen rows in the order first seen; [:n] is valid. Doubles when full.
+        self._rows = torch.empty(1024, dtype=torch.long, device=device)
+        self._n = 0
 
     def observe(self, batch: Batch) -> None:
-        self.seen[batch.item] = True
+        rows = batch.item
+        if batch.history is not None and not self.cache:
+            rows = torch.cat([rows, batch.history[batch.history >= 0]])
+        rows = rows.unique()
+        new = rows[~self.seen[rows]]
+        self.seen[new] = True
+        if self._n + len(new) > len(self._rows):
+            grown = torch.empty(max(2 * len(self._rows), self._n + len(new)), dtype=torch.long, device=self.device)
+            grown[: self._n] = self._rows[: self._n]
+            self._rows = grown
+        self._rows[self._n : self._n + len(new)] = new
+        self._n += len(new)
         for name, table in self.cache.items():
             table[batch.item] = batch.features[name].to(table.dtype)
 
@@ -174,12 +193,9 @@ class NegativeSampler:
 
     def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         """(rows [count], their item features, count / catalog size)."""
-        if self._candidates is None or self._steps % self.refresh == 0:
-            self._candidates = torch.nonzero(self.seen).flatten()
-        self._steps += 1
-        n = max(len(self._candidates), 1)
+        n = max(self._n, 1)
         pick = torch.randint(0, n, (self.count,), generator=self.gen, device=self.device)
-        rows = self._candidates[pick] if len(self._candidates) else torch.zeros(self.count, dtype=torch.long, device=self.device)
+        rows = self._rows[pick] if self._n else torch.zeros(self.count, dtype=torch.long, device=self.device)
         return rows, {name: table[rows] for name, table in self.cache.items()}, self.count / n
 
 
