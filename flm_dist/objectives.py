@@ -174,8 +174,7 @@ class NegativeSampler:
         rows = batch.item
         if batch.history is not None and not self.cache:
             rows = torch.cat([rows, batch.history[batch.history >= 0]])
-        rows = rows.unique()
-        new = rows[~self.seen[rows]]
+        new = rows[~self.seen[rows]].unique()  # few once the catalog is known: sort only those
         self.seen[new] = True
         if self._n + len(new) > len(self._rows):
             grown = torch.empty(max(2 * len(self._rows), self._n + len(new)), dtype=torch.long, device=self.device)
