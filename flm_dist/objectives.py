@@ -150,7 +150,7 @@ class NegativeSampler:
     undo a pretrained model's ranking within an epoch). Without item features the
     history items count as seen too, so the list covers most of the catalog at the
     first step; with them, only rows whose features have been seen are drawn.
-    Memory: one byte and one int64 per item row, plus the cached feature values."""
+    Memory: one byte per item row, one int64 per row seen, and the cached feature values."""
 
     def __init__(self, item_rows: int, features, count: int, device, seed: int):
         self.count, self.device = count, device
