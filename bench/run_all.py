@@ -448,8 +448,11 @@ def ray_worker(config: dict) -> None:
             def close(self):
                 self.f.close()
 
+        # As worker_main: the first epoch's data starts before the model is built.
+        early = [Fetch()]
+
         def make(_mode):
-            return Fetch()
+            return early.pop() if early else Fetch()
 
     recs = all_modes(rank, world, config["caps"], make, config["profile_steps"] if rank == 0 else 0, config["out_dir"], setup)
     with open(os.path.join(config["out_dir"], f"rank-{rank}.json"), "w") as f:

@@ -278,6 +278,7 @@ class Fetcher:
     GPU runs the batch is pinned there so the host-to-device copy is asynchronous."""
 
     def __init__(self, stream: BatchStream, epoch: int, pin: bool = False, ahead: int = 2):
+        self.stream, self.epoch = stream, epoch
         self._it = stream.epoch(epoch)
         self._pin = pin
         self._q: queue.Queue = queue.Queue(maxsize=ahead)
@@ -522,31 +523,36 @@ class Worker:
         # pulls the pretrained features wherever its first gradients point).
         self.backbone_dense = [p for n, p in unwrap(self.model).named_parameters() if p.requires_grad and not n.startswith("head.") and not n.startswith("tables.")]
 
-    def restore(self) -> Progress:
-        """Resume from the run's latest committed checkpoint, else initialise the
-        backbone from `init_from`, else start fresh."""
+    def resume_point(self) -> Progress:
+        """Where this worker group starts, decided before the model is built (the first
+        epoch's data starts reading while it is): the run's latest committed checkpoint,
+        else a fresh start. Collective."""
         s = self.spec
         if s.mode == "evaluate":
-            ref = ckpt.resolve(self.store, s.run.evaluate_from)
-            self.load_model(ref)
-            return Progress(checkpoint=ref.uri)
+            return Progress(checkpoint=ckpt.resolve(self.store, s.run.evaluate_from).uri)
         uri = self._decide_resume() if s.run.resume else None
         ref = ckpt.resolve(self.store, uri) if uri else None
-        if ref is not None:
-            manifest = ckpt.load_manifest(self.store, ref)
+        return Progress.resumed(ckpt.load_manifest(self.store, ref), ref.uri) if ref is not None else Progress()
+
+    def restore(self, progress: Progress) -> None:
+        """Load what `progress` starts from: the checkpoint resumed (or evaluated), else
+        the backbone of `init_from`, else nothing. Collective."""
+        s = self.spec
+        ref = ckpt.resolve(self.store, progress.checkpoint) if progress.checkpoint else None
+        if s.mode == "evaluate":
+            self.load_model(ref)
+        elif ref is not None:
             pop = _saved_popularity(self, ckpt.saved_keys(self.store, ref))
             ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt, pop))
             if pop is not None:
                 self.popularity.load(pop)
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
-            return Progress.resumed(manifest, ref.uri)
-        if s.run.init_from:
+        elif s.run.init_from:
             ref = ckpt.resolve(self.store, s.run.init_from)
             tensors, states = _load_backbone(self, ref)
             if self.rank == 0:
                 _say(f"initialised backbone ({tensors} tensors, optimiser state of {states}) from {ref.uri}; head is new")
-        return Progress()
 
     def load_model(self, ref: ckpt.CheckpointRef) -> None:
         """Collective: the model weights of a committed checkpoint, in this layout."""
@@ -711,11 +717,21 @@ class Worker:
 # ------------------------------------------------------------------ the loop
 
 
-def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
+def first_epoch(w: Worker, progress: Progress, shard) -> Fetcher:
+    """Start reading the first epoch `progress` trains, from this rank's training data
+    `shard`. Started before the model is built, the data path's start (the rank's
+    split coordinator starting its execution, a read task's process, the first row
+    groups) overlaps the model's (imports, tables, DDP) on the way to the first batch."""
+    stream = w.spec.data.stream(shard, w.spec.features, seed=w.spec.run.seed * 1000 + w.rank)
+    return Fetcher(stream, progress.epoch + progress.epoch_done, pin=w.device.type == "cuda")
+
+
+def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> dict:
     """Train to `train.epochs` (or `train.max_steps`, or early stopping) from
-    `progress`; `shard` / `valid_shard` are this rank's training / validation data."""
+    `progress`; `first` reads the first epoch (`first_epoch`), `valid_shard` is this
+    rank's validation data."""
     s, t = w.spec, w.spec.train
-    stream = s.data.stream(shard, s.features, seed=s.run.seed * 1000 + w.rank)
+    stream = first.stream
     valid = None
     if valid_shard is not None:
         valid = ValidationBatches(s.data.stream(valid_shard, s.features), w.ctrl, w.device, s.data.valid_cache_mb << 20)
@@ -736,7 +752,7 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
         _end_of_epoch(w, progress, valid, budget, last_loss, epoch=-1)
         w.save(progress, consumed, {"loss": last_loss})
     while progress.epoch < t.epochs and not stop:
-        fetch = Fetcher(stream, progress.epoch, pin=w.device.type == "cuda")
+        fetch = first if first.epoch == progress.epoch and not first.done else Fetcher(stream, progress.epoch, pin=w.device.type == "cuda")
         loss_sum, nonfinite, step_rows = 0.0, False, 0
         while True:
             t0 = time.perf_counter()
@@ -782,6 +798,7 @@ def train(w: Worker, progress: Progress, shard, valid_shard=None) -> dict:
             progress.epoch, progress.epoch_done = progress.epoch + 1, False
             consumed.reset()
         steplog.flush()
+    first.close()  # unread when a resumed run had no epoch left to train
     return _finish(w, progress, steplog, budget, rows_total, last_loss, time.perf_counter() - t_start)
 
 
@@ -849,12 +866,14 @@ def worker_main(spec_dict: dict) -> None:
     spec: WorkerSpec = spec_dict["spec"]
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.runtime.threads))
     w = Worker(spec)
+    progress = w.resume_point()
+    first = first_epoch(w, progress, ray.train.get_dataset_shard("train")) if spec.mode == "train" else None
     w.build()
-    progress = w.restore()
+    w.restore(progress)
     result: dict[str, Any] = {}
-    if spec.mode == "train":
+    if first is not None:
         valid = ray.train.get_dataset_shard("valid") if spec.data.valid_rows else None
-        result["train"] = train(w, progress, ray.train.get_dataset_shard("train"), valid)
+        result["train"] = train(w, progress, first, valid)
     else:
         result["checkpoint"] = progress.checkpoint
     if spec.data.eval_plan is not None:

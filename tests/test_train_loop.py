@@ -25,7 +25,7 @@ from flm_dist.data.schema import ReadSpec
 from flm_dist.export import load_model
 from flm_dist.model import table_sizes
 from flm_dist.storage import Store
-from flm_dist.train_loop import NonFiniteLossError, ValidationBatches, Worker, train
+from flm_dist.train_loop import NonFiniteLossError, ValidationBatches, Worker, first_epoch, train
 from tests.conftest import tiny_job
 from tests.dist import run_ranks
 
@@ -69,7 +69,8 @@ def _worker(job, rank=0, world=1):
     spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plan.to_dict(), manifest=manifest)
     w = Worker(spec)
     w.build()
-    progress = w.restore()
+    progress = w.resume_point()
+    w.restore(progress)
     return w, progress, LocalShard(plan, EncodeSpec(read=rs, hash=hs), rank, world, job.run.seed)
 
 
@@ -88,7 +89,7 @@ def _train_with_inf_gradient(rank, world, runs, data, at_step):
 
     unwrap(w.model).item_encoder[0].weight.register_hook(poison)
     try:
-        train(w, progress, shard)
+        train(w, progress, first_epoch(w, progress, shard))
     except NonFiniteLossError as e:
         return str(e)
     return None
@@ -114,10 +115,28 @@ def test_retrieval_drops_non_clicks_without_failing_the_bad_row_budget(tmp_path)
     data = _data(tmp_path / "log", positives=0.4)
     job = tiny_job(str(tmp_path / "runs"), "clicks", "retrieval", **{"data.train": data, "data.batch_size": 256})
     w, progress, shard = _worker(job)
-    res = train(w, progress, shard)
+    res = train(w, progress, first_epoch(w, progress, shard))
     labels = np.concatenate([pq.read_table(f).column("label").to_numpy() for f in sorted((tmp_path / "log").glob("*.parquet"))])
     assert res["rows"] == int((labels > 0).sum())
     assert res["bad_rows"] == {"not_positive": int((labels <= 0).sum())}
+
+
+def test_the_first_epoch_is_read_by_the_fetcher_started_before_the_model(tmp_path):
+    """worker_main starts reading the first epoch before the model is built (time to
+    first batch); the train loop must train on that reader, not open the epoch again,
+    and a resumed run with no epoch left closes it unread."""
+    data = _data(tmp_path / "log")
+    job = tiny_job(str(tmp_path / "runs"), "early", "ctr", **{"data.train": data, "data.batch_size": 256, "train.epochs": 2})
+    w, progress, shard = _worker(job)
+    first = first_epoch(w, progress, shard)
+    res = train(w, progress, first)
+    assert shard.epoch == 2  # two epochs trained, each opened once
+    assert res["rows"] == 2 * 6000
+    w, progress, shard = _worker(job)  # resumes the finished run
+    first = first_epoch(w, progress, shard)
+    assert first.epoch == 2
+    train(w, progress, first)
+    assert first.done and shard.epoch <= 1
 
 
 def test_data_resumes_from_the_checkpoint_the_workers_restored(ray_local, tmp_path):
@@ -228,10 +247,11 @@ def _finetune(tmp_path, name, task="ctr", **sets):
                                catalog=catalog)
     w = Worker(spec)
     w.build()
-    progress = w.restore()
+    progress = w.resume_point()
+    w.restore(progress)
     shard = LocalShard(plans["train"], specs["train"], 0, 1)
     valid = LocalShard(plans["valid"], specs["valid"], 0, 1)
-    return w, train(w, progress, shard, valid)
+    return w, train(w, progress, first_epoch(w, progress, shard), valid)
 
 
 def test_validation_rows_are_read_once_then_replayed_when_they_fit(tmp_path):
