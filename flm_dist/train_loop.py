@@ -523,22 +523,25 @@ class Worker:
         # pulls the pretrained features wherever its first gradients point).
         self.backbone_dense = [p for n, p in unwrap(self.model).named_parameters() if p.requires_grad and not n.startswith("head.") and not n.startswith("tables.")]
 
-    def resume_point(self) -> Progress:
+    def resume_point(self) -> tuple[Progress, ckpt.CheckpointRef | None]:
         """Where this worker group starts, decided before the model is built (the first
-        epoch's data starts reading while it is): the run's latest committed checkpoint,
-        else a fresh start. Collective."""
+        epoch's data starts reading while it is): the checkpoint it continues (the run's
+        latest committed one, or the one evaluated) and its progress, else a fresh
+        start. Collective."""
         s = self.spec
         if s.mode == "evaluate":
-            return Progress(checkpoint=ckpt.resolve(self.store, s.run.evaluate_from).uri)
+            ref = ckpt.resolve(self.store, s.run.evaluate_from)
+            return Progress(checkpoint=ref.uri), ref
         uri = self._decide_resume() if s.run.resume else None
-        ref = ckpt.resolve(self.store, uri) if uri else None
-        return Progress.resumed(ckpt.load_manifest(self.store, ref), ref.uri) if ref is not None else Progress()
+        if not uri:
+            return Progress(), None
+        ref = ckpt.resolve(self.store, uri)
+        return Progress.resumed(ckpt.load_manifest(self.store, ref), ref.uri), ref
 
-    def restore(self, progress: Progress) -> None:
-        """Load what `progress` starts from: the checkpoint resumed (or evaluated), else
-        the backbone of `init_from`, else nothing. Collective."""
+    def restore(self, ref: ckpt.CheckpointRef | None) -> None:
+        """Load the state of `ref` (`resume_point`'s checkpoint), else the backbone of
+        `init_from`, else nothing. Collective."""
         s = self.spec
-        ref = ckpt.resolve(self.store, progress.checkpoint) if progress.checkpoint else None
         if s.mode == "evaluate":
             self.load_model(ref)
         elif ref is not None:
@@ -866,10 +869,10 @@ def worker_main(spec_dict: dict) -> None:
     spec: WorkerSpec = spec_dict["spec"]
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.runtime.threads))
     w = Worker(spec)
-    progress = w.resume_point()
+    progress, start = w.resume_point()
     first = first_epoch(w, progress, ray.train.get_dataset_shard("train")) if spec.mode == "train" else None
     w.build()
-    w.restore(progress)
+    w.restore(start)
     result: dict[str, Any] = {}
     if first is not None:
         valid = ray.train.get_dataset_shard("valid") if spec.data.valid_rows else None

@@ -69,8 +69,8 @@ def _worker(job, rank=0, world=1):
     spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plan.to_dict(), manifest=manifest)
     w = Worker(spec)
     w.build()
-    progress = w.resume_point()
-    w.restore(progress)
+    progress, start = w.resume_point()
+    w.restore(start)
     return w, progress, LocalShard(plan, EncodeSpec(read=rs, hash=hs), rank, world, job.run.seed)
 
 
@@ -247,8 +247,8 @@ def _finetune(tmp_path, name, task="ctr", **sets):
                                catalog=catalog)
     w = Worker(spec)
     w.build()
-    progress = w.resume_point()
-    w.restore(progress)
+    progress, start = w.resume_point()
+    w.restore(start)
     shard = LocalShard(plans["train"], specs["train"], 0, 1)
     valid = LocalShard(plans["valid"], specs["valid"], 0, 1)
     return w, train(w, progress, first_epoch(w, progress, shard), valid)
