@@ -524,10 +524,8 @@ class Worker:
         self.backbone_dense = [p for n, p in unwrap(self.model).named_parameters() if p.requires_grad and not n.startswith("head.") and not n.startswith("tables.")]
 
     def resume_point(self) -> tuple[Progress, ckpt.CheckpointRef | None]:
-        """Where this worker group starts, decided before the model is built (the first
-        epoch's data starts reading while it is): the checkpoint it continues (the run's
-        latest committed one, or the one evaluated) and its progress, else a fresh
-        start. Collective."""
+        """The checkpoint this worker group continues (the run's latest committed one, or
+        the one evaluated) and its progress, else a fresh start; loads nothing. Collective."""
         s = self.spec
         if s.mode == "evaluate":
             ref = ckpt.resolve(self.store, s.run.evaluate_from)
@@ -539,8 +537,7 @@ class Worker:
         return Progress.resumed(ckpt.load_manifest(self.store, ref), ref.uri), ref
 
     def restore(self, ref: ckpt.CheckpointRef | None) -> None:
-        """Load the state of `ref` (`resume_point`'s checkpoint), else the backbone of
-        `init_from`, else nothing. Collective."""
+        """Collective: `ref`'s state (`resume_point`'s), else `init_from`'s backbone."""
         s = self.spec
         if s.mode == "evaluate":
             self.load_model(ref)
@@ -869,6 +866,8 @@ def worker_main(spec_dict: dict) -> None:
     spec: WorkerSpec = spec_dict["spec"]
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.runtime.threads))
     w = Worker(spec)
+    # Where to start is decided first, so the first epoch's data is read while the
+    # model is built (first_epoch).
     progress, start = w.resume_point()
     first = first_epoch(w, progress, ray.train.get_dataset_shard("train")) if spec.mode == "train" else None
     w.build()
