@@ -219,7 +219,7 @@ def _check_parent_hash(store: Store, init_from: str, spec: HashSpec) -> None:
 
 def _plan(store: Store, uri: str, spec: ReadSpec, job: JobConfig) -> DataPlan:
     t0 = time.perf_counter()
-    plan = plan_read(store, uri, spec, on_bad_file=job.data.on_bad_file, max_bad_files=job.data.max_bad_files)
+    plan = plan_read(store, uri, spec, on_bad_file=job.data.on_bad_file, max_bad_files=job.data.max_bad_files, cache=join(job.run.storage, "_cache"))
     log.info("planned %s: %d files, %d row groups, %d rows in %.1fs", uri, len(plan.files), len(plan.units), plan.total_rows, time.perf_counter() - t0)
     for uri_, reason in plan.skipped_files:
         print(f"skipped unreadable file {uri_}: {reason}", flush=True)
@@ -365,8 +365,11 @@ def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, tas
 
 
 def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
-    """Tables whose size makes many IDs share rows (see data.inspect.collision_warnings)."""
-    from flm_dist.data.inspect import collision_warnings
+    """Tables whose size makes many IDs share rows (see data.inspect.collision_warnings).
+    The ID counts are cached under `run.storage/_cache/`, keyed by the data's
+    fingerprint (every file's URI, size and version): a run over data another run
+    counted (a fine-tune after its pretraining, a resume, a sweep) reads no rows."""
+    from flm_dist.data.inspect import collision_warnings, id_counts
 
     tables = {"item": ("item_id", job.model.item_rows, "model.item_rows")}
     if job.model.user_id:  # without it, the user table is not part of the model
@@ -375,7 +378,37 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
         if f.kind == "categorical":
             key = f"data.features[{f.name}].rows" if f.rows else "model.feature_rows"
             tables[f.name] = (f.name, f.rows or job.model.feature_rows, key)
-    return collision_warnings(store, plan, tables)
+    columns = sorted({c for c, _, _ in tables.values()})
+    cache = join(job.run.storage, "_cache", f"ids-{plan.fingerprint()['sha256'][:32]}.json")
+    try:
+        counts = store.read_json(cache)
+        if not set(columns) <= set(counts["columns"]):
+            counts = None
+    except Exception:  # absent or unreadable: count again and rewrite it
+        counts = None
+    if counts is None:
+        counts = id_counts(store, plan, columns)
+        store.write_json(cache, counts)
+    return collision_warnings(counts, tables)
+
+
+class _CollisionCheck(threading.Thread):
+    """The hash-collision check beside the worker group's start: it only warns, and on a
+    thousand files its scan of the ID columns takes as long as the group's start
+    (seconds), so the first batch does not wait for it. Its warnings print when ready; a
+    check that fails says so and does not stop the run."""
+
+    def __init__(self, store: Store, plan: DataPlan, job: JobConfig):
+        super().__init__(name="flm-collision-check", daemon=True)
+        self._args = (store, plan, job)
+
+    def run(self) -> None:
+        try:
+            warnings = _collisions(*self._args)
+        except Exception as e:
+            warnings = [f"the hash-collision check of {self._args[1].uri} failed ({type(e).__name__}: {e}); the run goes on"]
+        for w in warnings:
+            print(f"warning: {w}", flush=True)
 
 
 def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
@@ -410,8 +443,8 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
     ref = training_reference(store, plans["train"], specs["known"], job.task) if "eval" in plans else None
-    for warning in _collisions(store, plans["train"], job):
-        print(f"warning: {warning}", flush=True)
+    check = _CollisionCheck(store, plans["train"], job)
+    check.start()
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
@@ -452,6 +485,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress):
         _fit(trainer)
+    check.join()
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})
     metrics = {k: v for k, v in tr.items() if k != "checkpoint"}

@@ -212,7 +212,7 @@ def test_collision_warning_names_the_table_and_the_rows_that_fix_it(tmp_path):
     run says so and suggests the rows that bring it under 5%. 300 items in 2^20 rows:
     no warning."""
     from flm_dist.data.hashing import expected_collisions
-    from flm_dist.data.inspect import collision_warnings, rows_for_share
+    from flm_dist.data.inspect import collision_warnings, id_counts, rows_for_share
     from flm_dist.data.plan import plan_read
     from flm_dist.data.schema import ReadSpec
 
@@ -223,11 +223,51 @@ def test_collision_warning_names_the_table_and_the_rows_that_fix_it(tmp_path):
     pq.write_table(pa.table({"user_id": users, "item_id": rng.integers(0, 300, len(users))}), d / "a.parquet", row_group_size=3000)
     plan = plan_read(Store(), str(d), ReadSpec.for_task("pretrain", [], [1, 5]))
     tables = {"user": ("user_id", 65_536, "model.user_rows"), "item": ("item_id", 1 << 20, "model.item_rows")}
-    (w,) = collision_warnings(Store(), plan, tables)
+    (w,) = collision_warnings(id_counts(Store(), plan, ["item_id", "user_id"]), tables)
     assert w.startswith("table 'user': model.user_rows=65,536 rows for 20,000 distinct 'user_id' values: about 26%")
     suggested = rows_for_share(20_000)
     assert f"model.user_rows >= {suggested:,}" in w
     assert expected_collisions(20_000, suggested)["ids_colliding"] <= 0.05 < expected_collisions(20_000, suggested // 2)["ids_colliding"]
     # a sample of the data (max_rows) gives a lower bound, said as such
-    (w,) = collision_warnings(Store(), plan, tables, max_rows=9000)
+    (w,) = collision_warnings(id_counts(Store(), plan, ["item_id", "user_id"], max_rows=9000), tables)
     assert "for at least 9,000 distinct" in w
+
+
+def test_a_run_counts_the_ids_of_its_data_once_and_warns_beside_the_worker_start(tmp_path, capsys):
+    """launch's collision check: the ID counts are cached by the data's fingerprint (a
+    second run over the same files reads no rows: a planted count shows in its warning);
+    a file added changes the fingerprint and the data is counted again. Run in its
+    thread, a check that cannot read the data says so and does not raise."""
+    from flm_dist import launch
+    from flm_dist.config import load_job
+    from flm_dist.data.plan import plan_read
+    from flm_dist.data.schema import ReadSpec
+
+    d = tmp_path / "log"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"user_id": np.arange(20_000), "item_id": rng.integers(0, 300, 20_000)}), d / "a.parquet")
+    job = load_job("jobs/pretrain.yaml", [f"data.pretrain={d}", f"run.storage={tmp_path / 'runs'}", "model.user_rows=65536"])
+    spec = ReadSpec.for_task("pretrain", [], [1, 5])
+    plan = plan_read(Store(), str(d), spec)
+    (w,) = launch._collisions(Store(), plan, job)
+    assert "for 20,000 distinct 'user_id' values" in w
+    (cache,) = (tmp_path / "runs" / "_cache").iterdir()
+    counts = json.loads(cache.read_text())
+    assert counts == {"complete": True, "columns": {"item_id": {"distinct": 300, "saturated": False}, "user_id": {"distinct": 20_000, "saturated": False}}}
+    counts["columns"]["user_id"]["distinct"] = 30_000
+    cache.write_text(json.dumps(counts))
+    (w,) = launch._collisions(Store(), plan_read(Store(), str(d), spec), job)
+    assert "for 30,000 distinct 'user_id' values" in w
+    pq.write_table(pa.table({"user_id": np.arange(20_000, 25_000), "item_id": rng.integers(0, 300, 5000)}), d / "b.parquet")
+    (w,) = launch._collisions(Store(), plan_read(Store(), str(d), spec), job)
+    assert "for 25,000 distinct 'user_id' values" in w
+
+    capsys.readouterr()
+    (d / "a.parquet").unlink()  # read after planning, by a run with no cache
+    other = load_job("jobs/pretrain.yaml", [f"data.pretrain={d}", f"run.storage={tmp_path / 'other'}", "model.user_rows=65536"])
+    check = launch._CollisionCheck(Store(), plan, other)
+    check.start()
+    check.join()
+    out = capsys.readouterr().out
+    assert out.startswith(f"warning: the hash-collision check of {d} failed (") and "the run goes on" in out

@@ -41,7 +41,7 @@ from flm_dist.data.plan import list_files
 from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec, check_schema
 from flm_dist.storage import StorageError, Store, split_uri
 
-__all__ = ["COLLISION_WARN_SHARE", "SKETCH_K", "collision_warnings", "inspect", "rows_for_share", "summary"]
+__all__ = ["COLLISION_WARN_SHARE", "SKETCH_K", "collision_warnings", "id_counts", "inspect", "rows_for_share", "summary"]
 
 SKETCH_K = 1 << 20  # exact distinct counts up to this many IDs; the KMV sample size past it
 TASKS = ("pretrain", "ctr", "rating")
@@ -349,19 +349,15 @@ def rows_for_share(distinct: int, share: float = COLLISION_WARN_SHARE) -> int:
     return rows
 
 
-def collision_warnings(store: Store, plan, tables: dict[str, tuple[str, int, str]], max_rows: int = 8 << 20, threads: int = 4) -> list[str]:
-    """One warning per table whose hashed rows are shared by more than 5% of its IDs.
-
-    `tables`: table -> (column, rows, the job key that sizes it). The ID columns of the
-    plan's read units are scanned (at most `max_rows` rows, units spread over the whole
-    plan): exact distinct counts when everything was read, a lower bound from a sample
-    (never a false alarm), a K-minimum-values estimate past 2^20 distinct IDs."""
+def id_counts(store: Store, plan, columns: list[str], max_rows: int = 8 << 20, threads: int = 4) -> dict:
+    """Distinct IDs of `columns` over the plan's read units (at most `max_rows` rows,
+    units spread over the whole plan): {"complete": every row read, "columns": {column:
+    {"distinct": n, "saturated": a K-minimum-values estimate past 2^20 distinct IDs}}}.
+    JSON-able: launch caches it by the data's fingerprint."""
     units = plan.units
     if sum(u.rows for u in units) > max_rows:
         step = sum(u.rows for u in units) / max_rows
         units = [units[int(i * step)] for i in range(int(len(units) / step))] or units[:1]
-    complete = len(units) == len(plan.units)
-    columns = sorted({c for c, _, _ in tables.values()})
     counts = {c: _IdCounts(SKETCH_K) for c in columns}
 
     def scan(unit):
@@ -377,13 +373,22 @@ def collision_warnings(store: Store, plan, tables: dict[str, tuple[str, int, str
         for hashes in pool.map(scan, units):
             for c, h in hashes.items():
                 counts[c].add(h)
+    return {"complete": len(units) == len(plan.units), "columns": {c: {"distinct": ids.distinct(), "saturated": ids.saturated} for c, ids in counts.items()}}
+
+
+def collision_warnings(counts: dict, tables: dict[str, tuple[str, int, str]]) -> list[str]:
+    """One warning per table whose hashed rows are shared by more than 5% of its IDs.
+
+    `counts`: `id_counts` of the tables' columns; `tables`: table -> (column, rows, the
+    job key that sizes it). Counts from a sample of the data are a lower bound, said as
+    such (never a false alarm)."""
     out = []
     for table, (col, rows, key) in tables.items():
-        ids = counts[col]
-        n = ids.distinct()
+        ids = counts["columns"][col]
+        n = ids["distinct"]
         share = expected_collisions(n, rows)["ids_colliding"]
         if share > COLLISION_WARN_SHARE:
-            how = "about " if ids.saturated else "" if complete else "at least "
+            how = "about " if ids["saturated"] else "" if counts["complete"] else "at least "
             out.append(
                 f"table '{table}': {key}={rows:,} rows for {how}{n:,} distinct '{col}' values: about {share:.0%} of them "
                 f"share a hashed row with another ID (their embeddings are mixed); set {key} >= {rows_for_share(n):,} "
