@@ -71,6 +71,34 @@ def test_footers_read_from_object_storage_small_and_large(s3_store, bucket):
     assert len(plan.units) == 1 + 3000 and plan.total_rows == 3100
 
 
+def test_a_plan_reads_the_footers_of_files_planned_before_from_its_cache(s3_store, bucket):
+    """The plan cache (`run.storage/_cache`): a second plan of the same files reads no
+    footer (a planted row count shows in it) and equals the uncached plan; a file
+    rewritten since (another ETag) is read again; a cache that is not JSON is ignored."""
+    import json
+
+    s3_store.write_bytes(f"{bucket}/log/a.parquet", _parquet_bytes(log_table(100), 30))
+    s3_store.write_bytes(f"{bucket}/log/b.parquet", _parquet_bytes(log_table(50, 100), None))
+    cache = f"{bucket}/runs/_cache"
+    plain = plan_read(s3_store, f"{bucket}/log", CTR)
+    assert plan_read(s3_store, f"{bucket}/log", CTR, cache=cache).to_dict() == plain.to_dict()
+    (entry,) = s3_store.ls(cache)
+    c = s3_store.read_json(f"s3://{entry}")
+    assert [f[4] for f in c["files"].values()] == [[30, 30, 30, 10], [50]]
+    c["files"][plain.files[1].uri][4] = [20, 30]  # planted: b's footer as if it had two row groups
+    s3_store.write_json(f"s3://{entry}", c)
+    cached = plan_read(s3_store, f"{bucket}/log", CTR, cache=cache)
+    assert [u.rows for u in cached.units] == [30, 30, 30, 10, 20, 30]
+
+    s3_store.write_bytes(f"{bucket}/log/b.parquet", _parquet_bytes(log_table(60, 100), None))  # rewritten: new ETag
+    again = plan_read(s3_store, f"{bucket}/log", CTR, cache=cache)
+    assert [u.rows for u in again.units] == [30, 30, 30, 10, 60]
+    assert again.to_dict() == plan_read(s3_store, f"{bucket}/log", CTR).to_dict()
+    s3_store.write_bytes(f"s3://{entry}", b"not json")
+    assert plan_read(s3_store, f"{bucket}/log", CTR, cache=cache).to_dict() == again.to_dict()
+    assert json.loads(s3_store.read_bytes(f"s3://{entry}"))["uri"] == f"{bucket}/log"
+
+
 def _parquet_bytes(table, row_group_size):
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=row_group_size)

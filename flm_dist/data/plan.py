@@ -6,8 +6,10 @@ into every checkpoint (lineage, resume checks)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -15,9 +17,11 @@ import pyarrow.parquet as pq
 
 from flm_dist.data.schema import DataError, ReadSpec, check_schema
 from flm_dist.data.sequences import is_sequence
-from flm_dist.storage import StorageError, Store, is_remote, split_uri
+from flm_dist.storage import StorageError, Store, is_remote, join, split_uri
 
 __all__ = ["DataPlan", "FileInfo", "Unit", "list_files", "plan_read", "read_unit"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ def _is_corrupt(e: Exception) -> bool:
 _TAIL = 64 * 1024
 
 
-def _footers(store: Store, uri: str, files: list[FileInfo], batch: int) -> list[tuple[FileInfo, pq.FileMetaData | None, str | None]]:
+def _footers(store: Store, uri: str, files: list[FileInfo], batch: int) -> list[tuple[FileInfo, _Footer | None, str | None]]:
     """Each file's Parquet footer: one ranged GET of its tail, `batch` at once. The sizes
     come from the listing, so no HEAD request per file (pyarrow's open_input_file makes
     one; on 1,000 files in the embedded S3 endpoint this halves the planning time)."""
@@ -181,12 +185,60 @@ def _footers(store: Store, uri: str, files: list[FileInfo], batch: int) -> list[
             except Exception as e:
                 raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
         try:
-            out.append((f, pq.ParquetFile(pa.BufferReader(tail)).metadata, None))
+            out.append((f, _Footer.of(pq.ParquetFile(pa.BufferReader(tail)).metadata), None))
         except Exception as e:
             if not _is_corrupt(e):
                 raise StorageError(f"{f.uri}: cannot read footer: {e}") from e
             out.append((f, None, f"not a readable Parquet file ({type(e).__name__}: {e})"))
     return out
+
+
+@dataclass(frozen=True)
+class _Footer:
+    """What a plan takes from a file's footer: its rows, schema and each row group's
+    read-unit rows (events for per-user sequences)."""
+
+    rows: int
+    schema: pa.Schema
+    groups: tuple[int, ...]
+
+    @classmethod
+    def of(cls, md: pq.FileMetaData) -> _Footer:
+        schema = md.schema.to_arrow_schema()
+        if is_sequence(schema):  # one row per event, i.e. per leaf slot of the item_id lists
+            leaf = _leaf(md, "item_id")
+            groups = tuple(md.row_group(rg).column(leaf).num_values for rg in range(md.num_row_groups))
+        else:
+            groups = tuple(md.row_group(rg).num_rows for rg in range(md.num_row_groups))
+        return cls(md.num_rows, schema, groups)
+
+
+def _cache_uri(cache: str, uri: str) -> str:
+    return join(cache, f"plan-{hashlib.sha256(uri.encode()).hexdigest()[:32]}.json")
+
+
+def _load_cache(store: Store, cache: str, uri: str) -> dict[tuple[str, int, str], _Footer]:
+    """The footers a plan of `uri` read before, by (file URI, size, version): a file
+    rewritten since has another size or version (ETag, mtime) and is read again."""
+    try:
+        c = store.read_json(_cache_uri(cache, uri))
+        schemas = [pa.ipc.read_schema(pa.py_buffer(base64.b64decode(x))) for x in c["schemas"]]
+        return {(f, size, version): _Footer(rows, schemas[si], tuple(groups)) for f, (size, version, rows, si, groups) in c["files"].items()}
+    except Exception:  # none yet, or unreadable: the footers are read again and the cache rewritten
+        return {}
+
+
+def _save_cache(store: Store, cache: str, uri: str, footers: dict[tuple[str, int, str], _Footer]) -> None:
+    schemas: dict[str, int] = {}  # each distinct schema once (usually one for all files)
+    files = {}
+    for (f, size, version), ft in footers.items():
+        si = schemas.setdefault(base64.b64encode(ft.schema.serialize().to_pybytes()).decode(), len(schemas))
+        files[f] = [size, version, ft.rows, si, list(ft.groups)]
+    encoded = list(schemas)
+    try:
+        store.write_json(_cache_uri(cache, uri), {"uri": uri, "schemas": encoded, "files": files})
+    except Exception as e:  # the plan stands without it; the next run reads the footers again
+        log.warning("could not write the plan cache for %s under %s: %s", uri, cache, e)
 
 
 def plan_read(
@@ -196,11 +248,23 @@ def plan_read(
     on_bad_file: str = "fail",
     max_bad_files: int = 10,
     batch: int = 128,
+    cache: str = "",
 ) -> DataPlan:
+    """`cache`: a folder (launch: `run.storage/_cache`) where the footers read are kept
+    by file URI, size and version, so a plan of files read before lists them and reads
+    no footer (about 2.5 s of 3 on 1,000 files in the embedded S3 endpoint)."""
     files = list_files(store, uri)
     if not files:
         raise DataError(f"{uri}: no data files found (names starting with '_' or '.' are ignored)")
-    results = _footers(store, uri, files, batch)
+    known = _load_cache(store, cache, uri) if cache else {}
+    todo = [f for f in files if f.size > 0 and (f.uri, f.size, f.version) not in known]
+    read = {f.uri: (ft, err) for f, ft, err in _footers(store, uri, todo, batch)}
+    results = []
+    for f in files:
+        ft, err = read.get(f.uri) or (known.get((f.uri, f.size, f.version)), None)
+        results.append((f, ft, err))
+    if cache and todo:
+        _save_cache(store, cache, uri, {(f.uri, f.size, f.version): ft for f, ft, _ in results if ft is not None})
 
     kept: list[FileInfo] = []
     metas = []
@@ -216,10 +280,10 @@ def plan_read(
                 raise DataError(f"{f.uri}: {err}. Fix or remove the file, or set data.on_bad_file: skip")
             skipped.append((f.uri, err))
             continue
-        if md is None or md.num_rows == 0:
+        if md is None or md.rows == 0:
             empty += 1
             continue
-        schema = md.schema.to_arrow_schema()
+        schema = md.schema
         seq = is_sequence(schema)
         if kept and seq != sequence:
             raise DataError(
@@ -246,7 +310,7 @@ def plan_read(
                 )
         if columns is None:
             columns = spec.columns(schema)
-        kept.append(FileInfo(uri=f.uri, size=f.size, version=f.version, rows=md.num_rows))
+        kept.append(FileInfo(uri=f.uri, size=f.size, version=f.version, rows=md.rows))
         metas.append(md)
     if len(skipped) > max_bad_files:
         raise DataError(
@@ -256,7 +320,7 @@ def plan_read(
     if not kept:
         raise DataError(f"{uri}: no rows: all {len(files)} files are empty or unreadable")
 
-    units = _units(metas, sequence)
+    units = _units(metas)
     # Optional columns must be read the same way from every file: keep those all files have.
     return DataPlan(
         uri=uri,
@@ -270,14 +334,12 @@ def plan_read(
     )
 
 
-def _units(metas: list[pq.FileMetaData], sequence: bool) -> list[Unit]:
+def _units(metas: list[_Footer]) -> list[Unit]:
     """One unit per non-empty row group, numbered in file order."""
     units: list[Unit] = []
     for fi, md in enumerate(metas):
         start = 0
-        for rg in range(md.num_row_groups):
-            # sequences: one row per event, i.e. per leaf slot of the item_id lists
-            n = md.row_group(rg).column(_leaf(md, "item_id")).num_values if sequence else md.row_group(rg).num_rows
+        for rg, n in enumerate(md.groups):
             if n:
                 units.append(Unit(index=len(units), file=fi, row_group=rg, row_start=start, rows=n))
             start += n
