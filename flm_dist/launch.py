@@ -162,6 +162,7 @@ class _ProgressBar:
     def __init__(self, actor, total_rows: int, desc: str, enabled: bool):
         self.actor, self.total, self.desc, self.enabled = actor, total_rows, desc, enabled
         self._stop = threading.Event()
+        self.first_step = threading.Event()  # rank 0 reported a step (or the run ended)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -175,6 +176,7 @@ class _ProgressBar:
             except Exception:
                 continue
             if rec:
+                self.first_step.set()
                 rows = min(int(rec["rows"]), self.total)
                 bar.update(max(0, rows - shown))
                 shown = max(shown, rows)
@@ -187,6 +189,7 @@ class _ProgressBar:
 
     def __exit__(self, *exc):
         self._stop.set()
+        self.first_step.set()
         self._thread.join(timeout=2)
 
 
@@ -393,16 +396,20 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
 
 
 class _CollisionCheck(threading.Thread):
-    """The hash-collision check beside the worker group's start: it only warns, and on a
-    thousand files its scan of the ID columns takes as long as the group's start
-    (seconds), so the first batch does not wait for it. Its warnings print when ready; a
+    """The hash-collision check, off the path to the first batch: it only warns, and on a
+    thousand files its scan of the ID columns takes seconds. It starts once `after` is
+    set (the first step): on a node with few cores, run beside the worker group's start,
+    it slowed that start by about as much as it saved. Its warnings print when ready; a
     check that fails says so and does not stop the run."""
 
-    def __init__(self, store: Store, plan: DataPlan, job: JobConfig):
+    def __init__(self, store: Store, plan: DataPlan, job: JobConfig, after: threading.Event | None = None):
         super().__init__(name="flm-collision-check", daemon=True)
         self._args = (store, plan, job)
+        self._after = after
 
     def run(self) -> None:
+        if self._after is not None:
+            self._after.wait()
         try:
             warnings = _collisions(*self._args)
         except Exception as e:
@@ -443,8 +450,6 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
     ref = training_reference(store, plans["train"], specs["known"], job.task) if "eval" in plans else None
-    check = _CollisionCheck(store, plans["train"], job)
-    check.start()
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
@@ -483,7 +488,9 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if not fresh:
         _check_resumable(store, run_dir, plans["train"])
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
-    with _ProgressBar(channel, total, job.task, progress):
+    with _ProgressBar(channel, total, job.task, progress) as bar:
+        check = _CollisionCheck(store, plans["train"], job, after=bar.first_step)
+        check.start()
         _fit(trainer)
     check.join()
     res = ray.get(channel.result.remote())

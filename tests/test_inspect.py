@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -233,11 +235,12 @@ def test_collision_warning_names_the_table_and_the_rows_that_fix_it(tmp_path):
     assert "for at least 9,000 distinct" in w
 
 
-def test_a_run_counts_the_ids_of_its_data_once_and_warns_beside_the_worker_start(tmp_path, capsys):
+def test_a_run_counts_the_ids_of_its_data_once_and_warns_after_its_first_step(tmp_path, capsys):
     """launch's collision check: the ID counts are cached by the data's fingerprint (a
     second run over the same files reads no rows: a planted count shows in its warning);
     a file added changes the fingerprint and the data is counted again. Run in its
-    thread, a check that cannot read the data says so and does not raise."""
+    thread, it waits for the first step, and a check that cannot read the data says so
+    and does not raise."""
     from flm_dist import launch
     from flm_dist.config import load_job
     from flm_dist.data.plan import plan_read
@@ -266,8 +269,12 @@ def test_a_run_counts_the_ids_of_its_data_once_and_warns_beside_the_worker_start
     capsys.readouterr()
     (d / "a.parquet").unlink()  # read after planning, by a run with no cache
     other = load_job("jobs/pretrain.yaml", [f"data.pretrain={d}", f"run.storage={tmp_path / 'other'}", "model.user_rows=65536"])
-    check = launch._CollisionCheck(Store(), plan, other)
+    first_step = threading.Event()
+    check = launch._CollisionCheck(Store(), plan, other, after=first_step)
     check.start()
+    time.sleep(0.5)  # unblocked, the check would have failed and said so by now
+    assert capsys.readouterr().out == ""
+    first_step.set()
     check.join()
     out = capsys.readouterr().out
     assert out.startswith(f"warning: the hash-collision check of {d} failed (") and "the run goes on" in out
