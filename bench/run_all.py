@@ -590,7 +590,31 @@ def ttfb_many_files(n_files: int, rows_per_file: int) -> dict:
         data = RayData(uri=uri, columns=[], store=store)  # C reads the columns its plan needs
         caps = {"train": 4, "sleep5": 4, "sleep20": 4, "sleep50": 4}
         res = run_ray("C", 1, data, caps)
-    return {"files": n_files, "rows_per_file": rows_per_file, "upload_s": upload_s, "plan_s": res["plan_s"], "ttfb_s": res["skip"]["startup_s"]}
+        # The whole `flm-dist train` path, which also checks hash collisions and writes
+        # the run's caches: the first run over these files, then one that finds them cached.
+        cli = [cli_first_step(store, endpoint.url, uri, f"ttfb-{i}") for i in range(2)]
+    return {"files": n_files, "rows_per_file": rows_per_file, "upload_s": upload_s, "plan_s": res["plan_s"], "ttfb_s": res["skip"]["startup_s"],
+            "cli_first_step_s": cli[0], "cli_cached_first_step_s": cli[1]}
+
+
+def cli_first_step(store, endpoint_url: str, uri: str, name: str) -> float:
+    """Seconds from launch.train (what `flm-dist train jobs/pretrain.yaml` runs, 1
+    worker) to the end of rank 0's first step, read from the step audit trail's first
+    write."""
+    import glob
+
+    from flm_dist import launch
+    from flm_dist.config import load_job
+
+    trace = tempfile.mkdtemp(prefix="flm-bench-trace-")
+    job = load_job(os.path.join(common.REPO, "jobs", "pretrain.yaml"), [
+        f"data.pretrain={uri}", "run.storage=s3://flm-bench/runs", f"run.name={name}", "train.epochs=1", "train.max_steps=2",
+        "scaling.num_workers=1", "model.user_rows=1048576", "model.item_rows=1048576", f"storage.endpoint_url={endpoint_url}"])
+    t0 = time.time()
+    launch.train(job, store, progress=False, trace_rows=trace)
+    first = min(os.path.getmtime(p) for p in glob.glob(os.path.join(trace, "*.bin")))
+    shutil.rmtree(trace, ignore_errors=True)
+    return first - t0
 
 
 # ------------------------------------------------------------------ the sequence model (issues 17, 18)
@@ -790,6 +814,10 @@ def report(args, info: dict, sizes: Sizes, med: dict, runs: dict, extra: dict) -
                   f"({t['rows_per_file']:,} rows each): {t['ttfb_s']:.1f} s from listing to the worker's first batch "
                   f"(target <= 10 s), of which {t['plan_s']:.1f} s listing the files and reading their footers; the rest "
                   f"starts the Ray Train worker group and reads the first blocks.")
+            if "cli_first_step_s" in t:
+                print(f"\nThe whole `flm-dist train` path (`launch.train`, `jobs/pretrain.yaml`, 1 worker) over the same files, to the "
+                      f"end of the first step: {t['cli_first_step_s']:.1f} s for the first run over them, {t['cli_cached_first_step_s']:.1f} s "
+                      f"for a run that finds their footers and ID counts in `run.storage/_cache`.")
         if "profile" in extra:
             p = extra["profile"]
             print(f"\n### profile of C-1w, train mode (torch.profiler, {p['steps']} steps, self CPU time)\n")

@@ -395,27 +395,46 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
     return collision_warnings(counts, tables)
 
 
-class _CollisionCheck(threading.Thread):
-    """The hash-collision check, off the path to the first batch: it only warns, and on a
-    thousand files its scan of the ID columns takes seconds. It starts once `after` is
-    set (the first step): on a node with few cores, run beside the worker group's start,
-    it slowed that start by about as much as it saved. Its warnings print when ready; a
-    check that fails says so and does not stop the run."""
+def _warn_collisions(store: Store, plan: DataPlan, job: JobConfig) -> None:
+    try:
+        warnings = _collisions(store, plan, job)
+    except Exception as e:  # a check: it says it failed and does not stop the run
+        warnings = [f"the hash-collision check of {plan.uri} failed ({type(e).__name__}: {e}); the run goes on"]
+    for w in warnings:
+        print(f"warning: {w}", flush=True)
 
-    def __init__(self, store: Store, plan: DataPlan, job: JobConfig, after: threading.Event | None = None):
-        super().__init__(name="flm-collision-check", daemon=True)
-        self._args = (store, plan, job)
-        self._after = after
+
+class _Later(threading.Thread):
+    """`fn()` in a thread once `after` is set (the run's first step): work the first
+    batch need not wait for, such as the hash-collision check and a ctr / rating run's
+    evaluation reference, seconds each on a thousand files. Run beside the worker
+    group's start on a node with few cores, it slowed that start by about what it saved.
+    `result()` joins and returns its value or raises its error."""
+
+    def __init__(self, fn, after: threading.Event):
+        super().__init__(name="flm-later", daemon=True)
+        self._fn, self._after = fn, after
+        self._value, self._error, self._cancelled = None, None, False
+
+    def cancel(self) -> None:
+        """The run failed: skip the work if it has not begun."""
+        self._cancelled = True
+        self._after.set()
 
     def run(self) -> None:
-        if self._after is not None:
-            self._after.wait()
+        self._after.wait()
+        if self._cancelled:
+            return
         try:
-            warnings = _collisions(*self._args)
-        except Exception as e:
-            warnings = [f"the hash-collision check of {self._args[1].uri} failed ({type(e).__name__}: {e}); the run goes on"]
-        for w in warnings:
-            print(f"warning: {w}", flush=True)
+            self._value = self._fn()
+        except BaseException as e:
+            self._error = e
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
@@ -449,7 +468,10 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     datasets, plans, specs = plan_datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=job.task != "pretrain")
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
-    ref = training_reference(store, plans["train"], specs["known"], job.task) if "eval" in plans else None
+    # Ranking runs need the catalog in their workers; ctr and rating runs need the
+    # reference only for the final report, so it is read after the first step.
+    ranking = job.task in ("retrieval", "pretrain")
+    ref = training_reference(store, plans["train"], specs["known"], job.task) if "eval" in plans and ranking else None
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
@@ -489,10 +511,18 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         _check_resumable(store, run_dir, plans["train"])
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
-        check = _CollisionCheck(store, plans["train"], job, after=bar.first_step)
-        check.start()
-        _fit(trainer)
-    check.join()
+        check = _Later(lambda: _warn_collisions(store, plans["train"], job), bar.first_step)
+        reference = _Later(lambda: training_reference(store, plans["train"], specs["known"], job.task), bar.first_step)
+        for t in (check, reference) if "eval" in plans and ref is None else (check,):
+            t.start()
+        try:
+            _fit(trainer)
+        except BaseException:
+            check.cancel(), reference.cancel()
+            raise
+    check.result()
+    if reference.ident is not None:  # started
+        ref = reference.result()
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})
     metrics = {k: v for k, v in tr.items() if k != "checkpoint"}

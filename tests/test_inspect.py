@@ -270,7 +270,7 @@ def test_a_run_counts_the_ids_of_its_data_once_and_warns_after_its_first_step(tm
     (d / "a.parquet").unlink()  # read after planning, by a run with no cache
     other = load_job("jobs/pretrain.yaml", [f"data.pretrain={d}", f"run.storage={tmp_path / 'other'}", "model.user_rows=65536"])
     first_step = threading.Event()
-    check = launch._CollisionCheck(Store(), plan, other, after=first_step)
+    check = launch._Later(lambda: launch._warn_collisions(Store(), plan, other), first_step)
     check.start()
     time.sleep(0.5)  # unblocked, the check would have failed and said so by now
     assert capsys.readouterr().out == ""
