@@ -391,7 +391,10 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
         counts = None
     if counts is None:
         counts = id_counts(store, plan, columns)
-        store.write_json(cache, counts)
+        try:
+            store.write_json(cache, counts)
+        except Exception as e:  # the warnings stand without it; the next run counts again
+            log.warning("could not cache the ID counts at %s: %s", cache, e)
     return collision_warnings(counts, tables)
 
 
