@@ -27,7 +27,7 @@ from flm_dist.data.schema import DataError, ReadSpec
 from flm_dist.ingest import FLMDataConfig, RunChannel
 from flm_dist.metrics import pointwise_report, ranking_report
 from flm_dist.model import table_sizes
-from flm_dist.storage import Store, is_remote, join, split_uri
+from flm_dist.storage import StorageError, Store, is_remote, join, split_uri
 from flm_dist.train_loop import DataSpec, RunSpec, RuntimeSpec, WorkerSpec, worker_main
 
 __all__ = ["TrainingFailed", "ensure_ray", "evaluate", "plan_datasets", "resources", "train", "training_reference"]
@@ -162,7 +162,7 @@ class _ProgressBar:
     def __init__(self, actor, total_rows: int, desc: str, enabled: bool):
         self.actor, self.total, self.desc, self.enabled = actor, total_rows, desc, enabled
         self._stop = threading.Event()
-        self.first_step = threading.Event()  # rank 0 reported a step (or the run ended)
+        self.first_step = threading.Event()  # rank 0's first step record (train.log_every), or the run's end
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -354,7 +354,7 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
     return datasets, plans, specs
 
 
-def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str) -> Reference:
+def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str, stop: threading.Event | None = None) -> Reference:
     """The training data's users, item popularity and, for ranking, catalog and pairs:
     read exactly as training reads it (`train_spec`, side "known": the same split and
     bad-row rules, validation rows included), so eval rows of a `data.split` never
@@ -362,12 +362,12 @@ def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, tas
     ranking = task in ("retrieval", "pretrain")
     t0 = time.perf_counter()
     spec = replace(train_spec, read=replace(train_spec.read, keys=True))
-    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking)
+    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking, stop=stop)
     log.info("reference data %s: %d users, %d items in %.1fs", plan.uri, len(ref.users), len(ref.items), time.perf_counter() - t0)
     return ref
 
 
-def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
+def _collisions(store: Store, plan: DataPlan, job: JobConfig, stop: threading.Event | None = None) -> list[str]:
     """Tables whose size makes many IDs share rows (see data.inspect.collision_warnings).
     The ID counts are cached under `run.storage/_cache/`, keyed by the data's
     fingerprint (every file's URI, size and version): a run over data another run
@@ -390,7 +390,7 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
     except Exception:  # absent or unreadable: count again and rewrite it
         counts = None
     if counts is None:
-        counts = id_counts(store, plan, columns)
+        counts = id_counts(store, plan, columns, stop=stop)
         try:
             store.write_json(cache, counts)
         except Exception as e:  # the warnings stand without it; the next run counts again
@@ -398,9 +398,9 @@ def _collisions(store: Store, plan: DataPlan, job: JobConfig) -> list[str]:
     return collision_warnings(counts, tables)
 
 
-def _warn_collisions(store: Store, plan: DataPlan, job: JobConfig) -> None:
+def _warn_collisions(store: Store, plan: DataPlan, job: JobConfig, stop: threading.Event | None = None) -> None:
     try:
-        warnings = _collisions(store, plan, job)
+        warnings = _collisions(store, plan, job, stop)
     except Exception as e:  # a check: it says it failed and does not stop the run
         warnings = [f"the hash-collision check of {plan.uri} failed ({type(e).__name__}: {e}); the run goes on"]
     for w in warnings:
@@ -408,28 +408,31 @@ def _warn_collisions(store: Store, plan: DataPlan, job: JobConfig) -> None:
 
 
 class _Later(threading.Thread):
-    """`fn()` in a thread once `after` is set (the run's first step): work the first
-    batch need not wait for, such as the hash-collision check and a ctr / rating run's
-    evaluation reference, seconds each on a thousand files. Run beside the worker
-    group's start on a node with few cores, it slowed that start by about what it saved.
-    `result()` joins and returns its value or raises its error."""
+    """`fn(stop)` in a thread once `after` is set (rank 0's first step record, every
+    `train.log_every` steps; or the run's end): work the first batch need not wait
+    for, such as the hash-collision check and a ctr / rating run's evaluation
+    reference, seconds each on a thousand files. Run beside the worker group's start on
+    a node with few cores, it slowed that start by about what it saved. `result()`
+    joins and returns its value or raises its error."""
 
     def __init__(self, fn, after: threading.Event):
         super().__init__(name="flm-later", daemon=True)
         self._fn, self._after = fn, after
-        self._value, self._error, self._cancelled = None, None, False
+        self._halt = threading.Event()  # fn's scans drop their remaining units when set
+        self._value, self._error = None, None
 
     def cancel(self) -> None:
-        """The run failed: skip the work if it has not begun."""
-        self._cancelled = True
+        """The run failed: skip the work, or stop it where it is (its scan's queued
+        units would otherwise hold the process at exit until all were read)."""
+        self._halt.set()
         self._after.set()
 
     def run(self) -> None:
         self._after.wait()
-        if self._cancelled:
+        if self._halt.is_set():
             return
         try:
-            self._value = self._fn()
+            self._value = self._fn(self._halt)
         except BaseException as e:
             self._error = e
 
@@ -472,7 +475,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
     # Ranking runs need the catalog in their workers; ctr and rating runs need the
-    # reference only for the final report, so it is read after the first step.
+    # reference only for the final report, so it is read once training is under way.
     ranking = job.task in ("retrieval", "pretrain")
     ref = training_reference(store, plans["train"], specs["known"], job.task) if "eval" in plans and ranking else None
     cpw, threads = resources(job.scaling, _node_cpus())
@@ -514,8 +517,8 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         _check_resumable(store, run_dir, plans["train"])
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
-        check = _Later(lambda: _warn_collisions(store, plans["train"], job), bar.first_step)
-        reference = _Later(lambda: training_reference(store, plans["train"], specs["known"], job.task), bar.first_step)
+        check = _Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step)
+        reference = _Later(lambda stop: training_reference(store, plans["train"], specs["known"], job.task, stop), bar.first_step)
         for t in (check, reference) if "eval" in plans and ref is None else (check,):
             t.start()
         try:
@@ -524,10 +527,14 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
             check.cancel(), reference.cancel()
             raise
     check.result()
-    if reference.ident is not None:  # started
-        ref = reference.result()
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})
+    if reference.ident is not None:  # started
+        try:
+            ref = reference.result()
+        except (DataError, StorageError) as e:  # read after the first step: the run's work is committed
+            raise type(e)(f"training committed {tr.get('checkpoint')}, but its evaluation reference could not be read "
+                          f"({e}); evaluate it with `flm-dist evaluate {tr.get('checkpoint')}`") from e
     metrics = {k: v for k, v in tr.items() if k != "checkpoint"}
     if "eval" in res:
         metrics["eval"] = _eval_report(job.task, res["eval"], ref)

@@ -243,6 +243,7 @@ def test_a_run_counts_the_ids_of_its_data_once_and_warns_after_its_first_step(tm
     and does not raise."""
     from flm_dist import launch
     from flm_dist.config import load_job
+    from flm_dist.data.inspect import id_counts
     from flm_dist.data.plan import plan_read
     from flm_dist.data.schema import ReadSpec
 
@@ -270,7 +271,7 @@ def test_a_run_counts_the_ids_of_its_data_once_and_warns_after_its_first_step(tm
     (d / "a.parquet").unlink()  # read after planning, by a run with no cache
     other = load_job("jobs/pretrain.yaml", [f"data.pretrain={d}", f"run.storage={tmp_path / 'other'}", "model.user_rows=65536"])
     first_step = threading.Event()
-    check = launch._Later(lambda: launch._warn_collisions(Store(), plan, other), first_step)
+    check = launch._Later(lambda stop: launch._warn_collisions(Store(), plan, other, stop), first_step)
     check.start()
     time.sleep(0.5)  # unblocked, the check would have failed and said so by now
     assert capsys.readouterr().out == ""
@@ -278,3 +279,9 @@ def test_a_run_counts_the_ids_of_its_data_once_and_warns_after_its_first_step(tm
     check.join()
     out = capsys.readouterr().out
     assert out.startswith(f"warning: the hash-collision check of {d} failed (") and "the run goes on" in out
+
+    # a run that fails stops the scan: its queued units are dropped, not read
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RuntimeError, match="stopped"):
+        id_counts(Store(), plan_read(Store(), str(d), spec), ["user_id"], stop=stop)

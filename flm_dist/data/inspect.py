@@ -349,11 +349,12 @@ def rows_for_share(distinct: int, share: float = COLLISION_WARN_SHARE) -> int:
     return rows
 
 
-def id_counts(store: Store, plan, columns: list[str], max_rows: int = 8 << 20, threads: int = 4) -> dict:
+def id_counts(store: Store, plan, columns: list[str], max_rows: int = 8 << 20, threads: int = 4, stop=None) -> dict:
     """Distinct IDs of `columns` over the plan's read units (at most `max_rows` rows,
     units spread over the whole plan): {"complete": every row read, "columns": {column:
     {"distinct": n, "saturated": a K-minimum-values estimate past 2^20 distinct IDs}}}.
-    JSON-able: launch caches it by the data's fingerprint."""
+    JSON-able: launch caches it by the data's fingerprint. `stop` (a threading.Event)
+    set: the units not yet read are dropped and the scan raises."""
     units = plan.units
     if sum(u.rows for u in units) > max_rows:
         step = sum(u.rows for u in units) / max_rows
@@ -363,6 +364,8 @@ def id_counts(store: Store, plan, columns: list[str], max_rows: int = 8 << 20, t
     def scan(unit):
         from flm_dist.data.plan import read_unit
 
+        if stop is not None and stop.is_set():
+            raise RuntimeError("the ID count was stopped")
         t = read_unit(store, plan, unit, columns)
         # per-user sequences: the IDs of every event
         return {c: _id_hashes(pc.list_flatten(t.column(c)) if plan.sequence and c != "user_id" else t.column(c)) for c in columns if c in t.column_names}

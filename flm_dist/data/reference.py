@@ -5,6 +5,7 @@ most-popular baseline), the item catalog with features (retrieval candidates) an
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,11 +39,17 @@ class Reference:
         return self.pair_items[lo:hi]
 
 
-def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: bool = False, pairs: bool = False, threads: int = 4) -> Reference:
-    """One streaming pass over the training data (row group by row group, in threads)."""
+def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: bool = False, pairs: bool = False, threads: int = 4,
+                   stop: threading.Event | None = None) -> Reference:
+    """One streaming pass over the training data (row group by row group, in threads).
+    `stop` set: the units not yet read are dropped and the scan raises (a run that
+    failed while its reference was read in the background; queued units would
+    otherwise hold the process at exit until every one was read)."""
     item_features = [f for f in spec.read.features if f.side == "item"]
 
     def scan(unit):
+        if stop is not None and stop.is_set():
+            raise RuntimeError("the reference scan was stopped")
         cols = encode_table(read_unit(store, plan, unit), spec, unit.index)
         good = cols["_bad"] == 0
         u, i = cols["user_key"][good], cols["item_key"][good]
