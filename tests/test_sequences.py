@@ -105,6 +105,15 @@ def test_stage_writes_each_user_once_with_events_in_time_order(sequences):
         got += [(r["user_id"], ts, it, lab) for (ts, it), lab in zip(pairs, r["label"], strict=True)]
     want = list(zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label")), strict=True))
     assert sorted(got) == sorted(want)
+    # a plan from the footer cache counts a sequence file's units in events, as a plan
+    # from the footers does (the same plan, read twice through the cache)
+    read = ReadSpec.for_task("pretrain", [], [1, 5], history_len=L)
+    cache = os.path.join(os.path.dirname(out), "cache")
+    plain = plan_read(Store(), out, read)
+    assert plain.sequence and plain.total_rows == raw.num_rows
+    for _ in range(2):
+        assert plan_read(Store(), out, read, cache=cache).to_dict() == plain.to_dict()
+    assert len(os.listdir(cache)) == 1
 
 
 @pytest.mark.slow
