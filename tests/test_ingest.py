@@ -3,6 +3,7 @@ splits, and the Ray Data path across worker counts. Real Parquet files throughou
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,6 +98,28 @@ def test_a_plan_reads_the_footers_of_files_planned_before_from_its_cache(s3_stor
     s3_store.write_bytes(f"s3://{entry}", b"not json")
     assert plan_read(s3_store, f"{bucket}/log", CTR, cache=cache).to_dict() == again.to_dict()
     assert json.loads(s3_store.read_bytes(f"s3://{entry}"))["uri"] == f"{bucket}/log"
+
+
+def test_a_file_without_a_version_is_never_planned_from_the_cache(tmp_path, monkeypatch):
+    """A store that reports no version (no ETag, no mtime: not one this project reaches,
+    so the listing is patched) cannot tell a same-size rewrite: its footers are read
+    every time."""
+    from dataclasses import replace as dc_replace
+
+    from flm_dist.data import plan as plan_mod
+
+    d = tmp_path / "log"
+    write(str(d / "a.parquet"), log_table(100))
+    listed = plan_mod.list_files
+    monkeypatch.setattr(plan_mod, "list_files", lambda store, uri: [dc_replace(f, version="") for f in listed(store, uri)])
+    cache = str(tmp_path / "cache")
+    assert plan_read(Store(), str(d), CTR, cache=cache).total_rows == 100
+    (entry,) = os.listdir(cache)
+    c = json.loads((tmp_path / "cache" / entry).read_text())
+    (f,) = c["files"]
+    c["files"][f][2], c["files"][f][4] = 7, [7]  # planted: would show if the cache were used
+    (tmp_path / "cache" / entry).write_text(json.dumps(c))
+    assert plan_read(Store(), str(d), CTR, cache=cache).total_rows == 100
 
 
 def _parquet_bytes(table, row_group_size):

@@ -257,7 +257,9 @@ def plan_read(
     if not files:
         raise DataError(f"{uri}: no data files found (names starting with '_' or '.' are ignored)")
     known = _load_cache(store, cache, uri) if cache else {}
-    todo = [f for f in files if f.size > 0 and (f.uri, f.size, f.version) not in known]
+    # A file whose store reports no version (no ETag, no mtime) is always read: a rewrite
+    # of the same size would otherwise keep its old row groups.
+    todo = [f for f in files if f.size > 0 and not (f.version and (f.uri, f.size, f.version) in known)]
     read = {f.uri: (ft, err) for f, ft, err in _footers(store, uri, todo, batch)}
     results = []
     for f in files:
