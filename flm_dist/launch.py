@@ -517,19 +517,22 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         _check_resumable(store, run_dir, plans["train"])
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
-        check = _Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step)
-        reference = _Later(lambda stop: training_reference(store, plans["train"], specs["known"], job.task, stop), bar.first_step)
-        for t in (check, reference) if "eval" in plans and ref is None else (check,):
+        later = [_Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step)]
+        if "eval" in plans and ref is None:
+            later.append(_Later(lambda stop: training_reference(store, plans["train"], specs["known"], job.task, stop), bar.first_step))
+        for t in later:
             t.start()
         try:
             _fit(trainer)
         except BaseException:
-            check.cancel(), reference.cancel()
+            for t in later:
+                t.cancel()
             raise
+    check, reference = later[0], later[1] if len(later) > 1 else None
     check.result()
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})
-    if reference.ident is not None:  # started
+    if reference is not None:
         try:
             ref = reference.result()
         except (DataError, StorageError) as e:  # read after the first step: the run's work is committed
