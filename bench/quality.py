@@ -14,14 +14,16 @@ Protocols (data in ../shared/data):
   biases (BaselineOnly), SVD.
 - `lastfm`, `toys`: LastFM.txt and Toys_and_Games.txt, leave-one-out (each user's last
   item is the test target), full ranking over every item, the user's earlier items
-  excluded; `retrieval` scratch vs pretrained, beside most-popular.
+  excluded; `retrieval` scratch vs pretrained, beside most-popular and item
+  co-occurrence (`cooccurrence`: a classical sequence-aware baseline, fitted on the same
+  training events).
 - `lastfm-seq`, `toys-seq` (issue 17): the same files as per-user sequences (the
   `flm-dist data sequences` stage) for the sequence model (`jobs/pretrain_sequence.yaml`,
   `jobs/finetune_retrieval_sequence.yaml`: a causal Transformer over each user's
   history, no user ID). 10% of the users are held out of all training (cold start);
   for the others the last item is the test target and the one before it validation.
   Full ranking, earlier items excluded; warm users and cold users (scored from the
-  export with their history only), beside most-popular.
+  export with their history only), beside most-popular and item co-occurrence.
 
 Scores come from each arm's exported TorchScript scorer (ctr, rating) or its exported
 user and item vectors (retrieval), computed here independently of the training
@@ -376,6 +378,44 @@ def _ranking_rows_from_export(store: Store, checkpoint: str, out: str, test: pa.
     return ranking_rows(lambda lo, hi: uvec[rows[lo:hi]] @ cat.T, len(users), users, targets, catalog, ref, ks)
 
 
+def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: int, pop: np.ndarray, window: int = 5, recent: int = 50):
+    """The classical sequence-aware baseline (item co-occurrence, as item kNN and
+    session kNN score): C[i, j] counts how often items i and j occur within `window`
+    positions of each other in a training sequence; a user's score for j is the sum,
+    over their last `recent` items (r = 0 the most recent), of C[item, j] / (1 + r).
+    Popularity (`pop`, per catalog item) only breaks ties among equal scores. Items are
+    catalog positions; -1 (an item outside the catalog) is dropped. The window and
+    weights were fixed before any figure was seen, not tuned. Returns
+    scores_for(lo, hi) for `ranking_rows`."""
+    import torch
+
+    train = [s[s >= 0] for s in (np.asarray(s, np.int64) for s in train)]
+    seq = np.concatenate(train + [np.zeros(0, np.int64)])
+    who = np.repeat(np.arange(len(train)), [len(s) for s in train])
+    a = np.concatenate([seq[:-d][who[d:] == who[:-d]] for d in range(1, window + 1)])
+    b = np.concatenate([seq[d:][who[d:] == who[:-d]] for d in range(1, window + 1)])
+    # symmetric counts (duplicates add up when coalesced); float64 keeps them exact
+    c = torch.sparse_coo_tensor(torch.from_numpy(np.stack([np.r_[a, b], np.r_[b, a]])), torch.ones(2 * len(a), dtype=torch.float64), (n_items, n_items), check_invariants=True).coalesce()
+    recent_items = [h[h >= 0][-recent:] for h in (np.asarray(h, np.int64) for h in histories)]
+    # the smallest non-zero score is 1 / recent: a tie-break below it reorders nothing else
+    tie = 0.1 / recent * pop.astype(np.float64) / max(float(pop.max()), 1e-9)
+
+    def scores_for(lo: int, hi: int) -> np.ndarray:
+        w = np.zeros((hi - lo, n_items))
+        for r, h in enumerate(recent_items[lo:hi]):
+            np.add.at(w[r], h, 1.0 / np.arange(len(h), 0, -1))
+        return torch.sparse.mm(c, torch.from_numpy(w.T.copy())).numpy().T + tie
+
+    return scores_for
+
+
+def _catalog_positions(raw_items: np.ndarray, catalog: np.ndarray) -> np.ndarray:
+    """Raw item IDs -> positions in the sorted catalog of identity keys (-1: not in it)."""
+    keys = identity_keys(pa.array(raw_items))
+    pos = np.minimum(np.searchsorted(catalog, keys), max(len(catalog) - 1, 0))
+    return np.where(catalog[pos] == keys, pos, -1) if len(catalog) else np.full(len(keys), -1)
+
+
 def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
     store = Store()
     info = prepare_loo(work, name, file)
@@ -397,7 +437,17 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
     pop = np.log1p(ref.item_counts[np.searchsorted(ref.items, catalog)]).astype(np.float32)
     users = identity_keys(test.column("user_id"))
     rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), users, identity_keys(test.column("item_id")), catalog, ref, (10,))
-    table = ranking_table(users, rows, [("pretrained", "scratch"), ("scratch", "most popular"), ("pretrained", "most popular")])
+    # co-occurrence fitted on the same training file, each user's training items in time order
+    train = pq.read_table(f"{d}/train")
+    order = np.lexsort((train.column("ts").to_numpy(), train.column("user_id").to_numpy()))
+    tu = train.column("user_id").to_numpy()[order]
+    ti = _catalog_positions(train.column("item_id").to_numpy()[order], catalog)
+    starts = np.flatnonzero(np.r_[True, tu[1:] != tu[:-1]])
+    seqs = dict(zip(tu[starts].tolist(), np.split(ti, starts[1:]), strict=True))
+    histories = [seqs[u] for u in test.column("user_id").to_pylist()]
+    scores = cooccurrence(list(seqs.values()), histories, len(catalog), pop)
+    rows["co-occurrence"] = ranking_rows(scores, len(users), users, identity_keys(test.column("item_id")), catalog, ref, (10,))
+    table = ranking_table(users, rows, [("pretrained", "scratch"), ("scratch", "most popular"), ("pretrained", "most popular"), ("pretrained", "co-occurrence")])
     table.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained", "most_popular")},
                   "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
     result["protocols"] = {"retrieval": table}
@@ -495,6 +545,9 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
     catalog = ref.catalog["item_key"]
     pop = np.log1p(ref.item_counts[np.searchsorted(ref.items, catalog)]).astype(np.float32)
     groups = {"warm users": _seq_examples(pq.read_table(f"{d}/warm")), "cold users (never trained on)": _seq_examples(pq.read_table(f"{d}/cold"))}
+    # co-occurrence fitted on what the models train on: warm users' events before the
+    # validation (second-to-last) one
+    fit = [_catalog_positions(np.asarray(h[:-1], np.int64), catalog) for h in groups["warm users"][1]]
     tables = {}
     for group, (users, histories, targets) in groups.items():
         gref = ref if group == "warm users" else _history_reference(users, histories, ref)
@@ -505,7 +558,9 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
             rows[arm] = _seq_rows(out, users, histories, targets, catalog, gref)
         ukeys = identity_keys(pa.array(users))
         rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
-        tables[group] = ranking_table(ukeys, rows, [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular")])
+        scores = cooccurrence(fit, [_catalog_positions(np.asarray(h, np.int64), catalog) for h in histories], len(catalog), pop)
+        rows["co-occurrence"] = ranking_rows(scores, len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
+        tables[group] = ranking_table(ukeys, rows, [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence")])
     merged = {"arms": {}, "differences": {}}
     for group, t in tables.items():
         for arm, m in t["arms"].items():

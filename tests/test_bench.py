@@ -42,3 +42,21 @@ def test_captured_text_drops_file_notices(capsys):
         print("wrote bench/results/x.json")
     assert cap.text() == "| table |"
     assert "wrote bench/results/x.json" in capsys.readouterr().out  # still printed
+
+
+def test_the_cooccurrence_baseline_counts_neighbours_in_the_window_and_weighs_recent_items_more():
+    import numpy as np
+
+    import quality
+
+    seqs = [np.array([0, 1, 2, 3, 4, 5, 6, 7]), np.array([0, 1]), np.array([2, 6, -1])]  # -1: outside the catalog
+    pop = np.log1p(np.array([2, 2, 2, 1, 1, 1, 2, 1, 0, 5], dtype=np.float64))
+    scores = quality.cooccurrence(seqs, [np.array([0]), np.array([2, 0]), np.array([])], 10, pop, window=5, recent=50)(0, 3)
+    # item 0 is next to 1 twice; 1..5 lie within 5 positions of it, 6 and 7 do not
+    assert scores[0, 1] > scores[0, 2] > 0 and abs(scores[0, 1] - 2) < 0.01
+    assert scores[0, 5] > 0.99 and all(scores[0, j] < 0.01 for j in (6, 7, 8, 9))
+    # history [2, 0]: 0 (most recent) weighs 1, 2 weighs 1/2: item 1 gets 2 + 1/2, item 6 gets 1/2 (2 and 6 co-occur twice) * 1/2
+    assert abs(scores[1, 1] - 2.5) < 0.01 and abs(scores[1, 6] - 1.0) < 0.01
+    # no history: popularity alone orders the items, below any co-occurrence
+    assert np.argmax(scores[2]) == 9 and scores[2].max() < 1 / 50
+    assert np.isfinite(scores).all() and scores.shape == (3, 10)
