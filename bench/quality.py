@@ -15,15 +15,15 @@ Protocols (data in ../shared/data):
 - `lastfm`, `toys`: LastFM.txt and Toys_and_Games.txt, leave-one-out (each user's last
   item is the test target), full ranking over every item, the user's earlier items
   excluded; `retrieval` scratch vs pretrained, beside most-popular and item
-  co-occurrence (`cooccurrence`: a classical sequence-aware baseline, fitted on the same
-  training events).
+  co-occurrence, within a window and of the next items only (`cooccurrence`: classical
+  sequence-aware baselines, fitted on the same training events).
 - `lastfm-seq`, `toys-seq` (issue 17): the same files as per-user sequences (the
   `flm-dist data sequences` stage) for the sequence model (`jobs/pretrain_sequence.yaml`,
   `jobs/finetune_retrieval_sequence.yaml`: a causal Transformer over each user's
   history, no user ID). 10% of the users are held out of all training (cold start);
   for the others the last item is the test target and the one before it validation.
   Full ranking, earlier items excluded; warm users and cold users (scored from the
-  export with their history only), beside most-popular and item co-occurrence.
+  export with their history only), beside most-popular and the two co-occurrences.
 
 Scores come from each arm's exported TorchScript scorer (ctr, rating) or its exported
 user and item vectors (retrieval), computed here independently of the training
@@ -378,24 +378,27 @@ def _ranking_rows_from_export(store: Store, checkpoint: str, out: str, test: pa.
     return ranking_rows(lambda lo, hi: uvec[rows[lo:hi]] @ cat.T, len(users), users, targets, catalog, ref, ks)
 
 
-def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: int, pop: np.ndarray, window: int = 5, recent: int = 50):
-    """The classical sequence-aware baseline (item co-occurrence, as item kNN and
-    session kNN score): C[i, j] counts how often items i and j occur within `window`
-    positions of each other in a training sequence; a user's score for j is the sum,
-    over their last `recent` items (r = 0 the most recent), of C[item, j] / (1 + r).
-    Popularity (`pop`, per catalog item) only breaks ties among equal scores. Items are
-    catalog positions; -1 (an item outside the catalog) is dropped. The window and
-    weights were fixed before any figure was seen, not tuned. Returns
-    scores_for(lo, hi) for `ranking_rows`."""
+def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: int, pop: np.ndarray, window: int = 5, recent: int = 50, forward: bool = False):
+    """Classical sequence-aware baselines, as item kNN, session kNN and sequential rules
+    score: C[i, j] counts how often item j occurs within `window` positions of item i in
+    a training sequence (with `forward`, only after it: the next items); a user's score
+    for j is the sum, over their last `recent` items i (r = 0 the most recent), of
+    C[i, j] / (1 + r). Popularity (`pop`, per catalog item) only breaks ties among
+    equal scores. Items are catalog positions; -1 (an item outside the catalog) is
+    dropped. The window and weights were fixed before any figure was seen, not tuned.
+    Returns scores_for(lo, hi) for `ranking_rows`."""
     import torch
 
     train = [s[s >= 0] for s in (np.asarray(s, np.int64) for s in train)]
     seq = np.concatenate(train + [np.zeros(0, np.int64)])
     who = np.repeat(np.arange(len(train)), [len(s) for s in train])
-    a = np.concatenate([seq[:-d][who[d:] == who[:-d]] for d in range(1, window + 1)])
-    b = np.concatenate([seq[d:][who[d:] == who[:-d]] for d in range(1, window + 1)])
-    # symmetric counts (duplicates add up when coalesced); float64 keeps them exact
-    c = torch.sparse_coo_tensor(torch.from_numpy(np.stack([np.r_[a, b], np.r_[b, a]])), torch.ones(2 * len(a), dtype=torch.float64), (n_items, n_items), check_invariants=True).coalesce()
+    earlier = np.concatenate([seq[:-d][who[d:] == who[:-d]] for d in range(1, window + 1)])
+    later = np.concatenate([seq[d:][who[d:] == who[:-d]] for d in range(1, window + 1)])
+    if not forward:
+        earlier, later = np.r_[earlier, later], np.r_[later, earlier]
+    # transposed, [j, i]: the scores of a chunk are C^T @ weights^T. Duplicates add up
+    # when coalesced; float64 keeps the counts exact.
+    ct = torch.sparse_coo_tensor(torch.from_numpy(np.stack([later, earlier])), torch.ones(len(later), dtype=torch.float64), (n_items, n_items), check_invariants=True).coalesce()
     recent_items = [h[h >= 0][-recent:] for h in (np.asarray(h, np.int64) for h in histories)]
     # the smallest non-zero score is 1 / recent: a tie-break below it reorders nothing else
     tie = 0.1 / recent * pop.astype(np.float64) / max(float(pop.max()), 1e-9)
@@ -404,7 +407,7 @@ def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: 
         w = np.zeros((hi - lo, n_items))
         for r, h in enumerate(recent_items[lo:hi]):
             np.add.at(w[r], h, 1.0 / np.arange(len(h), 0, -1))
-        return torch.sparse.mm(c, torch.from_numpy(w.T.copy())).numpy().T + tie
+        return torch.sparse.mm(ct, torch.from_numpy(w.T.copy())).numpy().T + tie
 
     return scores_for
 
@@ -445,9 +448,9 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
     starts = np.flatnonzero(np.r_[True, tu[1:] != tu[:-1]])
     seqs = dict(zip(tu[starts].tolist(), np.split(ti, starts[1:]), strict=True))
     histories = [seqs[u] for u in test.column("user_id").to_pylist()]
-    scores = cooccurrence(list(seqs.values()), histories, len(catalog), pop)
-    rows["co-occurrence"] = ranking_rows(scores, len(users), users, identity_keys(test.column("item_id")), catalog, ref, (10,))
-    table = ranking_table(users, rows, [("pretrained", "scratch"), ("scratch", "most popular"), ("pretrained", "most popular"), ("pretrained", "co-occurrence")])
+    for arm, forward in (("co-occurrence", False), ("co-occurrence, next items", True)):
+        rows[arm] = ranking_rows(cooccurrence(list(seqs.values()), histories, len(catalog), pop, forward=forward), len(users), users, identity_keys(test.column("item_id")), catalog, ref, (10,))
+    table = ranking_table(users, rows, [("pretrained", "scratch"), ("scratch", "most popular"), ("pretrained", "most popular"), ("pretrained", "co-occurrence"), ("pretrained", "co-occurrence, next items")])
     table.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained", "most_popular")},
                   "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
     result["protocols"] = {"retrieval": table}
@@ -558,9 +561,10 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
             rows[arm] = _seq_rows(out, users, histories, targets, catalog, gref)
         ukeys = identity_keys(pa.array(users))
         rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
-        scores = cooccurrence(fit, [_catalog_positions(np.asarray(h, np.int64), catalog) for h in histories], len(catalog), pop)
-        rows["co-occurrence"] = ranking_rows(scores, len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
-        tables[group] = ranking_table(ukeys, rows, [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence")])
+        positions = [_catalog_positions(np.asarray(h, np.int64), catalog) for h in histories]
+        for arm, forward in (("co-occurrence", False), ("co-occurrence, next items", True)):
+            rows[arm] = ranking_rows(cooccurrence(fit, positions, len(catalog), pop, forward=forward), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
+        tables[group] = ranking_table(ukeys, rows, [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence"), ("pretrained", "co-occurrence, next items")])
     merged = {"arms": {}, "differences": {}}
     for group, t in tables.items():
         for arm, m in t["arms"].items():

@@ -46,7 +46,6 @@ def test_captured_text_drops_file_notices(capsys):
 
 def test_the_cooccurrence_baseline_counts_neighbours_in_the_window_and_weighs_recent_items_more():
     import numpy as np
-
     import quality
 
     seqs = [np.array([0, 1, 2, 3, 4, 5, 6, 7]), np.array([0, 1]), np.array([2, 6, -1])]  # -1: outside the catalog
@@ -60,3 +59,6 @@ def test_the_cooccurrence_baseline_counts_neighbours_in_the_window_and_weighs_re
     # no history: popularity alone orders the items, below any co-occurrence
     assert np.argmax(scores[2]) == 9 and scores[2].max() < 1 / 50
     assert np.isfinite(scores).all() and scores.shape == (3, 10)
+    # next items only: after 2 come 3..6 (and 6 again in the third sequence), never 0 or 1
+    ahead = quality.cooccurrence(seqs, [np.array([2])], 10, pop, window=5, recent=50, forward=True)(0, 1)[0]
+    assert ahead[0] < 0.01 and ahead[1] < 0.01 and abs(ahead[6] - 2) < 0.01 and abs(ahead[3] - 1) < 0.01
