@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +72,8 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
 OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
 BOOT = 500  # bootstrap resamples
+# the co-occurrence baselines' sparse products (torch's CSR matmul works; it warns it is beta)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Per dataset, only what a user sets: table sizes (<= 5% of IDs sharing a row), batch
 # sizes and epochs (pretraining, fine-tuning at most); paths are added below.
@@ -396,18 +399,20 @@ def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: 
     later = np.concatenate([seq[d:][who[d:] == who[:-d]] for d in range(1, window + 1)])
     if not forward:
         earlier, later = np.r_[earlier, later], np.r_[later, earlier]
-    # transposed, [j, i]: the scores of a chunk are C^T @ weights^T. Duplicates add up
-    # when coalesced; float64 keeps the counts exact.
-    ct = torch.sparse_coo_tensor(torch.from_numpy(np.stack([later, earlier])), torch.ones(len(later), dtype=torch.float64), (n_items, n_items), check_invariants=True).coalesce()
+    # C as CSR, and each chunk's weights as a sparse [users, items] matrix (at most
+    # `recent` items a row): the chunk's scores are weights @ C, a sparse product.
+    # Duplicates add up when coalesced; float64 keeps the counts exact.
+    c = torch.sparse_coo_tensor(torch.from_numpy(np.stack([earlier, later])), torch.ones(len(later), dtype=torch.float64), (n_items, n_items), check_invariants=True).coalesce().to_sparse_csr()
     recent_items = [h[h >= 0][-recent:] for h in (np.asarray(h, np.int64) for h in histories)]
     # the smallest non-zero score is 1 / recent: a tie-break below it reorders nothing else
     tie = 0.1 / recent * pop.astype(np.float64) / max(float(pop.max()), 1e-9)
 
     def scores_for(lo: int, hi: int) -> np.ndarray:
-        w = np.zeros((hi - lo, n_items))
-        for r, h in enumerate(recent_items[lo:hi]):
-            np.add.at(w[r], h, 1.0 / np.arange(len(h), 0, -1))
-        return torch.sparse.mm(ct, torch.from_numpy(w.T.copy())).numpy().T + tie
+        chunk = recent_items[lo:hi]
+        rows = np.repeat(np.arange(len(chunk)), [len(h) for h in chunk])
+        weights = np.concatenate([1.0 / np.arange(len(h), 0, -1) for h in chunk] + [np.zeros(0)])
+        w = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, np.concatenate(chunk + [np.zeros(0, np.int64)])])), torch.from_numpy(weights), (len(chunk), n_items), check_invariants=True)
+        return (w.coalesce().to_sparse_csr() @ c).to_dense().numpy() + tie
 
     return scores_for
 
