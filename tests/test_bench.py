@@ -54,7 +54,7 @@ def test_the_cooccurrence_baseline_counts_neighbours_in_the_window_and_weighs_re
     # item 0 is next to 1 twice; 1..5 lie within 5 positions of it, 6 and 7 do not
     assert scores[0, 1] > scores[0, 2] > 0 and abs(scores[0, 1] - 2) < 0.01
     assert scores[0, 5] > 0.99 and all(scores[0, j] < 0.01 for j in (6, 7, 8, 9))
-    # history [2, 0]: 0 (most recent) weighs 1, 2 weighs 1/2: item 1 gets 2 + 1/2, item 6 gets 1/2 (2 and 6 co-occur twice) * 1/2
+    # history [2, 0]: 0 (most recent) weighs 1, 2 weighs 1/2: item 1 gets 2 + 1/2; item 6 gets 2 (it co-occurs twice with 2) x 1/2
     assert abs(scores[1, 1] - 2.5) < 0.01 and abs(scores[1, 6] - 1.0) < 0.01
     # no history: popularity alone orders the items, below any co-occurrence
     assert np.argmax(scores[2]) == 9 and scores[2].max() < 1 / 50
