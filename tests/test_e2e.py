@@ -79,6 +79,10 @@ def test_pretrain_finetune_evaluate_export(trained, s3_store, data, tmp_path):
     assert {p["kind"] for p in m_pre["sharding_plan"].values()} == {"row_wise"}
     # every row trained on exactly once, less the fine-tunes' validation carve
     assert r_pre["metrics"]["rows"] == len(pretraining_positions("s3://e2e/data/pretrain", s3_store))
+    # validated on that carve by full ranking at the end of its epoch; its result is its last state
+    curve = r_pre["metrics"]["epochs_curve"]
+    assert [c["epoch"] for c in curve] == [0] and curve[0]["valid_recall@10"] > 0
+    assert m_pre["best"]["step"] == curve[0]["step"] == ref.step
 
     # 2. the ctr fine-tune from it, evaluated at the end
     ev_train = r_ft["metrics"]["eval"]["overall"]

@@ -242,7 +242,7 @@ def _finetune(tmp_path, name, task="ctr", **sets):
     hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
     datasets, plans, specs = launch.plan_datasets(job, store, hs, data, None, task, validate=True)
     manifest = {"task": task, "config": to_dict(job)}
-    catalog = launch.training_reference(store, plans["train"], specs["known"], task).catalog if task == "retrieval" else None
+    catalog = launch.training_reference(store, plans["train"], specs["known"], task).catalog if task in ("retrieval", "pretrain") else None
     spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plans["train"].to_dict(), valid_rows=300, manifest=manifest, init_from=job.init_from,
                                catalog=catalog)
     w = Worker(spec)
@@ -298,6 +298,24 @@ def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
     now = unwrap(w.model).state_dict()
     assert all(torch.equal(v, now[k]) for k, v in saved.state_dict().items())
     assert ckpt.load_manifest(Store(), ref)["best"]["step"] == best["step"]
+
+
+def test_pretraining_validates_every_epoch_ends_on_its_last_and_hands_retrieval_its_best(tmp_path):
+    """Pretraining validates by full ranking but never stops early: its result is its
+    last state (what ctr and rating fine-tunes start from), its best epoch a kept
+    checkpoint that a retrieval fine-tune, validated by the same criterion, starts from."""
+    w, res = _finetune(tmp_path, "pre-v", task="pretrain", **{"train.epochs": 5, "train.patience": 1, "checkpoint.keep_last": 1})
+    curve = res["epochs_curve"]
+    assert [c["epoch"] for c in curve] == [0, 1, 2, 3, 4] and all("valid_ndcg@10" in c for c in curve)
+    best = res["best"]
+    assert best["valid_loss"] == min(c["valid_loss"] for c in curve) and best["step"] < curve[-1]["step"]  # it overfits: patience 1 would have stopped it
+    last = ckpt.resolve(Store(), res["checkpoint"])
+    assert last.step == curve[-1]["step"] and ckpt.load_manifest(Store(), last)["best"] == best
+    kept = ckpt.resolve(Store(), ckpt.step_dir(w.spec.run.dir, best["step"])).uri
+    assert launch.start_checkpoint(Store(), "retrieval", res["checkpoint"]) == kept
+    assert launch.start_checkpoint(Store(), "retrieval", w.spec.run.dir) == kept  # a run folder: its latest, then its best
+    assert launch.start_checkpoint(Store(), "ctr", res["checkpoint"]) == res["checkpoint"]
+    assert launch.start_checkpoint(Store(), "retrieval", kept) == kept
 
 
 def _pretrained(tmp_path):
