@@ -213,8 +213,9 @@ def start_checkpoint(store: Store, task: str, init_from: str) -> str:
     backbone's best pretraining epoch: pretraining validated on held-out rows by the
     fine-tune's own criterion (NDCG@10 by full ranking), and went on for the ctr and
     rating fine-tunes, which gain from the later epochs (`train_loop._patience`). On
-    LastFM the last of 20 epochs ranked its held-out pairs at 0.029 Recall@10 and its
-    fine-tune could not climb back, the best (7) at 0.038 (docs/RESULTS.md)."""
+    LastFM the last of 20 epochs ranked its held-out pairs at Recall@10 0.028-0.029 and
+    its fine-tune could not climb back; the best (epoch 4 to 7) at 0.035-0.038
+    (docs/RESULTS.md)."""
     if task != "retrieval" or not init_from:
         return init_from
     ref = ckpt.resolve(store, init_from)
@@ -475,9 +476,10 @@ def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
 def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool = True, address: str | None = None, log_steps: bool = False, trace_rows: str = "") -> dict:
     """Pretrain or fine-tune per `job`; evaluates on `data.eval` (or the split) at the
     end. Returns {"checkpoint": URI, "metrics": {...}}; with validation, a fine-tune's
-    checkpoint is the best epoch's, a pretraining's its last (`train_loop._patience`). `progress`: a progress bar; `log_steps`: rank
-    0's step records in the log (cluster jobs). `trace_rows`: a folder where each rank
-    records the rows of every step (tests' audit trail)."""
+    checkpoint is the best epoch's, a pretraining's its last (`train_loop._patience`).
+    `progress`: a progress bar; `log_steps`: rank 0's step records in the log (cluster
+    jobs). `trace_rows`: a folder where each rank records the rows of every step
+    (tests' audit trail)."""
     job.check_runnable()
     run_dir = join(job.run.storage, job.run.name)
     store.ensure_bucket(run_dir)

@@ -828,7 +828,7 @@ def _patience(s) -> int:
     fine-tune starts from that epoch) but runs every epoch: its last state is what ctr
     and rating fine-tunes start from. On MovieLens the epoch with the best held-out
     ranking (5 of 20) gave users without labels a ctr AUC below scratch (0.642 against
-    0.660), the last one +0.025 above it (docs/RESULTS.md)."""
+    0.660), the last one +0.024 and +0.035 above it in two runs (docs/RESULTS.md)."""
     return 0 if s.task == "pretrain" else s.train.patience
 
 
