@@ -281,7 +281,7 @@ def run_ml(work: str, quick: bool) -> dict:
     t0 = time.time()
     pre = _job("pretrain.yaml", "ml", work, "ml-pre", pre_epochs, **feats, **{"data.pretrain": f"{d}/pretrain"})
     r_pre = launch.train(pre, store, fresh=True, progress=False)
-    result = {"data": info, "pretrain": {"checkpoint": r_pre["checkpoint"], "seconds": round(time.time() - t0, 1), "rows_per_s": r_pre["metrics"]["rows_per_s"], **_pretrain_epochs(r_pre)}, "protocols": {}}
+    result = {"data": info, "pretrain": _pretrain_report(r_pre, time.time() - t0), "protocols": {}}
     test = pq.read_table(f"{d}/test")
     labeled_users = np.unique(pq.read_table(f"{d}/labeled", columns=["user_id"]).column("user_id").to_numpy())
     users = test.column("user_id").to_numpy()
@@ -432,7 +432,7 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
     t0 = time.time()
     pre = _job("pretrain.yaml", name, work, f"{name}-pre", pre_epochs, **{"data.pretrain": f"{d}/train"})
     r_pre = launch.train(pre, store, fresh=True, progress=False)
-    result = {"data": info, "pretrain": {"checkpoint": r_pre["checkpoint"], "seconds": round(time.time() - t0, 1), "rows_per_s": r_pre["metrics"]["rows_per_s"], **_pretrain_epochs(r_pre)}}
+    result = {"data": info, "pretrain": _pretrain_report(r_pre, time.time() - t0)}
     t0 = time.time()
     ft = _job("finetune_retrieval.yaml", name, work, f"{name}-ft", ft_epochs, **{"data.train": f"{d}/train", "data.eval": f"{d}/test", "init_from": r_pre["checkpoint"]})
     res = compare(ft, store, out=f"{work}/compare/{name}", progress=False)
@@ -543,7 +543,7 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
     t0 = time.time()
     pre = _seq_job("pretrain_sequence.yaml", name, work, f"{name}-seq-pre", pre_epochs, **{"data.pretrain": f"{d}/warm"})
     r_pre = launch.train(pre, store, fresh=True, progress=False)
-    result = {"data": info, "pretrain": {"checkpoint": r_pre["checkpoint"], "seconds": round(time.time() - t0, 1), "rows_per_s": r_pre["metrics"]["rows_per_s"], **_pretrain_epochs(r_pre)}}
+    result = {"data": info, "pretrain": _pretrain_report(r_pre, time.time() - t0)}
     t0 = time.time()
     ft = _seq_job("finetune_retrieval_sequence.yaml", name, work, f"{name}-seq-ft", ft_epochs, **{"data.train": f"{d}/warm", "init_from": r_pre["checkpoint"]})
     res = compare(ft, store, out=f"{work}/compare/{name}-seq")
@@ -586,11 +586,13 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
 # ------------------------------------------------------------------ report
 
 
-def _pretrain_epochs(r: dict) -> dict:
-    """The pretraining's best epoch and validation curve (pretraining validates by full
-    ranking of held-out events): where it peaked, and whether it overfitted."""
+def _pretrain_report(r: dict, seconds: float) -> dict:
+    """A pretraining run for quality.json: its checkpoint, time, speed, best epoch and
+    validation curve (pretraining validates by full ranking of held-out events: where
+    it peaked, and whether it overfitted)."""
     m = r["metrics"]
-    return {"best": m.get("best"), "curve": [{k: c[k] for k in ("epoch", "loss", "valid_recall@10", "valid_ndcg@10") if k in c} for c in m.get("epochs_curve", [])]}
+    curve = [{k: c[k] for k in ("epoch", "loss", "valid_recall@10", "valid_ndcg@10") if k in c} for c in m.get("epochs_curve", [])]
+    return {"checkpoint": r["checkpoint"], "seconds": round(seconds, 1), "rows_per_s": m["rows_per_s"], "best": m.get("best"), "curve": curve}
 
 
 def _brief(table: dict) -> dict:
