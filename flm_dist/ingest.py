@@ -6,6 +6,7 @@ each of them is a fresh process on every run's start, where importing torch cost
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import ray
@@ -15,26 +16,31 @@ from flm_dist import checkpoint as ckpt
 from flm_dist.data.pipeline import InteractionDatasource, read
 from flm_dist.data.plan import DataPlan
 from flm_dist.data.position import ConsumedRows
+from flm_dist.data.schema import DataError
 from flm_dist.storage import Store
 
-__all__ = ["FLMDataConfig", "RunChannel", "resume_point"]
+__all__ = ["FLMDataConfig", "RunChannel", "resume_point", "wait_for_catalog"]
 
 
 @ray.remote(num_cpus=0)
 class RunChannel:
     """Rank 0 pushes its latest step record (for the driver's progress bar) and the
-    final result here."""
+    final result here; the driver publishes a ranking run's item catalog here once it
+    has read it (`wait_for_catalog`)."""
 
     def __init__(self):
         self.latest: dict | None = None
         self.final: dict | None = None
         self.resume_from: tuple[str | None] | None = None  # set by rank 0 at each worker-group start
+        self.catalog: tuple[dict | None, str] | None = None  # (catalog, error) once the driver's scan ended
+        self.catalog_wanted = False
 
     def update(self, rec: dict) -> None:
         self.latest = rec
 
-    def get(self) -> dict | None:
-        return self.latest
+    def poll(self) -> tuple[dict | None, bool]:
+        """(the latest step record, whether a worker is waiting for the catalog)."""
+        return self.latest, self.catalog_wanted
 
     def set_result(self, res: dict) -> None:
         self.final = res
@@ -48,6 +54,24 @@ class RunChannel:
     def resume(self) -> tuple[str | None] | None:
         """(checkpoint URI or None,) once rank 0 has decided; None before."""
         return self.resume_from
+
+    def set_catalog(self, catalog: dict | None, error: str = "") -> None:
+        self.catalog = (catalog, error)
+
+    def want_catalog(self) -> tuple[dict | None, str] | None:
+        """(catalog, error) once published, else None; tells the driver a worker waits."""
+        self.catalog_wanted = True
+        return self.catalog
+
+
+def wait_for_catalog(channel, poll_s: float = 0.2) -> dict:
+    """The item catalog the driver publishes on the run channel, once it has read it."""
+    while (got := ray.get(channel.want_catalog.remote())) is None:
+        time.sleep(poll_s)
+    catalog, error = got
+    if error:
+        raise DataError(f"the training data's item catalog (what validation and evaluation rank) could not be read: {error}")
+    return catalog
 
 
 class FLMDataConfig(DataConfig):

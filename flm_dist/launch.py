@@ -162,7 +162,9 @@ class _ProgressBar:
     def __init__(self, actor, total_rows: int, desc: str, enabled: bool):
         self.actor, self.total, self.desc, self.enabled = actor, total_rows, desc, enabled
         self._stop = threading.Event()
-        self.first_step = threading.Event()  # rank 0's first step record (train.log_every), or the run's end
+        # training is under way: rank 0's first step record (train.log_every), a worker
+        # waiting for the catalog (`ingest.wait_for_catalog`), or the run's end
+        self.first_step = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -172,11 +174,12 @@ class _ProgressBar:
         shown = 0
         while not self._stop.wait(0.5):
             try:
-                rec = ray.get(self.actor.get.remote(), timeout=5)
+                rec, catalog_wanted = ray.get(self.actor.poll.remote(), timeout=5)
             except Exception:
                 continue
-            if rec:
+            if rec or catalog_wanted:
                 self.first_step.set()
+            if rec:
                 rows = min(int(rec["rows"]), self.total)
                 bar.update(max(0, rows - shown))
                 shown = max(shown, rows)
@@ -296,7 +299,7 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
 
 
 def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, threads: int, *, train_plan: dict | None = None, eval_plan: dict | None = None,
-                 valid_rows: int = 0, catalog: dict | None = None, manifest: dict | None = None, init_from: str = "", evaluate_from: str = "", resume: bool = True,
+                 valid_rows: int = 0, catalog: dict | None = None, catalog_later: bool = False, manifest: dict | None = None, init_from: str = "", evaluate_from: str = "", resume: bool = True,
                  progress=None, print_steps: bool = False, trace_rows: str = "") -> WorkerSpec:
     d = job.data
     return WorkerSpec(
@@ -318,6 +321,7 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
             valid_rows=valid_rows,
             valid_cache_mb=d.valid_cache_mb,
             catalog=catalog,
+            catalog_later=catalog_later,
         ),
         run=RunSpec(store=store, dir=join(job.run.storage, job.run.name), seed=job.run.seed, manifest=manifest or {}, init_from=init_from, evaluate_from=evaluate_from, resume=resume),
         runtime=RuntimeSpec(
@@ -382,6 +386,20 @@ def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, tas
     spec = replace(train_spec, read=replace(train_spec.read, keys=True))
     ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking, stop=stop)
     log.info("reference data %s: %d users, %d items in %.1fs", plan.uri, len(ref.users), len(ref.items), time.perf_counter() - t0)
+    return ref
+
+
+def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: str, channel, stop: threading.Event) -> Reference:
+    """`training_reference`, and with a run `channel` its catalog (or the error that
+    stopped the read) published there for the workers (`ingest.wait_for_catalog`)."""
+    try:
+        ref = training_reference(store, plan, known, task, stop)
+    except BaseException as e:
+        if channel is not None:
+            ray.get(channel.set_catalog.remote(None, f"{type(e).__name__}: {e}"))
+        raise
+    if channel is not None:
+        ray.get(channel.set_catalog.remote(ref.catalog))
     return ref
 
 
@@ -455,10 +473,13 @@ class _Later(threading.Thread):
             self._error = e
 
     def result(self):
-        self.join()
-        if self._error is not None:
-            raise self._error
+        if (err := self.error()) is not None:
+            raise err
         return self._value
+
+    def error(self) -> BaseException | None:
+        self.join()
+        return self._error
 
 
 def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
@@ -496,10 +517,11 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     datasets, plans, specs = plan_datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=True)
     if job.task == "pretrain" and "eval" in datasets:
         datasets.pop("eval"), plans.pop("eval")
-    # Ranking runs need the catalog in their workers; ctr and rating runs need the
-    # reference only for the final report, so it is read once training is under way.
+    # The evaluation reference (users, popularity; for ranking runs the catalog, which
+    # their workers need to validate) is read once training is under way: on a thousand
+    # files that read takes about as long as the worker group's start.
     ranking = job.task in ("retrieval", "pretrain")
-    ref = training_reference(store, plans["train"], specs["known"], job.task) if ("eval" in plans or "valid" in plans) and ranking else None
+    with_reference = "eval" in plans or ("valid" in plans and ranking)
     cpw, threads = resources(job.scaling, _node_cpus())
     manifest = {
         "task": job.task,
@@ -522,7 +544,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         train_plan=plans["train"].to_dict(),
         eval_plan=plans["eval"].to_dict() if "eval" in plans else None,
         valid_rows=(plans["valid"].total_rows if job.data.valid else round(plans["train"].total_rows * job.data.valid_fraction)) if "valid" in plans else 0,
-        catalog=ref.catalog if ref is not None else None,
+        catalog_later=with_reference and ranking,
         init_from=job.init_from,
         # --fresh deleted the run folder above; a Ray Train restart of this run must
         # still resume from what this run committed.
@@ -540,17 +562,19 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
         later = [_Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step)]
-        if "eval" in plans and ref is None:
-            later.append(_Later(lambda stop: training_reference(store, plans["train"], specs["known"], job.task, stop), bar.first_step))
+        if with_reference:
+            later.append(_Later(lambda stop: _publish_reference(store, plans["train"], specs["known"], job.task, channel if ranking else None, stop), bar.first_step))
         for t in later:
             t.start()
         try:
             _fit(trainer)
-        except BaseException:
+        except BaseException as e:
             for t in later:
                 t.cancel()
+            if ranking and with_reference and (err := later[1].error()) is not None:
+                raise err from e  # the workers stopped on the catalog's error: name it
             raise
-    check, reference = later[0], later[1] if len(later) > 1 else None
+    check, reference = later[0], later[1] if with_reference else None
     check.result()
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})

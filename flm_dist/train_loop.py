@@ -54,6 +54,7 @@ from flm_dist.evaluation import (
     validation_loss,
     validation_ranking,
 )
+from flm_dist.ingest import wait_for_catalog
 from flm_dist.model import FLM
 from flm_dist.objectives import (
     NegativeSampler,
@@ -92,6 +93,8 @@ class DataSpec:
     valid_rows: int = 0  # rows of the validation data (0: no validation)
     valid_cache_mb: int = 256  # data.valid_cache_mb
     catalog: dict | None = None  # retrieval evaluation: the item catalog (rows, features)
+    # or, with catalog_later, the one the driver publishes on the run channel (`catalog_of`)
+    catalog_later: bool = False
 
     def stream(self, shard, features, seed: int | None = None) -> BatchStream:
         """Batches of a Ray Data shard; `seed` shuffles them (training), None keeps the order."""
@@ -168,6 +171,16 @@ class Progress:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def catalog_of(s: WorkerSpec) -> dict | None:
+    """The item catalog a ranking run ranks against: the spec's, or the one the driver
+    publishes on the run channel (`catalog_later`), waited for at its first use. The
+    driver reads it from the training data (seconds on a thousand files) only once
+    training is under way, so that the first batch does not wait for it."""
+    if s.data.catalog is None and s.data.catalog_later:
+        s.data.catalog = wait_for_catalog(s.runtime.progress)
+    return s.data.catalog
 
 
 def _state(model, dense_opt, sparse_opt, popularity: dict | None = None) -> dict:
@@ -686,7 +699,7 @@ class Worker:
         (`batches`, this rank's agreed ones): 1 - NDCG@10 by full ranking for retrieval
         with a catalog (`validation_ranking`), otherwise the mean task loss."""
         s = self.spec
-        if ranking := s.task in ("retrieval", "pretrain") and bool(s.data.catalog):
+        if ranking := s.task in ("retrieval", "pretrain") and bool(catalog_of(s)):
             catalog = catalog_matrix(self.model, s.data.catalog, s.features, s.data.batch_size, self.device, self.empty, self.ctrl)
             parts = validation_ranking(self.model, batches, catalog, self.device, self.empty)
         else:
@@ -706,7 +719,7 @@ class Worker:
         batches = agreed_batches(stream, 0, self.ctrl, self.device, budget)
         local = eval_outputs(self.model, batches, s.task, self.device, self.empty, s.model.latent_dim)
         if s.task in ("retrieval", "pretrain"):
-            local["catalog"] = catalog_vectors(self.model, s.data.catalog, s.features, s.data.batch_size, self.device, self.empty, self.rank, self.world)
+            local["catalog"] = catalog_vectors(self.model, catalog_of(s), s.features, s.data.batch_size, self.device, self.empty, self.rank, self.world)
         result = gather_outputs(local, group=self.ctrl)
         self.model.train()
         if result is None:

@@ -1,12 +1,21 @@
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from flm_dist import ingest, launch
 from flm_dist.config import ConfigError, ScalingConfig
+from flm_dist.data.hashing import HashSpec
+from flm_dist.data.schema import DataError
+from flm_dist.data.synth import synth
 from flm_dist.launch import resources
+from flm_dist.model import table_sizes
+from flm_dist.storage import Store
+from tests.conftest import tiny_job
 
 
 @pytest.mark.parametrize("nodes,workers", [([2.0], 2), ([2.0], 1), ([2.0, 2.0], 2), ([4.0], 3), ([16.0] * 4, 8), ([1.0], 1)])
@@ -64,3 +73,51 @@ def test_the_local_runtime_keeps_idle_workers_between_epochs(ray_local):
     alive = os.path.exists(f"/proc/{worker}")
     ray.kill(held)
     assert alive, "the idle worker that ran a task was killed within 3 s: each epoch's read tasks would start a new process"
+
+
+def _retrieval_job(tmp_path, name: str):
+    synth(Store(), str(tmp_path / "data"), rows=3000, users=200, items=120, seed=5, files=3, row_group_rows=500)
+    return tiny_job(str(tmp_path / "runs"), name, "retrieval", **{
+        "data.train": str(tmp_path / "data" / "train"), "data.eval": str(tmp_path / "data" / "eval"), "train.epochs": 2, "scaling.num_workers": 1})
+
+
+def test_a_ranking_run_reads_its_catalog_once_training_is_under_way(ray_local, tmp_path, monkeypatch):
+    """A ranking run validates against the catalog of its training items, a scan of its
+    training data (10 s on a thousand files in S3). The driver reads it once training is
+    under way and hands it to the workers on the run channel; before, a pretraining's or
+    retrieval run's first batch waited for it. A rerun of the finished run trains no
+    step, and its evaluation still gets the catalog: the worker's wait starts the read."""
+    job = _retrieval_job(tmp_path, "catalog")
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    steps_at_scan = []
+    read = launch.training_reference
+
+    def watched(*args, **kwargs):  # the real read, noting how many steps came before it
+        steps_at_scan.append(len(list(trace.glob("*.bin"))))
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "training_reference", watched)
+    first = launch.train(job, Store(), fresh=True, progress=False, trace_rows=str(trace))
+    assert steps_at_scan and steps_at_scan[0] > 0, "the catalog was read before the first step"
+    assert all("valid_ndcg@10" in c for c in first["metrics"]["epochs_curve"])  # validated by ranking
+    again = launch.train(job, Store(), progress=False)
+    assert again["checkpoint"] == first["checkpoint"] and len(steps_at_scan) == 2
+    assert again["metrics"]["eval"]["overall"] == first["metrics"]["eval"]["overall"]
+
+
+def test_a_catalog_that_cannot_be_read_stops_the_workers_with_its_error(ray_local, tmp_path):
+    """The workers wait for the catalog on the run channel; a read that fails must reach
+    them as an error naming what failed, not leave them waiting."""
+    job = _retrieval_job(tmp_path, "nocatalog")
+    store = Store()
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    _, plans, specs = launch.plan_datasets(job, store, hs, job.data.train, job.data.eval, "retrieval", validate=True)
+    gone = plans["train"].files[1].uri
+    os.remove(gone)
+    channel = ingest.RunChannel.remote()
+    name = re.escape(os.path.basename(gone))
+    with pytest.raises(Exception, match=name):
+        launch._publish_reference(store, plans["train"], specs["known"], "retrieval", channel, threading.Event())
+    with pytest.raises(DataError, match=rf"item catalog .* could not be read: .*{name}"):
+        ingest.wait_for_catalog(channel)
