@@ -64,9 +64,13 @@ class RunChannel:
         return self.catalog
 
 
-def wait_for_catalog(channel, poll_s: float = 0.2) -> dict:
+def wait_for_catalog(channel, poll_s: float = 0.2, say_after_s: float = 60.0) -> dict:
     """The item catalog the driver publishes on the run channel, once it has read it."""
+    t0 = time.monotonic()
     while (got := ray.get(channel.want_catalog.remote())) is None:
+        if say_after_s and time.monotonic() - t0 > say_after_s:
+            print(f"waiting {say_after_s:.0f} s so far for the item catalog, which the driver reads from the training data", flush=True)
+            say_after_s = 0.0
         time.sleep(poll_s)
     catalog, error = got
     if error:

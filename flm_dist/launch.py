@@ -473,13 +473,14 @@ class _Later(threading.Thread):
             self._error = e
 
     def result(self):
-        if (err := self.error()) is not None:
-            raise err
+        self.join()
+        if self._error is not None:
+            raise self._error
         return self._value
 
-    def error(self) -> BaseException | None:
-        self.join()
-        return self._error
+    def failure(self) -> BaseException | None:
+        """The error `fn` raised, if it has ended; None while it runs (no waiting)."""
+        return None if self.is_alive() else self._error
 
 
 def _eval_report(task: str, raw: dict, ref: Reference) -> dict:
@@ -562,31 +563,41 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
         later = [_Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step)]
+        reference = None
         if with_reference:
-            later.append(_Later(lambda stop: _publish_reference(store, plans["train"], specs["known"], job.task, channel if ranking else None, stop), bar.first_step))
+            # A fine-tune from a backbone ranks it before its first step, so its
+            # catalog is read at once, beside the worker group's start.
+            after = bar.first_step
+            if ranking and job.init_from and "valid" in plans:
+                after = threading.Event()
+                after.set()
+            reference = _Later(lambda stop: _publish_reference(store, plans["train"], specs["known"], job.task, channel if ranking else None, stop), after)
+            later.append(reference)
         for t in later:
             t.start()
         try:
             _fit(trainer)
         except BaseException as e:
+            # Asked before the scans are stopped: a scan stopped by this failure is not its cause.
+            catalog_error = reference.failure() if ranking and reference is not None else None
             for t in later:
                 t.cancel()
-            if ranking and with_reference and (err := later[1].error()) is not None:
-                raise err from e  # the workers stopped on the catalog's error: name it
+            if catalog_error is not None:
+                raise catalog_error from e  # the workers stopped on the catalog's error: name it
             raise
-    check, reference = later[0], later[1] if with_reference else None
-    check.result()
+    later[0].result()
     res = ray.get(channel.result.remote())
     tr = res.get("train", {})
-    if reference is not None:
+    metrics = {k: v for k, v in tr.items() if k != "checkpoint"}
+    if "eval" in res:
         try:
             ref = reference.result()
         except (DataError, StorageError) as e:  # read after the first step: the run's work is committed
             raise type(e)(f"training committed {tr.get('checkpoint')}, but its evaluation reference could not be read "
                           f"({e}); evaluate it with `flm-dist evaluate {tr.get('checkpoint')}`") from e
-    metrics = {k: v for k, v in tr.items() if k != "checkpoint"}
-    if "eval" in res:
         metrics["eval"] = _eval_report(job.task, res["eval"], ref)
+    elif reference is not None:
+        reference.cancel()  # a pretraining's catalog: its validation is over, nothing else reads it
     return {"checkpoint": tr.get("checkpoint"), "metrics": metrics}
 
 

@@ -121,3 +121,28 @@ def test_a_catalog_that_cannot_be_read_stops_the_workers_with_its_error(ray_loca
         launch._publish_reference(store, plans["train"], specs["known"], "retrieval", channel, threading.Event())
     with pytest.raises(DataError, match=rf"item catalog .* could not be read: .*{name}"):
         ingest.wait_for_catalog(channel)
+
+
+def test_a_catalog_read_stopped_because_the_run_failed_is_not_named_as_its_cause():
+    """When a run fails, launch.train stops its background reads, and names the catalog
+    read's error only if that read had failed on its own. A read still going is asked
+    before it is stopped: stopped, it raises too ("the reference scan was stopped"),
+    which must not replace the run's own error (a NaN stop, the bad-row budget, Ctrl-C)."""
+    now = threading.Event()
+    now.set()
+
+    def still_reading(stop):
+        stop.wait()
+        raise RuntimeError("the reference scan was stopped")
+
+    def failed(stop):
+        raise DataError("s3://bucket/part-7.parquet: not a Parquet file")
+
+    reading, broken = launch._Later(still_reading, now), launch._Later(failed, now)
+    reading.start(), broken.start()
+    broken.join(5)
+    assert reading.failure() is None  # running: not asked to wait, not a failure
+    assert isinstance(broken.failure(), DataError)
+    reading.cancel()
+    with pytest.raises(RuntimeError, match="stopped"):
+        reading.result()
