@@ -403,6 +403,17 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
     return ref
 
 
+def _reference_reader(store: Store, job: JobConfig, plans: dict, specs: dict, channel, first_step: threading.Event) -> _Later:
+    """The training run's evaluation reference, read in its own thread once training is
+    under way; a fine-tune from a backbone ranks the backbone before its first step, so
+    its catalog is read at once, beside the worker group's start."""
+    after = first_step
+    if channel is not None and job.init_from and "valid" in plans:
+        after = threading.Event()
+        after.set()
+    return _Later(lambda stop: _publish_reference(store, plans["train"], specs["known"], job.task, channel, stop), after)
+
+
 def _collisions(store: Store, plan: DataPlan, job: JobConfig, stop: threading.Event | None = None) -> list[str]:
     """Tables whose size makes many IDs share rows (see data.inspect.collision_warnings).
     The ID counts are cached under `run.storage/_cache/`, keyed by the data's
@@ -562,17 +573,8 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         _check_resumable(store, run_dir, plans["train"])
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
-        later = [_Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step)]
-        reference = None
-        if with_reference:
-            # A fine-tune from a backbone ranks it before its first step, so its
-            # catalog is read at once, beside the worker group's start.
-            after = bar.first_step
-            if ranking and job.init_from and "valid" in plans:
-                after = threading.Event()
-                after.set()
-            reference = _Later(lambda stop: _publish_reference(store, plans["train"], specs["known"], job.task, channel if ranking else None, stop), after)
-            later.append(reference)
+        reference = _reference_reader(store, job, plans, specs, channel if ranking else None, bar.first_step) if with_reference else None
+        later = [_Later(lambda stop: _warn_collisions(store, plans["train"], job, stop), bar.first_step), *([reference] if reference else [])]
         for t in later:
             t.start()
         try:
