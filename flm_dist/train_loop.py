@@ -699,8 +699,9 @@ class Worker:
         (`batches`, this rank's agreed ones): 1 - NDCG@10 by full ranking for retrieval
         with a catalog (`validation_ranking`), otherwise the mean task loss."""
         s = self.spec
-        if ranking := s.task in ("retrieval", "pretrain") and bool(catalog_of(s)):
-            catalog = catalog_matrix(self.model, s.data.catalog, s.features, s.data.batch_size, self.device, self.empty, self.ctrl)
+        items = catalog_of(s) if s.task in ("retrieval", "pretrain") else None
+        if ranking := bool(items):
+            catalog = catalog_matrix(self.model, items, s.features, s.data.batch_size, self.device, self.empty, self.ctrl)
             parts = validation_ranking(self.model, batches, catalog, self.device, self.empty)
         else:
             parts = validation_loss(self.model, batches, s.task, self.device, self.empty, self.popularity, s.train)
