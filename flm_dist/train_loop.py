@@ -16,6 +16,9 @@ rising for epochs after the sampled softmax loss turned), the best epoch's check
 is kept and is the result, and training stops once the criterion has not improved for
 `train.patience` epochs. A retrieval fine-tune has no new head, so the pretrained model
 it starts from is validated too (epoch -1) and is the result when no epoch beats it.
+Its first epoch, the switch from pretraining's objective, often falls below that start
+before later ones pass it, so it is not counted against the patience (on Toys, run R
+stopped on its start after two epochs where other runs climbed on for eight).
 Pretraining validates too, but runs every epoch (`_patience`).
 """
 
@@ -827,7 +830,7 @@ def _end_of_epoch(w: Worker, progress: Progress, valid: ValidationBatches | None
         v = rec["valid_loss"]
         if progress.best is None or v < progress.best["valid_loss"]:
             progress.best, progress.stale = {"step": progress.step, "epoch": epoch, "valid_loss": v}, 0
-        else:
+        elif epoch != 0 or progress.best["epoch"] != -1:  # a backbone's first epoch is spared (module docstring)
             progress.stale += 1
         if w.rank == 0:
             what = "1 - NDCG@10" if "valid_ndcg@10" in rec else "loss"
