@@ -319,10 +319,10 @@ def _stops(task: str, criteria: list[float], start: float | None = None) -> tupl
 
 
 def test_a_fine_tune_from_a_backbone_does_not_count_its_first_epoch_against_patience():
-    """The first epoch after the switch from pretraining's objective falls below the
-    backbone it starts from more often than not (docs/RESULTS.md: Toys' pretrained arm
-    stopped on its start in run R, climbing past it in epoch 1 of the runs after). It is
-    not counted against `train.patience`; the backbone stays the result if no epoch
+    """The first epoch after the switch from pretraining's objective often falls below
+    the backbone it starts from (docs/RESULTS.md: Toys' pretrained arm stopped on its
+    start in run R; in two of three runs after, its second epoch passed the start). It
+    is not counted against `train.patience`; the backbone stays the result if no epoch
     beats it, and every other epoch counts as before."""
     # the first epoch below the start, the second too, the third above it: trains on
     stops, best = _stops("retrieval", [0.985, 0.984, 0.975, 0.976, 0.977], start=0.980)
