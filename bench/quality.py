@@ -369,10 +369,12 @@ def _ranking_rows_from_export(store: Store, checkpoint: str, out: str, test: pa.
     export(store, checkpoint, out, formats="torchscript")
     ukeys, uvec = _vectors(f"{out}/user_vectors.parquet", "user_id")
     ikeys, ivec = _vectors(f"{out}/item_vectors.parquet", "item_id")
-    cat = np.zeros((len(catalog), ivec.shape[1]), np.float32)
-    pos = np.searchsorted(ikeys[np.argsort(ikeys)], catalog)
-    sorted_vec = ivec[np.argsort(ikeys)]
-    cat[:] = sorted_vec[np.minimum(pos, len(sorted_vec) - 1)]
+    order = np.argsort(ikeys)
+    pos = np.minimum(np.searchsorted(ikeys[order], catalog), len(order) - 1)
+    missing = int((ikeys[order][pos] != catalog).sum())
+    if missing:  # an item the model never trained on: ranking it with a neighbour's vector would be silently wrong
+        raise SystemExit(f"{out}/item_vectors.parquet has no vector for {missing} of the {len(catalog)} catalog items")
+    cat = ivec[order][pos]
     users = identity_keys(test.column("user_id"))
     order = np.argsort(ukeys)
     rows = order[np.minimum(np.searchsorted(ukeys[order], users), len(order) - 1)]
