@@ -11,6 +11,8 @@ from collections import Counter
 
 import ray
 from ray.train import DataConfig
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
 from flm_dist import checkpoint as ckpt
 from flm_dist.data.pipeline import InteractionDatasource, read
@@ -19,14 +21,15 @@ from flm_dist.data.position import ConsumedRows
 from flm_dist.data.schema import DataError
 from flm_dist.storage import Store
 
-__all__ = ["FLMDataConfig", "RunChannel", "resume_point", "wait_for_catalog"]
+__all__ = ["FLMDataConfig", "NoRetryOnInputErrors", "RunChannel", "resume_point", "wait_for_catalog"]
 
 
 @ray.remote(num_cpus=0)
 class RunChannel:
     """Rank 0 pushes its latest step record (for the driver's progress bar) and the
     final result here; the driver publishes a ranking run's item catalog here once it
-    has read it (`wait_for_catalog`)."""
+    has read it (`wait_for_catalog`); a worker that stops on its input posts the error
+    here, so that the run is not restarted (`NoRetryOnInputErrors`)."""
 
     def __init__(self):
         self.latest: dict | None = None
@@ -34,6 +37,8 @@ class RunChannel:
         self.resume_from: tuple[str | None] | None = None  # set by rank 0 at each worker-group start
         self.catalog: tuple[dict | None, str] | None = None  # (catalog, error) once the driver's scan ended
         self.catalog_wanted = False
+        self.starts = 0  # worker-group starts: rank 0 decides a resume point at each
+        self.input_error: Exception | None = None  # a worker's DataError / ConfigError
 
     def update(self, rec: dict) -> None:
         self.latest = rec
@@ -50,6 +55,7 @@ class RunChannel:
 
     def set_resume(self, uri: str | None) -> None:
         self.resume_from = (uri,)
+        self.starts += 1
 
     def resume(self) -> tuple[str | None] | None:
         """(checkpoint URI or None,) once rank 0 has decided; None before."""
@@ -62,6 +68,15 @@ class RunChannel:
         """(catalog, error) once published, else None; tells the driver a worker waits."""
         self.catalog_wanted = True
         return self.catalog
+
+    def fail_on_input(self, error: Exception) -> None:
+        """A worker stopped on its input (`NoRetryOnInputErrors`); the first one is kept."""
+        if self.input_error is None:
+            self.input_error = error
+
+    def input_failure(self) -> tuple[Exception | None, int]:
+        """(the input error a worker stopped on or None, worker-group starts so far)."""
+        return self.input_error, self.starts
 
 
 def wait_for_catalog(channel, poll_s: float = 0.2, say_after_s: float = 60.0) -> dict:
@@ -76,6 +91,29 @@ def wait_for_catalog(channel, poll_s: float = 0.2, say_after_s: float = 60.0) ->
     if error:
         raise DataError(f"the training data's item catalog (what validation and evaluation rank) could not be read: {error}")
     return catalog
+
+
+class NoRetryOnInputErrors(ControllerCallback):
+    """Ends the run instead of restarting its worker group when a worker stopped on its
+    input (a DataError or ConfigError posted on the run channel): bad rows past the
+    budget, a file that breaks the schema, an unreadable catalog. `scaling.max_failures`
+    is for lost workers and transient faults; the same input would fail every restart
+    the same way, each after re-reading from the last checkpoint.
+
+    Ray Train 2.60 has no public way to mark an error not retryable. Its controller
+    runs RunConfig callbacks of this internal kind before it acts on a failure, and an
+    error raised there ends the run (a ControllerError, which `launch._fit` replaces
+    by the worker's own error)."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def before_controller_execute_failure_decision(self, failure_decision) -> None:
+        if failure_decision != FailureDecision.RETRY:
+            return
+        error, _ = ray.get(self.channel.input_failure.remote())
+        if error is not None:
+            raise RuntimeError(f"not restarted: a worker stopped on its input ({type(error).__name__}, above), which every restart would meet again")
 
 
 class FLMDataConfig(DataConfig):
@@ -96,7 +134,7 @@ class FLMDataConfig(DataConfig):
         super().__init__(datasets_to_split="all")
         self._sources = sources
         self._store = store
-        self._channel = channel  # a RunChannel: the resume point rank 0 decided; None: never resume (evaluation)
+        self._channel = channel  # a RunChannel: the resume point rank 0 decided for "train"; None: never resume
         self._deterministic = deterministic
         self._cpus_per_worker = cpus_per_worker
 

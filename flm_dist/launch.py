@@ -24,7 +24,7 @@ from flm_dist.data.pipeline import InteractionDatasource, read
 from flm_dist.data.plan import DataPlan, plan_read
 from flm_dist.data.reference import Reference, scan_reference
 from flm_dist.data.schema import DataError, ReadSpec
-from flm_dist.ingest import FLMDataConfig, RunChannel
+from flm_dist.ingest import FLMDataConfig, NoRetryOnInputErrors, RunChannel
 from flm_dist.metrics import pointwise_report, ranking_report
 from flm_dist.model import table_sizes
 from flm_dist.storage import StorageError, Store, is_remote, join, split_uri
@@ -121,17 +121,25 @@ class TrainingFailed(RuntimeError):
     """The worker group failed; the message is the first failing rank's own error."""
 
 
-def _fit(trainer):
+def _fit(trainer, channel=None):
     """trainer.fit(), re-raising the failure that started it instead of Ray's wrapper,
     so the CLI can print it plainly: a worker's own error (DataError,
     CheckpointCorruptError, NonFiniteLossError, ...) or the death of a worker process.
     When one rank dies, the others fail in their next collective ("connection closed
-    by peer"): those are consequences, reported only when nothing else failed."""
+    by peer"): those are consequences, reported only when nothing else failed. An
+    input error that ended the run before a restart (`NoRetryOnInputErrors`) comes
+    from the run `channel`."""
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
-    from ray.train.v2.api.exceptions import WorkerGroupError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
     try:
         return trainer.fit()
+    except ControllerError as e:
+        error, starts = ray.get(channel.input_failure.remote()) if channel is not None else (None, 0)
+        if error is None:
+            raise
+        error.add_note(f"not retried: an input error fails every attempt the same way ({starts} worker-group start{'s' * (starts != 1)})")
+        raise error from e
     except WorkerGroupError as e:
         failures = getattr(e, "worker_failures", {}) or {}
         causes = {rank: getattr(exc, "cause", None) or exc for rank, exc in failures.items()}
@@ -292,6 +300,7 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
+            callbacks=[NoRetryOnInputErrors(channel)] if channel is not None else None,
         ),
         datasets={name: read(src) for name, (src, _) in sources.items()},
         dataset_config=FLMDataConfig(sources, store, channel, deterministic=job.data.deterministic, cpus_per_worker=cpw),
@@ -578,7 +587,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
         for t in later:
             t.start()
         try:
-            _fit(trainer)
+            _fit(trainer, channel)
         except BaseException as e:
             # Asked before the scans are stopped: a scan stopped by this failure is not its cause.
             catalog_error = reference.failure() if ranking and reference is not None else None
@@ -640,7 +649,7 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
         catalog=reference_data.catalog,
     )
     with tempfile.TemporaryDirectory(prefix="flm-eval-") as ray_storage:  # Ray Train's own run state
-        _fit(_trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, ray_storage, f"eval-{int(time.time())}"))
+        _fit(_trainer(job, store, spec, {"eval": datasets["eval"]}, cpw, ray_storage, f"eval-{int(time.time())}", channel), channel)
     res = ray.get(channel.result.remote())
     report = _eval_report(task, res["eval"], reference_data)
     report.update({"checkpoint": ref.uri, "task": task, "data": data or f"{train_uri} (split {job.data.split.by})", "reference": train_uri})

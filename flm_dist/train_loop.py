@@ -42,13 +42,13 @@ import torch.distributed as dist
 
 from flm_dist import checkpoint as ckpt
 from flm_dist.batch import Batch
-from flm_dist.config import CheckpointConfig, FeatureConfig, ModelConfig, TrainConfig
+from flm_dist.config import CheckpointConfig, ConfigError, FeatureConfig, ModelConfig, TrainConfig
 from flm_dist.data.batches import BatchStream, empty_batch
 from flm_dist.data.budget import BadRows
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.plan import DataPlan
 from flm_dist.data.position import ConsumedRows
-from flm_dist.data.schema import BAD_REASONS
+from flm_dist.data.schema import BAD_REASONS, DataError
 from flm_dist.evaluation import (
     catalog_matrix,
     catalog_vectors,
@@ -889,10 +889,24 @@ def _finish(w: Worker, progress: Progress, steplog: StepLog, budget: BadRows, ro
 def worker_main(spec_dict: dict) -> None:
     """`train_loop_per_worker` for TorchTrainer."""
     import ray
-    import ray.train
 
     spec: WorkerSpec = spec_dict["spec"]
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.runtime.threads))
+    try:
+        _work(spec)
+    except (DataError, ConfigError) as e:
+        if spec.runtime.progress is not None:  # the run ends on it: no restart would read other input
+            try:
+                ray.get(spec.runtime.progress.fail_on_input.remote(e))
+            except Exception:  # never in place of the error itself; Ray then restarts as for any failure
+                log.warning("could not post the input error on the run channel", exc_info=True)
+        raise
+
+
+def _work(spec: WorkerSpec) -> None:
+    import ray
+    import ray.train
+
     w = Worker(spec)
     # Where to start is decided first, so the first epoch's data is read while the
     # model is built (first_epoch).

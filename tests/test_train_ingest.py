@@ -57,7 +57,9 @@ def test_uneven_files_equal_steps_and_bad_rows_counted(ray_local, tmp_path):
 def test_bad_rows_over_budget_fail_with_counts_and_examples(ray_local, tmp_path):
     data = str(tmp_path / "log")
     _write(data, [2000, 2000], bad_in_last=50)  # 50 / 4000 = 1.25% > 0.1%
-    job = tiny_job(str(tmp_path / "runs"), "bad", "ctr", **{"data.train": data})
+    # restarts allowed, as in the job files: they are for lost workers and transient
+    # faults, and the same rows would fail every attempt the same way
+    job = tiny_job(str(tmp_path / "runs"), "bad", "ctr", **{"data.train": data, "scaling.max_failures": 3})
     with pytest.raises(DataError) as e:
         launch.train(job, Store(), fresh=True, progress=False)
     msg = str(e.value)
@@ -66,3 +68,4 @@ def test_bad_rows_over_budget_fail_with_counts_and_examples(ray_local, tmp_path)
     n = int(re.search(r"label_out_of_range=(\d+)", msg).group(1))
     assert "max_bad_fraction=0.001" in msg and 4 < n <= 50
     assert "part-01.parquet row " in msg and "'label': 7.0" in msg
+    assert "not retried: an input error fails every attempt the same way (1 worker-group start)" in getattr(e.value, "__notes__", [])
