@@ -138,7 +138,8 @@ def _fit(trainer, channel=None):
         error, starts = ray.get(channel.input_failure.remote()) if channel is not None else (None, 0)
         if error is None:
             raise
-        error.add_note(f"not retried: an input error fails every attempt the same way ({starts} worker-group start{'s' * (starts != 1)})")
+        # starts: counted where rank 0 decides a resume point, i.e. in training runs
+        error.add_note("not retried: an input error fails every attempt the same way" + (f" ({starts} worker-group start{'s' * (starts != 1)})" if starts else ""))
         raise error from e
     except WorkerGroupError as e:
         failures = getattr(e, "worker_failures", {}) or {}
