@@ -23,14 +23,16 @@ Protocols (data in ../shared/data):
   history, no user ID). 10% of the users are held out of all training (cold start);
   for the others the last item is the test target and the one before it validation.
   Full ranking, earlier items excluded; warm users and cold users (scored from the
-  export with their history only), beside most-popular and the two co-occurrences.
+  export with their history only), beside most-popular and the two co-occurrences;
+  with `--sasrec`, beside a plain SASRec too (bench/sasrec.py), trained on the same
+  events (off by default: it takes longer than the protocol's own arms).
 
 Scores come from each arm's exported TorchScript scorer (ctr, rating) or its exported
 user and item vectors (retrieval), computed here independently of the training
 system's own evaluation (both are printed). Confidence intervals: 95% percentile
 bootstrap over users (the same resamples for both sides of a difference).
 
-    python bench/quality.py [--only ml,lastfm,toys,lastfm-seq,toys-seq [--merge]] [--quick] [--work /tmp/flm-quality]
+    python bench/quality.py [--only ml,lastfm,toys,lastfm-seq,toys-seq [--merge]] [--sasrec] [--quick] [--work /tmp/flm-quality]
 
 Writes docs/results/quality.json and its section of docs/RESULTS.md.
 """
@@ -53,6 +55,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402 - the benchmarks' shared helpers live next to this file
+import sasrec  # noqa: E402 - the sequence protocols' SASRec baseline, also here
 
 from flm_dist import launch  # noqa: E402
 from flm_dist.config import load_job  # noqa: E402
@@ -537,7 +540,17 @@ def _history_reference(users: np.ndarray, histories: list[list[int]], base) -> o
     return Reference(users=np.unique(pairs[:, 0]), items=base.items, item_counts=base.item_counts, catalog=base.catalog, pair_users=pairs[:, 0].copy(), pair_items=pairs[:, 1].copy())
 
 
-def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
+def _fit_sasrec(warm: tuple, catalog: np.ndarray, quick: bool) -> tuple:
+    """A plain SASRec (bench/sasrec.py) on what the sequence model trains on: each warm
+    user's events but the last (the test), with the second-to-last for its early
+    stopping."""
+    _, histories, targets = warm
+    sequences = [_catalog_positions(np.append(np.asarray(h, np.int64), t), catalog) for h, t in zip(histories, targets, strict=True)]
+    cfg = sasrec.SASRecConfig(epochs=2) if quick else sasrec.SASRecConfig()
+    return sasrec.fit([s[s >= 0] + 1 for s in sequences], len(catalog), cfg)
+
+
+def run_seq(work: str, name: str, file: str, quick: bool, with_sasrec: bool = False) -> dict:
     store = Store()
     info = prepare_sequences(work, name, file)
     d = info["dir"]
@@ -558,6 +571,7 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
     # co-occurrence fitted on what the models train on: warm users' events before the
     # validation (second-to-last) one
     fit = [_catalog_positions(np.asarray(h[:-1], np.int64), catalog) for h in groups["warm users"][1]]
+    reference_model = _fit_sasrec(groups["warm users"], catalog, quick) if with_sasrec else None
     tables = {}
     for group, (users, histories, targets) in groups.items():
         gref = ref if group == "warm users" else _history_reference(users, histories, ref)
@@ -571,7 +585,12 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
         positions = [_catalog_positions(np.asarray(h, np.int64), catalog) for h in histories]
         for arm, forward in (("co-occurrence", False), ("co-occurrence, next items", True)):
             rows[arm] = ranking_rows(cooccurrence(fit, positions, len(catalog), pop, forward=forward), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
-        tables[group] = ranking_table(ukeys, rows, [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence"), ("pretrained", "co-occurrence, next items")])
+        pairs = [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence"), ("pretrained", "co-occurrence, next items")]
+        if reference_model is not None:
+            indices = [p[p >= 0] + 1 for p in positions]  # SASRec's item indices: catalog positions + 1
+            rows["SASRec"] = ranking_rows(sasrec.scores_for(reference_model[0], indices), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
+            pairs.append(("pretrained", "SASRec"))
+        tables[group] = ranking_table(ukeys, rows, pairs)
     merged = {"arms": {}, "differences": {}}
     for group, t in tables.items():
         for arm, m in t["arms"].items():
@@ -580,6 +599,8 @@ def run_seq(work: str, name: str, file: str, quick: bool) -> dict:
             merged["differences"].setdefault(key, {})[group] = m["all"]
     merged.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained")},
                    "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
+    if reference_model is not None:
+        merged["sasrec"] = reference_model[1]
     result["protocols"] = {"retrieval, sequence model": merged}
     print(f"{name} sequence: {json.dumps(_brief(merged))}", flush=True)
     return result
@@ -669,7 +690,10 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {key}: " + "; ".join(f"{sl} {k} {_ci(v)}" for sl, mm in d.items() for k, v in mm.items()))
             best = {arm: (e["best"] or {}).get("epoch") for arm, e in t.get("epochs", {}).items()}
             sys_eval = {arm: {k: round(v, 4) for k, v in m.items() if k in ("auc", "rmse", "recall@10", "ndcg@10")} for arm, m in t.get("system_eval_overall", {}).items()}
-            lines += [f"- best epoch by the validation criterion (0-based): {best}; the system's own evaluation, overall: {sys_eval}", ""]
+            lines += [f"- best epoch by the validation criterion (0-based): {best}; the system's own evaluation, overall: {sys_eval}"]
+            if "sasrec" in t:
+                lines += [f"- SASRec (`bench/sasrec.py`): best epoch {t['sasrec']['best_epoch']} of {t['sasrec']['epochs']}, {t['sasrec']['seconds']} s"]
+            lines += [""]
     sig = results.get("ml", {}).get("rating_signal")
     if sig:
         lines += [f"MovieLens: the pretrained user vector predicts {sig['cv_r2']:.3f} (cross-validated R², ridge) of the {sig['users']} users' "
@@ -696,6 +720,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(OUT, "quality.json"))
     ap.add_argument("--no-md", action="store_true", help="do not rewrite docs/RESULTS.md")
     ap.add_argument("--merge", action="store_true", help="keep the protocols of --out that this run does not redo")
+    ap.add_argument("--sasrec", action="store_true", help="the sequence protocols also fit a plain SASRec (bench/sasrec.py): minutes more on 2 cores")
     args = ap.parse_args()
     only = args.only.split(",")
     if "ml" in only:
@@ -710,8 +735,8 @@ def main() -> None:
         "ml": lambda: run_ml(args.work, args.quick),
         "lastfm": lambda: run_loo(args.work, "lastfm", "LastFM.txt", args.quick),
         "toys": lambda: run_loo(args.work, "toys", "Toys_and_Games.txt", args.quick),
-        "lastfm-seq": lambda: run_seq(args.work, "lastfm", "LastFM.txt", args.quick),
-        "toys-seq": lambda: run_seq(args.work, "toys", "Toys_and_Games.txt", args.quick),
+        "lastfm-seq": lambda: run_seq(args.work, "lastfm", "LastFM.txt", args.quick, args.sasrec),
+        "toys-seq": lambda: run_seq(args.work, "toys", "Toys_and_Games.txt", args.quick, args.sasrec),
     }
     for name, run in protocols.items():
         if name in only:

@@ -62,3 +62,33 @@ def test_the_cooccurrence_baseline_counts_neighbours_in_the_window_and_weighs_re
     # next items only: after 2 come 3..6 (and 6 again in the third sequence), never 0 or 1
     ahead = quality.cooccurrence(seqs, [np.array([2])], 10, pop, window=5, recent=50, forward=True)(0, 1)[0]
     assert ahead[0] < 0.01 and ahead[1] < 0.01 and abs(ahead[6] - 2) < 0.01 and abs(ahead[3] - 1) < 0.01
+
+
+def test_the_sasrec_baseline_is_causal_and_learns_a_planted_order():
+    import numpy as np
+    import sasrec
+    import torch
+
+    cfg = sasrec.SASRecConfig(max_len=10, dropout=0.1, batch=32, epochs=15, patience=15)
+    model = sasrec.SASRec(20, cfg).eval()
+    x = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13, 15, 17]])
+    later = x.clone()
+    later[0, 6:] = torch.tensor([2, 4, 6, 8])
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, :6], model(later)[0, :6]) and not torch.allclose(model(x)[0, 6:], model(later)[0, 6:])
+    # an untrained model (all scores equal): ties count against it, NDCG@10 = 10 positions' mean gain over 20 - 1 candidates
+    flat = sasrec.SASRec(20, cfg).eval()
+    torch.nn.init.zeros_(flat.item.weight)
+    ndcg = sasrec._validation_ndcg(flat, [np.array([1])], np.array([2]))
+    assert abs(ndcg - sum(1 / np.log2(r + 2) for r in range(10)) / 19) < 1e-6
+
+    # every sequence walks the items in a cycle: the next item is the current one + 1
+    rng = np.random.default_rng(0)
+    seqs = [(rng.integers(0, 20) + np.arange(12)) % 20 + 1 for _ in range(120)]
+    model, info = sasrec.fit(seqs, 20, cfg, log=lambda *_: None)
+    assert info["valid_ndcg@10"] > 0.9, info["valid_ndcg@10"]
+    histories = [s[:-1] for s in seqs[:5]]
+    scores = sasrec.scores_for(model, histories)(0, 5)  # over catalog positions: item index - 1
+    for r, h in enumerate(histories):
+        scores[r, h - 1] = -np.inf  # the user's earlier items are not recommended, as in the evaluation
+    assert [int(t) + 1 for t in scores.argmax(1)] == [int(s[-1]) for s in seqs[:5]]

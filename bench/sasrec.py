@@ -1,0 +1,144 @@
+"""A plain SASRec (Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM
+2018) as a baseline for the sequence protocols of bench/quality.py: the model the
+field's anchors on these files are measured against (`../shared/data/README.md`).
+
+Settings are those of the S3-Rec repository's SASRec, which published the LastFM and
+Toys anchors: 64 dimensions, 2 blocks, 2 heads, dropout 0.5, 50 items of history, a
+binary cross-entropy on the next item against one uniformly drawn negative at every
+position, Adam at 0.001, 256 sequences a batch. Early stopping on validation NDCG@10
+with a patience of 30 epochs instead of the repository's 10: on LastFM's 991
+validation users its curve is noisy enough that 10 stopped runs at epoch 17-27 that
+went on to peak after epoch 100.
+
+Plain PyTorch in one process: a reference, not a part of the system."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    dim: int = 64
+    max_len: int = 50
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    lr: float = 1e-3
+    batch: int = 256
+    epochs: int = 300
+    patience: int = 30
+
+
+class SASRec(nn.Module):
+    """Item embeddings (row 0: padding) + learned positions -> causal pre-norm
+    Transformer blocks; the state at the last position scores every item by a dot
+    product with its embedding (shared input and output table)."""
+
+    def __init__(self, n_items: int, cfg: SASRecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
+        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.dim, cfg.dropout, batch_first=True, norm_first=True) for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.register_buffer("causal", torch.triu(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool), 1), persistent=False)
+        nn.init.normal_(self.item.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, max_len] item indices, left-padded with 0 -> states [B, max_len, dim]."""
+        keep = (x > 0).unsqueeze(-1)
+        h = self.drop(self.item(x) * math.sqrt(self.cfg.dim) + self.pos.weight) * keep
+        for block in self.blocks:
+            h = block(h, src_mask=self.causal) * keep
+        return self.norm(h)
+
+
+def _left_pad(seq: np.ndarray, n: int) -> np.ndarray:
+    seq = seq[-n:]
+    return np.concatenate([np.zeros(n - len(seq), np.int64), seq])
+
+
+def _scores(model: SASRec, histories: list[np.ndarray], lo: int, hi: int) -> torch.Tensor:
+    """[hi - lo, n_items] scores of item indices 1..n_items after each history."""
+    x = torch.from_numpy(np.stack([_left_pad(h, model.cfg.max_len) for h in histories[lo:hi]]))
+    with torch.no_grad():
+        return model(x)[:, -1] @ model.item.weight[1:].T
+
+
+def _validation_ndcg(model: SASRec, histories: list[np.ndarray], targets: np.ndarray, chunk: int = 2048) -> float:
+    """Mean NDCG@10 of `targets` (item indices) ranked over every item, each user's
+    history excluded but the target, ties counted against the model."""
+    model.eval()
+    total = 0.0
+    for lo in range(0, len(histories), chunk):
+        hi = min(lo + chunk, len(histories))
+        s = _scores(model, histories, lo, hi)
+        t = torch.from_numpy(targets[lo:hi] - 1)
+        for r, h in enumerate(histories[lo:hi]):
+            seen = torch.from_numpy(h - 1)
+            s[r, seen[seen != t[r]]] = -math.inf
+        mine = s.gather(1, t[:, None])
+        above, tied = (s > mine).sum(1), (s == mine).sum(1) - 1
+        ranks = above.double()[:, None] + torch.arange(int(tied.max()) + 1).double()[None]  # the tie's positions
+        within = torch.arange(ranks.shape[1])[None] <= tied[:, None]
+        gain = torch.where(within & (ranks < 10), 1.0 / torch.log2(ranks + 2.0), 0.0).sum(1) / (tied + 1)
+        total += float(gain.sum())
+    model.train()
+    return total / max(len(histories), 1)
+
+
+def fit(sequences: list[np.ndarray], n_items: int, cfg: SASRecConfig = SASRecConfig(), seed: int = 0, log=print) -> tuple[SASRec, dict]:
+    """Trains on each sequence but its last two items (item indices 1..n_items), keeps
+    the epoch with the best NDCG@10 on the second-to-last. Sequences too short to
+    train on still validate."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = SASRec(n_items, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    train = [s[:-2] for s in sequences]
+    trainable = [i for i, s in enumerate(train) if len(s) >= 2]
+    valid = [i for i, s in enumerate(sequences) if len(s) >= 2]
+    v_hist, v_target = [sequences[i][:-2] for i in valid], np.array([sequences[i][-2] for i in valid], np.int64)
+    best, best_epoch, best_state, curve, t0 = -1.0, -1, None, [], time.time()
+    for epoch in range(cfg.epochs):
+        loss_sum, order = 0.0, rng.permutation(trainable)
+        for lo in range(0, len(order), cfg.batch):
+            batch = [train[i] for i in order[lo : lo + cfg.batch]]
+            x = torch.from_numpy(np.stack([_left_pad(s[:-1], cfg.max_len) for s in batch]))
+            y = torch.from_numpy(np.stack([_left_pad(s[1:], cfg.max_len) for s in batch]))
+            h = model(x)[y > 0]
+            pos, neg = y[y > 0], torch.randint(1, n_items + 1, (int((y > 0).sum()),))
+            logits = torch.stack([(h * model.item(pos)).sum(-1), (h * model.item(neg)).sum(-1)], 1)
+            loss = F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0]).expand_as(logits))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach())
+        ndcg = _validation_ndcg(model, v_hist, v_target)
+        curve.append({"epoch": epoch, "loss": loss_sum, "valid_ndcg@10": ndcg})
+        if ndcg > best:
+            best, best_epoch, best_state = ndcg, epoch, {k: v.clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    log(f"SASRec: best epoch {best_epoch} of {len(curve)} (validation NDCG@10 {best:.4f}), {time.time() - t0:.0f} s")
+    return model, {"best_epoch": best_epoch, "epochs": len(curve), "valid_ndcg@10": best, "seconds": round(time.time() - t0, 1), "curve": curve}
+
+
+def scores_for(model: SASRec, histories: list[np.ndarray]):
+    """scores_for(lo, hi) for `flm_dist.metrics.ranking_rows`: [hi - lo, n_items] over
+    item indices 1..n_items (catalog positions 0..n_items-1)."""
+    return lambda lo, hi: _scores(model, histories, lo, hi).numpy()
