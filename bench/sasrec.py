@@ -61,9 +61,14 @@ class SASRec(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, max_len] item indices, left-padded with 0 -> states [B, max_len, dim]."""
         keep = (x > 0).unsqueeze(-1)
+        # An item's position attends to the items up to it and never to padding, as the
+        # paper's key masking does; a padding position (zeroed after each block) attends
+        # causally to anything, so that no row of the mask is empty.
+        blocked = self.causal | ((x == 0).unsqueeze(1) & (x > 0).unsqueeze(2))  # [B, query, key]
+        mask = blocked.repeat_interleave(self.cfg.heads, dim=0)
         h = self.drop(self.item(x) * math.sqrt(self.cfg.dim) + self.pos.weight) * keep
         for block in self.blocks:
-            h = block(h, src_mask=self.causal) * keep
+            h = block(h, src_mask=mask) * keep
         return self.norm(h)
 
 
