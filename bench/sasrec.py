@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flm_dist.metrics import ranking_rows
+
 
 @dataclass(frozen=True)
 class SASRecConfig:
@@ -96,26 +98,26 @@ def _scores(model: SASRec, histories: list[np.ndarray], lo: int, hi: int) -> tor
         return model(x)[:, -1] @ model.item.weight[1:].T
 
 
-def _validation_ndcg(model: SASRec, histories: list[np.ndarray], targets: np.ndarray, chunk: int = 2048) -> float:
-    """Mean NDCG@10 of `targets` (item indices) ranked over every item, each user's
-    history excluded but the target, ties counted against the model."""
+class _Histories:
+    """Each validation user's earlier items, read by `ranking_rows` as it reads a
+    training reference's (user, item) pairs: users are row numbers, items indices."""
+
+    def __init__(self, histories: list[np.ndarray]):
+        self.histories = histories
+        self.pair_users = np.arange(len(histories))
+
+    def seen_items(self, user: int) -> np.ndarray:
+        return self.histories[user]
+
+
+def _validation_ndcg(model: SASRec, histories: list[np.ndarray], targets: np.ndarray) -> float:
+    """Mean NDCG@10 of `targets` (item indices) ranked over every item by the system's
+    own `ranking_rows`: each user's history excluded but the target, ties against."""
+    n_items = model.item.num_embeddings - 1
     model.eval()
-    total = 0.0
-    for lo in range(0, len(histories), chunk):
-        hi = min(lo + chunk, len(histories))
-        s = _scores(model, histories, lo, hi)
-        t = torch.from_numpy(targets[lo:hi] - 1)
-        for r, h in enumerate(histories[lo:hi]):
-            seen = torch.from_numpy(h - 1)
-            s[r, seen[seen != t[r]]] = -math.inf
-        mine = s.gather(1, t[:, None])
-        above, tied = (s > mine).sum(1), (s == mine).sum(1) - 1
-        ranks = above.double()[:, None] + torch.arange(int(tied.max()) + 1).double()[None]  # the tie's positions
-        within = torch.arange(ranks.shape[1])[None] <= tied[:, None]
-        gain = torch.where(within & (ranks < 10), 1.0 / torch.log2(ranks + 2.0), 0.0).sum(1) / (tied + 1)
-        total += float(gain.sum())
+    _, dcg = ranking_rows(scores_for(model, histories), len(histories), np.arange(len(histories)), targets, np.arange(1, n_items + 1), _Histories(histories), ks=(10,))
     model.train()
-    return total / max(len(histories), 1)
+    return float(dcg[10].mean()) if len(histories) else 0.0  # one target a user: the ideal DCG is 1
 
 
 def fit(sequences: list[np.ndarray], n_items: int, cfg: SASRecConfig = SASRecConfig(), seed: int = 0, log=print) -> tuple[SASRec, dict]:
