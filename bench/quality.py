@@ -35,6 +35,14 @@ bootstrap over users (the same resamples for both sides of a difference).
     python bench/quality.py [--only ml,lastfm,toys,lastfm-seq,toys-seq [--merge]] [--sasrec] [--quick] [--work /tmp/flm-quality]
 
 Writes docs/results/quality.json and its section of docs/RESULTS.md.
+
+Another file in the format of LastFM.txt (one user per line, `user item item ...`, items
+oldest first; e.g. another Amazon 5-core file of the S3-Rec repository) runs through the
+same two ranking protocols, with settings derived from the file (`settings_for`):
+
+    python bench/quality.py --data beauty=/data/Beauty.txt [--only beauty,beauty-seq]
+
+Such a run writes WORK/quality.json (or --out) and leaves docs/RESULTS.md alone.
 """
 
 from __future__ import annotations
@@ -88,6 +96,44 @@ SIZES = {
 BATCH = {"ml": (1024, 1024), "lastfm": (1024, 1024), "toys": (2048, 1024)}
 EPOCHS = {"ml": (20, 10), "lastfm": (20, 10), "toys": (10, 10)}
 GENRES = "[{name: genres, side: item, kind: multi, max_len: 8}]"
+
+
+SOURCES = {"lastfm": "LastFM.txt", "toys": "Toys_and_Games.txt"}  # relative to ../shared/data
+
+
+def settings_for(name: str, path: str) -> dict:
+    """Register a ranking file the harness has no settings for (`--data NAME=PATH`), as a
+    user would set it up: tables of 20 rows per distinct ID, rounded up to a power of two
+    (about 5% of IDs sharing a row, what the sizes above give); Toys' batch sizes and
+    epochs, as such a file is most likely another Amazon 5-core log; the sequence
+    fine-tune's batches of 256 under 5,000 users, LastFM's reason (enough steps an epoch)."""
+    if name in SIZES or name.endswith("-seq") or not name.replace("_", "").isalnum():
+        raise SystemExit(f"--data {name}={path}: NAME must be a new word of letters, digits and _ (not {sorted(SIZES)}, not ending in -seq)")
+    users, items = set(), set()
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            ids = line.split()
+            if len(ids) < 2 or not all(t.isdigit() for t in ids):
+                raise SystemExit(f"{path}, line {i}: expected `user_id item_id item_id ...` (positive integers), got {line.strip()[:80]!r}")
+            users.add(ids[0])
+            items.update(ids[1:])
+
+    def rows(n: int) -> int:
+        return max(1024, 1 << (20 * n - 1).bit_length())
+
+    SOURCES[name] = path
+    SIZES[name] = {"model.user_rows": rows(len(users)), "model.item_rows": rows(len(items))}
+    BATCH[name], EPOCHS[name] = BATCH["toys"], EPOCHS["toys"]
+    SEQ_SIZES[name] = {"model.user_rows": 1024, "model.item_rows": rows(len(items)), **({"data.batch_size": 256} if len(users) < 5000 else {})}
+    SEQ_EPOCHS[name] = SEQ_EPOCHS["toys"]
+    return {"users": len(users), "items": len(items), "sizes": SIZES[name], "sequence_sizes": SEQ_SIZES[name]}
+
+
+def _source(file: str) -> str:
+    src = os.path.join(SHARED, file)  # an absolute path (--data) stays as it is
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} not found: the ranking protocols read it (../shared/data, or --data NAME=PATH)")
+    return src
 
 
 def _job(file: str, dataset: str, work: str, name: str, epochs: int, **paths) -> object:
@@ -346,9 +392,7 @@ def rating_signal(store: Store, checkpoint: str, labeled: pa.Table, out: str, fo
 
 def prepare_loo(work: str, name: str, file: str) -> dict:
     store = Store()
-    src = os.path.join(SHARED, file)
-    if not os.path.exists(src):
-        raise SystemExit(f"{src} not found: the {name} protocol needs ../shared/data")
+    src = _source(file)
     d = f"{work}/{name}"
     shutil.rmtree(d, ignore_errors=True)  # the harness's own work folder: a rerun starts clean
     convert(store, "sequence", src, f"{d}/seq", files=4)
@@ -483,8 +527,7 @@ def prepare_sequences(work: str, name: str, file: str, cold_share: float = 0.1, 
     store = Store()
     d = f"{work}/{name}-seq"
     shutil.rmtree(d, ignore_errors=True)  # the harness's own work folder: a rerun starts clean
-    src = os.path.join(SHARED, file)
-    convert(store, "sequence", src, f"{d}/flat", files=4)
+    convert(store, "sequence", _source(file), f"{d}/flat", files=4)
     launch.ensure_ray()
     rep = build_sequences(store, f"{d}/flat", f"{d}/all", files=4)
     t = pq.read_table(f"{d}/all")
@@ -649,16 +692,18 @@ def _targets(results: dict) -> list[tuple[str, bool, str]]:
         a = ml["rating, all labels"]["arms"]
         p, svd = a["pretrained"]["all"]["rmse"][0], a["SVD"]["all"]["rmse"][0]
         out.append(("ml rating, all labels: pretrained RMSE <= SVD", p <= svd, f"{p:.4f} vs {svd:.4f}"))
-    for name in ("lastfm", "toys"):
-        if name in results:
-            a = results[name]["protocols"]["retrieval"]["arms"]
+    for name, res in results.items():
+        if "retrieval" in res.get("protocols", {}):
+            a = res["protocols"]["retrieval"]["arms"]
             for m in ("recall@10", "ndcg@10"):
                 p, s, mp = a["pretrained"]["all"][m][0], a["scratch"]["all"][m][0], a["most popular"]["all"][m][0]
                 out.append((f"{name}: pretrained >= scratch >= most popular ({m})", p >= s >= mp, f"{p:.4f} / {s:.4f} / {mp:.4f}"))
-    for name, bars in (("lastfm-seq", {"recall@10": 0.0743}), ("toys-seq", {"recall@10": 0.070, "ndcg@10": 0.038})):
-        if name not in results:
+    issue17 = {"lastfm-seq": {"recall@10": 0.0743}, "toys-seq": {"recall@10": 0.070, "ndcg@10": 0.038}}
+    for name, res in results.items():
+        if "retrieval, sequence model" not in res.get("protocols", {}):
             continue
-        a = results[name]["protocols"]["retrieval, sequence model"]["arms"]
+        bars = issue17.get(name, {})
+        a = res["protocols"]["retrieval, sequence model"]["arms"]
         w, c = "warm users", "cold users (never trained on)"
         for m, bar in bars.items():
             p = a["pretrained"][w][m][0]
@@ -712,17 +757,39 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def protocols_for(args) -> dict:
+    """Protocol name -> the call that runs it: the five above, and two per --data file."""
+    for spec in args.data:
+        name, sep, path = spec.partition("=")
+        if not sep or not os.path.isfile(path):
+            raise SystemExit(f"--data {spec}: expected NAME=PATH to a file in LastFM.txt's format")
+        print(f"--data {name}: {json.dumps(settings_for(name, os.path.abspath(path)))}", flush=True)
+    protocols = {"ml": lambda: run_ml(args.work, args.quick)}
+    for name, file in SOURCES.items():
+        protocols[name] = lambda name=name, file=file: run_loo(args.work, name, file, args.quick)
+    for name, file in SOURCES.items():
+        protocols[f"{name}-seq"] = lambda name=name, file=file: run_seq(args.work, name, file, args.quick, args.sasrec)
+    return protocols
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="ml,lastfm,toys,lastfm-seq,toys-seq")
+    ap.add_argument("--only", default=None, help="protocols to run (default: the five above, or those of --data)")
+    ap.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="another file in LastFM.txt's format: adds protocols NAME and NAME-seq")
     ap.add_argument("--quick", action="store_true", help="a few epochs: checks the harness, not the model")
     ap.add_argument("--work", default="/tmp/flm-quality")
-    ap.add_argument("--out", default=os.path.join(OUT, "quality.json"))
+    ap.add_argument("--out", default=None, help="default docs/results/quality.json; with --data, WORK/quality.json")
     ap.add_argument("--no-md", action="store_true", help="do not rewrite docs/RESULTS.md")
     ap.add_argument("--merge", action="store_true", help="keep the protocols of --out that this run does not redo")
     ap.add_argument("--sasrec", action="store_true", help="the sequence protocols also fit a plain SASRec (bench/sasrec.py): minutes more on 2 cores")
     args = ap.parse_args()
-    only = args.only.split(",")
+    protocols = protocols_for(args)
+    only = args.only.split(",") if args.only else [p for p in protocols if not args.data or p.split("-")[0] in dict(d.split("=", 1) for d in args.data)]
+    unknown = [p for p in only if p not in protocols]
+    if unknown:
+        raise SystemExit(f"--only {args.only}: no protocol {', '.join(unknown)}; the protocols are {', '.join(protocols)}")
+    shown = args.out or (os.path.join(args.work, "quality.json") if args.data else "docs/results/quality.json")
+    args.out = args.out or (os.path.join(args.work, "quality.json") if args.data else os.path.join(OUT, "quality.json"))
     if "ml" in only:
         try:
             import surprise  # noqa: F401
@@ -731,13 +798,6 @@ def main() -> None:
     info = common.machine_info()
     t0 = time.time()
     results: dict = {}
-    protocols = {
-        "ml": lambda: run_ml(args.work, args.quick),
-        "lastfm": lambda: run_loo(args.work, "lastfm", "LastFM.txt", args.quick),
-        "toys": lambda: run_loo(args.work, "toys", "Toys_and_Games.txt", args.quick),
-        "lastfm-seq": lambda: run_seq(args.work, "lastfm", "LastFM.txt", args.quick, args.sasrec),
-        "toys-seq": lambda: run_seq(args.work, "toys", "Toys_and_Games.txt", args.quick, args.sasrec),
-    }
     for name, run in protocols.items():
         if name in only:
             t = time.time()
@@ -757,9 +817,9 @@ def main() -> None:
     wall = results["_meta"]["wall_s"]
     known = list(wall.values())
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items())
-    body = markdown(results) + f"\n\nWall time on this machine: {sum(known) / 60:.1f} min ({parts}). Raw figures: `docs/results/quality.json`."
+    body = markdown(results) + f"\n\nWall time on this machine: {sum(known) / 60:.1f} min ({parts}). Raw figures: `{shown}`."
     print(body)
-    if not args.no_md and not args.quick:
+    if not args.no_md and not args.quick and not args.data:  # docs/RESULTS.md holds the files of ../shared/data
         common.update_benchmarks_md("quality", body, "python bench/quality.py", info, path=os.path.join(os.path.dirname(__file__), "..", "docs", "RESULTS.md"))
 
 

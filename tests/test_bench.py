@@ -92,3 +92,32 @@ def test_the_sasrec_baseline_is_causal_and_learns_a_planted_order():
     for r, h in enumerate(histories):
         scores[r, h - 1] = -np.inf  # the user's earlier items are not recommended, as in the evaluation
     assert [int(t) + 1 for t in scores.argmax(1)] == [int(s[-1]) for s in seqs[:5]]
+
+
+def test_the_quality_harness_runs_another_ranking_file_with_settings_from_the_file(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+    import quality
+
+    for name in ("SOURCES", "SIZES", "BATCH", "EPOCHS", "SEQ_SIZES", "SEQ_EPOCHS"):
+        monkeypatch.setattr(quality, name, dict(getattr(quality, name)))
+    path = tmp_path / "Beauty.txt"
+    path.write_text("".join(f"{u} " + " ".join(str(100 + (u * 7 + k) % 300) for k in range(5)) + "\n" for u in range(1, 2001)))
+    protocols = quality.protocols_for(argparse.Namespace(data=[f"beauty={path}"], work=str(tmp_path), quick=True, sasrec=False))
+    assert list(protocols) == ["ml", "lastfm", "toys", "beauty", "lastfm-seq", "toys-seq", "beauty-seq"]
+    # 20 rows per distinct ID, rounded up to a power of two: 2,000 users -> 65,536; 300 items -> 8,192
+    assert quality.SIZES["beauty"] == {"model.user_rows": 65536, "model.item_rows": 8192}
+    assert quality.SEQ_SIZES["beauty"] == {"model.user_rows": 1024, "model.item_rows": 8192, "data.batch_size": 256}
+    assert quality.EPOCHS["beauty"] == quality.EPOCHS["toys"] and quality.SOURCES["beauty"] == str(path)
+    # a malformed line is refused with its file and line; a name may not shadow a protocol
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 3\n2 x 4\n")
+    with pytest.raises(SystemExit, match=r"bad.txt, line 2: expected `user_id item_id"):
+        quality.settings_for("bad", str(bad))
+    with pytest.raises(SystemExit, match="NAME must be a new word"):
+        quality.settings_for("toys", str(path))
+    # a protocol name that does not exist is an error, not a run of nothing
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--only", "toy,lastfm"])
+    with pytest.raises(SystemExit, match="no protocol toy; the protocols are ml, lastfm, toys"):
+        quality.main()
