@@ -765,7 +765,7 @@ def protocols_for(args) -> dict:
             raise SystemExit(f"--data {spec}: expected NAME=PATH to a file in LastFM.txt's format")
         print(f"--data {name}: {json.dumps(settings_for(name, os.path.abspath(path)))}", flush=True)
     protocols = {"ml": lambda: run_ml(args.work, args.quick)}
-    for name, file in SOURCES.items():
+    for name, file in SOURCES.items():  # every FLM ID protocol, then every sequence one
         protocols[name] = lambda name=name, file=file: run_loo(args.work, name, file, args.quick)
     for name, file in SOURCES.items():
         protocols[f"{name}-seq"] = lambda name=name, file=file: run_seq(args.work, name, file, args.quick, args.sasrec)
@@ -784,11 +784,11 @@ def main() -> None:
     ap.add_argument("--sasrec", action="store_true", help="the sequence protocols also fit a plain SASRec (bench/sasrec.py): minutes more on 2 cores")
     args = ap.parse_args()
     protocols = protocols_for(args)
-    only = args.only.split(",") if args.only else [p for p in protocols if not args.data or p.split("-")[0] in dict(d.split("=", 1) for d in args.data)]
+    added = [spec.partition("=")[0] for spec in args.data]
+    only = args.only.split(",") if args.only else [p for a in added for p in (a, f"{a}-seq")] or list(protocols)
     unknown = [p for p in only if p not in protocols]
     if unknown:
         raise SystemExit(f"--only {args.only}: no protocol {', '.join(unknown)}; the protocols are {', '.join(protocols)}")
-    shown = args.out or (os.path.join(args.work, "quality.json") if args.data else "docs/results/quality.json")
     args.out = args.out or (os.path.join(args.work, "quality.json") if args.data else os.path.join(OUT, "quality.json"))
     if "ml" in only:
         try:
@@ -817,7 +817,7 @@ def main() -> None:
     wall = results["_meta"]["wall_s"]
     known = list(wall.values())
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in wall.items())
-    body = markdown(results) + f"\n\nWall time on this machine: {sum(known) / 60:.1f} min ({parts}). Raw figures: `{shown}`."
+    body = markdown(results) + f"\n\nWall time on this machine: {sum(known) / 60:.1f} min ({parts}). Raw figures: `{os.path.normpath(args.out)}`."
     print(body)
     if not args.no_md and not args.quick and not args.data:  # docs/RESULTS.md holds the files of ../shared/data
         common.update_benchmarks_md("quality", body, "python bench/quality.py", info, path=os.path.join(os.path.dirname(__file__), "..", "docs", "RESULTS.md"))
