@@ -113,7 +113,9 @@ def settings_for(name: str, path: str) -> dict:
     with open(path) as f:
         for i, line in enumerate(f, 1):
             ids = line.split()
-            if len(ids) < 2 or not all(t.isdigit() for t in ids):
+            if len(ids) < 2:  # skipped by `flm-dist data convert` too: a blank line, a user without items
+                continue
+            if not all(t.isdigit() for t in ids):
                 raise SystemExit(f"{path}, line {i}: expected `user_id item_id item_id ...` (positive integers), got {line.strip()[:80]!r}")
             users.add(ids[0])
             items.update(ids[1:])

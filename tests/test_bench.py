@@ -111,6 +111,10 @@ def test_the_quality_harness_runs_another_ranking_file_with_settings_from_the_fi
     assert quality.SEQ_SIZES["beauty"] == {"model.user_rows": 1024, "model.item_rows": 8192, "data.batch_size": 256}
     assert quality.EPOCHS["beauty"] == quality.EPOCHS["toys"] and quality.SOURCES["beauty"] == str(path)
     # a malformed line is refused with its file and line; a name may not shadow a protocol
+    # a blank line and a user without items are skipped, as `flm-dist data convert` skips them
+    gaps = tmp_path / "gaps.txt"
+    gaps.write_text("1 5 6\n\n2 7\n3\n")
+    assert quality.settings_for("gaps", str(gaps))["users"] == 2
     bad = tmp_path / "bad.txt"
     bad.write_text("1 2 3\n2 x 4\n")
     with pytest.raises(SystemExit, match=r"bad.txt, line 2: expected `user_id item_id"):
