@@ -33,6 +33,7 @@ __all__ = [
     "SplitConfig",
     "StorageConfig",
     "TrainConfig",
+    "TransitionsConfig",
     "load_job",
     "to_dict",
 ]
@@ -285,6 +286,25 @@ class ServeConfig:
 
 
 @dataclass
+class TransitionsConfig:
+    """The export's transition counts for a model with a history (`flm_dist.transitions`):
+    which items followed which in the training sequences, blended into its ranking with a
+    weight fitted on the validation events."""
+
+    window: int = 5  # j follows i when it comes 1..window events after i; 0: no counts
+    keep: int = 200  # followers kept per item, the most frequent
+    recent: int = 50  # a user's most recent items whose followers are summed
+    fit_users: int = 20000  # validation events the weight is fitted on, at most
+
+    def __post_init__(self) -> None:
+        if self.window < 0:
+            raise ConfigError("transitions.window must be >= 0 (0 turns the counts off)")
+        for key in ("keep", "recent", "fit_users"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"transitions.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class DemoConfig:
     """Only for `flm-dist demo`: the synthetic data it generates before running the job."""
 
@@ -310,6 +330,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    transitions: TransitionsConfig = field(default_factory=TransitionsConfig)
     demo: DemoConfig | None = None
 
     @property

@@ -9,6 +9,9 @@
     item_vectors.parquet      (inner product of a user and an item vector = the score)
     features/users.parquet    models with feature fields: raw ID -> last-seen feature values
     features/items.parquet    in the training data, so a server can score known IDs alone
+    transitions.parquet       a retrieval / pretrain model with a history: each item's most frequent
+                              followers in the run's training events, blended into the ranking with
+                              a weight fitted on its validation events (flm_dist.transitions)
     manifest.json             task, inputs/outputs, hash spec, features, lineage, sha256s
 
 Loading needs torch only (`torch.jit.load`) or onnxruntime only. String IDs enter
@@ -34,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flm_dist import __version__
+from flm_dist import __version__, transitions
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import FeatureConfig, ModelConfig, from_dict
+from flm_dist.config import FeatureConfig, ModelConfig, SplitConfig, TransitionsConfig, from_dict
+from flm_dist.data.encode import EncodeSpec
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
@@ -582,12 +586,14 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
         scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
         onnx_info = _write_model_files(tmp, model, scorer, Scorer(model, spec, task, id_kinds, table_dtype), features, formats, table_dtype)
         vectors, snapshot, changed = _write_data_files(tmp, store, scorer, task, features, data_files, model.cfg.latent_dim, checkpoint)
+        transitions = _write_transitions(tmp, store, scorer, source, model.cfg, data_files) if vectors and model.cfg.history_len else None
         files = {}
         for root, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(root, n)
                 files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
         out_manifest = _manifest(source, model.cfg, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files)
+        out_manifest["transitions"] = transitions
         out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
         store.ensure_bucket(out)
         for rel in sorted(files):
@@ -651,6 +657,45 @@ def _write_data_files(tmp: str, store: Store, scorer, task: str, features: list[
     if changed:
         log.warning("%d training data file(s) changed since the checkpoint (first: %s); vectors reflect the files now", len(changed), changed[0])
     return vectors, snapshot, changed
+
+
+def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelConfig, data_files: list[dict]) -> dict | None:
+    """transitions.parquet (`flm_dist.transitions`) for a model with a history: counts of
+    the run's training events, and the blend weight fitted on its validation events."""
+    job = source["config"]
+    tc = from_dict(TransitionsConfig, job.get("transitions") or {})
+    if not tc.window:
+        return None
+    t0 = time.perf_counter()
+    d = job["data"]
+    # the split and validation carve exactly as the run's training read them (launch.plan_datasets)
+    split = from_dict(SplitConfig, d["split"]) if not d.get("eval") else SplitConfig()
+    carve = d["valid_fraction"] if not d.get("valid") else 0.0
+    side = EncodeSpec(read=None, hash=None, split=split, seed=job["run"]["seed"], valid_fraction=carve)
+    counted = transitions.count(store, data_files, side, tc.window, tc.keep, cfg.history_len, tc.fit_users)
+    items = pq.read_table(os.path.join(tmp, "item_vectors.parquet"))
+    flat = items.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    matrix = torch.from_numpy(np.array(flat, np.float32).reshape(items.num_rows, -1))
+    trans = transitions.Transitions(counted.table, prehash_ids(items.column("item_id")), tc.recent, 0.0)
+    fit: dict = {"validation_events": len(counted.valid_target)}
+    if len(counted.valid_target):
+
+        def user_vectors(users, hist, lens):
+            return scorer.user_vectors(users, {"history": hist, "history__len": lens})
+
+        weight, fit["ndcg@10_by_weight"] = transitions.fit_weight(counted, trans, user_vectors, matrix)
+    else:  # nothing to fit on: the counts are kept, and the blend is off until a run with validation events
+        weight, fit["why_zero"] = 0.0, "no validation events in the training files (data.valid_fraction = 0 or data.valid set)"
+        log.warning("transition counts exported with weight 0: %s", fit["why_zero"])
+    pq.write_table(counted.table, os.path.join(tmp, "transitions.parquet"))
+    return {
+        "file": "transitions.parquet", "window": tc.window, "keep": tc.keep, "recent": tc.recent, "weight": weight,
+        "items": counted.table.num_rows, "pairs": counted.pairs, "fit": fit, "seconds": round(time.perf_counter() - t0, 3),
+        "score": "cosine + weight * log1p(m), m_j = sum over the user's `recent` most recent items h_r (r = 0 the "
+        "most recent) of counts[h_r -> j] / (1 + r); what the server's /recommend and /score answer",
+        "counts": "item j counted as a follower of item i when it came 1..window events after i in a user's "
+        "training events (the run's split: validation and eval events are not counted); each item's `keep` most frequent",
+    }
 
 
 def _manifest(source, cfg: ModelConfig, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files) -> dict:

@@ -19,6 +19,10 @@ in training, else score as nulls. Unknown IDs go through the hash like any other
 (cold start), never an index error. Bad requests get HTTP 4xx and
 {"error": ..., "field": ...}; the replica keeps serving.
 
+An export with transition counts (a model with a history, `flm_dist.transitions`)
+answers both endpoints with cosine + weight * log1p(counts of what followed the user's
+latest items), the ranking its weight was fitted for.
+
 Requests are validated and encoded one by one, then batched (`@serve.batch`): one
 TorchScript call for all pairs of a batch of /score requests, one user-tower call and
 one matrix product for a batch of /recommend requests.
@@ -45,6 +49,7 @@ from flm_dist.config import ConfigError, ServeConfig
 from flm_dist.data.hashing import HASH_VERSION, prehash_ids, prehash_str
 from flm_dist.export import LEN_SUFFIX, feature_inputs
 from flm_dist.storage import Store, join
+from flm_dist.transitions import Transitions
 
 __all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_serve_config", "run"]
 
@@ -238,6 +243,11 @@ class LoadedExport:
             keys = prehash_ids(t.column("item_id"))
             order = np.argsort(keys, kind="stable")
             self._item_keys, self._item_rows = keys[order], order
+        # a sequence model's transition counts, blended into both endpoints' scores
+        self.transitions: Transitions | None = None
+        tr = m.get("transitions")
+        if tr and self.item_matrix is not None and tr["weight"]:
+            self.transitions = Transitions(pq.read_table(os.path.join(local_dir, tr["file"])), keys, tr["recent"], tr["weight"])
 
     def _load_side(self, table: pa.Table, side: str) -> _Side:
         keys = prehash_ids(table.column(f"{side}_id"))
@@ -360,7 +370,14 @@ class LoadedExport:
         for f in self.features["item"]:
             for key in input_keys(f):
                 features[key] = torch.cat([r.features[key] for r in reqs])
-        scores = self.scorer(users, items, features).tolist() if len(items) else []
+        scores = self.scorer(users, items, features) if len(items) else torch.zeros(0)
+        if self.transitions is not None and len(items):
+            hist = torch.cat([r.features["history"] for r in reqs])
+            m = self.transitions.scores(hist, torch.cat([r.features["history" + LEN_SUFFIX] for r in reqs]))
+            of = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))
+            rows = self.transitions.rows(items)
+            scores = scores + self.transitions.weight * torch.where(rows >= 0, torch.log1p(m[of, rows.clamp(min=0)]), 0.0)
+        scores = scores.tolist()
         out, start = [], 0
         for r, c in zip(reqs, counts, strict=True):
             out.append({"user_id": r.user_id, "item_ids": r.item_ids, "scores": scores[start : start + c]})
@@ -374,6 +391,8 @@ class LoadedExport:
         users = torch.cat([r.user for r in reqs])
         features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["user"] for key in input_keys(f)}
         scores = self.scorer.user_vectors(users, features) @ self.item_matrix.T
+        if self.transitions is not None:
+            scores = self.transitions.blend(scores, features["history"], features["history" + LEN_SUFFIX])
         for i, r in enumerate(reqs):
             if len(r.exclude):
                 scores[i, torch.from_numpy(r.exclude)] = -math.inf
@@ -405,6 +424,7 @@ class LoadedExport:
             "known_users": len(self.sides["user"].keys) or None,
             "known_items": len(self.sides["item"].keys) or (len(self.item_ids) if self.item_ids is not None else None),
             "recommend": self.item_matrix is not None,
+            "transitions_weight": self.transitions.weight if self.transitions is not None else None,
             "serve": asdict(self.cfg),
             "batches": self.stats,
             "checkpoint": (m.get("lineage") or {}).get("checkpoint"),

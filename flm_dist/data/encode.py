@@ -21,7 +21,7 @@ from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
 from flm_dist.data.sequences import expand, history_rows
 from flm_dist.storage import Store, split_uri
 
-__all__ = ["EncodeSpec", "empty_columns", "encode_table", "read_units", "sequence_slots"]
+__all__ = ["EncodeSpec", "empty_columns", "encode_table", "read_units", "sequence_slots", "split_mask", "ts_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _unit_hash(t: pa.Table, columns: tuple[str, ...], seed: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, seq_len: np.ndarray | None = None) -> np.ndarray | None:
+def split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, seq_len: np.ndarray | None = None) -> np.ndarray | None:
     """True for rows on `spec.side`. A function of the data alone (hashes, times,
     positions in a user's sequence), so identical across runs and worker counts.
     `index` / `seq_len`: each event's place in its user's sequence (sequence data)."""
@@ -71,7 +71,7 @@ def _split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, 
         return {"eval": in_eval, "known": ~in_eval, "valid": in_valid}.get(side, ~in_eval & ~in_valid)
     in_eval = np.zeros(t.num_rows, dtype=bool)
     if split.by == "time":
-        in_eval = _ts_seconds(t.column("ts")) >= split.time_cutoff
+        in_eval = ts_seconds(t.column("ts")) >= split.time_cutoff
     elif split.by == "user":
         in_eval = _unit_hash(t, ("user_id",), spec.seed) < split.fraction
     elif split.by == "random":
@@ -87,7 +87,7 @@ def _split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, 
     return known & (in_valid if side == "valid" else ~in_valid)
 
 
-def _ts_seconds(col) -> np.ndarray:
+def ts_seconds(col) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if pa.types.is_timestamp(col.type):
@@ -116,7 +116,7 @@ def encode_table(t: pa.Table, spec: EncodeSpec, unit: int = 0, row_offset: int =
         return _encode_sequences(t, spec, unit)
     n = t.num_rows
     pos = (np.int64(unit) << np.int64(32)) | (np.arange(n, dtype=np.int64) + row_offset)
-    keep = _split_mask(t, spec)
+    keep = split_mask(t, spec)
     if keep is not None:
         t = t.filter(pa.array(keep))
         pos = pos[keep]
@@ -194,7 +194,7 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
         hist = history_rows(cols["item"], index, length, usable=usable, times=times)
         for j in range(length):
             cols[f"hist__{j}"] = np.ascontiguousarray(hist[:, j])
-    keep = _split_mask(flat, spec, index, seq_len)
+    keep = split_mask(flat, spec, index, seq_len)
     if keep is not None:
         cols = {k: v[keep] for k, v in cols.items()}
     return cols

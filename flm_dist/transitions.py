@@ -1,0 +1,215 @@
+"""Transition counts: which items followed which in the training sequences, kept beside
+a sequence model's export and blended into its ranking.
+
+Why: the sequence model ranks by a 64-dimensional factorisation of its items. That
+generalises across items but smooths away the exact memory of each pair, which is
+what most of a long-tail catalog has (an Amazon Toys item has 14 events on average).
+Counts keep that memory; a classical "next items" count beat the model alone on every
+real file here, and the blend of the two beats both (docs/RESULTS.md), as production
+systems blend co-visitation counts with learned models.
+
+- Counts: C[i, j] = how often item j came 1..`window` events after item i in a user's
+  training events. The run's own split decides what is training: its validation and
+  eval events are never counted. Each item keeps its `keep` most frequent followers.
+- A user's transition score for item j: m_j = sum over their `recent` most recent items
+  h_r (r = 0 the most recent) of C[h_r, j] / (1 + r).
+- The served score: cos(user, item) + weight * log1p(m_j). `weight` is fitted at export
+  on the run's validation events (NDCG@10 over every item, the user's training items
+  excluded, ties counted against the blend); 0 where the counts do not help.
+
+The counts are made in the export's process, one pass over the training files: the
+distinct pairs (24 bytes each) must fit in its memory (Amazon Toys: 0.7M pairs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+# the split exactly as training reads it
+from flm_dist.data.encode import EncodeSpec, split_mask, ts_seconds
+from flm_dist.data.hashing import prehash_ids
+from flm_dist.data.sequences import expand, history_rows, is_sequence
+from flm_dist.storage import Store, split_uri
+
+__all__ = ["Transitions", "count", "fit_weight"]
+
+# candidate weights: 0 and a geometric grid over the scale of a cosine (at 0.0125 the
+# counts break the model's near-ties; at 3.2 they rank and the model breaks theirs)
+WEIGHTS = (0.0,) + tuple(round(0.0125 * 2 ** (k / 2), 5) for k in range(17))
+_REDUCE = 1 << 22  # pairs gathered before they are summed
+
+
+@dataclass
+class Counted:
+    """What one pass over the training files gives: the counts (`table`: item_id,
+    followers, counts) and the validation examples the weight is fitted on."""
+
+    table: pa.Table
+    pairs: int
+    valid_users: np.ndarray  # prehash keys
+    valid_history: list[np.ndarray]  # prehash keys of the training items before, oldest first
+    valid_target: np.ndarray
+    valid_seen: list[np.ndarray]  # the user's training items (excluded from the ranking)
+
+
+def _sum_pairs(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not len(a):
+        return a, b, c
+    order = np.lexsort((b, a))
+    a, b, c = a[order], b[order], c[order]
+    start = np.flatnonzero(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
+    return a[start], b[start], np.add.reduceat(c, start) if len(c) else c
+
+
+def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: int, keep: int, history_len: int, fit_users: int) -> Counted:
+    """Stream the training files once (user, item, time columns): the transition counts
+    of the training side of `split_spec`'s split, and up to `fit_users` validation events
+    with the training items before them (at most `history_len`, strictly earlier in time)."""
+    acc = (np.zeros(0, np.int64),) * 3
+    pend: list[tuple[np.ndarray, np.ndarray]] = []
+    pending = 0
+
+    def reduce() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a = np.concatenate([acc[0]] + [p[0] for p in pend])
+        b = np.concatenate([acc[1]] + [p[1] for p in pend])
+        return _sum_pairs(a, b, np.concatenate([acc[2], np.ones(pending, np.int64)]))
+
+    vu, vh, vt, vs = [], [], [], []
+    for info in data_files:
+        uri = info["uri"]
+        afs, path = store.arrow_fs(uri)[0], split_uri(uri)[1]
+        with afs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle)
+            if not is_sequence(pf.schema_arrow):
+                raise ValueError(f"{uri}: transition counts read per-user sequences (an item_id list column); run `flm-dist data sequences` or set transitions.window: 0")
+            cols = [c for c in ("user_id", "item_id", "ts") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=1 << 14, columns=cols, use_threads=False):
+                flat, user_of, index, seq_len, placeholder = expand(pa.Table.from_batches([batch]), uri)
+                ok = ~placeholder & ~flat.column("item_id").is_null().to_numpy(zero_copy_only=False)
+                train = ok & split_mask(flat, replace(split_spec, side="train"), index, seq_len)
+                valid = ok & split_mask(flat, replace(split_spec, side="valid"), index, seq_len)
+                keys = prehash_ids(flat.column("item_id"))
+                # pairs among each user's training events, in sequence order
+                k, u = keys[train], user_of[train]
+                for d in range(1, window + 1):
+                    same = u[d:] == u[:-d]
+                    pend.append((k[:-d][same], k[d:][same]))
+                    pending += int(same.sum())
+                if pending >= _REDUCE:
+                    acc = reduce()
+                    pend, pending = [], 0
+                if len(vu) < fit_users and valid.any():
+                    times = ts_seconds(flat.column("ts")) if "ts" in cols else None
+                    pos = history_rows(np.arange(len(keys)), index, history_len, usable=train, times=times)
+                    users = prehash_ids(flat.column("user_id"))
+                    for e in np.flatnonzero(valid)[: fit_users - len(vu)]:
+                        h = pos[e][pos[e] >= 0]
+                        vu.append(users[e]), vh.append(keys[h]), vt.append(keys[e])
+                        vs.append(np.unique(keys[train & (user_of == user_of[e])]))
+    a, b, c = reduce()
+    # each item's `keep` most frequent followers (ties: the smaller key, so runs agree)
+    order = np.lexsort((b, -c, a))
+    a, b, c = a[order], b[order], c[order]
+    first = np.r_[0, np.flatnonzero(a[1:] != a[:-1]) + 1]
+    rank = np.arange(len(a)) - np.repeat(first, np.diff(np.r_[first, len(a)]))
+    top = rank < keep
+    a, b, c = a[top], b[top], c[top]
+    starts = np.r_[np.flatnonzero(np.r_[True, a[1:] != a[:-1]]), len(a)] if len(a) else np.zeros(1, np.int64)
+    offsets = pa.array(starts.astype(np.int32))
+    table = pa.table({
+        "item_id": pa.array(a[starts[:-1]], pa.int64()),
+        "followers": pa.ListArray.from_arrays(offsets, pa.array(b, pa.int64())),
+        "counts": pa.ListArray.from_arrays(offsets, pa.array(c.astype(np.float32))),
+    })
+    return Counted(table, int(len(order)), np.array(vu, np.int64), vh, np.array(vt, np.int64), vs)
+
+
+class Transitions:
+    """Counts as [items, keep] follower rows and counts over a ranking's item rows: an
+    item row is the item's index in `item_keys` (prehash keys, the item matrix's order)."""
+
+    def __init__(self, table: pa.Table, item_keys: np.ndarray, recent: int, weight: float):
+        self.recent, self.weight = recent, float(weight)
+        order = np.argsort(item_keys, kind="stable")
+        self._sorted, self._rows = torch.from_numpy(item_keys[order].copy()), torch.from_numpy(order.astype(np.int64))
+        n = self.n = len(item_keys)
+        lens = pc.list_value_length(table.column("followers")).to_numpy(zero_copy_only=False).astype(np.int64) if table.num_rows else np.zeros(0, np.int64)
+        keep = max(1, int(lens.max(initial=0)))
+        self.followers = torch.full((n + 1, keep), n, dtype=torch.int64)  # row n: "no item", scattered into a spare column
+        self.counts = torch.zeros((n + 1, keep), dtype=torch.float32)
+        src = np.repeat(self.rows(torch.from_numpy(prehash_ids(table.column("item_id")).copy())).numpy(), lens)
+        slot = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        fr = self.rows(torch.from_numpy(prehash_ids(pc.list_flatten(table.column("followers"))).copy())).numpy()
+        ok = (src >= 0) & (fr >= 0)  # pairs of items outside the ranking are dropped
+        self.followers[src[ok], slot[ok]] = torch.from_numpy(fr[ok])
+        self.counts[src[ok], slot[ok]] = torch.from_numpy(pc.list_flatten(table.column("counts")).to_numpy(zero_copy_only=False)[ok].astype(np.float32))
+
+    def rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """Item rows of prehash keys; -1 for an item outside the ranking."""
+        if not len(self._sorted):
+            return torch.full_like(keys, -1)
+        pos = torch.searchsorted(self._sorted, keys).clamp(max=len(self._sorted) - 1)
+        return torch.where(self._sorted[pos] == keys, self._rows[pos], -1)
+
+    def scores(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """m [B, items] of histories given as prehash keys [B, L], oldest first, the first
+        `lengths` of each row real."""
+        b, width = history.shape
+        r = lengths.view(-1, 1) - 1 - torch.arange(width).view(1, -1)  # 0: the most recent
+        rows = self.rows(history)
+        use = (r >= 0) & (r < self.recent) & (rows >= 0)
+        w = torch.where(use, 1.0 / (1.0 + r.clamp(min=0).float()), 0.0)
+        src = torch.where(use, rows, self.n)
+        out = torch.zeros(b, self.n + 1)
+        out.scatter_add_(1, self.followers[src].view(b, -1), (self.counts[src] * w.unsqueeze(-1)).view(b, -1))
+        return out[:, : self.n]
+
+    def blend(self, cosine: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """The served score of every item: cosine [B, items] + weight * log1p(m)."""
+        w = self.weight if weight is None else weight
+        return cosine + w * torch.log1p(self.scores(history, lengths)) if w else cosine
+
+
+def _padded(hist: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max((len(h) for h in hist), default=1))
+    out = np.zeros((len(hist), width), np.int64)
+    for i, h in enumerate(hist):
+        out[i, : len(h)] = h
+    return torch.from_numpy(out), torch.tensor([len(h) for h in hist], dtype=torch.int64)
+
+
+@torch.no_grad()
+def fit_weight(counted: Counted, trans: Transitions, user_vectors, item_matrix: torch.Tensor, chunk: int = 512) -> tuple[float, dict]:
+    """The weight of the blend with the best validation NDCG@10 (the smallest on a tie),
+    and every weight's NDCG@10. `user_vectors(user_keys, history, lengths)` -> unit
+    vectors; `item_matrix` [items, d] in `trans`'s item rows."""
+    n = len(counted.valid_target)
+    targets = trans.rows(torch.from_numpy(counted.valid_target))
+    dcg = torch.zeros(len(WEIGHTS))
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        hist, lens = _padded(counted.valid_history[lo:hi])
+        cos = user_vectors(torch.from_numpy(counted.valid_users[lo:hi].copy()), hist, lens) @ item_matrix.T
+        mem = torch.log1p(trans.scores(hist, lens))
+        t = targets[lo:hi]
+        for i, seen in enumerate(counted.valid_seen[lo:hi]):
+            s = trans.rows(torch.from_numpy(seen))
+            s = s[(s >= 0) & (s != t[i])]
+            cos[i, s], mem[i, s] = -math.inf, 0.0
+        ok = t >= 0  # a target outside the ranking is a miss for every weight
+        idx = torch.arange(hi - lo)[ok]
+        for k, w in enumerate(WEIGHTS):
+            s = cos[ok] + w * mem[ok]
+            at = s[torch.arange(len(idx)), t[ok]].unsqueeze(1)
+            rank = (s > at).sum(1) + (s == at).sum(1) - 1  # ties against the blend
+            dcg[k] += torch.where(rank < 10, 1.0 / torch.log2(rank.float() + 2.0), 0.0).sum()
+    ndcg = (dcg / max(n, 1)).tolist()
+    best = max(range(len(WEIGHTS)), key=lambda k: (round(ndcg[k], 9), -k))
+    return WEIGHTS[best], {str(w): round(v, 5) for w, v in zip(WEIGHTS, ndcg, strict=True)}

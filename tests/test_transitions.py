@@ -1,0 +1,128 @@
+"""Transition counts beside a sequence model's export: counted from the run's training
+events only, the most frequent kept, a blend weight fitted on the validation events,
+and the server's /recommend and /score answering the same blended scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flm_dist.config import (
+    ConfigError,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    ServeConfig,
+    SplitConfig,
+    TransitionsConfig,
+    to_dict,
+)
+from flm_dist.data.encode import EncodeSpec
+from flm_dist.data.hashing import HashSpec
+from flm_dist.model import FLM, table_sizes
+from flm_dist.storage import Store
+from flm_dist.transitions import count
+
+ITEMS = 40
+
+
+def _cycles(users: int = 30, seed: int = 0) -> list[list[int]]:
+    """Each user walks the items in a cycle (i is always followed by i + 1) from a random start."""
+    rng = np.random.default_rng(seed)
+    return [[(int(s) + k) % ITEMS for k in range(int(n))] for s, n in zip(rng.integers(0, ITEMS, users), rng.integers(6, 12, users), strict=True)]
+
+
+def _write(tmp_path, seqs: list[list[int]]) -> list[dict]:
+    t = pa.table({"user_id": pa.array(range(100, 100 + len(seqs)), pa.int64()), "item_id": pa.array(seqs, pa.list_(pa.int64())), "ts": pa.array([list(range(len(s))) for s in seqs], pa.list_(pa.int64()))})
+    files = []
+    for k, part in enumerate((t.slice(0, len(seqs) // 2), t.slice(len(seqs) // 2))):  # two files: the counts span files
+        path = tmp_path / f"seq-{k}.parquet"
+        pq.write_table(part, path)
+        files.append({"uri": str(path), "size": path.stat().st_size})
+    return files
+
+
+def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(tmp_path):
+    rng = np.random.default_rng(3)
+    seqs = [[int(x) for x in rng.integers(0, 12, n)] for n in rng.integers(1, 9, 25)]
+    files = _write(tmp_path, seqs)
+    split = EncodeSpec(read=None, hash=None, split=SplitConfig(by="last"), valid_fraction=0.1)
+    got = count(Store(), files, split, window=2, keep=3, history_len=4, fit_users=100)
+    # oracle: pairs among each user's events but the last two (eval, validation)
+    pairs: dict[int, dict[int, int]] = {}
+    for s in seqs:
+        train = s[:-2]
+        for t, a in enumerate(train):
+            for b in train[t + 1 : t + 3]:
+                pairs.setdefault(a, {}).setdefault(b, 0)
+                pairs[a][b] += 1
+    want = {a: sorted(f.items(), key=lambda x: (-x[1], x[0]))[:3] for a, f in pairs.items()}
+    table = {a: list(zip(f, c, strict=True)) for a, f, c in zip(*(got.table.column(k).to_pylist() for k in ("item_id", "followers", "counts")), strict=True)}
+    assert table == {a: [(b, float(c)) for b, c in f] for a, f in want.items()}
+    assert got.pairs == sum(len(f) for f in pairs.values())
+    # validation events: each user's second-to-last, with the training events before it
+    long = [s for s in seqs if len(s) >= 2]
+    assert got.valid_target.tolist() == [s[-2] for s in long]
+    assert [h.tolist() for h in got.valid_history] == [s[:-2][-4:] for s in long]
+    assert [v.tolist() for v in got.valid_seen] == [sorted(set(s[:-2])) for s in long]
+
+
+def _export(tmp_path, window: int):
+    from flm_dist.export import write_export
+
+    files = _write(tmp_path, _cycles())
+    cfg = ModelConfig(user_rows=97, item_rows=89, embedding_dim=8, hidden=[], latent_dim=8, history_len=5, history_layers=1, history_heads=2, user_id=False)
+    torch.manual_seed(0)
+    model = FLM(cfg, []).eval()  # untrained: its vectors know nothing of the cycles, the counts know them all
+    job = JobConfig(task="retrieval", model=cfg, data=DataConfig(split=SplitConfig(by="last"), valid_fraction=0.1), transitions=TransitionsConfig(window=window, keep=5))
+    source = {"task": "retrieval", "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, []), 0).to_dict(), "data_files": files, "data_columns": {"user_id": "int", "item_id": "int"}}
+    out = tmp_path / f"export-{window}"
+    return write_export(Store(), model, source, str(out), formats="torchscript"), out
+
+
+def test_the_export_fits_a_blend_weight_and_the_server_ranks_by_it(tmp_path):
+    from flm_dist.serve import LoadedExport
+
+    manifest, out = _export(tmp_path, window=3)
+    tr = manifest["transitions"]
+    by_weight = tr["fit"]["ndcg@10_by_weight"]
+    assert tr["fit"]["validation_events"] == 30
+    assert tr["weight"] > 0 and by_weight[str(tr["weight"])] > by_weight["0.0"] + 0.3, by_weight
+    assert by_weight[str(tr["weight"])] == max(by_weight.values())
+    assert json.loads((out / "manifest.json").read_text())["files"]["transitions.parquet"]["bytes"] > 0
+
+    server = LoadedExport(str(out), ServeConfig(max_items=ITEMS))
+    scorer = torch.jit.load(str(out / "scorer.pt"))
+
+    def model_alone(history: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return scorer(torch.full((ITEMS,), 1), torch.arange(ITEMS), {"history": torch.tensor([history] * ITEMS), "history__len": torch.full((ITEMS,), len(history))})
+
+    # a history whose next item the untrained model alone does not rank first
+    history = next(h for h in ([(s + k) % ITEMS for k in range(4)] for s in range(ITEMS)) if int(model_alone(h).argmax()) != (h[-1] + 1) % ITEMS)
+    alone = model_alone(history)
+    rec = server.recommend_batch([server.parse_recommend({"user_id": 1, "k": ITEMS, "history": history})])[0]["items"]
+    assert rec[0]["item_id"] == (history[-1] + 1) % ITEMS  # what follows the last item, as every user's walk does
+    # /score answers the same blended score for the same items
+    items = [r["item_id"] for r in rec]
+    scored = server.score_batch([server.parse_score({"user_id": 1, "item_ids": items, "history": history})])[0]["scores"]
+    np.testing.assert_allclose(scored, [r["score"] for r in rec], rtol=1e-5, atol=1e-6)
+    assert scored[0] > float(alone[rec[0]['item_id']]) + 0.1
+
+
+def test_window_zero_exports_no_counts_and_bad_keys_are_refused(tmp_path):
+    from flm_dist.serve import LoadedExport
+
+    manifest, out = _export(tmp_path, window=0)
+    assert manifest["transitions"] is None and not (out / "transitions.parquet").exists()
+    server = LoadedExport(str(out), ServeConfig(max_items=ITEMS))
+    assert server.health()["transitions_weight"] is None
+    with pytest.raises(ConfigError, match="transitions.keep"):
+        TransitionsConfig(keep=0)
+    with pytest.raises(ConfigError, match="transitions.window"):
+        TransitionsConfig(window=-1)
