@@ -552,27 +552,45 @@ def _seq_examples(table: pa.Table) -> tuple[np.ndarray, list[list[int]], np.ndar
     return users, [s[:-1] for s in items], np.array([s[-1] for s in items], np.int64)
 
 
-def _seq_rows(out: str, users: np.ndarray, histories: list[list[int]], targets: np.ndarray, catalog: np.ndarray, ref, ks=(10,)) -> tuple[dict, dict]:
-    """Per-row expected hits from an export: user vectors from the scorer with each
-    user's history, item vectors from item_vectors.parquet, ranked over `catalog`."""
+def _seq_rows(out: str, users: np.ndarray, histories: list[list[int]], targets: np.ndarray, catalog: np.ndarray, ref, ks=(10,)) -> dict[str, tuple[dict, dict]]:
+    """Per-row expected hits from an export, ranked over `catalog`: "served", what the
+    server's /recommend ranks (user vectors from the scorer with each user's history,
+    item vectors from item_vectors.parquet, plus the export's transition counts), and
+    "model", the vectors alone."""
     import torch
+
+    from flm_dist.transitions import Transitions
 
     scorer = torch.jit.load(f"{out}/scorer.pt")
     ikeys, ivec = _vectors(f"{out}/item_vectors.parquet", "item_id")
     order = np.argsort(ikeys)
-    cat = ivec[order][np.minimum(np.searchsorted(ikeys[order], catalog), len(order) - 1)]
+    at = order[np.minimum(np.searchsorted(ikeys[order], catalog), len(order) - 1)]
+    cat = torch.from_numpy(ivec[at])
+    # the catalog's items as the export's inputs take them (prehash), for the transition counts
+    inputs = prehash_ids(pq.read_table(f"{out}/item_vectors.parquet", columns=["item_id"]).column("item_id"))[at]
     width = max(1, max(len(h) for h in histories))
     hist = np.zeros((len(users), width), np.int64)
     for i, h in enumerate(histories):
         hist[i, : len(h)] = h
-    lens = np.array([len(h) for h in histories], np.int64)
+    hist, lens = torch.from_numpy(hist), torch.tensor([len(h) for h in histories], dtype=torch.int64)
     with torch.no_grad():
-        uvec = np.concatenate([
-            scorer.user_vectors(torch.from_numpy(users[i : i + 2048].copy()), {"history": torch.from_numpy(hist[i : i + 2048]), "history__len": torch.from_numpy(lens[i : i + 2048])}).numpy()
+        uvec = torch.cat([
+            scorer.user_vectors(torch.from_numpy(users[i : i + 2048].copy()), {"history": hist[i : i + 2048], "history__len": lens[i : i + 2048]})
             for i in range(0, len(users), 2048)
         ])
-    ukeys = identity_keys(pa.array(users))
-    return ranking_rows(lambda lo, hi: uvec[lo:hi] @ cat.T, len(users), ukeys, identity_keys(pa.array(targets)), catalog, ref, ks)
+    with open(f"{out}/manifest.json") as f:
+        tr = json.load(f).get("transitions")
+    trans = Transitions(pq.read_table(f"{out}/{tr['file']}"), inputs, tr["recent"], tr["weight"]) if tr else None
+
+    def served(lo: int, hi: int) -> np.ndarray:
+        cos = uvec[lo:hi] @ cat.T
+        return (trans.blend(cos, hist[lo:hi], lens[lo:hi]) if trans is not None else cos).numpy()
+
+    ukeys, tkeys = identity_keys(pa.array(users)), identity_keys(pa.array(targets))
+    return {
+        "served": ranking_rows(served, len(users), ukeys, tkeys, catalog, ref, ks),
+        "model": ranking_rows(lambda lo, hi: (uvec[lo:hi] @ cat.T).numpy(), len(users), ukeys, tkeys, catalog, ref, ks),
+    }
 
 
 def _history_reference(users: np.ndarray, histories: list[list[int]], base) -> object:
@@ -624,13 +642,15 @@ def run_seq(work: str, name: str, file: str, quick: bool, with_sasrec: bool = Fa
         for arm in ("scratch", "pretrained"):
             out = f"{work}/export/{name}-seq-{arm}"
             export(store, res["arms"][arm]["checkpoint"], out, formats="torchscript")
-            rows[arm] = _seq_rows(out, users, histories, targets, catalog, gref)
+            got = _seq_rows(out, users, histories, targets, catalog, gref)
+            rows[arm], rows[f"{arm}, model only"] = got["served"], got["model"]
         ukeys = identity_keys(pa.array(users))
         rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
         positions = [_catalog_positions(np.asarray(h, np.int64), catalog) for h in histories]
         for arm, forward in (("co-occurrence", False), ("co-occurrence, next items", True)):
             rows[arm] = ranking_rows(cooccurrence(fit, positions, len(catalog), pop, forward=forward), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
-        pairs = [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence"), ("pretrained", "co-occurrence, next items")]
+        pairs = [("pretrained", "scratch"), ("pretrained", "most popular"), ("scratch", "most popular"), ("pretrained", "co-occurrence"), ("pretrained", "co-occurrence, next items"),
+                 ("pretrained, model only", "scratch, model only"), ("pretrained", "pretrained, model only")]
         if reference_model is not None:
             indices = [p[p >= 0] + 1 for p in positions]  # SASRec's item indices: catalog positions + 1
             rows["SASRec"] = ranking_rows(sasrec.scores_for(reference_model[0], indices), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
@@ -644,6 +664,10 @@ def run_seq(work: str, name: str, file: str, quick: bool, with_sasrec: bool = Fa
             merged["differences"].setdefault(key, {})[group] = m["all"]
     merged.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained")},
                    "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
+    for arm in ("scratch", "pretrained"):  # the blend weight each arm's export fitted on its validation events
+        with open(f"{work}/export/{name}-seq-{arm}/manifest.json") as f:
+            tr = json.load(f).get("transitions") or {}
+        merged.setdefault("transitions", {})[arm] = {k: tr.get(k) for k in ("weight", "window", "keep", "recent", "pairs", "fit", "seconds")}
     if reference_model is not None:
         merged["sasrec"] = reference_model[1]
     result["protocols"] = {"retrieval, sequence model": merged}
@@ -737,7 +761,10 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {key}: " + "; ".join(f"{sl} {k} {_ci(v)}" for sl, mm in d.items() for k, v in mm.items()))
             best = {arm: (e["best"] or {}).get("epoch") for arm, e in t.get("epochs", {}).items()}
             sys_eval = {arm: {k: round(v, 4) for k, v in m.items() if k in ("auc", "rmse", "recall@10", "ndcg@10")} for arm, m in t.get("system_eval_overall", {}).items()}
-            lines += [f"- best epoch by the validation criterion (0-based): {best}; the system's own evaluation, overall: {sys_eval}"]
+            lines += [f"- best epoch by the validation criterion (0-based): {best}; the system's own evaluation (the model alone), overall: {sys_eval}"]
+            if "transitions" in t:
+                lines += ["- transition counts blended into what the export serves (`flm_dist/transitions.py`): weight fitted on each arm's validation events "
+                          + ", ".join(f"{arm} {v['weight']} ({v['pairs']:,} pairs, {v['seconds']} s)" for arm, v in t["transitions"].items())]
             if "sasrec" in t:
                 lines += [f"- SASRec (`bench/sasrec.py`): best epoch {t['sasrec']['best_epoch']} of {t['sasrec']['epochs']}, {t['sasrec']['seconds']} s"]
             lines += [""]
