@@ -635,14 +635,14 @@ def run_seq(work: str, name: str, file: str, quick: bool, with_sasrec: bool = Fa
     # validation (second-to-last) one
     fit = [_catalog_positions(np.asarray(h[:-1], np.int64), catalog) for h in groups["warm users"][1]]
     reference_model = _fit_sasrec(groups["warm users"], catalog, quick) if with_sasrec else None
+    for arm in ("scratch", "pretrained"):
+        export(store, res["arms"][arm]["checkpoint"], f"{work}/export/{name}-seq-{arm}", formats="torchscript")
     tables = {}
     for group, (users, histories, targets) in groups.items():
         gref = ref if group == "warm users" else _history_reference(users, histories, ref)
         rows = {}
         for arm in ("scratch", "pretrained"):
-            out = f"{work}/export/{name}-seq-{arm}"
-            export(store, res["arms"][arm]["checkpoint"], out, formats="torchscript")
-            got = _seq_rows(out, users, histories, targets, catalog, gref)
+            got = _seq_rows(f"{work}/export/{name}-seq-{arm}", users, histories, targets, catalog, gref)
             rows[arm], rows[f"{arm}, model only"] = got["served"], got["model"]
         ukeys = identity_keys(pa.array(users))
         rows["most popular"] = ranking_rows(lambda lo, hi: np.broadcast_to(pop, (hi - lo, len(pop))).copy(), len(users), ukeys, identity_keys(pa.array(targets)), catalog, gref, (10,))
