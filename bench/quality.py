@@ -565,6 +565,8 @@ def _seq_rows(out: str, users: np.ndarray, histories: list[list[int]], targets: 
     ikeys, ivec = _vectors(f"{out}/item_vectors.parquet", "item_id")
     order = np.argsort(ikeys)
     at = order[np.minimum(np.searchsorted(ikeys[order], catalog), len(order) - 1)]
+    if (missing := int((ikeys[at] != catalog).sum())):  # ranking it with a neighbour's vector would be silently wrong
+        raise SystemExit(f"{out}/item_vectors.parquet has no vector for {missing} of the {len(catalog)} catalog items")
     cat = torch.from_numpy(ivec[at])
     # the catalog's items as the export's inputs take them (prehash), for the transition counts
     inputs = prehash_ids(pq.read_table(f"{out}/item_vectors.parquet", columns=["item_id"]).column("item_id"))[at]

@@ -669,7 +669,8 @@ def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelC
     t0 = time.perf_counter()
     d = job["data"]
     # the split and validation carve exactly as the run's training read them (launch.plan_datasets)
-    split = from_dict(SplitConfig, d["split"]) if not d.get("eval") else SplitConfig()
+    # (an explicit data.eval replaces the split in a fine-tune; pretraining never reads it)
+    split = SplitConfig() if d.get("eval") and source["task"] != "pretrain" else from_dict(SplitConfig, d["split"])
     carve = d["valid_fraction"] if not d.get("valid") else 0.0
     side = EncodeSpec(read=None, hash=None, split=split, seed=job["run"]["seed"], valid_fraction=carve)
     counted = transitions.count(store, data_files, side, tc.window, tc.keep, cfg.history_len, tc.fit_users)

@@ -372,11 +372,14 @@ class LoadedExport:
                 features[key] = torch.cat([r.features[key] for r in reqs])
         scores = self.scorer(users, items, features) if len(items) else torch.zeros(0)
         if self.transitions is not None and len(items):
-            hist = torch.cat([r.features["history"] for r in reqs])
-            m = self.transitions.scores(hist, torch.cat([r.features["history" + LEN_SUFFIX] for r in reqs]))
-            of = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(counts))
-            rows = self.transitions.rows(items)
-            scores = scores + self.transitions.weight * torch.where(rows >= 0, torch.log1p(m[of, rows.clamp(min=0)]), 0.0)
+            # one request's counts at a time: [1, items] each, not [requests, items]
+            blend, start = [], 0
+            for r, c in zip(reqs, counts, strict=True):
+                m = self.transitions.scores(r.features["history"], r.features["history" + LEN_SUFFIX])[0]
+                rows = self.transitions.rows(items[start : start + c])
+                blend.append(torch.where(rows >= 0, torch.log1p(m[rows.clamp(min=0)]), 0.0))
+                start += c
+            scores = scores + self.transitions.weight * torch.cat(blend)
         scores = scores.tolist()
         out, start = [], 0
         for r, c in zip(reqs, counts, strict=True):

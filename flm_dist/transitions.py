@@ -18,7 +18,9 @@ systems blend co-visitation counts with learned models.
   excluded, ties counted against the blend); 0 where the counts do not help.
 
 The counts are made in the export's process, one pass over the training files: the
-distinct pairs (24 bytes each) must fit in its memory (Amazon Toys: 0.7M pairs).
+distinct pairs (24 bytes each) must fit in its memory (Amazon Toys: 0.3M pairs). The
+weight's fit gives the user tower each validation user's history and no other user
+feature (those score as nulls): the sequence job files have none.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 # the split exactly as training reads it
-from flm_dist.data.encode import EncodeSpec, split_mask, ts_seconds
+from flm_dist.data.encode import EncodeSpec, event_times, split_mask
 from flm_dist.data.hashing import prehash_ids
 from flm_dist.data.sequences import expand, history_rows, is_sequence
 from flm_dist.storage import Store, split_uri
@@ -48,8 +50,10 @@ _REDUCE = 1 << 22  # pairs gathered before they are summed
 
 @dataclass
 class Counted:
-    """What one pass over the training files gives: the counts (`table`: item_id,
-    followers, counts) and the validation examples the weight is fitted on."""
+    """What one pass over the training files gives: the counts (`table`: item_key,
+    follower_keys, counts; keys as the export's graphs take IDs: the ID itself for
+    integer IDs, prehash(s) for strings) and the validation examples the weight is
+    fitted on."""
 
     table: pa.Table
     pairs: int
@@ -106,13 +110,19 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                     acc = reduce()
                     pend, pending = [], 0
                 if len(vu) < fit_users and valid.any():
-                    times = ts_seconds(flat.column("ts")) if "ts" in cols else None
-                    pos = history_rows(np.arange(len(keys)), index, history_len, usable=train, times=times)
+                    # histories exactly as training builds them: strictly earlier times, events without one left out
+                    times, usable = None, train
+                    if "ts" in cols:
+                        times = event_times(flat, index)
+                        usable = train & flat.column("ts").is_valid().to_numpy(zero_copy_only=False)
+                    pos = history_rows(np.arange(len(keys)), index, history_len, usable=usable, times=times)
                     users = prehash_ids(flat.column("user_id"))
                     for e in np.flatnonzero(valid)[: fit_users - len(vu)]:
                         h = pos[e][pos[e] >= 0]
                         vu.append(users[e]), vh.append(keys[h]), vt.append(keys[e])
-                        vs.append(np.unique(keys[train & (user_of == user_of[e])]))
+                        first = e - index[e]  # the user's events are contiguous
+                        own = slice(first, first + seq_len[e])
+                        vs.append(np.unique(keys[own][train[own]]))
     a, b, c = reduce()
     # each item's `keep` most frequent followers (ties: the smaller key, so runs agree)
     order = np.lexsort((b, -c, a))
@@ -124,8 +134,8 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
     starts = np.r_[np.flatnonzero(np.r_[True, a[1:] != a[:-1]]), len(a)] if len(a) else np.zeros(1, np.int64)
     offsets = pa.array(starts.astype(np.int32))
     table = pa.table({
-        "item_id": pa.array(a[starts[:-1]], pa.int64()),
-        "followers": pa.ListArray.from_arrays(offsets, pa.array(b, pa.int64())),
+        "item_key": pa.array(a[starts[:-1]], pa.int64()),
+        "follower_keys": pa.ListArray.from_arrays(offsets, pa.array(b, pa.int64())),
         "counts": pa.ListArray.from_arrays(offsets, pa.array(c.astype(np.float32))),
     })
     return Counted(table, int(len(order)), np.array(vu, np.int64), vh, np.array(vt, np.int64), vs)
@@ -140,13 +150,13 @@ class Transitions:
         order = np.argsort(item_keys, kind="stable")
         self._sorted, self._rows = torch.from_numpy(item_keys[order].copy()), torch.from_numpy(order.astype(np.int64))
         n = self.n = len(item_keys)
-        lens = pc.list_value_length(table.column("followers")).to_numpy(zero_copy_only=False).astype(np.int64) if table.num_rows else np.zeros(0, np.int64)
+        lens = pc.list_value_length(table.column("follower_keys")).to_numpy(zero_copy_only=False).astype(np.int64) if table.num_rows else np.zeros(0, np.int64)
         keep = max(1, int(lens.max(initial=0)))
         self.followers = torch.full((n + 1, keep), n, dtype=torch.int64)  # row n: "no item", scattered into a spare column
         self.counts = torch.zeros((n + 1, keep), dtype=torch.float32)
-        src = np.repeat(self.rows(torch.from_numpy(prehash_ids(table.column("item_id")).copy())).numpy(), lens)
+        src = np.repeat(self.rows(torch.from_numpy(table.column("item_key").to_numpy().copy())).numpy(), lens)
         slot = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        fr = self.rows(torch.from_numpy(prehash_ids(pc.list_flatten(table.column("followers"))).copy())).numpy()
+        fr = self.rows(torch.from_numpy(pc.list_flatten(table.column("follower_keys")).to_numpy().copy())).numpy()
         ok = (src >= 0) & (fr >= 0)  # pairs of items outside the ranking are dropped
         self.followers[src[ok], slot[ok]] = torch.from_numpy(fr[ok])
         self.counts[src[ok], slot[ok]] = torch.from_numpy(pc.list_flatten(table.column("counts")).to_numpy(zero_copy_only=False)[ok].astype(np.float32))

@@ -62,7 +62,7 @@ def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(
                 pairs.setdefault(a, {}).setdefault(b, 0)
                 pairs[a][b] += 1
     want = {a: sorted(f.items(), key=lambda x: (-x[1], x[0]))[:3] for a, f in pairs.items()}
-    table = {a: list(zip(f, c, strict=True)) for a, f, c in zip(*(got.table.column(k).to_pylist() for k in ("item_id", "followers", "counts")), strict=True)}
+    table = {a: list(zip(f, c, strict=True)) for a, f, c in zip(*(got.table.column(k).to_pylist() for k in ("item_key", "follower_keys", "counts")), strict=True)}
     assert table == {a: [(b, float(c)) for b, c in f] for a, f in want.items()}
     assert got.pairs == sum(len(f) for f in pairs.values())
     # validation events: each user's second-to-last, with the training events before it
@@ -72,17 +72,37 @@ def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(
     assert [v.tolist() for v in got.valid_seen] == [sorted(set(s[:-2])) for s in long]
 
 
-def _export(tmp_path, window: int):
+def _export(tmp_path, window: int, task: str = "retrieval", eval_uri: str = ""):
     from flm_dist.export import write_export
 
     files = _write(tmp_path, _cycles())
     cfg = ModelConfig(user_rows=97, item_rows=89, embedding_dim=8, hidden=[], latent_dim=8, history_len=5, history_layers=1, history_heads=2, user_id=False)
     torch.manual_seed(0)
     model = FLM(cfg, []).eval()  # untrained: its vectors know nothing of the cycles, the counts know them all
-    job = JobConfig(task="retrieval", model=cfg, data=DataConfig(split=SplitConfig(by="last"), valid_fraction=0.1), transitions=TransitionsConfig(window=window, keep=5))
-    source = {"task": "retrieval", "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, []), 0).to_dict(), "data_files": files, "data_columns": {"user_id": "int", "item_id": "int"}}
-    out = tmp_path / f"export-{window}"
+    job = JobConfig(task=task, model=cfg, data=DataConfig(split=SplitConfig(by="last"), valid_fraction=0.1, eval=eval_uri), transitions=TransitionsConfig(window=window, keep=5))
+    source = {"task": task, "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, []), 0).to_dict(), "data_files": files, "data_columns": {"user_id": "int", "item_id": "int"}}
+    out = tmp_path / f"export-{task}-{window}-{bool(eval_uri)}"
     return write_export(Store(), model, source, str(out), formats="torchscript"), out
+
+
+def test_the_counts_follow_the_split_training_read(tmp_path):
+    """A fine-tune with data.eval trained on every event but the validation carve; a
+    pretraining never reads data.eval, so its split still held the last event out."""
+    pairs = {(task, e): _export(tmp_path, 3, task, e)[0]["transitions"]["pairs"] for task, e in (("retrieval", ""), ("retrieval", "s3://b/eval"), ("pretrain", "s3://b/eval"))}
+    assert pairs[("pretrain", "s3://b/eval")] == pairs[("retrieval", "")]
+    assert pairs[("retrieval", "s3://b/eval")] > pairs[("retrieval", "")]
+
+
+def test_validation_histories_hold_strictly_earlier_events_at_the_times_resolution(tmp_path):
+    """Millisecond times: events 500 ms apart are not a tie (training's histories keep
+    them), events at the same instant are, and an event without a time is left out."""
+    ts = pa.array([[0, 1000, 2000, 2500, 2500, 3000], [0, None, 1000, 2000, 3000]], pa.list_(pa.timestamp("ms")))
+    t = pa.table({"user_id": pa.array([1, 2], pa.int64()), "item_id": pa.array([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24]], pa.list_(pa.int64())), "ts": ts})
+    pq.write_table(t, tmp_path / "ms.parquet")
+    split = EncodeSpec(read=None, hash=None, split=SplitConfig(by="last"), valid_fraction=0.1)
+    got = count(Store(), [{"uri": str(tmp_path / "ms.parquet")}], split, window=1, keep=5, history_len=10, fit_users=10)
+    assert got.valid_target.tolist() == [14, 23]
+    assert [h.tolist() for h in got.valid_history] == [[10, 11, 12], [20, 22]]
 
 
 def test_the_export_fits_a_blend_weight_and_the_server_ranks_by_it(tmp_path):

@@ -21,7 +21,7 @@ from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
 from flm_dist.data.sequences import expand, history_rows
 from flm_dist.storage import Store, split_uri
 
-__all__ = ["EncodeSpec", "empty_columns", "encode_table", "read_units", "sequence_slots", "split_mask", "ts_seconds"]
+__all__ = ["EncodeSpec", "empty_columns", "encode_table", "event_times", "read_units", "sequence_slots", "split_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, s
         return {"eval": in_eval, "known": ~in_eval, "valid": in_valid}.get(side, ~in_eval & ~in_valid)
     in_eval = np.zeros(t.num_rows, dtype=bool)
     if split.by == "time":
-        in_eval = ts_seconds(t.column("ts")) >= split.time_cutoff
+        in_eval = _ts_seconds(t.column("ts")) >= split.time_cutoff
     elif split.by == "user":
         in_eval = _unit_hash(t, ("user_id",), spec.seed) < split.fraction
     elif split.by == "random":
@@ -87,7 +87,7 @@ def split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, s
     return known & (in_valid if side == "valid" else ~in_valid)
 
 
-def ts_seconds(col) -> np.ndarray:
+def _ts_seconds(col) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if pa.types.is_timestamp(col.type):
@@ -187,7 +187,7 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     cols["_bad"][placeholder] = BAD_REASONS.index("empty_sequence")
     length = spec.read.history_len
     if length:
-        times = _event_times(flat, index) if "ts" in flat.column_names else None
+        times = event_times(flat, index) if "ts" in flat.column_names else None
         usable = cols["_bad"] == 0
         if times is not None:
             usable &= flat.column("ts").is_valid().to_numpy(zero_copy_only=False)
@@ -200,7 +200,7 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     return cols
 
 
-def _event_times(flat: pa.Table, index: np.ndarray) -> np.ndarray:
+def event_times(flat: pa.Table, index: np.ndarray) -> np.ndarray:
     """Comparable `ts` of each event; refuses a sequence whose times go backwards (its
     history would hold later events)."""
     ts = flat.column("ts").combine_chunks()
