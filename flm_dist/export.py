@@ -586,14 +586,14 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
         scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
         onnx_info = _write_model_files(tmp, model, scorer, Scorer(model, spec, task, id_kinds, table_dtype), features, formats, table_dtype)
         vectors, snapshot, changed = _write_data_files(tmp, store, scorer, task, features, data_files, model.cfg.latent_dim, checkpoint)
-        transitions = _write_transitions(tmp, store, scorer, source, model.cfg, data_files) if vectors and model.cfg.history_len else None
+        counts = _write_transitions(tmp, store, scorer, source, model.cfg, data_files) if vectors and model.cfg.history_len else None
         files = {}
         for root, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(root, n)
                 files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
         out_manifest = _manifest(source, model.cfg, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files)
-        out_manifest["transitions"] = transitions
+        out_manifest["transitions"] = counts
         out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
         store.ensure_bucket(out)
         for rel in sorted(files):

@@ -69,7 +69,7 @@ def _sum_pairs(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray,
     order = np.lexsort((b, a))
     a, b, c = a[order], b[order], c[order]
     start = np.flatnonzero(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
-    return a[start], b[start], np.add.reduceat(c, start) if len(c) else c
+    return a[start], b[start], np.add.reduceat(c, start)
 
 
 def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: int, keep: int, history_len: int, fit_users: int) -> Counted:
