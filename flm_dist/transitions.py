@@ -181,10 +181,9 @@ class Transitions:
         out.scatter_add_(1, self.followers[src].view(b, -1), (self.counts[src] * w.unsqueeze(-1)).view(b, -1))
         return out[:, : self.n]
 
-    def blend(self, cosine: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+    def blend(self, cosine: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The served score of every item: cosine [B, items] + weight * log1p(m)."""
-        w = self.weight if weight is None else weight
-        return cosine + w * torch.log1p(self.scores(history, lengths)) if w else cosine
+        return cosine + self.weight * torch.log1p(self.scores(history, lengths)) if self.weight else cosine
 
 
 def _padded(hist: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
