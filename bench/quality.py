@@ -36,11 +36,16 @@ bootstrap over users (the same resamples for both sides of a difference).
 
 Writes docs/results/quality.json and its section of docs/RESULTS.md.
 
-Another file in the format of LastFM.txt (one user per line, `user item item ...`, items
-oldest first; e.g. another Amazon 5-core file of the S3-Rec repository) runs through the
-same two ranking protocols, with settings derived from the file (`settings_for`):
+Other data, with settings derived from it (`settings_for`): a file in the format of
+LastFM.txt (one user per line, `user item item ...`, items oldest first; e.g. another
+Amazon 5-core file of the S3-Rec repository) runs through the two ranking protocols; a
+MovieLens folder (ml-1m's ratings.dat + movies.dat, or ml-latest's / ml-25m's
+ratings.csv + movies.csv) through the label-scarcity protocol of `ml` and, as NAME-seq,
+the sequence protocol over its ratings read as per-user sequences (`ml-seq` does that
+for ml-latest-small; not in the default run):
 
     python bench/quality.py --data beauty=/data/Beauty.txt [--only beauty,beauty-seq]
+    python bench/quality.py --data ml1m=/data/ml-1m [--only ml1m]
 
 Such a run writes WORK/quality.json (or --out) and leaves docs/RESULTS.md alone.
 """
@@ -96,36 +101,47 @@ SIZES = {
 BATCH = {"ml": (1024, 1024), "lastfm": (1024, 1024), "toys": (2048, 1024)}
 EPOCHS = {"ml": (20, 10), "lastfm": (20, 10), "toys": (10, 10)}
 GENRES = "[{name: genres, side: item, kind: multi, max_len: 8}]"
+RATINGS = {"ml": os.path.join(SHARED, "ml-latest-small")}  # the label-scarcity protocols: name -> MovieLens folder
+KNN_USERS = 20_000  # the implicit user kNN baseline runs up to this many users
 
 
 SOURCES = {"lastfm": "LastFM.txt", "toys": "Toys_and_Games.txt"}  # relative to ../shared/data
 
 
 def settings_for(name: str, path: str) -> dict:
-    """Register a ranking file the harness has no settings for (`--data NAME=PATH`), as a
-    user would set it up: tables of 20 rows per distinct ID, rounded up to a power of two
-    (about 5% of IDs sharing a row, what the sizes above give); Toys' batch sizes and
-    epochs, as such a file is most likely another Amazon 5-core log; the sequence
-    fine-tune's batches of 256 under 5,000 users, LastFM's reason (enough steps an epoch)."""
+    """Register a file the harness has no settings for (`--data NAME=PATH`), as a user
+    would set it up: tables of 20 rows per distinct ID, rounded up to a power of two
+    (about 5% of IDs sharing a row, what the sizes above give).
+    - A ranking file in LastFM.txt's format: Toys' batch sizes and epochs, as such a file
+      is most likely another Amazon 5-core log.
+    - A MovieLens folder (`read_movielens`): ml-latest-small's batch sizes and epochs.
+    Either way the sequence protocol's fine-tune takes batches of 256 under 5,000 users,
+    LastFM's reason (enough steps an epoch)."""
     if name in SIZES or name.endswith("-seq") or not name.replace("_", "").isalnum():
         raise SystemExit(f"--data {name}={path}: NAME must be a new word of letters, digits and _ (not {sorted(SIZES)}, not ending in -seq)")
-    users, items = set(), set()
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            ids = line.split()
-            if len(ids) < 2:  # skipped by `flm-dist data convert` too: a blank line, a user without items
-                continue
-            if not all(t.isdigit() for t in ids):
-                raise SystemExit(f"{path}, line {i}: expected `user_id item_id item_id ...` (positive integers), got {line.strip()[:80]!r}")
-            users.add(ids[0])
-            items.update(ids[1:])
+    if os.path.isdir(path):
+        u, i, *_ = read_movielens(path)
+        users, items = set(np.unique(u).tolist()), set(np.unique(i).tolist())
+        RATINGS[name] = path
+        BATCH[name], EPOCHS[name] = BATCH["ml"], EPOCHS["ml"]
+    else:
+        users, items = set(), set()
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                ids = line.split()
+                if len(ids) < 2:  # skipped by `flm-dist data convert` too: a blank line, a user without items
+                    continue
+                if not all(t.isdigit() for t in ids):
+                    raise SystemExit(f"{path}, line {n}: expected `user_id item_id item_id ...` (positive integers), got {line.strip()[:80]!r}")
+                users.add(ids[0])
+                items.update(ids[1:])
+        SOURCES[name] = path
+        BATCH[name], EPOCHS[name] = BATCH["toys"], EPOCHS["toys"]
 
     def rows(n: int) -> int:
         return max(1024, 1 << (20 * n - 1).bit_length())
 
-    SOURCES[name] = path
     SIZES[name] = {"model.user_rows": rows(len(users)), "model.item_rows": rows(len(items))}
-    BATCH[name], EPOCHS[name] = BATCH["toys"], EPOCHS["toys"]
     SEQ_SIZES[name] = {"model.user_rows": 1024, "model.item_rows": rows(len(items)), **({"data.batch_size": 256} if len(users) < 5000 else {})}
     SEQ_EPOCHS[name] = SEQ_EPOCHS["toys"]
     return {"users": len(users), "items": len(items), "sizes": SIZES[name], "sequence_sizes": SEQ_SIZES[name]}
@@ -223,14 +239,66 @@ def ranking_table(users: np.ndarray, rows: dict[str, tuple[dict, dict]], pairs: 
 # ------------------------------------------------------------------ MovieLens
 
 
-def prepare_ml(work: str, labeled_share: float = 0.3, seed: int = 0) -> dict:
-    src = os.path.join(SHARED, "ml-latest-small")
+def read_movielens(src: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A MovieLens folder -> (user, item, ts, rating arrays, {item: genres}). Either
+    ratings.csv + movies.csv with headers (ml-latest, ml-latest-small, ml-20m, ml-25m:
+    userId,movieId,rating,timestamp and movieId,title,genres) or ratings.dat + movies.dat
+    (ml-1m, ml-10m: `::`-separated UserID::MovieID::Rating::Timestamp, MovieID::Title::Genres)."""
+    if os.path.isfile(f"{src}/ratings.csv"):
+        r = _csv(f"{src}/ratings.csv", ("userId", "movieId", "rating", "timestamp"))
+        m = _csv(f"{src}/movies.csv", ("movieId", "genres"))
+        u, i, ts = (r.column(c).to_numpy().astype(np.int64) for c in ("userId", "movieId", "timestamp"))
+        rating = r.column("rating").to_numpy().astype(np.float64)
+        ids, names = m.column("movieId").to_numpy().astype(np.int64), m.column("genres").to_pylist()
+    elif os.path.isfile(f"{src}/ratings.dat"):
+        rows = _dat(f"{src}/ratings.dat", 4)
+        try:
+            u, i, ts = (np.array([int(x[k]) for x in rows], np.int64) for k in (0, 1, 3))
+            rating = np.array([float(x[2]) for x in rows], np.float64)
+        except ValueError as e:
+            raise SystemExit(f"{src}/ratings.dat: expected UserID::MovieID::Rating::Timestamp numbers: {e}") from None
+        movies = _dat(f"{src}/movies.dat", 3)
+        ids, names = np.array([int(x[0]) for x in movies], np.int64), [x[2] for x in movies]
+    else:
+        raise SystemExit(f"{src}: expected a MovieLens folder with ratings.csv + movies.csv (ml-latest, ml-25m) or ratings.dat + movies.dat (ml-1m, ml-10m)")
+    genres = {int(k): ([] if g in ("(no genres listed)", "") else g.split("|")) for k, g in zip(ids, names, strict=True)}
+    return u, i, ts, rating, genres
+
+
+def _csv(path: str, columns: tuple[str, ...]) -> pa.Table:
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: a MovieLens folder has ratings.csv and movies.csv side by side")
+    t = pacsv.read_csv(path)
+    missing = [c for c in columns if c not in t.column_names]
+    if missing:
+        raise SystemExit(f"{path}: no column {', '.join(missing)} (it has {', '.join(t.column_names)})")
+    empty = [c for c in columns if t.column(c).null_count]
+    if empty:
+        raise SystemExit(f"{path}: column {empty[0]} has {t.column(empty[0]).null_count} empty values")
+    return t.select(list(columns))
+
+
+def _dat(path: str, fields: int) -> list[list[str]]:
+    """A `::`-separated MovieLens file (latin-1, as GroupLens ships ml-1m)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: a MovieLens folder has ratings.dat and movies.dat side by side")
+    rows = []
+    with open(path, encoding="latin-1") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            x = line.rstrip("\r\n").split("::")
+            if len(x) != fields:
+                raise SystemExit(f"{path}, line {n}: expected {fields} `::`-separated fields, got {len(x)}: {line.strip()[:80]!r}")
+            rows.append(x)
+    return rows
+
+
+def prepare_ml(work: str, name: str = "ml", labeled_share: float = 0.3, seed: int = 0) -> dict:
+    src = RATINGS[name]
     if not os.path.exists(src):
-        raise SystemExit(f"{src} not found: the ml protocol needs ../shared/data")
-    r = pacsv.read_csv(f"{src}/ratings.csv")
-    movies = pacsv.read_csv(f"{src}/movies.csv")
-    genres = {m: ([] if g == "(no genres listed)" else g.split("|")) for m, g in zip(movies.column("movieId").to_pylist(), movies.column("genres").to_pylist(), strict=True)}
-    u, i, ts, rating = (r.column(c).to_numpy() for c in ("userId", "movieId", "timestamp", "rating"))
+        raise SystemExit(f"{src} not found: the {name} protocol needs it (../shared/data, or --data NAME=FOLDER)")
+    u, i, ts, rating, genres = read_movielens(src)
     order = np.lexsort((i, ts, u))  # by user, then time; ties by item id (deterministic)
     u, i, ts, rating = u[order], i[order], ts[order], rating[order]
     starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
@@ -247,30 +315,30 @@ def prepare_ml(work: str, labeled_share: float = 0.3, seed: int = 0) -> dict:
         "label": pa.array((rating >= 4).astype(np.float32)),
         "genres": pa.array([genres.get(int(x), []) for x in i], pa.list_(pa.string())),
     })
-    d = f"{work}/ml"
+    d = f"{work}/{name}"
     _write(table.filter(pa.array(~test)).drop_columns(["rating", "label"]), f"{d}/pretrain")
     _write(table.filter(pa.array(~test & labeled)), f"{d}/labeled")
     _write(table.filter(pa.array(~test)), f"{d}/all_labels")
     _write(table.filter(pa.array(test)), f"{d}/test")
-    return {"dir": d, "users": int(len(users)), "items": int(len(np.unique(i))), "rows": int(len(u)), "test_rows": int(test.sum()),
+    return {"dir": d, "users": int(len(users)), "items": int(len(np.unique(i))), "rows": int(len(u)), "test_rows": int(test.sum()), "rating_range": [float(rating.min()), float(rating.max())],
             "labeled_users": int(len(np.unique(u[labeled]))), "labeled_train_rows": int((~test & labeled).sum()), "pretrain_rows": int((~test).sum())}
 
 
-def _surprise(train: pa.Table, test: pa.Table, target: str, implicit: pa.Table | None = None) -> dict[str, np.ndarray]:
+def _surprise(train: pa.Table, test: pa.Table, target: str, scale: tuple[float, float], implicit: pa.Table | None = None) -> dict[str, np.ndarray]:
     """The classical arms on `test`: global mean, BaselineOnly, SVD and, given the
-    unlabeled log (`implicit`), a user kNN over BaselineOnly's residuals."""
+    unlabeled log (`implicit`) of at most KNN_USERS users, a user kNN over
+    BaselineOnly's residuals (its dense user-user similarity is users^2 floats)."""
     import pandas as pd
     from surprise import SVD, BaselineOnly, Dataset, Reader
 
     df = pd.DataFrame({"u": train.column("user_id").to_numpy(), "i": train.column("item_id").to_numpy(), "y": train.column(target).to_numpy()})
-    scale = (0.0, 1.0) if target == "label" else (0.5, 5.0)
-    ds = Dataset.load_from_df(df, Reader(rating_scale=scale)).build_full_trainset()
+    ds = Dataset.load_from_df(df, Reader(rating_scale=(0.0, 1.0) if target == "label" else scale)).build_full_trainset()
     tu, ti = test.column("user_id").to_pylist(), test.column("item_id").to_pylist()
     out = {"global mean": np.full(test.num_rows, float(df["y"].mean()))}
     for name, algo in (("biases (BaselineOnly)", BaselineOnly(verbose=False)), ("SVD", SVD(random_state=0))):
         algo.fit(ds)
         out[name] = np.array([algo.predict(a, b, clip=False).est for a, b in zip(tu, ti, strict=True)], np.float64)
-        if name.startswith("biases") and implicit is not None:
+        if name.startswith("biases") and implicit is not None and len(np.unique(implicit.column("user_id").to_numpy())) <= KNN_USERS:
             fitted = np.array([algo.predict(a, b, clip=False).est for a, b in zip(df["u"], df["i"], strict=True)], np.float64)
             out["user kNN (implicit)"] = out[name] + _implicit_knn(implicit, train, df["y"].to_numpy() - fitted, test)
     if target == "label":
@@ -323,14 +391,15 @@ def _score_export(store: Store, checkpoint: str, test: pa.Table, out: str) -> np
     return s.numpy().astype(np.float64)
 
 
-def run_ml(work: str, quick: bool) -> dict:
+def run_ml(work: str, quick: bool, dataset: str = "ml") -> dict:
     store = Store()
-    info = prepare_ml(work)
+    info = prepare_ml(work, dataset)
     d = info["dir"]
-    pre_epochs, ft_epochs = (3, 3) if quick else EPOCHS["ml"]
+    pre_epochs, ft_epochs = (3, 3) if quick else EPOCHS[dataset]
     feats = {"data.features": GENRES}
+    scale = tuple(info["rating_range"])
     t0 = time.time()
-    pre = _job("pretrain.yaml", "ml", work, "ml-pre", pre_epochs, **feats, **{"data.pretrain": f"{d}/pretrain"})
+    pre = _job("pretrain.yaml", dataset, work, f"{dataset}-pre", pre_epochs, **feats, **{"data.pretrain": f"{d}/pretrain"})
     r_pre = launch.train(pre, store, fresh=True, progress=False)
     result = {"data": info, "pretrain": _pretrain_report(r_pre, time.time() - t0), "protocols": {}}
     test = pq.read_table(f"{d}/test")
@@ -339,23 +408,23 @@ def run_ml(work: str, quick: bool) -> dict:
     masks = {"all": np.ones(len(users), bool), "users without labels": ~np.isin(users, labeled_users)}
     for proto, file, train_dir, target in (("ctr", "finetune_ctr.yaml", "labeled", "label"), ("rating", "finetune_rating.yaml", "labeled", "rating"), ("rating, all labels", "finetune_rating.yaml", "all_labels", "rating")):
         t0 = time.time()
-        name = "ml-" + proto.replace(", ", "-").replace(" ", "-")
-        ft = _job(file, "ml", work, name, ft_epochs, **feats, **{"data.train": f"{d}/{train_dir}", "data.eval": f"{d}/test", "init_from": r_pre["checkpoint"], "data.rating_range": "[0.5, 5]"})
+        name = f"{dataset}-" + proto.replace(", ", "-").replace(" ", "-")
+        ft = _job(file, dataset, work, name, ft_epochs, **feats, **{"data.train": f"{d}/{train_dir}", "data.eval": f"{d}/test", "init_from": r_pre["checkpoint"], "data.rating_range": f"[{scale[0]}, {scale[1]}]"})
         res = compare(ft, store, out=f"{work}/compare/{name}", progress=False)
         train_table = pq.read_table(f"{d}/{train_dir}")
         preds = {arm: _score_export(store, res["arms"][arm]["checkpoint"], test, f"{work}/export/{name}-{arm}") for arm in ("scratch", "pretrained")}
-        preds.update(_surprise(train_table, test, target, implicit=pq.read_table(f"{d}/pretrain")))
+        preds.update(_surprise(train_table, test, target, scale, implicit=pq.read_table(f"{d}/pretrain")))
         y = test.column(target).to_numpy().astype(np.float64)
         sl = masks if train_dir == "labeled" else {"all": masks["all"]}
-        pairs = [("pretrained", "scratch"), ("pretrained", "biases (BaselineOnly)"), ("pretrained", "SVD"), ("pretrained", "user kNN (implicit)")]
+        pairs = [("pretrained", b) for b in ("scratch", "biases (BaselineOnly)", "SVD", "user kNN (implicit)") if b in preds]
         table = pointwise_table("ctr" if target == "label" else "rating", users, y, preds, sl, pairs)
         system = {arm: res["arms"][arm]["eval"]["overall"] for arm in ("scratch", "pretrained")}
         table.update({"seconds": round(time.time() - t0, 1), "system_eval_overall": system,
                       "epochs": {arm: {"best": res["arms"][arm]["best"], "curve": res["arms"][arm]["epochs_curve"]} for arm in ("scratch", "pretrained")}})
         result["protocols"][proto] = table
-        print(f"ml {proto}: {json.dumps(_brief(table))}", flush=True)
-    result["rating_signal"] = rating_signal(store, r_pre["checkpoint"], pq.read_table(f"{d}/all_labels"), f"{work}/export/ml-pre")
-    print(f"ml rating signal in the pretrained user vectors: {result['rating_signal']}", flush=True)
+        print(f"{dataset} {proto}: {json.dumps(_brief(table))}", flush=True)
+    result["rating_signal"] = rating_signal(store, r_pre["checkpoint"], pq.read_table(f"{d}/all_labels"), f"{work}/export/{dataset}-pre")
+    print(f"{dataset} rating signal in the pretrained user vectors: {result['rating_signal']}", flush=True)
     return result
 
 
@@ -519,6 +588,8 @@ def run_loo(work: str, name: str, file: str, quick: bool) -> dict:
 # LastFM has 1,090 users: batches of 256 give it ~90 steps an epoch (1,024: 23)
 SEQ_SIZES = {"lastfm": {"model.user_rows": 1024, "model.item_rows": 100_000, "data.batch_size": 256}, "toys": {"model.user_rows": 1024, "model.item_rows": 250_000}}
 SEQ_EPOCHS = {"lastfm": (4, 20), "toys": (3, 20)}
+# ml-seq: ml-latest-small's 671 users and 9,066 items, sized as settings_for sizes a new file
+SEQ_SIZES["ml"], SEQ_EPOCHS["ml"] = {"model.user_rows": 1024, "model.item_rows": 262_144, "data.batch_size": 256}, SEQ_EPOCHS["toys"]
 
 
 def prepare_sequences(work: str, name: str, file: str, cold_share: float = 0.1, seed: int = 0) -> dict:
@@ -700,26 +771,29 @@ def _ci(v: tuple) -> str:
 def _targets(results: dict) -> list[tuple[str, bool, str]]:
     """Issue 16's bars, checked against the measured values (point estimates)."""
     out = []
-    ml = results.get("ml", {}).get("protocols", {})
-    if "ctr" in ml:
-        a = ml["ctr"]["arms"]
-        pre, scr, bias = a["pretrained"], a["scratch"], a["biases (BaselineOnly)"]
-        u = "users without labels"
-        out.append(("ml ctr: pretrained AUC (users without labels) >= scratch + 0.03", pre[u]["auc"][0] >= scr[u]["auc"][0] + 0.03, f"{pre[u]['auc'][0]:.4f} vs {scr[u]['auc'][0]:.4f} + 0.03"))
-        out.append(("ml ctr: pretrained AUC (users without labels) >= biases + 0.02", pre[u]["auc"][0] >= bias[u]["auc"][0] + 0.02, f"{pre[u]['auc'][0]:.4f} vs {bias[u]['auc'][0]:.4f} + 0.02"))
-        out.append(("ml ctr: pretrained overall AUC >= scratch", pre["all"]["auc"][0] >= scr["all"]["auc"][0], f"{pre['all']['auc'][0]:.4f} vs {scr['all']['auc'][0]:.4f}"))
-        out.append(("ml ctr: pretrained overall log loss <= scratch", pre["all"]["logloss"][0] <= scr["all"]["logloss"][0], f"{pre['all']['logloss'][0]:.4f} vs {scr['all']['logloss'][0]:.4f}"))
-        cal = pre["all"]["calibration"][0]
-        out.append(("ml ctr: pretrained calibration within 0.9-1.1", 0.9 <= cal <= 1.1, f"{cal:.3f}"))
-    if "rating" in ml:
-        a = ml["rating"]["arms"]
-        u = "users without labels"
-        p, s = a["pretrained"][u]["rmse"][0], a["scratch"][u]["rmse"][0]
-        out.append(("ml rating: pretrained RMSE (users without labels) <= scratch - 0.03", p <= s - 0.03, f"{p:.4f} vs {s:.4f} - 0.03"))
-    if "rating, all labels" in ml:
-        a = ml["rating, all labels"]["arms"]
-        p, svd = a["pretrained"]["all"]["rmse"][0], a["SVD"]["all"]["rmse"][0]
-        out.append(("ml rating, all labels: pretrained RMSE <= SVD", p <= svd, f"{p:.4f} vs {svd:.4f}"))
+    for name, res in results.items():
+        if name not in RATINGS:
+            continue
+        ml = res.get("protocols", {})
+        if "ctr" in ml:
+            a = ml["ctr"]["arms"]
+            pre, scr, bias = a["pretrained"], a["scratch"], a["biases (BaselineOnly)"]
+            u = "users without labels"
+            out.append((f"{name} ctr: pretrained AUC (users without labels) >= scratch + 0.03", pre[u]["auc"][0] >= scr[u]["auc"][0] + 0.03, f"{pre[u]['auc'][0]:.4f} vs {scr[u]['auc'][0]:.4f} + 0.03"))
+            out.append((f"{name} ctr: pretrained AUC (users without labels) >= biases + 0.02", pre[u]["auc"][0] >= bias[u]["auc"][0] + 0.02, f"{pre[u]['auc'][0]:.4f} vs {bias[u]['auc'][0]:.4f} + 0.02"))
+            out.append((f"{name} ctr: pretrained overall AUC >= scratch", pre["all"]["auc"][0] >= scr["all"]["auc"][0], f"{pre['all']['auc'][0]:.4f} vs {scr['all']['auc'][0]:.4f}"))
+            out.append((f"{name} ctr: pretrained overall log loss <= scratch", pre["all"]["logloss"][0] <= scr["all"]["logloss"][0], f"{pre['all']['logloss'][0]:.4f} vs {scr['all']['logloss'][0]:.4f}"))
+            cal = pre["all"]["calibration"][0]
+            out.append((f"{name} ctr: pretrained calibration within 0.9-1.1", 0.9 <= cal <= 1.1, f"{cal:.3f}"))
+        if "rating" in ml:
+            a = ml["rating"]["arms"]
+            u = "users without labels"
+            p, s = a["pretrained"][u]["rmse"][0], a["scratch"][u]["rmse"][0]
+            out.append((f"{name} rating: pretrained RMSE (users without labels) <= scratch - 0.03", p <= s - 0.03, f"{p:.4f} vs {s:.4f} - 0.03"))
+        if "rating, all labels" in ml:
+            a = ml["rating, all labels"]["arms"]
+            p, svd = a["pretrained"]["all"]["rmse"][0], a["SVD"]["all"]["rmse"][0]
+            out.append((f"{name} rating, all labels: pretrained RMSE <= SVD", p <= svd, f"{p:.4f} vs {svd:.4f}"))
     for name, res in results.items():
         if "retrieval" in res.get("protocols", {}):
             a = res["protocols"]["retrieval"]["arms"]
@@ -770,12 +844,15 @@ def markdown(results: dict) -> str:
             if "sasrec" in t:
                 lines += [f"- SASRec (`bench/sasrec.py`): best epoch {t['sasrec']['best_epoch']} of {t['sasrec']['epochs']}, {t['sasrec']['seconds']} s"]
             lines += [""]
-    sig = results.get("ml", {}).get("rating_signal")
-    if sig:
-        lines += [f"MovieLens: the pretrained user vector predicts {sig['cv_r2']:.3f} (cross-validated R², ridge) of the {sig['users']} users' "
+    for name, res in results.items():
+        sig = res.get("rating_signal") if isinstance(res, dict) else None
+        if not sig:
+            continue
+        label = "MovieLens" if name == "ml" else f"`{name}`"
+        lines += [f"{label}: the pretrained user vector predicts {sig['cv_r2']:.3f} (cross-validated R², ridge) of the {sig['users']} users' "
                   f"rating level (mean offset from the item means, std {sig['offset_std']:.3f}): the implicit log carries little of what RMSE "
                   "needs for a user without labels."]
-        arms = results["ml"]["protocols"].get("rating", {}).get("arms", {})
+        arms = res["protocols"].get("rating", {}).get("arms", {})
         if "user kNN (implicit)" in arms:
             rmse = {a: arms[a]["users without labels"]["rmse"][0] for a in ("pretrained", "scratch", "user kNN (implicit)", "biases (BaselineOnly)")}
             lines[-1] += (f" What a classical method gets from the same log: a user kNN over BaselineOnly's residuals, with users compared by "
@@ -788,25 +865,45 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+DEFAULT = ["ml", "lastfm", "toys", "lastfm-seq", "toys-seq"]  # what a run without --only or --data runs
+
+
 def protocols_for(args) -> dict:
-    """Protocol name -> the call that runs it: the five above, and two per --data file."""
+    """Protocol name -> the call that runs it: the five above, `ml-seq` (ml-latest-small's
+    ratings read as per-user sequences), and two per --data file or folder."""
     for spec in args.data:
         name, sep, path = spec.partition("=")
-        if not sep or not os.path.isfile(path):
-            raise SystemExit(f"--data {spec}: expected NAME=PATH to a file in LastFM.txt's format")
+        if not sep or not os.path.exists(path):
+            raise SystemExit(f"--data {spec}: expected NAME=PATH to a file in LastFM.txt's format or a MovieLens folder")
         print(f"--data {name}: {json.dumps(settings_for(name, os.path.abspath(path)))}", flush=True)
-    protocols = {"ml": lambda: run_ml(args.work, args.quick)}
+    protocols = {name: lambda name=name: run_ml(args.work, args.quick, name) for name in RATINGS}
     for name, file in SOURCES.items():  # every FLM ID protocol, then every sequence one
         protocols[name] = lambda name=name, file=file: run_loo(args.work, name, file, args.quick)
     for name, file in SOURCES.items():
         protocols[f"{name}-seq"] = lambda name=name, file=file: run_seq(args.work, name, file, args.quick, args.sasrec)
+    for name in RATINGS:
+        protocols[f"{name}-seq"] = lambda name=name: run_seq(args.work, name, ratings_as_sequences(RATINGS[name], f"{args.work}/{name}.txt"), args.quick, args.sasrec)
     return protocols
+
+
+def ratings_as_sequences(src: str, out: str) -> str:
+    """A MovieLens folder as a file in LastFM.txt's format: each user's rated items in
+    time order (ties by item ID), every rating an event. Returns `out`."""
+    u, i, ts, _, _ = read_movielens(src)
+    order = np.lexsort((i, ts, u))
+    u, i = u[order], i[order]
+    cut = np.flatnonzero(np.diff(u)) + 1
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        for user, items in zip(np.split(u, cut), np.split(i, cut), strict=True):
+            f.write(f"{user[0]} " + " ".join(map(str, items.tolist())) + "\n")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=None, help="protocols to run (default: the five above, or those of --data)")
-    ap.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="another file in LastFM.txt's format: adds protocols NAME and NAME-seq")
+    ap.add_argument("--only", default=None, help="protocols to run (default: the five of DEFAULT, or those of --data)")
+    ap.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="a file in LastFM.txt's format or a MovieLens folder: adds protocols NAME and NAME-seq")
     ap.add_argument("--quick", action="store_true", help="a few epochs: checks the harness, not the model")
     ap.add_argument("--work", default="/tmp/flm-quality")
     ap.add_argument("--out", default=None, help="default docs/results/quality.json; with --data, WORK/quality.json")
@@ -816,12 +913,12 @@ def main() -> None:
     args = ap.parse_args()
     protocols = protocols_for(args)
     added = [spec.partition("=")[0] for spec in args.data]
-    only = args.only.split(",") if args.only else [p for a in added for p in (a, f"{a}-seq")] or list(protocols)
+    only = args.only.split(",") if args.only else [p for a in added for p in (a, f"{a}-seq")] or DEFAULT
     unknown = [p for p in only if p not in protocols]
     if unknown:
         raise SystemExit(f"--only {args.only}: no protocol {', '.join(unknown)}; the protocols are {', '.join(protocols)}")
     args.out = args.out or (os.path.join(args.work, "quality.json") if args.data else os.path.join(OUT, "quality.json"))
-    if "ml" in only:
+    if any(p in RATINGS for p in only):
         try:
             import surprise  # noqa: F401
         except ImportError:

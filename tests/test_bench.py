@@ -100,12 +100,12 @@ def test_the_quality_harness_runs_another_ranking_file_with_settings_from_the_fi
     import pytest
     import quality
 
-    for name in ("SOURCES", "SIZES", "BATCH", "EPOCHS", "SEQ_SIZES", "SEQ_EPOCHS"):
+    for name in ("SOURCES", "RATINGS", "SIZES", "BATCH", "EPOCHS", "SEQ_SIZES", "SEQ_EPOCHS"):
         monkeypatch.setattr(quality, name, dict(getattr(quality, name)))
     path = tmp_path / "Beauty.txt"
     path.write_text("".join(f"{u} " + " ".join(str(100 + (u * 7 + k) % 300) for k in range(5)) + "\n" for u in range(1, 2001)))
     protocols = quality.protocols_for(argparse.Namespace(data=[f"beauty={path}"], work=str(tmp_path), quick=True, sasrec=False))
-    assert list(protocols) == ["ml", "lastfm", "toys", "beauty", "lastfm-seq", "toys-seq", "beauty-seq"]
+    assert list(protocols) == ["ml", "lastfm", "toys", "beauty", "lastfm-seq", "toys-seq", "beauty-seq", "ml-seq"]
     # 20 rows per distinct ID, rounded up to a power of two: 2,000 users -> 65,536; 300 items -> 8,192
     assert quality.SIZES["beauty"] == {"model.user_rows": 65536, "model.item_rows": 8192}
     assert quality.SEQ_SIZES["beauty"] == {"model.user_rows": 1024, "model.item_rows": 8192, "data.batch_size": 256}
@@ -125,3 +125,64 @@ def test_the_quality_harness_runs_another_ranking_file_with_settings_from_the_fi
     monkeypatch.setattr(sys, "argv", ["quality.py", "--only", "toy,lastfm"])
     with pytest.raises(SystemExit, match="no protocol toy; the protocols are ml, lastfm, toys"):
         quality.main()
+
+
+def test_the_quality_harness_runs_another_movielens_folder_in_either_format(tmp_path, monkeypatch):
+    import argparse
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import pytest
+    import quality
+
+    for name in ("SOURCES", "RATINGS", "SIZES", "BATCH", "EPOCHS", "SEQ_SIZES", "SEQ_EPOCHS"):
+        monkeypatch.setattr(quality, name, dict(getattr(quality, name)))
+    rng = np.random.default_rng(0)
+    events = []  # 50 users x 10 ratings of 60 movies, integer stars (ml-1m's), one tie in time per user
+    for u in range(1, 51):
+        for k, m in enumerate(rng.choice(60, 10, replace=False) + 1):
+            events.append((u, int(m), int(rng.integers(1, 6)), 1000 + min(k, 8)))
+    genres = {m: "|".join(["Drama", "Comedy", "Horror"][: 1 + m % 3]) if m % 7 else "(no genres listed)" for m in range(1, 61)}
+    dat, csv = tmp_path / "ml-1m", tmp_path / "ml-csv"
+    dat.mkdir(), csv.mkdir()
+    (dat / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in events))
+    (dat / "movies.dat").write_bytes("".join(f"{m}::Am\xe9lie, Part {m} (2001)::{g}\n" for m, g in genres.items()).encode("latin-1"))
+    (csv / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r}.0,{t}\n" for u, m, r, t in events))
+    (csv / "movies.csv").write_text("movieId,title,genres\n" + "".join(f'{m},"Amelie, Part {m} (2001)",{g}\n' for m, g in genres.items()))
+
+    a, b = quality.read_movielens(str(dat)), quality.read_movielens(str(csv))
+    for x, y in zip(a[:4], b[:4], strict=True):
+        assert np.array_equal(x, y)
+    assert a[4] == b[4] and a[4][7] == [] and a[4][2] == ["Drama", "Comedy", "Horror"]
+
+    protocols = quality.protocols_for(argparse.Namespace(data=[f"ml1m={dat}"], work=str(tmp_path), quick=True, sasrec=False))
+    assert list(protocols) == ["ml", "ml1m", "lastfm", "toys", "lastfm-seq", "toys-seq", "ml-seq", "ml1m-seq"]
+    # 20 rows per distinct ID, rounded up to a power of two: 50 users -> 1,024; 60 movies -> 2,048; ml's batches and epochs
+    assert quality.SIZES["ml1m"] == {"model.user_rows": 1024, "model.item_rows": 2048} and quality.EPOCHS["ml1m"] == quality.EPOCHS["ml"]
+    assert quality.SEQ_SIZES["ml1m"]["data.batch_size"] == 256 and quality.RATINGS["ml1m"] == str(dat)
+
+    info = quality.prepare_ml(str(tmp_path / "work"), "ml1m")
+    assert info["rating_range"] == [1.0, 5.0] and info["users"] == 50 and info["labeled_users"] == 15
+    test, pre = pq.read_table(f"{info['dir']}/test"), pq.read_table(f"{info['dir']}/pretrain")
+    assert test.num_rows == 50 * 2 and pre.num_rows == 50 * 8 and "rating" not in pre.column_names  # each user's last 20% by time
+    for u in (1, 50):  # the held-out ratings are the user's latest (ties in time by movie ID)
+        mine = sorted((t, m) for uu, m, _, t in events if uu == u)
+        held = test.filter(np.asarray(test.column("user_id")) == u)
+        assert sorted(held.column("item_id").to_pylist()) == sorted(m for _, m in mine[-2:])
+    # the sequence protocol's file: each user's movies in time order, ties by movie ID
+    txt = quality.ratings_as_sequences(str(dat), str(tmp_path / "ml1m.txt"))
+    first = open(txt).readline().split()
+    assert first == ["1"] + [str(m) for _, m in sorted((t, m) for u, m, _, t in events if u == 1)]
+
+    # bad folders are refused with the file and what is wrong
+    (csv / "ratings.csv").write_text("userId,movieId,rating\n1,2,3.0\n")
+    with pytest.raises(SystemExit, match=r"ratings.csv: no column timestamp"):
+        quality.read_movielens(str(csv))
+    (dat / "ratings.dat").write_text("1::2::3::4\n\n1::5::4\n")
+    with pytest.raises(SystemExit, match=r"ratings.dat, line 3: expected 4 `::`-separated fields, got 3"):
+        quality.read_movielens(str(dat))
+    (dat / "ratings.dat").write_text("1::2::three::4\n")
+    with pytest.raises(SystemExit, match=r"ratings.dat: expected UserID::MovieID::Rating::Timestamp numbers"):
+        quality.read_movielens(str(dat))
+    with pytest.raises(SystemExit, match=r"expected a MovieLens folder with ratings.csv \+ movies.csv"):
+        quality.read_movielens(str(tmp_path / "work"))
