@@ -245,8 +245,22 @@ class Scorer(nn.Module):
         return self.item_encoder(torch.cat(xs, dim=1))
 
     def forward(self, user_id: torch.Tensor, item_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        zu = self._user(user_id, features)
-        zi = self._item(item_id, features)
+        return self.score_latents(self._user(user_id, features), self._item(item_id, features))
+
+    # The towers and the head apart, so that a caller scoring many items for one user (the
+    # server's /score) runs the user tower (a history's Transformer) once, not once per item.
+    @torch.jit.export
+    def user_latents(self, user_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The user tower's output [N, latent] (not normalised): score_latents' input."""
+        return self._user(user_id, features)
+
+    @torch.jit.export
+    def item_latents(self, item_id: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self._item(item_id, features)
+
+    @torch.jit.export
+    def score_latents(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
+        """forward's score of rows of user and item latents."""
         if self.task == 2:
             return (F.normalize(zu, dim=-1) * F.normalize(zi, dim=-1)).sum(-1)
         s = self.head(torch.cat([zu, zi, zu * zi], dim=1)).squeeze(-1) + self.rating_center

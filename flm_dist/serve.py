@@ -224,6 +224,7 @@ class LoadedExport:
         self.stats = {"score": {"requests": 0, "batches": 0}, "recommend": {"requests": 0, "batches": 0}}
         self.scorer = torch.jit.load(os.path.join(local_dir, "scorer.pt"))
         self.scorer.eval()
+        self.split_towers = hasattr(self.scorer, "score_latents")
         kinds = m.get("id_kinds", {})
         self.id_kind = {"user": kinds.get("user_id", "int"), "item": kinds.get("item_id", "int")}
         self.features = {side: [f for f in m.get("features", []) if f["side"] == side] for side in ("user", "item")}
@@ -361,16 +362,19 @@ class LoadedExport:
         """All (user, item) pairs of the batch in one scorer call."""
         self._count("score", reqs)
         counts = [len(r.items) for r in reqs]
-        users = torch.cat([r.user.expand(c) for r, c in zip(reqs, counts, strict=True)])
         items = torch.cat([r.items for r in reqs])
-        features: dict[str, torch.Tensor] = {}
-        for f in self.features["user"]:
-            for key in input_keys(f):
-                features[key] = torch.cat([r.features[key].expand(c, *r.features[key].shape[1:]) for r, c in zip(reqs, counts, strict=True)])
-        for f in self.features["item"]:
-            for key in input_keys(f):
-                features[key] = torch.cat([r.features[key] for r in reqs])
-        scores = self.scorer(users, items, features) if len(items) else torch.zeros(0)
+        user_features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["user"] for key in input_keys(f)}
+        item_features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["item"] for key in input_keys(f)}
+        if not len(items):
+            scores = torch.zeros(0)
+        elif self.split_towers:  # the user tower once per request, then each of its items
+            zu = self.scorer.user_latents(torch.cat([r.user for r in reqs]), user_features)
+            zu = zu.repeat_interleave(torch.tensor(counts), dim=0)
+            scores = self.scorer.score_latents(zu, self.scorer.item_latents(items, item_features))
+        else:  # an export made before the towers were exported apart: one row per item
+            users = torch.cat([r.user.expand(c) for r, c in zip(reqs, counts, strict=True)])
+            rows = {k: torch.repeat_interleave(v, torch.tensor(counts), dim=0) for k, v in user_features.items()}
+            scores = self.scorer(users, items, {**rows, **item_features})
         if self.transitions is not None and len(items):
             # one request's counts at a time: [1, items] each, not [requests, items]
             blend, start = [], 0

@@ -146,3 +146,30 @@ def test_window_zero_exports_no_counts_and_bad_keys_are_refused(tmp_path):
         TransitionsConfig(keep=0)
     with pytest.raises(ConfigError, match="transitions.window"):
         TransitionsConfig(window=-1)
+
+
+def test_score_runs_the_user_tower_once_per_request_and_answers_as_the_graph(tmp_path):
+    """/score computes each request's user latent once and scores its items against it:
+    the same scores as the graph's forward on one row per item, also in a batch whose
+    requests have different histories and item counts (one none)."""
+    from flm_dist.serve import LoadedExport
+
+    _, out = _export(tmp_path, window=0)  # no counts: the scores are the model's
+    server = LoadedExport(str(out), ServeConfig(max_items=ITEMS))
+    scorer = torch.jit.load(str(out / "scorer.pt"))
+    bodies = [{"user_id": 1, "item_ids": list(range(ITEMS)), "history": [3, 4, 5, 6]},
+              {"user_id": 2, "item_ids": [], "history": [9]},
+              {"user_id": 3, "item_ids": [5, 7, 11], "history": [20, 21]}]
+    want = []
+    for b in bodies:
+        n, h = len(b["item_ids"]), b["history"]
+        with torch.no_grad():
+            s = scorer(torch.full((n,), b["user_id"]), torch.tensor(b["item_ids"], dtype=torch.int64), {"history": torch.tensor([h] * n, dtype=torch.int64).view(n, len(h)), "history__len": torch.full((n,), len(h))})
+        want.append(s.tolist())
+    assert server.split_towers
+    for split in (True, False):  # False: an export made before the towers were exported apart
+        server.split_towers = split
+        got = [r["scores"] for r in server.score_batch([server.parse_score(b) for b in bodies])]
+        assert [len(g) for g in got] == [ITEMS, 0, 3]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
