@@ -29,7 +29,16 @@ requests per batch the replica formed under the load.
 On a 2-core machine the clients, Ray's proxy and the replica share the cores: the
 served figures are the machine's, not the server's alone.
 
-    python bench/serve.py [--quick] [--items 100000] [--clients 16] [--seconds 10] [--repeats 3] [--out bench/results/serve.json]
+With --sequence the export is the sequence model's instead (issue 17): the model of
+jobs/finetune_retrieval_sequence.yaml (a Transformer over the user's 50 latest items,
+no user ID, no other feature) over per-user sequences that walk the items (each next
+item 1-4 ahead, so that the transition counts earn a blend weight), with the counts
+and the weight its export fits. Every request carries the user's "history" (their
+latest items, up to 50). L then computes what the server answers: the graph with the
+history, plus the counts' blend (`flm_dist.transitions`); M is L without the blend
+(the model alone), so L / M is the counts' cost. Written to its own section.
+
+    python bench/serve.py [--quick] [--sequence] [--items 100000] [--clients 16] [--seconds 10] [--repeats 3] [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
@@ -59,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch-size", type=int, default=64, help="serve.max_batch_size")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="serve.batch_wait_timeout_s, in ms")
+    p.add_argument("--sequence", action="store_true", help="the sequence model's export: requests with a history, transition counts")
     p.add_argument("--workdir", default="/tmp/flm-bench-serve", help="synthetic data and export (reused)")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "serve.json"))
+    p.add_argument("--out", default=None, help="default bench/results/serve.json (serve-sequence.json with --sequence)")
     # the load generator (second process): stdlib only
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--client-path", help=argparse.SUPPRESS)
@@ -68,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.repeats = 3.0, 1.0, 1
+    args.out = args.out or os.path.join(HERE, "results", "serve-sequence.json" if args.sequence else "serve.json")
     return args
 
 
@@ -139,7 +150,7 @@ def build_export(args) -> str:
     files = common.write_interaction_log(data_dir, rows=rows, files=8, row_group_rows=65536, dist="uniform", users=args.users, items=args.items, seed=7)
     out = os.path.join(args.workdir, f"export-{args.items}-{args.users}")
     stamp = os.path.join(args.workdir, f"export-{args.items}-{args.users}.json")
-    params = {"items": args.items, "users": args.users, "rows": rows, "v": 1}
+    params = {"items": args.items, "users": args.users, "rows": rows, "v": 2}  # v2: the scorer exports its towers apart
     try:
         with open(stamp) as f:
             if json.load(f) == params and os.path.exists(os.path.join(out, "manifest.json")):
@@ -168,6 +179,55 @@ def build_export(args) -> str:
     return out
 
 
+def build_sequence_export(args) -> str:
+    """Write (once) per-user sequences and the sequence model's export (counts included)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from flm_dist.config import load_job, to_dict
+    from flm_dist.data.hashing import HashSpec
+    from flm_dist.export import write_export
+    from flm_dist.model import FLM, table_sizes
+    from flm_dist.storage import Store
+
+    out = os.path.join(args.workdir, f"export-seq-{args.items}-{args.users}")
+    stamp = out + ".json"
+    params = {"items": args.items, "users": args.users, "v": 2}
+    try:
+        with open(stamp) as f:
+            if json.load(f) == params and os.path.exists(os.path.join(out, "manifest.json")):
+                return out
+    except (OSError, ValueError):
+        pass
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(10, 61, args.users)
+    seqs = [(int(s) + np.cumsum(rng.integers(1, 5, n))) % args.items for s, n in zip(rng.integers(0, args.items, args.users), lengths, strict=True)]
+    t = pa.table({"user_id": pa.array(np.arange(args.users) + 1, pa.int64()), "item_id": pa.array(seqs, pa.list_(pa.int64())),
+                  "ts": pa.array([np.arange(len(q)) for q in seqs], pa.list_(pa.int64()))})
+    data_dir = os.path.join(args.workdir, f"sequences-{args.items}-{args.users}")
+    os.makedirs(data_dir, exist_ok=True)
+    files = []
+    for k in range(8):
+        path = os.path.join(data_dir, f"part-{k}.parquet")
+        pq.write_table(t.slice(k * args.users // 8, (k + 1) * args.users // 8 - k * args.users // 8), path)
+        files.append({"uri": path, "size": os.path.getsize(path), "rows": pq.read_metadata(path).num_rows})
+    job = load_job(os.path.join(HERE, "..", "jobs", "finetune_retrieval_sequence.yaml"), ["model.user_rows=1024", "model.item_rows=262144", "transitions.fit_users=2000"])
+    torch.manual_seed(0)
+    model = FLM(job.model, []).eval()  # untrained: latency does not depend on what it learned; the counts earn the weight
+    spec = HashSpec.build(table_sizes(job.model, []), job.model.hash_seed)
+    source = {"task": "retrieval", "config": to_dict(job), "hash_spec": spec.to_dict(), "data_columns": {"user_id": "int", "item_id": "int"},
+              "data_files": files, "run": "bench-serve-sequence"}
+    t0 = time.perf_counter()
+    m = write_export(Store(), model, source, out, formats="torchscript")
+    print(f"built the sequence export in {time.perf_counter() - t0:.1f}s: {m['vectors']['items']['rows']:,} items, "
+          f"transition weight {m['transitions']['weight']} -> {out}", flush=True)
+    with open(stamp, "w") as f:
+        json.dump(params, f)
+    return out
+
+
 def request_bodies(export_dir: str, args, n: int = 256) -> dict[str, list[dict]]:
     """Distinct, known-ID request bodies for both endpoints."""
     import numpy as np
@@ -181,6 +241,10 @@ def request_bodies(export_dir: str, args, n: int = 256) -> dict[str, list[dict]]
         for _ in range(n)
     ]
     recommend = [{"user_id": int(rng.choice(users)), "k": args.k} for _ in range(n)]
+    if args.sequence:  # each request sends the user's latest items (a walk, as the export's data)
+        for body in score + recommend:
+            start = int(rng.integers(0, args.items))
+            body["history"] = [int(x) for x in (start + np.cumsum(rng.integers(1, 5, int(rng.integers(10, 51))))) % args.items]
     return {"score": score, "recommend": recommend}
 
 
@@ -236,27 +300,52 @@ def make_arms(args, export_dir: str, url: str, empty_url: str, bodies: dict, bod
     import torch
 
     from flm_dist.config import ServeConfig
-    from flm_dist.serve import LoadedExport
+    from flm_dist.serve import LoadedExport, input_keys
 
     torch.set_num_threads(1)  # as the replica (num_cpus=1) runs
     loaded = LoadedExport(export_dir, ServeConfig(max_items=max(1000, args.score_items), max_batch_size=args.max_batch_size))
-    scorer, matrix = loaded.scorer, loaded.item_matrix
+    scorer, matrix, trans = loaded.scorer, loaded.item_matrix, loaded.transitions
+    if args.sequence and trans is None:
+        raise SystemExit(f"{export_dir}: the export fitted no transition weight (0): the L / M arms would time the same thing")
+    user_keys = {k for f in loaded.features["user"] for k in input_keys(f)}
 
     # L: tensors prebuilt from the handler's own encoding, so L and H score the same inputs
-    score_inputs = []
+    score_inputs = []  # (user [1], items [n], user features [1, ...], item features [n, ...])
     for b in bodies["score"]:
         r = loaded.parse_score(b)
-        feats = {"u_segment": r.features["u_segment"].expand(len(r.items)), "i_category": r.features["i_category"]}
-        score_inputs.append((r.user.expand(len(r.items)).contiguous(), r.items, feats))
+        score_inputs.append((r.user, r.items, {k: v for k, v in r.features.items() if k in user_keys}, {k: v for k, v in r.features.items() if k not in user_keys}))
     rec_inputs = [(r.user, r.features) for r in (loaded.parse_recommend(b) for b in bodies["recommend"])]
 
-    @torch.no_grad()
-    def limit_score(x):
-        return scorer(*x)
+    def with_counts(counts: bool):
+        """The limit arms: what the server computes for an answer, without the request's
+        handling (L; with the transition counts' blend where the export has them), or the
+        model alone (M)."""
+        blend = counts and trans is not None
 
-    @torch.no_grad()
-    def limit_recommend(x):
-        return torch.topk(scorer.user_vectors(*x) @ matrix.T, args.k, dim=1)
+        @torch.no_grad()
+        def score(x):
+            user, items, ufeat, ifeat = x
+            if loaded.split_towers:  # as the server: the user tower once, then the items
+                s = scorer.score_latents(scorer.user_latents(user, ufeat).expand(len(items), -1), scorer.item_latents(items, ifeat))
+            else:
+                s = scorer(user.expand(len(items)), items, {**{k: v.expand(len(items), *v.shape[1:]) for k, v in ufeat.items()}, **ifeat})
+            if blend:  # one request: the history row is the same for every item
+                m = trans.scores(ufeat["history"], ufeat["history__len"])[0]
+                rows = trans.rows(x[1])
+                s = s + trans.weight * torch.where(rows >= 0, torch.log1p(m[rows.clamp(min=0)]), 0.0)
+            return s
+
+        @torch.no_grad()
+        def recommend(x):
+            s = scorer.user_vectors(*x) @ matrix.T
+            if blend:
+                s = trans.blend(s, x[1]["history"], x[1]["history__len"])
+            return torch.topk(s, args.k, dim=1)
+
+        return score, recommend
+
+    limit_score, limit_recommend = with_counts(True)
+    model_score, model_recommend = with_counts(False)
 
     def served(endpoint: str, base: str, path: str):
         def run() -> dict:
@@ -268,7 +357,11 @@ def make_arms(args, export_dir: str, url: str, empty_url: str, bodies: dict, bod
             return _figures(res["latencies_s"], res["window_s"], res["errors"])
         return run
 
-    return {
+    model_only = {
+        "M score": lambda: _timed_loop(model_score, score_inputs, args.seconds, args.warmup),
+        "M recommend": lambda: _timed_loop(model_recommend, rec_inputs, args.seconds, args.warmup),
+    } if args.sequence else {}
+    return model_only | {
         "L score": lambda: _timed_loop(limit_score, score_inputs, args.seconds, args.warmup),
         "H score": lambda: _timed_loop(lambda b: loaded.score_batch([loaded.parse_score(b)]), bodies["score"], args.seconds, args.warmup),
         "E score": served("score", empty_url, "/empty"),
@@ -278,6 +371,11 @@ def make_arms(args, export_dir: str, url: str, empty_url: str, bodies: dict, bod
         "E recommend": served("recommend", empty_url, "/empty"),
         "S recommend": served("recommend", url, "/recommend"),
     }
+
+
+def loaded_weight(export_dir: str) -> float | None:
+    with open(os.path.join(export_dir, "manifest.json")) as f:
+        return (json.load(f).get("transitions") or {}).get("weight")
 
 
 def main() -> None:
@@ -296,9 +394,10 @@ def main() -> None:
     from flm_dist.storage import Store
 
     info = common.machine_info()
-    common.print_header("serve: /score and /recommend over HTTP vs the TorchScript call", info, args)
+    section = "serve-sequence" if args.sequence else "serve"
+    common.print_header(f"{section}: /score and /recommend over HTTP vs the TorchScript call", info, args)
     os.makedirs(args.workdir, exist_ok=True)
-    export_dir = build_export(args)
+    export_dir = build_sequence_export(args) if args.sequence else build_export(args)
     bodies = request_bodies(export_dir, args)
     files = {}
     for endpoint, b in bodies.items():
@@ -326,27 +425,31 @@ def main() -> None:
     rows, ratios = [], {}
     for endpoint in ("score", "recommend"):
         lim = med[f"L {endpoint}"]
-        names = {"L": "L limit (TorchScript call)", "H": "H handler (no HTTP)", "E": f"E empty Serve app ({args.clients} clients)",
-                 "S": f"S served ({args.clients} clients)"}
-        for arm in ("L", "H", "E", "S"):
+        names = {"M": "M model alone (no counts)", "L": "L limit (TorchScript call" + (" + counts)" if args.sequence else ")"), "H": "H handler (no HTTP)",
+                 "E": f"E empty Serve app ({args.clients} clients)", "S": f"S served ({args.clients} clients)"}
+        for arm in ("M", "L", "H", "E", "S") if args.sequence else ("L", "H", "E", "S"):
             m = med[f"{arm} {endpoint}"]
             rows.append([f"/{endpoint}", names[arm], m["p50_ms"], m["p99_ms"], m["rps"], common.ratio(m["p50_ms"], lim["p50_ms"])])
+        if args.sequence:
+            ratios[f"{endpoint}: L p50 / M p50 (the counts' cost)"] = common.ratio(lim["p50_ms"], med[f"M {endpoint}"]["p50_ms"])
         ratios[f"{endpoint}: S p50 / L p50"] = common.ratio(med[f"S {endpoint}"]["p50_ms"], lim["p50_ms"])
         ratios[f"{endpoint}: S req/s / L req/s"] = common.ratio(med[f"S {endpoint}"]["rps"], lim["rps"])
         ratios[f"{endpoint}: S req/s / E req/s"] = common.ratio(med[f"S {endpoint}"]["rps"], med[f"E {endpoint}"]["rps"])
         ratios[f"{endpoint}: served requests per batch"] = common.ratio(batches[endpoint]["requests"], batches[endpoint]["batches"])
     with common.captured() as cap:
         print()
-        print(f"/score: {args.score_items} items per request; /recommend: k={args.k} over {args.items:,} items; "
+        print(("The sequence model's export (jobs/finetune_retrieval_sequence.yaml's model, transition counts, "
+               f"weight {loaded_weight(export_dir)}); every request carries a history of 10-50 items. ") * args.sequence
+              + f"/score: {args.score_items} items per request; /recommend: k={args.k} over {args.items:,} items; "
               f"medians of {args.repeats} round(s) of {args.seconds:g} s; serve.max_batch_size={args.max_batch_size}, "
               f"batch wait {args.batch_wait_ms:g} ms; {args.clients} concurrent clients in a second process")
         print(common.markdown_table(["endpoint", "arm", "p50 ms", "p99 ms", "req/s", "p50 / limit"], rows))
         print()
         print(common.markdown_table(["ratio", "value"], [[k, v] for k, v in ratios.items()]))
     if not args.quick:
-        common.update_benchmarks_md("serve", cap.text(), "python bench/serve.py", info)
+        common.update_benchmarks_md(section, cap.text(), "python bench/serve.py" + " --sequence" * args.sequence, info)
     common.write_result(args.out, {
-        "benchmark": "serve",
+        "benchmark": section,
         "machine": info,
         "args": vars(args),
         "export": export_dir,
