@@ -216,6 +216,11 @@ class TrainConfig:
     # objective; on Toys it overfitted sooner at the same budget, docs/RESULTS.md).
     next_item_positions: Literal["last", "all"] = "last"
     freeze: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
+    # Fine-tuning from a pretrained backbone (init_from): parts kept as pretraining left
+    # them, on top of `freeze`; a run from scratch trains them. With labels for some users
+    # only, a moving encoder re-maps every user, and those without labels (whose rows no
+    # label moves) drift off the items it adapts to.
+    freeze_pretrained: list[Literal["embeddings", "encoder", "decoder"]] = field(default_factory=list)
     log_every: int = 20
     grad_clip: float = 0.0  # 0: off
     amp: bool = True  # bf16 autocast of the dense layers on GPU (ignored on CPU)

@@ -512,7 +512,8 @@ class Worker:
         lo, hi = s.data.rating_range
         center = (lo + hi) / 2 if s.task == "rating" else 0.0
         model = FLM(s.model, s.features, rating_center=center, init_seed=s.run.seed, table_device="meta")
-        _set_trainable(model, s.task, s.train.recon_weight, s.train.freeze if s.mode == "train" else None)
+        frozen = s.train.freeze + (s.train.freeze_pretrained if s.run.init_from else [])
+        _set_trainable(model, s.task, s.train.recon_weight, frozen if s.mode == "train" else None)
         sizes = {n: t.num_embeddings for n, t in model.tables.items()}
         self.plan = plan_tables(sizes, s.model.embedding_dim, self.world, s.runtime.shard_threshold_bytes, s.runtime.plan_overrides)
         if self.rank == 0:

@@ -432,6 +432,23 @@ def test_a_retrieval_fine_tune_continues_the_pretrained_optimiser_state_and_item
     assert not any(w.sparse_opt.state[params[n]]["sum"].any() for n in tables)
 
 
+def test_freeze_pretrained_keeps_those_parts_of_a_backbone_and_not_of_a_scratch_model(tmp_path):
+    """train.freeze_pretrained: [encoder] keeps a pretrained encoder as it was while the
+    embeddings and the head train; from scratch there is nothing to keep and it trains."""
+    from flm_dist.sharding import unwrap
+
+    pre, pre_ref = _pretrained(tmp_path)
+    sets = {"train.epochs": 1, "train.max_steps": 4, "train.head_warmup_steps": 0, "train.freeze_pretrained": "[encoder]"}
+    w, _ = _finetune(tmp_path, "keep", init_from=pre_ref.uri, **sets)
+    m = unwrap(w.model).state_dict()
+    encoder = [k for k in m if k.startswith(("user_encoder.", "item_encoder."))]
+    assert encoder and all(torch.equal(m[k], pre.state_dict()[k]) for k in encoder)
+    assert any(not torch.equal(m[k], pre.state_dict()[k]) for k in m if k.startswith("tables."))
+    assert not any(p.requires_grad for n, p in unwrap(w.model).named_parameters() if n in encoder)
+    w, _ = _finetune(tmp_path, "scratch", **sets)
+    assert all(p.requires_grad for n, p in unwrap(w.model).named_parameters() if n in encoder)
+
+
 def test_head_warmup_trains_only_the_head_then_everything(tmp_path):
     """A fine-tune from a pretrained checkpoint: for head_warmup_steps steps only the
     new head changes; after them the backbone trains too."""
