@@ -935,7 +935,7 @@ def main() -> None:
         with open(args.out) as f:
             earlier = json.load(f)
         earlier.pop("_meta", None)
-        results = {**{k: v for k, v in earlier.items() if k not in results}, **results}
+        results = {**{k: results.get(k, v) for k, v in earlier.items()}, **results}  # in the earlier run's order
     # runs before wall_s was recorded: pretraining + protocol seconds (data preparation not counted)
     wall = {k: v.get("wall_s") or round(v["pretrain"]["seconds"] + sum(p["seconds"] for p in v["protocols"].values()), 1) for k, v in results.items()}
     results["_meta"] = {"seconds": round(time.time() - t0, 1), "wall_s": wall, "machine": info, "quick": args.quick, "bootstrap": BOOT}
