@@ -275,6 +275,9 @@ def _csv(path: str, columns: tuple[str, ...]) -> pa.Table:
     empty = [c for c in columns if t.column(c).null_count]
     if empty:
         raise SystemExit(f"{path}: column {empty[0]} has {t.column(empty[0]).null_count} empty values")
+    text = [c for c in columns if c != "genres" and not (pa.types.is_integer(t.schema.field(c).type) or pa.types.is_floating(t.schema.field(c).type))]
+    if text:
+        raise SystemExit(f"{path}: column {text[0]} holds {t.schema.field(text[0]).type} values, not numbers")
     return t.select(list(columns))
 
 

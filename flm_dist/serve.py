@@ -359,7 +359,8 @@ class LoadedExport:
 
     @torch.no_grad()
     def score_batch(self, reqs: list[ScoreRequest]) -> list[dict]:
-        """All (user, item) pairs of the batch in one scorer call."""
+        """All (user, item) pairs of the batch: the user tower once per request, the item
+        tower and the head once for the batch's items."""
         self._count("score", reqs)
         counts = [len(r.items) for r in reqs]
         items = torch.cat([r.items for r in reqs])

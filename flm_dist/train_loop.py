@@ -480,6 +480,12 @@ def _set_trainable(model: FLM, task: str, recon_weight: float, freeze: list[str]
         mod.requires_grad_(name in used and name not in frozen)
 
 
+def _frozen(s: WorkerSpec) -> list[str] | None:
+    """`train.freeze`, plus `train.freeze_pretrained` when starting from a pretrained
+    backbone; None when nothing trains (evaluation)."""
+    return s.train.freeze + (s.train.freeze_pretrained if s.run.init_from else []) if s.mode == "train" else None
+
+
 class Worker:
     """One rank's model, optimisers and checkpoints, built from the spec."""
 
@@ -512,8 +518,7 @@ class Worker:
         lo, hi = s.data.rating_range
         center = (lo + hi) / 2 if s.task == "rating" else 0.0
         model = FLM(s.model, s.features, rating_center=center, init_seed=s.run.seed, table_device="meta")
-        frozen = s.train.freeze + (s.train.freeze_pretrained if s.run.init_from else [])
-        _set_trainable(model, s.task, s.train.recon_weight, frozen if s.mode == "train" else None)
+        _set_trainable(model, s.task, s.train.recon_weight, _frozen(s))
         sizes = {n: t.num_embeddings for n, t in model.tables.items()}
         self.plan = plan_tables(sizes, s.model.embedding_dim, self.world, s.runtime.shard_threshold_bytes, s.runtime.plan_overrides)
         if self.rank == 0:

@@ -178,6 +178,9 @@ def test_the_quality_harness_runs_another_movielens_folder_in_either_format(tmp_
     (csv / "ratings.csv").write_text("userId,movieId,rating\n1,2,3.0\n")
     with pytest.raises(SystemExit, match=r"ratings.csv: no column timestamp"):
         quality.read_movielens(str(csv))
+    (csv / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,3.0,5\n1,3,good,6\n")
+    with pytest.raises(SystemExit, match=r"ratings.csv: column rating holds string values, not numbers"):
+        quality.read_movielens(str(csv))
     (dat / "ratings.dat").write_text("1::2::3::4\n\n1::5::4\n")
     with pytest.raises(SystemExit, match=r"ratings.dat, line 3: expected 4 `::`-separated fields, got 3"):
         quality.read_movielens(str(dat))
