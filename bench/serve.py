@@ -133,99 +133,97 @@ def client_main(args) -> None:
 # ------------------------------------------------------------------ the export
 
 
-def build_export(args) -> str:
-    """Write (once) the interaction log and the retrieval export; returns the export dir."""
-    import common
-    import pyarrow.parquet as pq
-    import torch
-
-    from flm_dist.config import FeatureConfig, load_job, to_dict
-    from flm_dist.data.hashing import HashSpec
+def _cached_export(out: str, params: dict, build) -> str:
+    """The export at `out`, written from `build()` -> (model, source) unless the stamp
+    beside it says it was built with the same `params`."""
     from flm_dist.export import write_export
-    from flm_dist.model import FLM, table_sizes
     from flm_dist.storage import Store
 
-    rows = 10 * args.items  # uniform draws: every item appears (P(missing) = e^-10)
-    data_dir = os.path.join(args.workdir, "data")
-    files = common.write_interaction_log(data_dir, rows=rows, files=8, row_group_rows=65536, dist="uniform", users=args.users, items=args.items, seed=7)
-    out = os.path.join(args.workdir, f"export-{args.items}-{args.users}")
-    stamp = os.path.join(args.workdir, f"export-{args.items}-{args.users}.json")
-    params = {"items": args.items, "users": args.users, "rows": rows, "v": 2}  # v2: the scorer exports its towers apart
+    stamp = out + ".json"
     try:
         with open(stamp) as f:
             if json.load(f) == params and os.path.exists(os.path.join(out, "manifest.json")):
                 return out
     except (OSError, ValueError):
         pass
-    job = load_job(None, ["task=retrieval", "model.user_rows=262144", "model.item_rows=262144"])
-    job.data.features = [FeatureConfig(name="u_segment", side="user"), FeatureConfig(name="i_category", side="item")]
-    torch.manual_seed(0)
-    model = FLM(job.model, job.data.features).eval()
-    spec = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
-    source = {
-        "task": "retrieval",
-        "config": to_dict(job),
-        "hash_spec": spec.to_dict(),
-        "data_columns": {"user_id": "int", "item_id": "int", "u_segment": "string", "i_category": "string"},
-        "data_files": [{"uri": p, "size": os.path.getsize(p), "rows": pq.read_metadata(p).num_rows} for p in files],
-        "run": "bench-serve",
-    }
+    model, source = build()
     t0 = time.perf_counter()
     m = write_export(Store(), model, source, out, formats="torchscript")
+    weight = f", transition weight {m['transitions']['weight']}" if m.get("transitions") else ""
     print(f"built the export in {time.perf_counter() - t0:.1f}s: {m['vectors']['items']['rows']:,} items, "
-          f"{m['vectors']['users']['rows']:,} users -> {out}", flush=True)
+          f"{m['vectors']['users']['rows']:,} users{weight} -> {out}", flush=True)
     with open(stamp, "w") as f:
         json.dump(params, f)
     return out
+
+
+def build_export(args) -> str:
+    """Write (once) the interaction log and the retrieval export; returns the export dir."""
+    rows = 10 * args.items  # uniform draws: every item appears (P(missing) = e^-10)
+
+    def build():
+        import common
+        import pyarrow.parquet as pq
+        import torch
+
+        from flm_dist.config import FeatureConfig, load_job, to_dict
+        from flm_dist.data.hashing import HashSpec
+        from flm_dist.model import FLM, table_sizes
+
+        files = common.write_interaction_log(os.path.join(args.workdir, "data"), rows=rows, files=8, row_group_rows=65536, dist="uniform", users=args.users, items=args.items, seed=7)
+        job = load_job(None, ["task=retrieval", "model.user_rows=262144", "model.item_rows=262144"])
+        job.data.features = [FeatureConfig(name="u_segment", side="user"), FeatureConfig(name="i_category", side="item")]
+        torch.manual_seed(0)
+        model = FLM(job.model, job.data.features).eval()
+        spec = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+        source = {
+            "task": "retrieval",
+            "config": to_dict(job),
+            "hash_spec": spec.to_dict(),
+            "data_columns": {"user_id": "int", "item_id": "int", "u_segment": "string", "i_category": "string"},
+            "data_files": [{"uri": p, "size": os.path.getsize(p), "rows": pq.read_metadata(p).num_rows} for p in files],
+            "run": "bench-serve",
+        }
+        return model, source
+
+    # v2: the scorer exports its towers apart
+    return _cached_export(os.path.join(args.workdir, f"export-{args.items}-{args.users}"), {"items": args.items, "users": args.users, "rows": rows, "v": 2}, build)
 
 
 def build_sequence_export(args) -> str:
     """Write (once) per-user sequences and the sequence model's export (counts included)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
 
-    from flm_dist.config import load_job, to_dict
-    from flm_dist.data.hashing import HashSpec
-    from flm_dist.export import write_export
-    from flm_dist.model import FLM, table_sizes
-    from flm_dist.storage import Store
+    def build():
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
 
-    out = os.path.join(args.workdir, f"export-seq-{args.items}-{args.users}")
-    stamp = out + ".json"
-    params = {"items": args.items, "users": args.users, "v": 2}
-    try:
-        with open(stamp) as f:
-            if json.load(f) == params and os.path.exists(os.path.join(out, "manifest.json")):
-                return out
-    except (OSError, ValueError):
-        pass
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(10, 61, args.users)
-    seqs = [(int(s) + np.cumsum(rng.integers(1, 5, n))) % args.items for s, n in zip(rng.integers(0, args.items, args.users), lengths, strict=True)]
-    t = pa.table({"user_id": pa.array(np.arange(args.users) + 1, pa.int64()), "item_id": pa.array(seqs, pa.list_(pa.int64())),
-                  "ts": pa.array([np.arange(len(q)) for q in seqs], pa.list_(pa.int64()))})
-    data_dir = os.path.join(args.workdir, f"sequences-{args.items}-{args.users}")
-    os.makedirs(data_dir, exist_ok=True)
-    files = []
-    for k in range(8):
-        path = os.path.join(data_dir, f"part-{k}.parquet")
-        pq.write_table(t.slice(k * args.users // 8, (k + 1) * args.users // 8 - k * args.users // 8), path)
-        files.append({"uri": path, "size": os.path.getsize(path), "rows": pq.read_metadata(path).num_rows})
-    job = load_job(os.path.join(HERE, "..", "jobs", "finetune_retrieval_sequence.yaml"), ["model.user_rows=1024", "model.item_rows=262144", "transitions.fit_users=2000"])
-    torch.manual_seed(0)
-    model = FLM(job.model, []).eval()  # untrained: latency does not depend on what it learned; the counts earn the weight
-    spec = HashSpec.build(table_sizes(job.model, []), job.model.hash_seed)
-    source = {"task": "retrieval", "config": to_dict(job), "hash_spec": spec.to_dict(), "data_columns": {"user_id": "int", "item_id": "int"},
-              "data_files": files, "run": "bench-serve-sequence"}
-    t0 = time.perf_counter()
-    m = write_export(Store(), model, source, out, formats="torchscript")
-    print(f"built the sequence export in {time.perf_counter() - t0:.1f}s: {m['vectors']['items']['rows']:,} items, "
-          f"transition weight {m['transitions']['weight']} -> {out}", flush=True)
-    with open(stamp, "w") as f:
-        json.dump(params, f)
-    return out
+        from flm_dist.config import load_job, to_dict
+        from flm_dist.data.hashing import HashSpec
+        from flm_dist.model import FLM, table_sizes
+
+        rng = np.random.default_rng(7)
+        lengths = rng.integers(10, 61, args.users)
+        seqs = [(int(s) + np.cumsum(rng.integers(1, 5, n))) % args.items for s, n in zip(rng.integers(0, args.items, args.users), lengths, strict=True)]
+        t = pa.table({"user_id": pa.array(np.arange(args.users) + 1, pa.int64()), "item_id": pa.array(seqs, pa.list_(pa.int64())),
+                      "ts": pa.array([np.arange(len(q)) for q in seqs], pa.list_(pa.int64()))})
+        data_dir = os.path.join(args.workdir, f"sequences-{args.items}-{args.users}")
+        os.makedirs(data_dir, exist_ok=True)
+        files = []
+        for k in range(8):
+            path = os.path.join(data_dir, f"part-{k}.parquet")
+            pq.write_table(t.slice(k * args.users // 8, (k + 1) * args.users // 8 - k * args.users // 8), path)
+            files.append({"uri": path, "size": os.path.getsize(path), "rows": pq.read_metadata(path).num_rows})
+        job = load_job(os.path.join(HERE, "..", "jobs", "finetune_retrieval_sequence.yaml"), ["model.user_rows=1024", "model.item_rows=262144", "transitions.fit_users=2000"])
+        torch.manual_seed(0)
+        model = FLM(job.model, []).eval()  # untrained: latency does not depend on what it learned; the counts earn the weight
+        spec = HashSpec.build(table_sizes(job.model, []), job.model.hash_seed)
+        source = {"task": "retrieval", "config": to_dict(job), "hash_spec": spec.to_dict(), "data_columns": {"user_id": "int", "item_id": "int"},
+                  "data_files": files, "run": "bench-serve-sequence"}
+        return model, source
+
+    return _cached_export(os.path.join(args.workdir, f"export-seq-{args.items}-{args.users}"), {"items": args.items, "users": args.users, "v": 2}, build)
 
 
 def request_bodies(export_dir: str, args, n: int = 256) -> dict[str, list[dict]]:
