@@ -327,11 +327,7 @@ def make_arms(args, export_dir: str, url: str, empty_url: str, bodies: dict, bod
                 s = scorer.score_latents(scorer.user_latents(user, ufeat).expand(len(items), -1), scorer.item_latents(items, ifeat))
             else:
                 s = scorer(user.expand(len(items)), items, {**{k: v.expand(len(items), *v.shape[1:]) for k, v in ufeat.items()}, **ifeat})
-            if blend:  # one request: the history row is the same for every item
-                m = trans.scores(ufeat["history"], ufeat["history__len"])[0]
-                rows = trans.rows(x[1])
-                s = s + trans.weight * torch.where(rows >= 0, torch.log1p(m[rows.clamp(min=0)]), 0.0)
-            return s
+            return trans.blend_items(s, ufeat["history"], ufeat["history__len"], items) if blend else s
 
         @torch.no_grad()
         def recommend(x):

@@ -378,13 +378,11 @@ class LoadedExport:
             scores = self.scorer(users, items, {**rows, **item_features})
         if self.transitions is not None and len(items):
             # one request's counts at a time: [1, items] each, not [requests, items]
-            blend, start = [], 0
+            blended, start = [], 0
             for r, c in zip(reqs, counts, strict=True):
-                m = self.transitions.scores(r.features["history"], r.features["history" + LEN_SUFFIX])[0]
-                rows = self.transitions.rows(items[start : start + c])
-                blend.append(torch.where(rows >= 0, torch.log1p(m[rows.clamp(min=0)]), 0.0))
+                blended.append(self.transitions.blend_items(scores[start : start + c], r.features["history"], r.features["history" + LEN_SUFFIX], items[start : start + c]))
                 start += c
-            scores = scores + self.transitions.weight * torch.cat(blend)
+            scores = torch.cat(blended)
         scores = scores.tolist()
         out, start = [], 0
         for r, c in zip(reqs, counts, strict=True):

@@ -185,6 +185,15 @@ class Transitions:
         """The served score of every item: cosine [B, items] + weight * log1p(m)."""
         return cosine + self.weight * torch.log1p(self.scores(history, lengths)) if self.weight else cosine
 
+    def blend_items(self, scores: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """One user's served scores of some items (/score): the model's `scores` [n] of the
+        items with prehash keys `items` [n] + weight * log1p(m); an item outside the ranking
+        adds nothing. `history` [1, L] and `lengths` [1] as in `scores`."""
+        if not self.weight:
+            return scores
+        m, rows = self.scores(history, lengths)[0], self.rows(items)
+        return scores + self.weight * torch.where(rows >= 0, torch.log1p(m[rows.clamp(min=0)]), 0.0)
+
 
 def _padded(hist: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max((len(h) for h in hist), default=1))
