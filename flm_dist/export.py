@@ -687,7 +687,7 @@ def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelC
     split = SplitConfig() if d.get("eval") and source["task"] != "pretrain" else from_dict(SplitConfig, d["split"])
     carve = d["valid_fraction"] if not d.get("valid") else 0.0
     side = EncodeSpec(read=None, hash=None, split=split, seed=job["run"]["seed"], valid_fraction=carve)
-    counted = transitions.count(store, data_files, side, tc.window, tc.keep, cfg.history_len, tc.fit_users)
+    counted = transitions.count(store, data_files, side, tc.window, tc.keep, cfg.history_len, tc.fit_users, tc.backward)
     items = pq.read_table(os.path.join(tmp, "item_vectors.parquet"))
     flat = items.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     matrix = torch.from_numpy(np.array(flat, np.float32).reshape(items.num_rows, -1))
@@ -704,12 +704,13 @@ def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelC
         log.warning("transition counts exported with weight 0: %s", fit["why_zero"])
     pq.write_table(counted.table, os.path.join(tmp, "transitions.parquet"))
     return {
-        "file": "transitions.parquet", "window": tc.window, "keep": tc.keep, "recent": tc.recent, "weight": weight,
+        "file": "transitions.parquet", "window": tc.window, "backward": tc.backward, "keep": tc.keep, "recent": tc.recent, "weight": weight,
         "items": counted.table.num_rows, "pairs": counted.pairs, "fit": fit, "seconds": round(time.perf_counter() - t0, 3),
         "score": "cosine + weight * log1p(m), m_j = sum over the user's `recent` most recent items h_r (r = 0 the "
         "most recent) of counts[h_r -> j] / (1 + r); what the server's /recommend and /score answer",
-        "counts": "item j counted as a follower of item i when it came 1..window events after i in a user's "
-        "training events (the run's split: validation and eval events are not counted); each item's `keep` most frequent",
+        "counts": "item j counted as a follower of item i (1) when it came 1..window events after i in a user's "
+        "training events, and (`backward`) when it came 1..window events before i (the run's split: validation and "
+        "eval events are not counted); each item's `keep` most frequent",
     }
 
 

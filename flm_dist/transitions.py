@@ -9,8 +9,10 @@ real file here, and the blend of the two beats both (docs/RESULTS.md), as produc
 systems blend co-visitation counts with learned models.
 
 - Counts: C[i, j] = how often item j came 1..`window` events after item i in a user's
-  training events. The run's own split decides what is training: its validation and
-  eval events are never counted. Each item keeps its `keep` most frequent followers.
+  training events, plus `backward` times how often it came 1..`window` events before
+  it: co-visitation either way round, the forward direction first. The run's own split
+  decides what is training: its validation and eval events are never counted. Each item
+  keeps its `keep` most frequent followers.
 - A user's transition score for item j: m_j = sum over their `recent` most recent items
   h_r (r = 0 the most recent) of C[h_r, j] / (1 + r).
 - The served score: cos(user, item) + weight * log1p(m_j). `weight` is fitted at export
@@ -72,18 +74,19 @@ def _sum_pairs(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray,
     return a[start], b[start], np.add.reduceat(c, start)
 
 
-def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: int, keep: int, history_len: int, fit_users: int) -> Counted:
+def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: int, keep: int, history_len: int, fit_users: int, backward: float = 0.0) -> Counted:
     """Stream the training files once (user, item, time columns): the transition counts
-    of the training side of `split_spec`'s split, and up to `fit_users` validation events
-    with the training items before them (at most `history_len`, strictly earlier in time)."""
-    acc = (np.zeros(0, np.int64),) * 3
-    pend: list[tuple[np.ndarray, np.ndarray]] = []
+    of the training side of `split_spec`'s split (j after i: 1 for i's row, `backward`
+    for j's), and up to `fit_users` validation events with the training items before
+    them (at most `history_len`, strictly earlier in time)."""
+    acc = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    pend: list[tuple[np.ndarray, np.ndarray, float]] = []
     pending = 0
 
     def reduce() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a = np.concatenate([acc[0]] + [p[0] for p in pend])
         b = np.concatenate([acc[1]] + [p[1] for p in pend])
-        return _sum_pairs(a, b, np.concatenate([acc[2], np.ones(pending, np.int64)]))
+        return _sum_pairs(a, b, np.concatenate([acc[2]] + [np.full(len(p[0]), p[2]) for p in pend]))
 
     vu, vh, vt, vs = [], [], [], []
     for info in data_files:
@@ -104,8 +107,10 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                 k, u = keys[train], user_of[train]
                 for d in range(1, window + 1):
                     same = u[d:] == u[:-d]
-                    pend.append((k[:-d][same], k[d:][same]))
-                    pending += int(same.sum())
+                    pend.append((k[:-d][same], k[d:][same], 1.0))
+                    if backward:
+                        pend.append((k[d:][same], k[:-d][same], backward))
+                    pending += int(same.sum()) * (2 if backward else 1)
                 if pending >= _REDUCE:
                     acc = reduce()
                     pend, pending = [], 0

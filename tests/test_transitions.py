@@ -47,23 +47,28 @@ def _write(tmp_path, seqs: list[list[int]]) -> list[dict]:
     return files
 
 
-def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(tmp_path):
+@pytest.mark.parametrize("backward", [0.0, 0.25])
+def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(tmp_path, backward):
     rng = np.random.default_rng(3)
     seqs = [[int(x) for x in rng.integers(0, 12, n)] for n in rng.integers(1, 9, 25)]
     files = _write(tmp_path, seqs)
     split = EncodeSpec(read=None, hash=None, split=SplitConfig(by="last"), valid_fraction=0.1)
-    got = count(Store(), files, split, window=2, keep=3, history_len=4, fit_users=100)
-    # oracle: pairs among each user's events but the last two (eval, validation)
-    pairs: dict[int, dict[int, int]] = {}
+    got = count(Store(), files, split, window=2, keep=3, history_len=4, fit_users=100, backward=backward)
+    # oracle: pairs among each user's events but the last two (eval, validation); j
+    # after i counts 1 for i's row and `backward` for j's
+    pairs: dict[int, dict[int, float]] = {}
     for s in seqs:
         train = s[:-2]
         for t, a in enumerate(train):
             for b in train[t + 1 : t + 3]:
-                pairs.setdefault(a, {}).setdefault(b, 0)
+                pairs.setdefault(a, {}).setdefault(b, 0.0)
                 pairs[a][b] += 1
+                if backward:
+                    pairs.setdefault(b, {}).setdefault(a, 0.0)
+                    pairs[b][a] += backward
     want = {a: sorted(f.items(), key=lambda x: (-x[1], x[0]))[:3] for a, f in pairs.items()}
     table = {a: list(zip(f, c, strict=True)) for a, f, c in zip(*(got.table.column(k).to_pylist() for k in ("item_key", "follower_keys", "counts")), strict=True)}
-    assert table == {a: [(b, float(c)) for b, c in f] for a, f in want.items()}
+    assert table == {a: [(b, pytest.approx(c)) for b, c in f] for a, f in want.items()}
     assert got.pairs == sum(len(f) for f in pairs.values())
     # validation events: each user's second-to-last, with the training events before it
     long = [s for s in seqs if len(s) >= 2]
@@ -146,6 +151,8 @@ def test_window_zero_exports_no_counts_and_bad_keys_are_refused(tmp_path):
         TransitionsConfig(keep=0)
     with pytest.raises(ConfigError, match="transitions.window"):
         TransitionsConfig(window=-1)
+    with pytest.raises(ConfigError, match="transitions.backward"):
+        TransitionsConfig(backward=-0.1)
 
 
 def test_score_runs_the_user_tower_once_per_request_and_answers_as_the_graph(tmp_path):
