@@ -170,22 +170,20 @@ def _write(table: pa.Table, folder: str, files: int = 4) -> None:
 # ------------------------------------------------------------------ statistics
 
 
-def _user_index(users: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    uniq, inv = np.unique(users, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(inv, minlength=len(uniq)))]
-    return uniq, [order[bounds[i] : bounds[i + 1]] for i in range(len(uniq))]
-
-
 def bootstrap(users: np.ndarray, stat, seed: int = 0, n: int = BOOT) -> tuple[float, float, float]:
     """(value, 2.5%, 97.5%) of `stat(row_indices)` over resamples of users (all of a
     resampled user's rows, as often as the user is drawn)."""
-    _, groups = _user_index(users)
+    _, inv, counts = np.unique(users, return_inverse=True, return_counts=True)
+    order = np.argsort(inv, kind="stable")  # rows grouped by user
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(n):
-        pick = rng.integers(0, len(groups), len(groups))
-        vals.append(stat(np.concatenate([groups[i] for i in pick])))
+        pick = rng.integers(0, len(counts), len(counts))
+        # the drawn users' rows, user after user (one gather, not a list of arrays)
+        lens = counts[pick]
+        at = np.repeat(starts[pick] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+        vals.append(stat(order[at]))
     lo, hi = np.percentile(vals, [2.5, 97.5])
     return float(stat(np.arange(len(users)))), float(lo), float(hi)
 

@@ -189,3 +189,25 @@ def test_the_quality_harness_runs_another_movielens_folder_in_either_format(tmp_
         quality.read_movielens(str(dat))
     with pytest.raises(SystemExit, match=r"expected a MovieLens folder with ratings.csv \+ movies.csv"):
         quality.read_movielens(str(tmp_path / "work"))
+
+
+def test_the_bootstrap_resamples_whole_users_as_often_as_drawn():
+    import numpy as np
+    import quality
+
+    users = np.array([5, 5, 5, 9, 2, 2, 7])
+    seen = []
+
+    def rows(r):
+        seen.append(r.copy())
+        return float(len(r))
+
+    value, lo, hi = quality.bootstrap(users, rows, n=300)
+    assert value == 7 and len(seen) == 301
+    sizes = set()
+    for r in seen[:-1]:
+        c = np.bincount(r, minlength=len(users))
+        assert c[0] == c[1] == c[2] and c[4] == c[5]  # a user comes with all of its rows
+        assert c[0] + c[3] + c[4] + c[6] == 4  # four users drawn, with replacement
+        sizes.add(len(r))
+    assert lo < hi and min(sizes) < 7 < max(sizes)  # 4 to 12 rows: users, not rows, are drawn
