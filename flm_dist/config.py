@@ -297,9 +297,10 @@ class TransitionsConfig:
     weight fitted on the validation events."""
 
     window: int = 5  # j follows i when it comes 1..window events after i; 0: no counts
-    # j also counts for i, at this weight, when it came 1..window events before i: the
-    # validation NDCG@10 of the blend rose on Toys, LastFM and MovieLens sequences, best
-    # at 0.3 of the five values tried on each (docs/RESULTS.md); 0: forward only
+    # j also counts for i, at this weight, when it came 1..window events before i
+    # (co-visitation either way, forward first): the blend's validation NDCG@10 rose on
+    # Toys, LastFM and MovieLens sequences, highest at 0.3 or within 0.0005 of it
+    # (docs/RESULTS.md); 0: forward only
     backward: float = 0.3
     keep: int = 200  # followers kept per item, the most frequent
     recent: int = 50  # a user's most recent items whose followers are summed
