@@ -20,7 +20,7 @@ systems blend co-visitation counts with learned models.
   excluded, ties counted against the blend); 0 where the counts do not help.
 
 The counts are made in the export's process, one pass over the training files: the
-distinct pairs (24 bytes each) must fit in its memory (Amazon Toys: 0.3M pairs). The
+distinct pairs (24 bytes each) must fit in its memory (Amazon Toys: 0.6M pairs counted both ways, 0.3M forward only). The
 weight's fit gives the user tower each validation user's history and no other user
 feature (those score as nulls): the sequence job files have none.
 """
