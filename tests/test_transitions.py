@@ -180,3 +180,42 @@ def test_score_runs_the_user_tower_once_per_request_and_answers_as_the_graph(tmp
         assert [len(g) for g in got] == [ITEMS, 0, 3]
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_transition_scores_sum_each_recent_items_followers_by_recency():
+    """m_j = sum over the `recent` most recent history items h_r of counts[h_r -> j] / (1 + r),
+    against a loop over a random table: short and empty histories, histories longer than
+    `recent`, repeated items, and items (in the history and among the followers) outside
+    the ranking."""
+    from flm_dist.transitions import Transitions
+
+    rng = np.random.default_rng(0)
+    ranked = rng.choice(np.arange(1000, 1100), 30, replace=False)  # the ranking's items, in its row order
+    universe = np.arange(1000, 1100)  # and 70 more it does not rank
+    counts: dict[int, dict[int, float]] = {}
+    for a in rng.choice(universe, 60, replace=False):
+        followers = rng.choice(universe, int(rng.integers(1, 9)), replace=False)
+        counts[int(a)] = {int(b): float(rng.integers(1, 20)) for b in followers}
+    table = pa.table({"item_key": pa.array(list(counts), pa.int64()),
+                      "follower_keys": pa.array([list(f) for f in counts.values()], pa.list_(pa.int64())),
+                      "counts": pa.array([list(f.values()) for f in counts.values()], pa.list_(pa.float32()))})
+    recent, width = 4, 7
+    trans = Transitions(table, ranked, recent, 1.0)
+    lengths = np.array([0, 1, 3, 4, 5, 7, 7, 2])
+    history = rng.choice(universe, (len(lengths), width))
+    history[6, :] = history[6, 0]  # one item, seven times
+    got = trans.scores(torch.from_numpy(history), torch.from_numpy(lengths)).numpy()
+    row = {int(k): i for i, k in enumerate(ranked)}
+    want = np.zeros((len(lengths), len(ranked)))
+    for u, n in enumerate(lengths):
+        for r in range(min(n, recent)):
+            h = int(history[u, n - 1 - r])
+            if h not in row:  # an item the ranking does not hold adds nothing, even where it was counted
+                continue
+            for j, c in counts.get(h, {}).items():
+                if j in row:
+                    want[u, row[j]] += c / (1 + r)
+    assert want[0].sum() == 0 and want.sum() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    blended = trans.blend(torch.zeros(len(lengths), len(ranked)), torch.from_numpy(history), torch.from_numpy(lengths))
+    np.testing.assert_allclose(blended.numpy(), np.log1p(want), rtol=1e-6)
