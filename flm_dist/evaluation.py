@@ -188,11 +188,13 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
         above = torch.zeros(len(u), dtype=torch.long, device=device)
         for lo in range(0, n, chunk):
             sc = whole if whole is not None else u @ cvec[lo : lo + chunk].T
-            above += (sc >= own[:, None]).sum(1)
+            # a bool sum accumulates in int64 by default, 3x slower than int32: on Toys'
+            # catalog that sum took 81 ms of 1,024 rows' 131 (the product: 50)
+            above += (sc >= own[:, None]).sum(1, dtype=torch.int32)
             if excl is not None:
                 inside = excl & (hpos >= lo) & (hpos < lo + chunk)
                 hs = sc.gather(1, (hpos - lo).clamp(0, sc.shape[1] - 1))
-                above -= (inside & (hs >= own[:, None])).sum(1)
+                above -= (inside & (hs >= own[:, None])).sum(1, dtype=torch.int32)
         rank = above - in_cat.long()  # items scored at or above the row's own, itself not counted
         hit = rank < k
         ndcg += float((hit.double() / torch.log2(rank.double() + 2)).sum())
