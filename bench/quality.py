@@ -79,7 +79,7 @@ from flm_dist.data.hashing import (  # noqa: E402
     prehash_ids,
 )
 from flm_dist.export import export, feature_inputs  # noqa: E402
-from flm_dist.metrics import auc, ranking_rows  # noqa: E402
+from flm_dist.metrics import ranking_rows  # noqa: E402
 from flm_dist.model import table_sizes  # noqa: E402
 from flm_dist.payoff import compare  # noqa: E402
 from flm_dist.storage import Store  # noqa: E402
@@ -171,50 +171,62 @@ def _write(table: pa.Table, folder: str, files: int = 4) -> None:
 
 
 def bootstrap(users: np.ndarray, stat, seed: int = 0, n: int = BOOT) -> tuple[float, float, float]:
-    """(value, 2.5%, 97.5%) of `stat(row_indices)` over resamples of users (all of a
-    resampled user's rows, as often as the user is drawn)."""
+    """(value, 2.5%, 97.5%) of `stat(w)` over resamples of users: `w` [rows] is how often
+    each row is drawn (all of a drawn user's rows, as often as the user is drawn), and
+    `stat` weights each row by it: the statistic of the drawn rows, without gathering
+    them (an AUC sorts its scores once, not once per resample)."""
     _, inv, counts = np.unique(users, return_inverse=True, return_counts=True)
-    order = np.argsort(inv, kind="stable")  # rows grouped by user
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
     rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        pick = rng.integers(0, len(counts), len(counts))
-        # the drawn users' rows, user after user (one gather, not a list of arrays)
-        lens = counts[pick]
-        at = np.repeat(starts[pick] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-        vals.append(stat(order[at]))
+    vals = [stat(np.bincount(rng.integers(0, len(counts), len(counts)), minlength=len(counts))[inv].astype(np.float64)) for _ in range(n)]
     lo, hi = np.percentile(vals, [2.5, 97.5])
-    return float(stat(np.arange(len(users)))), float(lo), float(hi)
+    return float(stat(np.ones(len(users)))), float(lo), float(hi)
 
 
-def _logloss(p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+def weighted_auc(p: np.ndarray, y: np.ndarray):
+    """The exact ROC AUC (ties 1/2) of the rows taken w times each, as a function of w:
+    for each group of tied scores, its positives' weight times the negatives' weight
+    below it plus half the tied negatives'."""
+    order = np.argsort(p, kind="mergesort")
+    s, pos = p[order], y[order] > 0.5
+    group = np.r_[0, np.cumsum(s[1:] != s[:-1])] if len(s) else np.zeros(0, np.int64)
+    groups = int(group[-1]) + 1 if len(s) else 0
+
+    def f(w: np.ndarray) -> float:
+        ww = w[order]
+        wp, wn = np.bincount(group, ww * pos, groups), np.bincount(group, ww * ~pos, groups)
+        den = wp.sum() * wn.sum()
+        return float((wp * (np.cumsum(wn) - wn + 0.5 * wn)).sum() / den) if den else float("nan")
+
+    return f
+
+
+def weighted_metrics(task: str, p: np.ndarray, y: np.ndarray) -> dict:
+    """The task's metrics of predictions `p` against `y` as functions of row weights."""
+    if task == "ctr":
+        pc = np.clip(p, 1e-7, 1 - 1e-7)
+        loss = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+        return {"auc": weighted_auc(p, y), "logloss": lambda w: float(w @ loss / w.sum()), "calibration": lambda w: float((w @ p) / (w @ y))}
+    err = (p - y) ** 2
+    return {"rmse": lambda w: float(np.sqrt(w @ err / w.sum()))}
 
 
 def pointwise_table(task: str, users: np.ndarray, y: np.ndarray, preds: dict[str, np.ndarray], masks: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -> dict:
     """Per arm and slice: the metrics with bootstrap CIs; per pair (a, b) and slice:
-    a - b with its CI (paired resamples)."""
-    if task == "ctr":
-        metrics = {"auc": lambda p, yy: auc(p, yy), "logloss": _logloss, "calibration": lambda p, yy: float(p.mean() / yy.mean())}
-    else:
-        metrics = {"rmse": lambda p, yy: float(np.sqrt(np.mean((p - yy) ** 2)))}
+    a - b in the first metric with its CI (paired resamples)."""
     out: dict = {"arms": {}, "differences": {}}
-    for arm, p in preds.items():
+    stats = {(arm, sl): weighted_metrics(task, p[m], y[m]) for arm, p in preds.items() for sl, m in masks.items()}
+    for arm in preds:
         out["arms"][arm] = {}
         for sl, m in masks.items():
-            idx = np.flatnonzero(m)
-            out["arms"][arm][sl] = {name: bootstrap(users[idx], lambda r, f=f, idx=idx, p=p: f(p[idx][r], y[idx][r])) for name, f in metrics.items()}
-            out["arms"][arm][sl]["rows"] = int(len(idx))
+            out["arms"][arm][sl] = {name: bootstrap(users[m], f) for name, f in stats[(arm, sl)].items()}
+            out["arms"][arm][sl]["rows"] = int(m.sum())
     for a, b in pairs:
         key = f"{a} - {b}"
         out["differences"][key] = {}
         for sl, m in masks.items():
-            idx = np.flatnonzero(m)
-            name, f = next(iter(metrics.items()))
-            pa_, pb = preds[a][idx], preds[b][idx]
-            out["differences"][key][sl] = {name: bootstrap(users[idx], lambda r, f=f, pa_=pa_, pb=pb, yy=y[idx]: f(pa_[r], yy[r]) - f(pb[r], yy[r]))}
+            name = next(iter(stats[(a, sl)]))
+            fa, fb = stats[(a, sl)][name], stats[(b, sl)][name]
+            out["differences"][key][sl] = {name: bootstrap(users[m], lambda w, fa=fa, fb=fb: fa(w) - fb(w))}
     return out
 
 
@@ -223,13 +235,13 @@ def ranking_table(users: np.ndarray, rows: dict[str, tuple[dict, dict]], pairs: 
     out: dict = {"arms": {}, "differences": {}}
     for arm, (hit, dcg) in rows.items():
         out["arms"][arm] = {
-            "all": {f"recall@{k}": bootstrap(users, lambda r, h=hit[k]: float(h[r].mean())), f"ndcg@{k}": bootstrap(users, lambda r, d=dcg[k]: float(d[r].mean())), "rows": int(len(users))}
+            "all": {f"recall@{k}": bootstrap(users, lambda w, h=hit[k]: float(w @ h / w.sum())), f"ndcg@{k}": bootstrap(users, lambda w, d=dcg[k]: float(w @ d / w.sum())), "rows": int(len(users))}
         }
     for a, b in pairs:
         dh, dd = rows[a][0][k] - rows[b][0][k], rows[a][1][k] - rows[b][1][k]
         out["differences"][f"{a} - {b}"] = {"all": {
-            f"recall@{k}": bootstrap(users, lambda r, dh=dh: float(dh[r].mean())),
-            f"ndcg@{k}": bootstrap(users, lambda r, dd=dd: float(dd[r].mean())),
+            f"recall@{k}": bootstrap(users, lambda w, dh=dh: float(w @ dh / w.sum())),
+            f"ndcg@{k}": bootstrap(users, lambda w, dd=dd: float(w @ dd / w.sum())),
         }}
     return out
 

@@ -198,16 +198,38 @@ def test_the_bootstrap_resamples_whole_users_as_often_as_drawn():
     users = np.array([5, 5, 5, 9, 2, 2, 7])
     seen = []
 
-    def rows(r):
-        seen.append(r.copy())
-        return float(len(r))
+    def rows(w):
+        seen.append(w.copy())
+        return float(w.sum())
 
     value, lo, hi = quality.bootstrap(users, rows, n=300)
     assert value == 7 and len(seen) == 301
     sizes = set()
-    for r in seen[:-1]:
-        c = np.bincount(r, minlength=len(users))
+    for c in seen[:-1]:
         assert c[0] == c[1] == c[2] and c[4] == c[5]  # a user comes with all of its rows
         assert c[0] + c[3] + c[4] + c[6] == 4  # four users drawn, with replacement
-        sizes.add(len(r))
+        sizes.add(int(c.sum()))
     assert lo < hi and min(sizes) < 7 < max(sizes)  # 4 to 12 rows: users, not rows, are drawn
+
+
+def test_weighted_metrics_equal_the_metrics_of_the_rows_repeated():
+    """A resample's metrics from row weights are those of its rows gathered: the exact
+    AUC (ties 1/2) included, with tied scores across both labels."""
+    import numpy as np
+    import pytest
+    import quality
+
+    from flm_dist.metrics import auc
+
+    rng = np.random.default_rng(0)
+    p = rng.integers(0, 12, 400) / 12.0  # few distinct scores: many ties
+    y = (rng.random(400) < 0.3 + 0.4 * p).astype(np.float64)
+    ctr, rating = quality.weighted_metrics("ctr", p, y), quality.weighted_metrics("rating", p, y)
+    for _ in range(5):
+        w = rng.integers(0, 4, 400).astype(np.float64)
+        r = np.repeat(np.arange(400), w.astype(np.int64))
+        assert ctr["auc"](w) == pytest.approx(auc(p[r], y[r]), abs=1e-12)
+        pc = np.clip(p[r], 1e-7, 1 - 1e-7)
+        assert ctr["logloss"](w) == pytest.approx(float(-np.mean(y[r] * np.log(pc) + (1 - y[r]) * np.log(1 - pc))), rel=1e-12)
+        assert ctr["calibration"](w) == pytest.approx(p[r].mean() / y[r].mean(), rel=1e-12)
+        assert rating["rmse"](w) == pytest.approx(float(np.sqrt(np.mean((p[r] - y[r]) ** 2))), rel=1e-12)
