@@ -125,17 +125,18 @@ def ranking_rows(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np
         hi = min(lo + chunk, n_rows)
         s = np.array(scores_for(lo, hi), dtype=np.float32)
         s[np.isnan(s)] = np.inf
-        for r in range(hi - lo):
-            row = lo + r
-            if not in_cat[row]:
-                continue
-            seen = ref.seen_items(int(user_keys[row])) if ref is not None and ref.pair_users is not None else np.zeros(0, np.int64)
-            if len(seen):
-                idx = np.searchsorted(catalog_keys, seen)
-                idx = idx[(idx < len(catalog_keys)) & (catalog_keys[np.minimum(idx, len(catalog_keys) - 1)] == seen)]
-                idx = idx[idx != pos_in_cat[row]]
-                s[r, idx] = -np.inf
         rows = np.arange(lo, hi)
+        if ref is not None and ref.pair_users is not None:
+            # each ranked row's training items, all rows at once (a loop over rows took
+            # ~1 s per 10,000): pairs [first, last) of the row's user, in catalog positions
+            live = rows[in_cat[rows]]
+            first = np.searchsorted(ref.pair_users, user_keys[live], side="left")
+            n = np.searchsorted(ref.pair_users, user_keys[live], side="right") - first
+            owner = np.repeat(live, n)
+            seen = ref.pair_items[np.repeat(first - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))]
+            idx = np.minimum(np.searchsorted(catalog_keys, seen), len(catalog_keys) - 1)
+            drop = (catalog_keys[idx] == seen) & (idx != pos_in_cat[owner])  # the row's own item stays
+            s[owner[drop] - lo, idx[drop]] = -np.inf
         ok = in_cat[rows]
         t = s[np.arange(hi - lo), pos_in_cat[rows]]
         ok &= np.isfinite(t)
