@@ -227,10 +227,12 @@ def fit_weight(counted: Counted, trans: Transitions, user_vectors, item_matrix: 
         cos = user_vectors(torch.from_numpy(counted.valid_users[lo:hi].copy()), hist, lens) @ item_matrix.T
         mem = torch.log1p(trans.scores(hist, lens))
         t = targets[lo:hi]
-        for i, seen in enumerate(counted.valid_seen[lo:hi]):
-            s = trans.rows(torch.from_numpy(seen))
-            s = s[(s >= 0) & (s != t[i])]
-            cos[i, s], mem[i, s] = -math.inf, 0.0
+        # every row's training items at once (the row's own item stays in the ranking)
+        seen = counted.valid_seen[lo:hi]
+        owner = torch.from_numpy(np.repeat(np.arange(hi - lo), [len(x) for x in seen]))
+        s = trans.rows(torch.from_numpy(np.concatenate(seen) if seen else np.zeros(0, np.int64)))
+        drop = (s >= 0) & (s != t[owner])
+        cos[owner[drop], s[drop]], mem[owner[drop], s[drop]] = -math.inf, 0.0
         ok = t >= 0  # a target outside the ranking is a miss for every weight
         cos, mem, t = cos[ok], mem[ok], t[ok]
         rows = torch.arange(len(t))
