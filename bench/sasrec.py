@@ -99,15 +99,12 @@ def _scores(model: SASRec, histories: list[np.ndarray], lo: int, hi: int) -> tor
 
 
 class _Histories:
-    """Each validation user's earlier items, read by `ranking_rows` as it reads a
-    training reference's (user, item) pairs: users are row numbers, items indices."""
+    """Each validation user's earlier items as the (user, item) pairs `ranking_rows`
+    reads from a training reference: users are row numbers, items indices."""
 
     def __init__(self, histories: list[np.ndarray]):
-        self.histories = histories
-        self.pair_users = np.arange(len(histories))
-
-    def seen_items(self, user: int) -> np.ndarray:
-        return self.histories[user]
+        self.pair_users = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        self.pair_items = np.concatenate([np.asarray(h, np.int64) for h in histories]) if histories else np.zeros(0, np.int64)
 
 
 def _validation_ndcg(model: SASRec, histories: list[np.ndarray], targets: np.ndarray) -> float:

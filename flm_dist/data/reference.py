@@ -33,11 +33,6 @@ class Reference:
         top = np.argsort(-self.item_counts, kind="stable")[:n]
         return np.sort(self.items[top])
 
-    def seen_items(self, user_key: int) -> np.ndarray:
-        lo = np.searchsorted(self.pair_users, user_key, side="left")
-        hi = np.searchsorted(self.pair_users, user_key, side="right")
-        return self.pair_items[lo:hi]
-
 
 def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: bool = False, pairs: bool = False, threads: int = 4,
                    stop: threading.Event | None = None) -> Reference:
