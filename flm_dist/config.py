@@ -231,6 +231,16 @@ class TrainConfig:
     # Fine-tuning a pretrained backbone with a task head (ctr, rating): steps in which
     # only the new head trains. -1: about one epoch (at most 1000 steps); 0: off.
     head_warmup_steps: int = -1
+    # A retrieval fine-tune from a backbone: true continues the pretraining, from its
+    # best epoch by validation (the fine-tune's own criterion) and with its optimiser
+    # state; false starts from its last state with a fresh optimiser, as ctr and rating
+    # do. The sequence model's pretraining trains the fine-tune's objective on the same
+    # clean view, so its job file continues it (LastFM sequences: test Recall@10 0.046
+    # restarted against 0.058-0.066 continued). The FLM ID model's pretraining reads a
+    # corrupted view: continued, the fine-tune could not move off pretraining's best
+    # epoch, which ranked LastFM's test events at Recall@10 0.048-0.068; restarted from
+    # its last, 0.070-0.079, Toys unchanged (docs/RESULTS.md).
+    continue_pretraining: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -357,6 +367,8 @@ class JobConfig:
             raise ConfigError(f"{source}: {key} is empty; set it to a Parquet file or prefix URI")
         if self.task == "pretrain" and self.init_from:
             raise ConfigError(f"{source}: init_from is for fine-tuning; task=pretrain starts from scratch")
+        if self.train.continue_pretraining and self.task != "retrieval":
+            raise ConfigError(f"{source}: train.continue_pretraining is for task=retrieval, which trains pretraining's objective; {self.task} has a new head")
 
 
 # --------------------------------------------------------------------------- loading

@@ -220,15 +220,13 @@ def _parent_lineage(store: Store, init_from: str) -> dict | None:
     return {"checkpoint": ref.uri, "task": m.get("task"), "run": m.get("run"), "data": m.get("data"), "parent": m.get("parent")}
 
 
-def start_checkpoint(store: Store, task: str, init_from: str) -> str:
-    """The checkpoint a fine-tune starts from. A retrieval fine-tune starts from its
-    backbone's best pretraining epoch: pretraining validated on held-out rows by the
-    fine-tune's own criterion (NDCG@10 by full ranking), and went on for the ctr and
-    rating fine-tunes, which gain from the later epochs (`train_loop._patience`). On
-    LastFM the last of 20 epochs ranked its held-out pairs at Recall@10 0.028-0.029 and
-    its fine-tune could not climb back; the best (epoch 4 to 7) at 0.035-0.038
-    (docs/RESULTS.md)."""
-    if task != "retrieval" or not init_from:
+def start_checkpoint(store: Store, job: JobConfig) -> str:
+    """The checkpoint a fine-tune starts from: `init_from`, or with
+    `train.continue_pretraining` its backbone's best pretraining epoch, which pretraining
+    validated by the fine-tune's own criterion (NDCG@10 by full ranking) and kept while
+    it went on to its last (`train_loop._patience`)."""
+    init_from = job.init_from
+    if not job.train.continue_pretraining or not init_from:
         return init_from
     ref = ckpt.resolve(store, init_from)
     m = ckpt.load_manifest(store, ref)
@@ -531,7 +529,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     ensure_ray(address)
     hash_spec = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
     if job.init_from:
-        if (start := start_checkpoint(store, job.task, job.init_from)) != job.init_from:
+        if (start := start_checkpoint(store, job)) != job.init_from:
             print(f"{job.task}: starting from the pretraining's best epoch by its validation, {start}", flush=True)
             job = replace(job, init_from=start)
         _check_parent_hash(store, job.init_from, hash_spec)

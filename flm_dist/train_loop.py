@@ -253,23 +253,24 @@ def _prime_optimizers(model, dense_opt, sparse_opt) -> None:
 def _load_backbone(w: Worker, ref: ckpt.CheckpointRef) -> tuple[int, int]:
     """Collective: a fine-tune's start from a pretraining checkpoint: the backbone's
     tensors; for retrieval, which goes on with pretraining's contrastive objective, also
-    their optimiser state and the item counts, where the checkpoint has them.
+    the item counts, and with `train.continue_pretraining` their optimiser state, where
+    the checkpoint has them.
 
     From a fresh state a parameter's first steps move it by about the learning rate
-    whatever its gradient's size (Adagrad: `sparse_lr` per coordinate of a row). On
-    LastFM sequences the fine-tune's first-epoch drop (validation NDCG@10 0.039 to
-    0.016) came mostly from the uniform negatives (`NegativeSampler`), but with that
-    fixed the state still counts: test Recall@10 0.0464 without it against 0.058-0.066
-    with it (one run against three). A new task (ctr, rating) starts afresh: the rows must learn what pretraining
-    did not see, and pretraining's accumulators would hold them still (MovieLens rating
-    with all labels: RMSE 0.909 in the one run that carried the state, 0.894-0.904 in
-    every run without)."""
+    whatever its gradient's size (Adagrad: `sparse_lr` per coordinate of a row): what a
+    fine-tune needs to move off a backbone trained on another view (the FLM ID model's
+    corrupted one), and what a continued pretraining does not want. A new task (ctr,
+    rating) always starts afresh: the rows must learn what pretraining did not see, and
+    pretraining's accumulators would hold them still (MovieLens rating with all labels:
+    RMSE 0.909 in the one run that carried the state, 0.894-0.904 in every run
+    without)."""
     full = _state(w.model, w.dense_opt, w.sparse_opt)
     keys = set(unwrap(w.model).backbone_keys())
     saved = ckpt.saved_keys(w.store, ref) if w.spec.task == "retrieval" else set()
     state = {"model": {k: v for k, v in full["model"].items() if k in keys}}
+    carry = saved if w.spec.train.continue_pretraining else set()
     for opt in ("dense_optim", "sparse_optim"):
-        state[opt] = {n: st for n, st in full[opt].items() if n in keys and st and all(f"{opt}.{n}.{k}" in saved for k in st)}
+        state[opt] = {n: st for n, st in full[opt].items() if n in keys and st and all(f"{opt}.{n}.{k}" in carry for k in st)}
     pop = _saved_popularity(w, saved)
     if pop is not None:
         state["popularity"] = pop
@@ -848,8 +849,8 @@ def _end_of_epoch(w: Worker, progress: Progress, valid: ValidationBatches | None
 
 def _patience(s) -> int:
     """Pretraining validates (its curve and best epoch are recorded, and a retrieval
-    fine-tune starts from that epoch) but runs every epoch: its last state is what ctr
-    and rating fine-tunes start from. On MovieLens the epoch with the best held-out
+    fine-tune with `train.continue_pretraining` starts from that epoch) but runs every
+    epoch: its last state is what the other fine-tunes start from. On MovieLens the epoch with the best held-out
     ranking (5 of 20) gave users without labels a ctr AUC below scratch (0.642 against
     0.660), the last one +0.024 and +0.035 above it in two runs (docs/RESULTS.md)."""
     return 0 if s.task == "pretrain" else s.train.patience

@@ -14,7 +14,7 @@ import torch
 
 from flm_dist import checkpoint as ckpt
 from flm_dist import ingest, launch
-from flm_dist.config import to_dict
+from flm_dist.config import ConfigError, to_dict
 from flm_dist.data.batches import BatchStream
 from flm_dist.data.budget import BadRows
 from flm_dist.data.encode import EncodeSpec, empty_columns, encode_table, read_units
@@ -342,8 +342,8 @@ def test_a_fine_tune_from_a_backbone_does_not_count_its_first_epoch_against_pati
 
 def test_pretraining_validates_every_epoch_ends_on_its_last_and_hands_retrieval_its_best(tmp_path):
     """Pretraining validates by full ranking but never stops early: its result is its
-    last state (what ctr and rating fine-tunes start from), its best epoch a kept
-    checkpoint that a retrieval fine-tune, validated by the same criterion, starts from."""
+    last state (what fine-tunes start from), its best epoch a kept checkpoint that a
+    retrieval fine-tune which continues the pretraining starts from."""
     w, res = _finetune(tmp_path, "pre-v", task="pretrain", **{"train.epochs": 5, "train.patience": 1, "checkpoint.keep_last": 1})
     curve = res["epochs_curve"]
     assert [c["epoch"] for c in curve] == [0, 1, 2, 3, 4] and all("valid_ndcg@10" in c for c in curve)
@@ -352,10 +352,17 @@ def test_pretraining_validates_every_epoch_ends_on_its_last_and_hands_retrieval_
     last = ckpt.resolve(Store(), res["checkpoint"])
     assert last.step == curve[-1]["step"] and ckpt.load_manifest(Store(), last)["best"] == best
     kept = ckpt.resolve(Store(), ckpt.step_dir(w.spec.run.dir, best["step"])).uri
-    assert launch.start_checkpoint(Store(), "retrieval", res["checkpoint"]) == kept
-    assert launch.start_checkpoint(Store(), "retrieval", w.spec.run.dir) == kept  # a run folder: its latest, then its best
-    assert launch.start_checkpoint(Store(), "ctr", res["checkpoint"]) == res["checkpoint"]
-    assert launch.start_checkpoint(Store(), "retrieval", kept) == kept
+
+    def start(init_from, task="retrieval", go_on=True):
+        return launch.start_checkpoint(Store(), tiny_job(str(tmp_path / "runs"), "ft", task, init_from=init_from, **{"train.continue_pretraining": go_on}))
+
+    assert start(res["checkpoint"]) == kept
+    assert start(w.spec.run.dir) == kept  # a run folder: its latest, then its best
+    assert start(kept) == kept
+    assert start(res["checkpoint"], go_on=False) == res["checkpoint"]
+    assert start(res["checkpoint"], task="ctr", go_on=False) == res["checkpoint"]
+    with pytest.raises(ConfigError, match="train.continue_pretraining is for task=retrieval"):
+        tiny_job(str(tmp_path / "runs"), "ft", "ctr", init_from=kept, **{"data.train": res["checkpoint"], "train.continue_pretraining": True}).check_runnable()
 
 
 def _pretrained(tmp_path):
@@ -395,10 +402,11 @@ def test_a_retrieval_fine_tune_counts_the_model_it_starts_from(tmp_path, lr):
 
 
 def test_a_retrieval_fine_tune_continues_the_pretrained_optimiser_state_and_item_counts(tmp_path):
-    """Retrieval goes on with pretraining's contrastive objective, so its backbone's
-    optimiser state goes on too (row-wise Adagrad's accumulators, AdamW's moments), and
-    the item counts behind the logQ correction: a parameter's first steps are then as
-    small as pretraining left them. A new task head (ctr) starts the state afresh."""
+    """Retrieval goes on with pretraining's contrastive objective, so it goes on with
+    the item counts behind the logQ correction, and with `train.continue_pretraining`
+    with its backbone's optimiser state too (row-wise Adagrad's accumulators, AdamW's
+    moments): a parameter's first steps are then as small as pretraining left them.
+    Without it, and for a new task head (ctr), the state starts afresh."""
     from flm_dist.model import FLM
     from flm_dist.objectives import PopularityEstimator
     from flm_dist.optim import RowWiseAdagrad, optimizer_state
@@ -420,12 +428,18 @@ def test_a_retrieval_fine_tune_continues_the_pretrained_optimiser_state_and_item
     ref = saver.save(1, state, {"step": 1, "epoch": 0, "epoch_done": True})
     saver.close()
     one_step = {"train.epochs": 1, "train.max_steps": 1}
-    w, _ = _finetune(tmp_path, "ft-ret", task="retrieval", init_from=ref.uri, **one_step)
+    w, _ = _finetune(tmp_path, "ft-ret", task="retrieval", init_from=ref.uri, **one_step, **{"train.continue_pretraining": True})
     params = dict(unwrap(w.model).named_parameters())
     # one step's squared gradients add to what pretraining left (a fresh state: one step's only)
     assert all((w.sparse_opt.state[params[n]]["sum"] >= sparse_opt.state[p]["sum"]).all() for n, p in tables.items())
     assert all(float(w.dense_opt.state[params[n]]["step"]) == 51.0 for n in dense)
     assert w.popularity.total == 100_000 + 128 and w.popularity.counts[3] >= 100_000 // 7
+    # restarted: the item counts go on, the optimiser state is the one step's alone
+    w, _ = _finetune(tmp_path, "ft-ret-fresh", task="retrieval", init_from=ref.uri, **one_step)
+    params = dict(unwrap(w.model).named_parameters())
+    assert not all((w.sparse_opt.state[params[n]]["sum"] >= sparse_opt.state[p]["sum"]).all() for n, p in tables.items())
+    assert all(float(w.dense_opt.state[params[n]]["step"]) == 1.0 for n in dense)
+    assert w.popularity.total == 100_000 + 128
     # ctr: one step in which only the new head trains leaves the backbone's fresh state as it was
     w, _ = _finetune(tmp_path, "ft-ctr", init_from=ref.uri, **one_step, **{"train.head_warmup_steps": 1})
     params = dict(unwrap(w.model).named_parameters())
