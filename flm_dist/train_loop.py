@@ -850,9 +850,10 @@ def _end_of_epoch(w: Worker, progress: Progress, valid: ValidationBatches | None
 def _patience(s) -> int:
     """Pretraining validates (its curve and best epoch are recorded, and a retrieval
     fine-tune with `train.continue_pretraining` starts from that epoch) but runs every
-    epoch: its last state is what the other fine-tunes start from. On MovieLens the epoch with the best held-out
-    ranking (5 of 20) gave users without labels a ctr AUC below scratch (0.642 against
-    0.660), the last one +0.024 and +0.035 above it in two runs (docs/RESULTS.md)."""
+    epoch: its last state is what the other fine-tunes start from. On MovieLens the
+    epoch with the best held-out ranking (5 of 20) gave users without labels a ctr AUC
+    below scratch (0.642 against 0.660), the last one +0.024 and +0.035 above it in two
+    runs (docs/RESULTS.md)."""
     return 0 if s.task == "pretrain" else s.train.patience
 
 
