@@ -239,7 +239,8 @@ class TrainConfig:
     # restarted against 0.058-0.066 continued). The FLM ID model's pretraining reads a
     # corrupted view: continued, the fine-tune could not move off pretraining's best
     # epoch, which ranked LastFM's test events at Recall@10 0.048-0.068; restarted from
-    # its last, 0.070-0.079, Toys unchanged (docs/RESULTS.md).
+    # its last, 0.062-0.079 in five runs (scratch 0.070-0.076), Toys unchanged
+    # (docs/RESULTS.md).
     continue_pretraining: bool = False
 
     def __post_init__(self) -> None:
