@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import ray
 
 from flm_dist import __version__
@@ -374,10 +375,13 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
         rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts, history_len=job.model.history_len)
         add("train", train_uri, rs, "train", d.shuffle)
         specs["known"] = replace(specs["train"], side="known")
+        # a ranking validation of a model without a history excludes each user's known
+        # items, found by the user's key (`seen_rows`)
+        vrs = replace(rs, keys=True) if task in ("retrieval", "pretrain") and not job.model.history_len else rs
         if validate and d.valid:
-            add("valid", d.valid, rs, "all", False)
+            add("valid", d.valid, vrs, "all", False)
         elif carve and validate:
-            add("valid", train_uri, rs, "valid", False, plans["train"])
+            add("valid", train_uri, vrs, "valid", False, plans["train"])
     if eval_uri or (train_uri and split.by != "none"):
         rs = ReadSpec.for_task(task, d.features, d.rating_range, need_ts=need_ts and not eval_uri, evaluate=True, history_len=job.model.history_len)
         add("eval", eval_uri or train_uri, rs, "all" if eval_uri else "eval", False)
@@ -407,8 +411,16 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
             ray.get(channel.set_catalog.remote(None, f"{type(e).__name__}: {e}"))
         raise
     if channel is not None:
-        ray.get(channel.set_catalog.remote(ref.catalog))
+        ray.get(channel.set_catalog.remote(ref.catalog if known.read.history_len else {**ref.catalog, "seen": seen_rows(ref)}))
     return ref
+
+
+def seen_rows(ref: Reference) -> tuple[np.ndarray, np.ndarray]:
+    """The training pairs as (user keys, sorted; their item rows), which a ranking
+    validation of a model without a history excludes (`evaluation._excluded`), as the
+    final evaluation excludes them by key."""
+    at = np.searchsorted(ref.catalog["item_key"], ref.pair_items)  # every pair's item is in the catalog
+    return ref.pair_users, np.asarray(ref.catalog["item"], np.int64)[at]
 
 
 def _reference_reader(store: Store, job: JobConfig, plans: dict, specs: dict, channel, first_step: threading.Event) -> _Later:

@@ -712,7 +712,7 @@ class Worker:
         items = catalog_of(s) if s.task in ("retrieval", "pretrain") else None
         if ranking := bool(items):
             catalog = catalog_matrix(self.model, items, s.features, s.data.batch_size, self.device, self.empty, self.ctrl)
-            parts = validation_ranking(self.model, batches, catalog, self.device, self.empty)
+            parts = validation_ranking(self.model, batches, catalog, self.device, self.empty, seen=items.get("seen"))
         else:
             parts = validation_loss(self.model, batches, s.task, self.device, self.empty, self.popularity, s.train)
         t = torch.tensor(parts, dtype=torch.float64)
