@@ -212,7 +212,9 @@ def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, n
     if b.history is not None:
         row = torch.arange(len(b.history), device=dev)[:, None].expand_as(b.history).reshape(-1)
         items = b.history.reshape(-1)
-    elif seen is not None and user_key is not None:
+    elif seen is not None:
+        if user_key is None:
+            raise ValueError("validation rows without user_key: a ranking validation with the training pairs (`seen`) finds a row's user by key (ReadSpec.keys)")
         users, rows = seen
         keys = user_key.numpy()
         first = np.searchsorted(users, keys, side="left")

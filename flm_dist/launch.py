@@ -388,15 +388,16 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
     return datasets, plans, specs
 
 
-def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str, stop: threading.Event | None = None) -> Reference:
+def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str, stop: threading.Event | None = None, validating: bool = False) -> Reference:
     """The training data's users, item popularity and, for ranking, catalog and pairs:
     read exactly as training reads it (`train_spec`, side "known": the same split and
     bad-row rules, validation rows included), so eval rows of a `data.split` never
-    count as training data."""
+    count as training data. `validating`: a ranking run's workers validate on it, so a
+    model without a history also gets the pairs trained on (`seen_rows`)."""
     ranking = task in ("retrieval", "pretrain")
     t0 = time.perf_counter()
     spec = replace(train_spec, read=replace(train_spec.read, keys=True))
-    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking, stop=stop)
+    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking, train_pairs=validating and ranking and not train_spec.read.history_len, stop=stop)
     log.info("reference data %s: %d users, %d items in %.1fs", plan.uri, len(ref.users), len(ref.items), time.perf_counter() - t0)
     return ref
 
@@ -405,22 +406,24 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
     """`training_reference`, and with a run `channel` its catalog (or the error that
     stopped the read) published there for the workers (`ingest.wait_for_catalog`)."""
     try:
-        ref = training_reference(store, plan, known, task, stop)
+        ref = training_reference(store, plan, known, task, stop, validating=channel is not None)
+        # a model without a history validates with each user's trained items excluded
+        published = {**ref.catalog, "seen": seen_rows(ref)} if ref.catalog and ref.train_pair_users is not None else ref.catalog
     except BaseException as e:
         if channel is not None:
             ray.get(channel.set_catalog.remote(None, f"{type(e).__name__}: {e}"))
         raise
     if channel is not None:
-        ray.get(channel.set_catalog.remote(ref.catalog if known.read.history_len else {**ref.catalog, "seen": seen_rows(ref)}))
+        ray.get(channel.set_catalog.remote(published))
     return ref
 
 
 def seen_rows(ref: Reference) -> tuple[np.ndarray, np.ndarray]:
-    """The training pairs as (user keys, sorted; their item rows), which a ranking
+    """The pairs trained on as (user keys, sorted; their item rows), which a ranking
     validation of a model without a history excludes (`evaluation._excluded`), as the
-    final evaluation excludes them by key."""
-    at = np.searchsorted(ref.catalog["item_key"], ref.pair_items)  # every pair's item is in the catalog
-    return ref.pair_users, np.asarray(ref.catalog["item"], np.int64)[at]
+    final evaluation excludes the training data's pairs by key."""
+    at = np.searchsorted(ref.catalog["item_key"], ref.train_pair_items)  # every pair's item is in the catalog
+    return ref.train_pair_users, np.asarray(ref.catalog["item"], np.int64)[at]
 
 
 def _reference_reader(store: Store, job: JobConfig, plans: dict, specs: dict, channel, first_step: threading.Event) -> _Later:
