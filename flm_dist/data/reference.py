@@ -91,6 +91,7 @@ def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: b
         cat = {k: np.concatenate([p["catalog"][k] for p in parts]) for k in parts[0]["catalog"]} if parts else {}
         keys, first = np.unique(cat.get("item_key", np.zeros(0, np.int64)), return_index=True)
         ref.catalog = {k: v[first] for k, v in cat.items()}
+
     def merged(key: str) -> tuple[np.ndarray, np.ndarray]:
         p = np.unique(np.concatenate([x[key] for x in parts]), axis=0) if parts else np.zeros((0, 2), np.int64)
         return p[:, 0].copy(), p[:, 1].copy()
