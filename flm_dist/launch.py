@@ -388,16 +388,15 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
     return datasets, plans, specs
 
 
-def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str, stop: threading.Event | None = None, validating: bool = False) -> Reference:
+def training_reference(store: Store, plan: DataPlan, train_spec: EncodeSpec, task: str, stop: threading.Event | None = None) -> Reference:
     """The training data's users, item popularity and, for ranking, catalog and pairs:
     read exactly as training reads it (`train_spec`, side "known": the same split and
     bad-row rules, validation rows included), so eval rows of a `data.split` never
-    count as training data. `validating`: a ranking run's workers validate on it, so a
-    model without a history also gets the pairs trained on (`seen_rows`)."""
+    count as training data."""
     ranking = task in ("retrieval", "pretrain")
     t0 = time.perf_counter()
     spec = replace(train_spec, read=replace(train_spec.read, keys=True))
-    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking, train_pairs=validating and ranking and not train_spec.read.history_len, stop=stop)
+    ref = scan_reference(store, plan, spec, catalog=ranking, pairs=ranking, stop=stop)
     log.info("reference data %s: %d users, %d items in %.1fs", plan.uri, len(ref.users), len(ref.items), time.perf_counter() - t0)
     return ref
 
@@ -406,9 +405,9 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
     """`training_reference`, and with a run `channel` its catalog (or the error that
     stopped the read) published there for the workers (`ingest.wait_for_catalog`)."""
     try:
-        ref = training_reference(store, plan, known, task, stop, validating=channel is not None)
-        # a model without a history validates with each user's trained items excluded
-        published = {**ref.catalog, "seen": seen_rows(ref)} if ref.catalog and ref.train_pair_users is not None else ref.catalog
+        ref = training_reference(store, plan, known, task, stop)
+        # a model without a history validates with each user's other known items excluded
+        published = {**ref.catalog, "seen": seen_rows(ref)} if ref.catalog and ref.pair_users is not None and not known.read.history_len else ref.catalog
     except BaseException as e:
         if channel is not None:
             ray.get(channel.set_catalog.remote(None, f"{type(e).__name__}: {e}"))
@@ -419,11 +418,11 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
 
 
 def seen_rows(ref: Reference) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs trained on as (user keys, sorted; their item rows), which a ranking
-    validation of a model without a history excludes (`evaluation._excluded`), as the
-    final evaluation excludes the training data's pairs by key."""
-    at = np.searchsorted(ref.catalog["item_key"], ref.train_pair_items)  # every pair's item is in the catalog
-    return ref.train_pair_users, np.asarray(ref.catalog["item"], np.int64)[at]
+    """The known pairs (trained on or held out for validation) as (user keys, sorted;
+    their item rows), which a ranking validation of a model without a history excludes
+    but for the row's own (`evaluation._excluded`)."""
+    at = np.searchsorted(ref.catalog["item_key"], ref.pair_items)  # every pair's item is in the catalog
+    return ref.pair_users, np.asarray(ref.catalog["item"], np.int64)[at]
 
 
 def _reference_reader(store: Store, job: JobConfig, plans: dict, specs: dict, channel, first_step: threading.Event) -> _Later:

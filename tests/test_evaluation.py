@@ -122,12 +122,12 @@ def test_validation_ranking_matches_brute_force_with_ties_against_and_known_item
         assert got[0] == pytest.approx(want_ndcg, abs=1e-9) and got[1] == want_recall
 
 
-def test_a_validating_reference_holds_the_pairs_trained_on_apart_from_the_carve(tmp_path):
-    """A ranking validation excludes the pairs the model trained on; the carve's other
-    pairs of the same user stay in the ranking, as unseen items do at evaluation. So
-    the reference a validating run publishes holds the trained pairs (side "train")
-    beside every known pair (the carve included, which the final evaluation excludes),
-    and `seen_rows` maps them to the item rows the workers rank."""
+def test_seen_rows_hold_every_known_pair_the_carve_included_as_item_rows(tmp_path):
+    """A ranking validation of a model without a history ranks each held-out pair
+    against items the user never chose, as the leave-one-out test ranks its target: the
+    pairs it excludes (`seen_rows`) are every known pair, those trained on and the
+    validation carve's (each row keeps its own), mapped to the item rows the workers
+    rank."""
     _log(tmp_path / "log")
     job = tiny_job(str(tmp_path / "runs"), "carve", "retrieval", **{"data.train": str(tmp_path / "log"), "data.valid_fraction": 0.3})
     store = Store()
@@ -139,13 +139,12 @@ def test_a_validating_reference_holds_the_pairs_trained_on_apart_from_the_carve(
         cols = [encode_table(read_unit(store, plans["train"], u), spec, u.index) for u in plans["train"].units]
         return {(int(a), int(b)) for c in cols for a, b, bad in zip(c["user_key"], c["item_key"], c["_bad"], strict=True) if not bad}
 
-    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval", validating=True)
-    known, trained = set(zip(ref.pair_users.tolist(), ref.pair_items.tolist(), strict=True)), set(zip(ref.train_pair_users.tolist(), ref.train_pair_items.tolist(), strict=True))
-    assert trained == pairs("train") and known == pairs("known")
-    assert len(known - trained) > 0.2 * len(known)  # the carve's pairs: validated, not excluded
+    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
     users, rows = launch.seen_rows(ref)
-    assert np.array_equal(users, ref.train_pair_users) and (np.diff(users) >= 0).all()
+    assert (np.diff(users) >= 0).all()
     row_of = dict(zip(ref.catalog["item_key"].tolist(), ref.catalog["item"].tolist(), strict=True))
-    assert rows.tolist() == [row_of[k] for k in ref.train_pair_items.tolist()]
-    # a run that does not validate (`flm-dist evaluate`) does not pay for the second pass
-    assert launch.training_reference(store, plans["train"], specs["known"], "retrieval").train_pair_users is None
+    got = set(zip(users.tolist(), rows.tolist(), strict=True))
+    want = {(u, row_of[i]) for u, i in pairs("known")}
+    assert got == want
+    carve = {(u, row_of[i]) for u, i in pairs("valid")}
+    assert carve and carve <= got  # the carve's pairs are excluded too (but for each row's own)

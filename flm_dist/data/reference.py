@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,10 +26,6 @@ class Reference:
     catalog: dict[str, np.ndarray] | None = None  # per catalog item: item_key, item row, item-side feature columns
     pair_users: np.ndarray | None = None  # (user key, item key) pairs seen, sorted by user
     pair_items: np.ndarray | None = None
-    # the same, of the rows trained on (the data.valid_fraction carve out): what a
-    # validation ranking excludes, the carve's other pairs competing as unseen items do
-    train_pair_users: np.ndarray | None = None
-    train_pair_items: np.ndarray | None = None
 
     def popular(self, share: float = 0.2) -> np.ndarray:
         """Sorted keys of the top `share` of items by training popularity."""
@@ -38,28 +34,18 @@ class Reference:
         return np.sort(self.items[top])
 
 
-def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: bool = False, pairs: bool = False, train_pairs: bool = False,
-                   threads: int = 4, stop: threading.Event | None = None) -> Reference:
+def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: bool = False, pairs: bool = False, threads: int = 4,
+                   stop: threading.Event | None = None) -> Reference:
     """One streaming pass over the training data (row group by row group, in threads).
-    `train_pairs`: also the pairs of side "train" (`Reference.train_pair_users`), which
-    encodes each unit twice where there is a validation carve.
     `stop` set: the units not yet read are dropped and the scan raises (a run that
     failed while its reference was read in the background; queued units would
     otherwise hold the process at exit until every one was read)."""
     item_features = [f for f in spec.read.features if f.side == "item"]
-    carved = train_pairs and spec.valid_fraction > 0 and spec.side == "known"
-
-    def unique_pairs(cols: dict) -> np.ndarray:
-        good = cols["_bad"] == 0
-        if not good.any():
-            return np.zeros((0, 2), np.int64)
-        return np.unique(np.stack([cols["user_key"][good], cols["item_key"][good]], axis=1), axis=0)
 
     def scan(unit):
         if stop is not None and stop.is_set():
             raise RuntimeError("the reference scan was stopped")
-        raw = read_unit(store, plan, unit)
-        cols = encode_table(raw, spec, unit.index)
+        cols = encode_table(read_unit(store, plan, unit), spec, unit.index)
         good = cols["_bad"] == 0
         u, i = cols["user_key"][good], cols["item_key"][good]
         ik, first, cnt = np.unique(i, return_index=True, return_counts=True)
@@ -73,10 +59,9 @@ def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: b
                         out["catalog"][f"f_{f.name}__{j}"] = cols[f"f_{f.name}__{j}"][rows]
                 else:
                     out["catalog"][f"f_{f.name}"] = cols[f"f_{f.name}"][rows]
-        if pairs or train_pairs:
-            out["pairs"] = unique_pairs(cols)
-        if carved:
-            out["train_pairs"] = unique_pairs(encode_table(raw, replace(spec, side="train"), unit.index))
+        if pairs:
+            p = np.unique(np.stack([u, i], axis=1), axis=0) if len(u) else np.zeros((0, 2), np.int64)
+            out["pairs"] = p
         return out
 
     with ThreadPoolExecutor(threads) as pool:
@@ -91,13 +76,7 @@ def scan_reference(store: Store, plan: DataPlan, spec: EncodeSpec, *, catalog: b
         cat = {k: np.concatenate([p["catalog"][k] for p in parts]) for k in parts[0]["catalog"]} if parts else {}
         keys, first = np.unique(cat.get("item_key", np.zeros(0, np.int64)), return_index=True)
         ref.catalog = {k: v[first] for k, v in cat.items()}
-
-    def merged(key: str) -> tuple[np.ndarray, np.ndarray]:
-        p = np.unique(np.concatenate([x[key] for x in parts]), axis=0) if parts else np.zeros((0, 2), np.int64)
-        return p[:, 0].copy(), p[:, 1].copy()
-
-    if pairs or train_pairs:
-        ref.pair_users, ref.pair_items = merged("pairs")
-    if train_pairs:  # without a carve every pair was trained on
-        ref.train_pair_users, ref.train_pair_items = merged("train_pairs") if carved else (ref.pair_users, ref.pair_items)
+    if pairs:
+        p = np.unique(np.concatenate([x["pairs"] for x in parts]), axis=0) if parts else np.zeros((0, 2), np.int64)
+        ref.pair_users, ref.pair_items = p[:, 0].copy(), p[:, 1].copy()
     return ref
