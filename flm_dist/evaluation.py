@@ -202,14 +202,10 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
 def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, np.ndarray] | None, rows_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, catalog position) of each row's user's other distinct catalog items, which
     a ranking excludes: the row's history for models with one, else the user's other
-    known items, `seen` (user keys sorted, their item rows), found by `user_key`: those
-    trained on and the validation carve's other pairs, so that each held-out pair is
-    ranked against items the user never chose, as the leave-one-out test ranks its
-    target. (The carve's other pairs ranked against it mark a model down for learning
-    the user's taste, as the trained ones did: on LastFM a held-out pair has about four
-    such competitors, on MovieLens read as sequences about fifteen.)
-    Without the second, a model that ranks a user's known items first was judged worse
-    the better it had learned them, where the final evaluation excludes them: on
+    known pairs, `seen` (user keys sorted, their item rows; trained on or held out for
+    validation), found by `user_key`. So each held-out item is ranked against items the
+    user never chose, as the leave-one-out test ranks its target. Ranked against the
+    user's known items, a model was judged worse the better it had learned them: on
     LastFM (47 items a user) a pretrained model validated at NDCG@10 0.008 against
     scratch's 0.019 and tested within 0.006 of it, and on Toys early stopping ended
     scratch's fine-tune at epoch 2 of 10 (docs/RESULTS.md)."""
@@ -219,7 +215,7 @@ def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, n
         items = b.history.reshape(-1)
     elif seen is not None:
         if user_key is None:
-            raise ValueError("validation rows without user_key: a ranking validation with the training pairs (`seen`) finds a row's user by key (ReadSpec.keys)")
+            raise ValueError("validation rows without user_key: a ranking validation with the known pairs (`seen`) finds a row's user by key (ReadSpec.keys)")
         users, rows = seen
         keys = user_key.numpy()
         first = np.searchsorted(users, keys, side="left")
