@@ -153,8 +153,11 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
                        seen: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float, int]:
     """(sum of NDCG@k, sum of Recall@k, rows) over this rank's validation rows, each
     row's item ranked by full ranking against `catalog` (item rows sorted, their unit
-    vectors), as the final evaluation ranks: ties count against the row's item, and the
-    user's other items are excluded, the item itself not (`_excluded`).
+    vectors), as the final evaluation ranks: the user's other items are excluded, the
+    item itself not (`_excluded`), and an item outside the catalog, or whose score is
+    not finite, is a miss. Ties count wholly against the row's item, where the final
+    evaluation takes its expected rank among them: one comparison per catalog item
+    instead of two, and more conservative.
 
     Early stopping for retrieval follows this, not the sampled softmax loss: on Toys the
     validation loss rose from the third epoch while Recall@10 rose for six more
@@ -169,7 +172,6 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
     for batch in batches:
         b = (batch or empty).to(device)
         u = F.normalize(m.user_vector(b), dim=-1).float()
-        own = (u * F.normalize(m.item_vector(b), dim=-1).float()).sum(-1)  # items outside the catalog
         if batch is None or not len(batch):
             continue
         pos = torch.searchsorted(rows_sorted, b.item).clamp_max(max(n - 1, 0))
@@ -177,6 +179,7 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
         ex_row, ex_pos = _excluded(b, batch.user_key, seen, rows_sorted)
         # A catalog of one chunk (most) is scored once; larger ones chunk by chunk, twice.
         whole = u @ cvec.T if n <= chunk else None
+        own = torch.full((len(u),), float("nan"), device=device)  # items outside the catalog: a miss
         for lo in range(0, n, chunk):  # the row's own score, from the catalog's product
             sc = whole if whole is not None else u @ cvec[lo : lo + chunk].T
             here = in_cat & (pos >= lo) & (pos < lo + chunk)
@@ -191,8 +194,8 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
             r, c = ex_row[inside], ex_pos[inside] - lo
             above -= torch.bincount(r[sc[r, c] >= own[r]], minlength=len(u))
         rank = above - in_cat.long()  # items scored at or above the row's own, itself not counted
-        hit = rank < k
-        ndcg += float((hit.double() / torch.log2(rank.double() + 2)).sum())
+        hit = (rank < k) & torch.isfinite(own)
+        ndcg += float(torch.where(hit, 1 / torch.log2(rank.clamp_min(0).double() + 2), 0.0).sum())
         recall += float(hit.sum())
         count += len(batch)
     model.train()
@@ -201,19 +204,21 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
 
 def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, np.ndarray] | None, rows_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, catalog position) of each row's user's other distinct catalog items, which
-    a ranking excludes: the row's history for models with one, else the user's other
-    known pairs, `seen` (user keys sorted, their item rows; trained on or held out for
-    validation), found by `user_key`. So each held-out item is ranked against items the
-    user never chose, as the leave-one-out test ranks its target. Ranked against the
-    user's known items, a model was judged worse the better it had learned them: on
-    LastFM (47 items a user) a pretrained model validated at NDCG@10 0.008 against
-    scratch's 0.019 and tested within 0.006 of it, and on Toys early stopping ended
-    scratch's fine-tune at epoch 2 of 10 (docs/RESULTS.md)."""
+    a ranking excludes: the row's history for models with one, and the user's known
+    pairs, `seen` (user keys sorted, their item rows; trained on or held out for
+    validation), found by `user_key`; a history holds only the last `history_len` of
+    them. So each held-out item is ranked against items the user never chose, as the
+    leave-one-out test ranks its target. Ranked against the user's known items, a model
+    was judged worse the better it had learned them: on LastFM (47 items a user) a
+    pretrained model validated at NDCG@10 0.008 against scratch's 0.019 and tested
+    within 0.006 of it, and on Toys early stopping ended scratch's fine-tune at epoch 2
+    of 10 (docs/RESULTS.md)."""
     n, dev = len(rows_sorted), rows_sorted.device
+    row = items = torch.zeros(0, dtype=torch.long, device=dev)
     if b.history is not None:
         row = torch.arange(len(b.history), device=dev)[:, None].expand_as(b.history).reshape(-1)
         items = b.history.reshape(-1)
-    elif seen is not None:
+    if seen is not None:
         if user_key is None:
             raise ValueError("validation rows without user_key: a ranking validation with the known pairs (`seen`) finds a row's user by key (ReadSpec.keys)")
         users, rows = seen
@@ -221,10 +226,8 @@ def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, n
         first = np.searchsorted(users, keys, side="left")
         cnt = np.searchsorted(users, keys, side="right") - first
         at = np.repeat(first - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
-        row = torch.from_numpy(np.repeat(np.arange(len(keys)), cnt)).to(dev)
-        items = torch.from_numpy(np.asarray(rows[at], np.int64)).to(dev)
-    else:
-        row = items = torch.zeros(0, dtype=torch.long, device=dev)
+        row = torch.cat([row, torch.from_numpy(np.repeat(np.arange(len(keys)), cnt)).to(dev)])
+        items = torch.cat([items, torch.from_numpy(np.asarray(rows[at], np.int64)).to(dev)])
     pos = torch.searchsorted(rows_sorted, items.clamp_min(0)).clamp_max(max(n - 1, 0))
     keep = (items >= 0) & (rows_sorted[pos] == items if n else torch.zeros_like(items, dtype=torch.bool)) & (items != b.item[row])
     key = torch.unique(row[keep] * max(n, 1) + pos[keep])  # distinct (row, position) pairs

@@ -375,9 +375,9 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
         rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts, history_len=job.model.history_len)
         add("train", train_uri, rs, "train", d.shuffle)
         specs["known"] = replace(specs["train"], side="known")
-        # a ranking validation of a model without a history excludes each user's known
-        # items, found by the user's key (`seen_rows`)
-        vrs = replace(rs, keys=True) if task in ("retrieval", "pretrain") and not job.model.history_len else rs
+        # a ranking validation excludes each user's known items, found by the user's key
+        # (`seen_rows`)
+        vrs = replace(rs, keys=True) if task in ("retrieval", "pretrain") else rs
         if validate and d.valid:
             add("valid", d.valid, vrs, "all", False)
         elif carve and validate:
@@ -406,8 +406,8 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
     stopped the read) published there for the workers (`ingest.wait_for_catalog`)."""
     try:
         ref = training_reference(store, plan, known, task, stop)
-        # a model without a history validates with each user's other known items excluded
-        published = {**ref.catalog, "seen": seen_rows(ref)} if ref.catalog and ref.pair_users is not None and not known.read.history_len else ref.catalog
+        # validation excludes each user's other known items (a history holds only its last ones)
+        published = {**ref.catalog, "seen": seen_rows(ref)} if ref.catalog and ref.pair_users is not None else ref.catalog
     except BaseException as e:
         if channel is not None:
             ray.get(channel.set_catalog.remote(None, f"{type(e).__name__}: {e}"))
@@ -419,8 +419,8 @@ def _publish_reference(store: Store, plan: DataPlan, known: EncodeSpec, task: st
 
 def seen_rows(ref: Reference) -> tuple[np.ndarray, np.ndarray]:
     """The known pairs (trained on or held out for validation) as (user keys, sorted;
-    their item rows), which a ranking validation of a model without a history excludes
-    but for the row's own (`evaluation._excluded`)."""
+    their item rows), which a ranking validation excludes but for the row's own
+    (`evaluation._excluded`)."""
     at = np.searchsorted(ref.catalog["item_key"], ref.pair_items)  # every pair's item is in the catalog
     return ref.pair_users, np.asarray(ref.catalog["item"], np.int64)[at]
 

@@ -65,15 +65,17 @@ def test_reference_of_a_split_holds_only_the_training_side(tmp_path, by, extra):
         assert ref.item_counts.sum() == (ts < 8).sum()  # popularity from training rows only
 
 
-@pytest.mark.parametrize("known", ["history", "seen"])
+@pytest.mark.parametrize("known", ["history", "seen", "history and seen"])
 def test_validation_ranking_matches_brute_force_with_ties_against_and_known_items_excluded(known):
     """Early stopping for retrieval follows NDCG@10 by full ranking; checked against a
     brute-force ranking of the same vectors: ties count against the row's item, the
     user's other distinct items are excluded (its own item is not), an item outside the
-    catalog is ranked against all of it, and collided catalog rows all count. The
-    user's items are the row's history (a sequence model) or, for a model without one,
-    the user's training items found by key (`seen`): the final evaluation excludes
-    those too, so validation must, or it ranks a model down for learning them."""
+    catalog is a miss (as in the final evaluation: nothing can rank it), and collided
+    catalog rows all count. The user's items are the row's history (a sequence model)
+    and the user's known pairs found by key (`seen`): the final evaluation excludes
+    every one of those, so validation must, or it ranks a model down for learning them
+    (a LastFM user has 48 items on average, a quarter of them more than the 50 a
+    history holds)."""
     import torch
     import torch.nn.functional as F
 
@@ -83,7 +85,7 @@ def test_validation_ranking_matches_brute_force_with_ties_against_and_known_item
     from flm_dist.model import FLM
 
     torch.manual_seed(0)
-    seq = known == "history"
+    seq = known != "seen"
     cfg = ModelConfig(user_rows=64, item_rows=40, embedding_dim=8, hidden=[], latent_dim=8, history_len=5 if seq else 0, history_layers=1, history_heads=2, user_id=not seq)
     model = FLM(cfg, [])
     with torch.no_grad():  # items 10 and 11 share a vector: a tie, whichever is the row's item
@@ -91,35 +93,42 @@ def test_validation_ranking_matches_brute_force_with_ties_against_and_known_item
     rows = torch.tensor([3, 5, 7, 10, 11, 12, 12, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30])  # 12 twice: a hash collision
     item = torch.tensor([10, 5, 39, 21])  # 39: not in the catalog
     hist = torch.tensor([[-1, 3, 5, 5, 11], [-1, -1, -1, -1, -1], [7, 12, 20, 21, 22], [21, 3, 5, 7, 10]])
-    if seq:
-        batch, seen = Batch(user=torch.zeros(4, dtype=torch.long), item=item, features={}, history=hist), None
-    else:  # users 9, 4, 7, 2 (keys) with the same items, as training pairs (keys sorted, unordered items)
-        keys = torch.tensor([9, 4, 7, 2])
-        pairs = sorted((int(keys[i]), int(h)) for i in range(4) for h in set(hist[i].tolist()) if h >= 0)
-        pairs += [(5, 20), (5, 21)]  # another user's items exclude nothing here
-        pairs.sort()
-        seen = (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64))
-        batch = Batch(user=torch.tensor([1, 2, 3, 4]), item=item, features={}, user_key=keys)
+    # the users' (keys 9, 4, 7, 2) known pairs: their history's items, and with a history
+    # also items older than it holds
+    keys = torch.tensor([9, 4, 7, 2])
+    older = {0: {23, 24, 25, 26, 27, 28, 29, 30, 20}, 1: {22}, 2: set(), 3: {25}} if known == "history and seen" else {i: set() for i in range(4)}
+    known_items = [{h for h in hist[i].tolist() if h >= 0} | older[i] for i in range(4)]
+    pairs = sorted((int(keys[i]), h) for i in range(4) for h in known_items[i])
+    pairs += [(5, 20), (5, 21)]  # another user's items exclude nothing here
+    pairs.sort()
+    seen = (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)) if known != "history" else None
+    batch = Batch(user=torch.tensor([1, 2, 3, 4]), item=item, features={}, history=hist if seq else None, user_key=keys)
     m = model.eval()
     with torch.no_grad():
         u = F.normalize(m.user_vector(batch), dim=-1)
         cvec = F.normalize(m.item_vector(Batch(user=rows, item=rows, features={})), dim=-1)
-        own_out = F.normalize(m.item_vector(batch), dim=-1)
     scores = (u @ cvec.T).numpy()
     want_ndcg = want_recall = 0.0
     for i in range(4):
         in_cat = [j for j in range(len(rows)) if rows[j] == item[i]]
-        own = scores[i, in_cat[0]] if in_cat else float((u[i] * own_out[i]).sum())
+        if not in_cat:
+            continue  # a miss
+        own = scores[i, in_cat[0]]
         # one catalog entry per distinct known row: of two items sharing a row, the
         # user holds one, so the other still counts (conservative)
-        excluded = {next(j for j in range(len(rows)) if rows[j] == h) for h in {int(h) for h in hist[i] if h >= 0 and h != item[i]} if h in rows.tolist()}
-        above = sum(1 for j in range(len(rows)) if scores[i, j] >= own and j not in excluded) - (1 if in_cat else 0)
+        excluded = {next(j for j in range(len(rows)) if rows[j] == h) for h in known_items[i] if h != item[i] and h in rows.tolist()}
+        above = sum(1 for j in range(len(rows)) if scores[i, j] >= own and j not in excluded) - 1
         want_ndcg += 1 / np.log2(above + 2) if above < 10 else 0.0
         want_recall += above < 10
     for chunk in (7, 1 << 16):  # the catalog in chunks, and in one product
         got = validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, chunk=chunk, seen=seen)
         assert got[2] == 4
         assert got[0] == pytest.approx(want_ndcg, abs=1e-9) and got[1] == want_recall
+    if known == "history and seen":  # the older items count: with the history alone the rows rank lower
+        assert validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, seen=None)[0] < want_ndcg - 0.1
+        cvec[1] = float("nan")  # item 5's vector, the second row's item: a NaN score is a miss, never a hit
+        got = validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, seen=seen)
+        assert got[1] == want_recall - 1 and np.isfinite(got[0])
 
 
 def test_seen_rows_hold_every_known_pair_the_carve_included_as_item_rows(tmp_path):
