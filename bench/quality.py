@@ -519,8 +519,9 @@ def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: 
     score: C[i, j] counts how often item j occurs within `window` positions of item i in
     a training sequence (with `forward`, only after it: the next items); a user's score
     for j is the sum, over their last `recent` items i (r = 0 the most recent), of
-    C[i, j] / (1 + r). Popularity (`pop`, per catalog item) only breaks ties among
-    equal scores. Items are catalog positions; -1 (an item outside the catalog) is
+    C[i, j] / (1 + r), plus a popularity prior (`pop`, per catalog item) of at most
+    0.1 / `recent`: it breaks ties, and may reorder two scores closer than that (1/49
+    against 1/50). Items are catalog positions; -1 (an item outside the catalog) is
     dropped. The window and weights were fixed before any figure was seen, not tuned.
     Returns scores_for(lo, hi) for `ranking_rows`."""
     import torch
@@ -537,7 +538,7 @@ def cooccurrence(train: list[np.ndarray], histories: list[np.ndarray], n_items: 
     # Duplicates add up when coalesced; float64 keeps the counts exact.
     c = torch.sparse_coo_tensor(torch.from_numpy(np.stack([earlier, later])), torch.ones(len(later), dtype=torch.float64), (n_items, n_items), check_invariants=True).coalesce().to_sparse_csr()
     recent_items = [h[h >= 0][-recent:] for h in (np.asarray(h, np.int64) for h in histories)]
-    # the smallest non-zero score is 1 / recent: a tie-break below it reorders nothing else
+    # at most a tenth of the smallest non-zero score, 1 / recent
     tie = 0.1 / recent * pop.astype(np.float64) / max(float(pop.max()), 1e-9)
 
     def scores_for(lo: int, hi: int) -> np.ndarray:
