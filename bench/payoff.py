@@ -25,8 +25,13 @@ from flm_dist.data.synth import synth  # noqa: E402
 from flm_dist.payoff import compare, summary_markdown  # noqa: E402
 from flm_dist.storage import Store  # noqa: E402
 
+JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
+
 
 def synthetic(root: str, out: str, quick: bool, labeled: float) -> dict:
+    """The recipe's job files (jobs/pretrain.yaml, then jobs/finetune_ctr.yaml from it and
+    from scratch) with only what a user sets per dataset: data paths, features, table
+    sizes, batch size and epochs."""
     store = Store()
     rows, users, items = (200_000, 5_000, 2_000) if quick else (1_000_000, 20_000, 5_000)
     rep = synth(store, f"{root}/data", rows, users, items, seed=11, labeled_users=labeled)
@@ -37,12 +42,12 @@ def synthetic(root: str, out: str, quick: bool, labeled: float) -> dict:
         "model.user_rows=65536",
         "model.item_rows=16384",
         "model.feature_rows=1024",
-        "scaling.num_workers=2",
-        "train.lr=0.002",
+        "data.batch_size=4096",
     ]
-    pre = load_job(None, [*common, "task=pretrain", "run.name=syn-pre", f"data.pretrain={root}/data/pretrain", f"train.epochs={1 if quick else 3}"])
+    pre = load_job(os.path.join(JOBS, "pretrain.yaml"), [*common, "run.name=syn-pre", f"data.pretrain={root}/data/pretrain", f"train.epochs={1 if quick else 3}"])
     r_pre = launch.train(pre, store, fresh=True, progress=False)
-    ft = load_job(None, [*common, "task=ctr", "run.name=syn-ft", f"init_from={r_pre['checkpoint']}", f"data.train={root}/data/train", f"data.eval={root}/data/eval", "train.epochs=2", "train.recon_weight=0"])
+    ft = load_job(os.path.join(JOBS, "finetune_ctr.yaml"), [*common, "run.name=syn-ft", f"init_from={r_pre['checkpoint']}", f"data.train={root}/data/train",
+                                                            f"data.eval={root}/data/eval", f"train.epochs={2 if quick else 10}"])
     res = compare(ft, store, out=out)
     res["synth"] = rep
     return res
