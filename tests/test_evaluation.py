@@ -127,16 +127,16 @@ def test_validation_ranking_matches_brute_force_with_ties_against_and_known_item
     if known == "history and seen":  # the older items count: with the history alone the rows rank lower
         assert validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, seen=None)[0] < want_ndcg - 0.1
         cvec[1] = float("nan")  # item 5's vector, the second row's item: a NaN score is a miss, never a hit
-        got = validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, seen=seen)
-        assert got[1] == want_recall - 1 and np.isfinite(got[0])
+        for chunk in (7, 1 << 16):
+            got = validation_ranking(model, [batch], (rows, cvec), torch.device("cpu"), batch, chunk=chunk, seen=seen)
+            assert got[1] == want_recall - 1 and np.isfinite(got[0])
 
 
 def test_seen_rows_hold_every_known_pair_the_carve_included_as_item_rows(tmp_path):
-    """A ranking validation of a model without a history ranks each held-out pair
-    against items the user never chose, as the leave-one-out test ranks its target: the
-    pairs it excludes (`seen_rows`) are every known pair, those trained on and the
-    validation carve's (each row keeps its own), mapped to the item rows the workers
-    rank."""
+    """A ranking validation ranks each held-out pair against items the user never
+    chose, as the leave-one-out test ranks its target: the pairs it excludes
+    (`seen_rows`) are every known pair, those trained on and the validation carve's
+    (each row keeps its own), mapped to the item rows the workers rank."""
     _log(tmp_path / "log")
     job = tiny_job(str(tmp_path / "runs"), "carve", "retrieval", **{"data.train": str(tmp_path / "log"), "data.valid_fraction": 0.3})
     store = Store()
