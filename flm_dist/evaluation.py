@@ -206,20 +206,16 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
 
 def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, np.ndarray] | None, rows_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, catalog position) of each row's user's other distinct catalog items, which
-    a ranking excludes: the row's history for models with one, and the user's known
-    pairs, `seen` (user keys sorted, their item rows; trained on or held out for
-    validation), found by `user_key`; a history holds only the last `history_len` of
-    them. So each held-out item is ranked against items the user never chose, as the
+    a ranking excludes: the user's known pairs, `seen` (user keys sorted, their item
+    rows; trained on or held out for validation), found by `user_key`, as the final
+    evaluation excludes them; without them, the row's history (which holds only the
+    last `history_len`, and events a retrieval run does not train on: label 0). So each held-out item is ranked against items the user never chose, as the
     leave-one-out test ranks its target. Ranked against the user's known items, a model
     was judged worse the better it had learned them: on LastFM (47 items a user) a
     pretrained model validated at NDCG@10 0.008 against scratch's 0.019 and tested
     within 0.006 of it, and on Toys early stopping ended scratch's fine-tune at epoch 2
     of 10 (docs/RESULTS.md)."""
     n, dev = len(rows_sorted), rows_sorted.device
-    row = items = torch.zeros(0, dtype=torch.long, device=dev)
-    if b.history is not None:
-        row = torch.arange(len(b.history), device=dev)[:, None].expand_as(b.history).reshape(-1)
-        items = b.history.reshape(-1)
     if seen is not None:
         if user_key is None:
             raise ValueError("validation rows without user_key: a ranking validation with the known pairs (`seen`) finds a row's user by key (ReadSpec.keys)")
@@ -228,8 +224,13 @@ def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, n
         first = np.searchsorted(users, keys, side="left")
         cnt = np.searchsorted(users, keys, side="right") - first
         at = np.repeat(first - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
-        row = torch.cat([row, torch.from_numpy(np.repeat(np.arange(len(keys)), cnt)).to(dev)])
-        items = torch.cat([items, torch.from_numpy(np.asarray(rows[at], np.int64)).to(dev)])
+        row = torch.from_numpy(np.repeat(np.arange(len(keys)), cnt)).to(dev)
+        items = torch.from_numpy(np.asarray(rows[at], np.int64)).to(dev)
+    elif b.history is not None:
+        row = torch.arange(len(b.history), device=dev)[:, None].expand_as(b.history).reshape(-1)
+        items = b.history.reshape(-1)
+    else:
+        row = items = torch.zeros(0, dtype=torch.long, device=dev)
     pos = torch.searchsorted(rows_sorted, items.clamp_min(0)).clamp_max(max(n - 1, 0))
     keep = (items >= 0) & (rows_sorted[pos] == items if n else torch.zeros_like(items, dtype=torch.bool)) & (items != b.item[row])
     key = torch.unique(row[keep] * max(n, 1) + pos[keep])  # distinct (row, position) pairs

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from flm_dist.batch import Batch
 from flm_dist.config import JobConfig, ModelConfig, ServeConfig, to_dict
 from flm_dist.data.encode import EncodeSpec, encode_table
-from flm_dist.data.hashing import HashSpec
+from flm_dist.data.hashing import HashSpec, identity_keys
 from flm_dist.data.plan import plan_read
 from flm_dist.data.schema import DataError, ReadSpec
 from flm_dist.data.sequences import expand
@@ -360,3 +360,46 @@ def test_uniform_negatives_come_from_every_item_seen_so_far():
     rows, feats, _ = featured.sample()
     assert set(rows.tolist()) == set(range(4)) | set(range(100, 104))
     assert torch.equal(feats["genre"], (rows >= 100).long())
+
+
+@pytest.mark.slow
+def test_a_sequence_validation_excludes_every_known_item_of_its_user_not_only_the_history(sequences, tmp_path):
+    """The validation of a model with a history ranks each user's held-out event (the
+    second-to-last) against items the user never chose, as the evaluation ranks the
+    last: its rows carry the user's key, and the known pairs the driver publishes
+    exclude the user's older items too, which a history of `history_len` does not hold,
+    and only those the run trains on (a retrieval run's positives), as the evaluation."""
+    from flm_dist import launch
+    from flm_dist.evaluation import _excluded
+    from tests.conftest import tiny_job
+
+    raw, out, _ = sequences
+    job = tiny_job(str(tmp_path / "runs"), "seqv", "retrieval", **{"data.train": out, "data.split.by": "last", "data.valid_fraction": 0.1, "model.history_len": 3, "model.user_id": False})
+    job.data.features = []
+    store = Store()
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    _, plans, specs = launch.plan_datasets(job, store, hs, out, None, "retrieval", validate=True)
+    ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
+    rows_sorted = torch.sort(torch.from_numpy(np.asarray(ref.catalog["item"], np.int64)))[0]
+    # each user's known items as item rows: all but the last event (in (ts, item) order)
+    # that retrieval trains on, its positives
+    events: dict[int, list] = {}
+    for u, _t, i, label in sorted(zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label")), strict=True)):
+        events.setdefault(u, []).append((i, label))
+    known = {u: set(hs.hash("item", pa.array([i for i, label in evs[:-1] if label > 0], pa.int64())).tolist()) for u, evs in events.items()}
+    key_of = dict(zip(identity_keys(pa.array(list(events), pa.int64())).tolist(), events, strict=True))
+    checked = beyond_history = 0
+    for unit in plans["valid"].units:
+        t = pq.ParquetFile(plans["valid"].files[unit.file].uri).read_row_group(unit.row_group, columns=plans["valid"].columns)
+        cols = encode_table(t, specs["valid"], unit.index)
+        assert "user_key" in cols, "validation rows must carry the user's key"
+        hist = torch.from_numpy(np.stack([cols[f"hist__{j}"] for j in range(3)], 1))
+        b = Batch(user=torch.from_numpy(cols["user"]), item=torch.from_numpy(cols["item"]), features={}, history=hist, user_key=torch.from_numpy(cols["user_key"]))
+        ex_row, ex_pos = _excluded(b, b.user_key, launch.seen_rows(ref), rows_sorted)
+        for r in range(len(b.item)):
+            got = set(rows_sorted[ex_pos[ex_row == r]].tolist())
+            want = known[key_of[int(b.user_key[r])]] - {int(b.item[r])}
+            assert got == want
+            beyond_history += len(want - set(hist[r].tolist())) > 0
+            checked += 1
+    assert checked == len(events) and beyond_history > checked // 2
