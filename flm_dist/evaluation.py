@@ -208,8 +208,9 @@ def _excluded(b: Batch, user_key: torch.Tensor | None, seen: tuple[np.ndarray, n
     """(row, catalog position) of each row's user's other distinct catalog items, which
     a ranking excludes: the user's known pairs, `seen` (user keys sorted, their item
     rows; trained on or held out for validation), found by `user_key`, as the final
-    evaluation excludes them; without them, the row's history (which holds only the
-    last `history_len`, and events a retrieval run does not train on: label 0). So each held-out item is ranked against items the user never chose, as the
+    evaluation excludes them; without them, the row's history (only its last
+    `history_len` items, and also events a retrieval run does not train on: label 0).
+    So each held-out item is ranked against items the user never chose, as the
     leave-one-out test ranks its target. Ranked against the user's known items, a model
     was judged worse the better it had learned them: on LastFM (47 items a user) a
     pretrained model validated at NDCG@10 0.008 against scratch's 0.019 and tested

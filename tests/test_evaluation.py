@@ -71,11 +71,11 @@ def test_validation_ranking_matches_brute_force_with_ties_against_and_known_item
     brute-force ranking of the same vectors: ties count against the row's item, the
     user's other distinct items are excluded (its own item is not), an item outside the
     catalog is a miss (as in the final evaluation: nothing can rank it), and collided
-    catalog rows all count. The user's items are the row's history (a sequence model)
-    and the user's known pairs found by key (`seen`): the final evaluation excludes
-    every one of those, so validation must, or it ranks a model down for learning them
-    (a LastFM user has 48 items on average, a quarter of them more than the 50 a
-    history holds)."""
+    catalog rows all count. The user's items are their known pairs found by key
+    (`seen`), for a model with a history too, and the row's history only without them:
+    the final evaluation excludes every known pair, so validation must, or it ranks a
+    model down for learning them (a LastFM user has 48 items on average, a quarter of
+    them more than the 50 a history holds)."""
     import torch
     import torch.nn.functional as F
 
