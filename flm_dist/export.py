@@ -39,9 +39,17 @@ from torch import nn
 
 from flm_dist import __version__, transitions
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import FeatureConfig, ModelConfig, SplitConfig, TransitionsConfig, from_dict
-from flm_dist.data.encode import EncodeSpec
+from flm_dist.config import (
+    FeatureConfig,
+    JobConfig,
+    ModelConfig,
+    SplitConfig,
+    TransitionsConfig,
+    from_dict,
+)
+from flm_dist.data.encode import EncodeSpec, history_events
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
+from flm_dist.data.schema import ReadSpec
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
 from flm_dist.storage import Store, join, split_uri
@@ -446,10 +454,12 @@ class _LastSeen:
         return self.merged.take(pc.sort_indices(self.merged, [(self.id_col, "ascending")]))
 
 
-def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]) -> tuple[dict[str, pa.Table], list[str]]:
+def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]], read: EncodeSpec) -> tuple[dict[str, pa.Table], list[str]]:
     """Stream the training data files once (block by block, only the needed columns);
-    per side ("user" / "item") the table of distinct raw IDs with last-seen features.
-    Returns the tables and the files that changed since training (size differs)."""
+    per side ("user" / "item") the table of distinct raw IDs with last-seen features,
+    and with a history each user's last items as training's histories hold them (the
+    events `read`'s checks pass). Returns the tables and the files that changed since
+    training (size differs)."""
     changed = []
     seen = {side: _LastSeen(f"{side}_id") for side in sides}
     history = next((f for f in sides.get("user", []) if f["kind"] == "history"), None)
@@ -470,15 +480,18 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
         with handle:
             pf = pq.ParquetFile(handle)
             sequence = is_sequence(pf.schema_arrow)
-            columns = sorted({f"{s}_id" for s in sides} | {f["name"] for fs in sides.values() for f in fs if f["kind"] != "history"} | ({"item_id"} if history else set()))
-            for batch in pf.iter_batches(batch_size=1 << 16, columns=columns, use_threads=False):
+            columns = {f"{s}_id" for s in sides} | {f["name"] for fs in sides.values() for f in fs if f["kind"] != "history"}
+            if sequence and history:
+                columns |= set(read.read.columns(pf.schema_arrow))
+            for batch in pf.iter_batches(batch_size=1 << 16, columns=sorted(columns), use_threads=False):
                 block = pa.Table.from_batches([batch])
                 if sequence:  # one row per event, each carrying its user's most recent items
-                    tails = _tails(block.column("item_id").combine_chunks(), history["max_len"]) if history else None
-                    block, user_of, _, _, placeholder = expand(block, uri)
-                    if tails is not None:
-                        block = block.append_column("history", tails.take(pa.array(user_of)))
-                    block = block.filter(pa.array(~placeholder))
+                    flat, user_of, _, _, placeholder = expand(block, uri)
+                    if history:
+                        _, usable = history_events(flat, placeholder, read)
+                        tails = _tails(flat.column("item_id"), user_of, usable, block.num_rows, history["max_len"])
+                        flat = flat.append_column("history", tails.take(pa.array(user_of)))
+                    block = flat.filter(pa.array(~placeholder))
                 for side, feats in sides.items():
                     cols = [f"{side}_id"] + [f["name"] for f in feats]
                     kinds = ["id"] + [f["kind"] for f in feats]
@@ -486,18 +499,15 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
     return {side: s.table() for side, s in seen.items()}, changed
 
 
-def _tails(items: pa.Array, length: int) -> pa.Array:
-    """The last `length` values of each list (a user's most recent items)."""
-    items = items.fill_null(pa.scalar([], type=items.type)) if items.null_count else items
-    if items.offset:
-        items = pa.concat_arrays([items])
-    offsets = items.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-    full = offsets[1:] - offsets[:-1]
-    keep = np.minimum(full, length)
-    starts = offsets[1:] - keep
-    idx = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, keep, strict=True)]) if len(keep) else np.zeros(0, np.int64)
-    new_offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(new_offsets), items.values.take(pa.array(idx, pa.int64())))
+def _tails(items: pa.ChunkedArray, user_of: np.ndarray, usable: np.ndarray, users: int, length: int) -> pa.Array:
+    """Per user, the last `length` of their `usable` events' items (events of a user
+    are contiguous and in order): the most recent items a history of theirs holds."""
+    idx = np.flatnonzero(usable)
+    owner = user_of[idx]
+    ends = np.cumsum(np.bincount(owner, minlength=users))
+    idx = idx[ends[owner] - np.arange(len(idx)) <= length]  # within `length` of the user's last
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(user_of[idx], minlength=users))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), items.take(pa.array(idx, pa.int64())).combine_chunks())
 
 
 def _write_vectors(scorer, table: pa.Table, side: str, features: list[dict], path: str) -> int:
@@ -599,7 +609,7 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
         t0 = time.perf_counter()
         scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
         onnx_info = _write_model_files(tmp, model, scorer, Scorer(model, spec, task, id_kinds, table_dtype), features, formats, table_dtype)
-        vectors, snapshot, changed = _write_data_files(tmp, store, scorer, task, features, data_files, model.cfg.latent_dim, checkpoint)
+        vectors, snapshot, changed = _write_data_files(tmp, store, scorer, source, features, model.cfg.latent_dim, checkpoint)
         counts = _write_transitions(tmp, store, scorer, source, model.cfg, data_files) if vectors and model.cfg.history_len else None
         files = {}
         for root, _, names in os.walk(tmp):
@@ -641,9 +651,10 @@ def _write_model_files(tmp: str, model: FLM, scorer, onnx_scorer: Scorer, featur
     return onnx_info
 
 
-def _write_data_files(tmp: str, store: Store, scorer, task: str, features: list[dict], data_files: list[dict], latent_dim: int, checkpoint: str | None) -> tuple[dict, dict, list]:
+def _write_data_files(tmp: str, store: Store, scorer, source: dict, features: list[dict], latent_dim: int, checkpoint: str | None) -> tuple[dict, dict, list]:
     """The vectors of every user and item of the training data (retrieval-style tasks)
     and the feature snapshot (the last values of each ID): (vectors, snapshot, changed files)."""
+    task, data_files = source["task"], source.get("data_files") or []
     sides = {s: [f for f in features if f["side"] == s] for s in ("user", "item")}
     want_vectors = task in _VECTOR_TASKS
     vectors, snapshot, changed = {}, {}, []
@@ -655,7 +666,7 @@ def _write_data_files(tmp: str, store: Store, scorer, task: str, features: list[
             f"its vectors / feature snapshot cannot be built"
         )
     need = {s: sides[s] for s in ("user", "item") if want_vectors or sides[s]}
-    universe, changed = _universe(store, data_files, need)
+    universe, changed = _universe(store, data_files, need, _training_read(source))
     for side, table in universe.items():
         if table is None:
             continue
@@ -673,6 +684,18 @@ def _write_data_files(tmp: str, store: Store, scorer, task: str, features: list[
     return vectors, snapshot, changed
 
 
+def _training_read(source: dict) -> EncodeSpec:
+    """Training's read of its data (`launch.plan_datasets`): the split, the validation
+    carve and the checks applied to each event, which decide the events a history may
+    hold and a transition count may pair."""
+    job = from_dict(JobConfig, source["config"])
+    # an explicit data.eval replaces the split in a fine-tune; pretraining never reads it
+    split = SplitConfig() if job.data.eval and source["task"] != "pretrain" else job.data.split
+    read = ReadSpec.for_task(source["task"], job.data.features, job.data.rating_range, need_ts=split.by == "time", history_len=job.model.history_len)
+    carve = job.data.valid_fraction if not job.data.valid else 0.0
+    return EncodeSpec(read=read, hash=HashSpec.from_dict(source["hash_spec"]), split=split, seed=job.run.seed, valid_fraction=carve)
+
+
 def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelConfig, data_files: list[dict]) -> dict | None:
     """transitions.parquet (`flm_dist.transitions`) for a model with a history: counts of
     the run's training events, and the blend weight fitted on its validation events."""
@@ -681,13 +704,8 @@ def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelC
     if not tc.window:
         return None
     t0 = time.perf_counter()
-    d = job["data"]
-    # the split and validation carve exactly as the run's training read them (launch.plan_datasets)
-    # (an explicit data.eval replaces the split in a fine-tune; pretraining never reads it)
-    split = SplitConfig() if d.get("eval") and source["task"] != "pretrain" else from_dict(SplitConfig, d["split"])
-    carve = d["valid_fraction"] if not d.get("valid") else 0.0
-    side = EncodeSpec(read=None, hash=None, split=split, seed=job["run"]["seed"], valid_fraction=carve)
-    counted = transitions.count(store, data_files, side, tc.window, tc.keep, cfg.history_len, tc.fit_users, tc.backward)
+    # the split and validation carve exactly as the run's training read them
+    counted = transitions.count(store, data_files, _training_read(source), tc.window, tc.keep, cfg.history_len, tc.fit_users, tc.backward)
     items = pq.read_table(os.path.join(tmp, "item_vectors.parquet"))
     flat = items.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     matrix = torch.from_numpy(np.array(flat, np.float32).reshape(items.num_rows, -1))

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 # the split exactly as training reads it
-from flm_dist.data.encode import EncodeSpec, event_times, split_mask
+from flm_dist.data.encode import EncodeSpec, event_times, history_events, split_mask
 from flm_dist.data.hashing import prehash_ids
 from flm_dist.data.sequences import expand, history_rows, is_sequence
 from flm_dist.storage import Store, split_uri
@@ -75,10 +75,11 @@ def _sum_pairs(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray,
 
 
 def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: int, keep: int, history_len: int, fit_users: int, backward: float = 0.0) -> Counted:
-    """Stream the training files once (user, item, time columns): the transition counts
+    """Stream the training files once (the columns training read): the transition counts
     of the training side of `split_spec`'s split (j after i: 1 for i's row, `backward`
-    for j's), and up to `fit_users` validation events with the training items before
-    them (at most `history_len`, strictly earlier in time)."""
+    for j's), and up to `fit_users` validation events with the items before them (at
+    most `history_len`, strictly earlier in time). `split_spec` is the run's training
+    read: its checks (`read`, `hash`) decide which events count, as in training."""
     acc = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     pend: list[tuple[np.ndarray, np.ndarray, float]] = []
     pending = 0
@@ -96,12 +97,15 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
             pf = pq.ParquetFile(handle)
             if not is_sequence(pf.schema_arrow):
                 raise ValueError(f"{uri}: transition counts read per-user sequences (an item_id list column); run `flm-dist data sequences` or set transitions.window: 0")
-            cols = [c for c in ("user_id", "item_id", "ts") if c in pf.schema_arrow.names]
+            cols = split_spec.read.columns(pf.schema_arrow)
             for batch in pf.iter_batches(batch_size=1 << 14, columns=cols, use_threads=False):
                 flat, user_of, index, seq_len, placeholder = expand(pa.Table.from_batches([batch]), uri)
-                ok = ~placeholder & ~flat.column("item_id").is_null().to_numpy(zero_copy_only=False)
-                train = ok & split_mask(flat, replace(split_spec, side="train"), index, seq_len)
-                valid = ok & split_mask(flat, replace(split_spec, side="valid"), index, seq_len)
+                # the events training trains on and builds histories from: a retrieval
+                # run's label-0 events and bad rows are neither counted nor in a history
+                encoded, usable = history_events(flat, placeholder, split_spec)
+                good = encoded["_bad"] == 0
+                train = good & split_mask(flat, replace(split_spec, side="train"), index, seq_len)
+                valid = good & split_mask(flat, replace(split_spec, side="valid"), index, seq_len)
                 keys = prehash_ids(flat.column("item_id"))
                 # pairs among each user's training events, in sequence order
                 k, u = keys[train], user_of[train]
@@ -115,11 +119,9 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                     acc = reduce()
                     pend, pending = [], 0
                 if len(vu) < fit_users and valid.any():
-                    # histories exactly as training builds them: strictly earlier times, events without one left out
-                    times, usable = None, train
-                    if "ts" in cols:
-                        times = event_times(flat, index)
-                        usable = train & flat.column("ts").is_valid().to_numpy(zero_copy_only=False)
+                    # histories exactly as training builds them: strictly earlier times, from
+                    # every usable event (for a `last` split, the training events before)
+                    times = event_times(flat, index) if "ts" in flat.column_names else None
                     pos = history_rows(np.arange(len(keys)), index, history_len, usable=usable, times=times)
                     users = prehash_ids(flat.column("user_id"))
                     for e in np.flatnonzero(valid)[: fit_users - len(vu)]:

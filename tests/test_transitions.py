@@ -5,6 +5,7 @@ and the server's /recommend and /score answering the same blended scores."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from flm_dist.config import (
 )
 from flm_dist.data.encode import EncodeSpec
 from flm_dist.data.hashing import HashSpec
+from flm_dist.data.schema import ReadSpec
 from flm_dist.model import FLM, table_sizes
 from flm_dist.storage import Store
 from flm_dist.transitions import count
@@ -47,13 +49,18 @@ def _write(tmp_path, seqs: list[list[int]]) -> list[dict]:
     return files
 
 
+def _retrieval_read(history_len: int) -> EncodeSpec:
+    """A leave-one-out retrieval run's training read of these files."""
+    read = ReadSpec.for_task("retrieval", [], (1, 5), history_len=history_len)
+    return EncodeSpec(read=read, hash=HashSpec.build({"user": 97, "item": 89}, 0), split=SplitConfig(by="last"), valid_fraction=0.1)
+
+
 @pytest.mark.parametrize("backward", [0.0, 0.25])
 def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(tmp_path, backward):
     rng = np.random.default_rng(3)
     seqs = [[int(x) for x in rng.integers(0, 12, n)] for n in rng.integers(1, 9, 25)]
     files = _write(tmp_path, seqs)
-    split = EncodeSpec(read=None, hash=None, split=SplitConfig(by="last"), valid_fraction=0.1)
-    got = count(Store(), files, split, window=2, keep=3, history_len=4, fit_users=100, backward=backward)
+    got = count(Store(), files, _retrieval_read(4), window=2, keep=3, history_len=4, fit_users=100, backward=backward)
     # oracle: pairs among each user's events but the last two (eval, validation); j
     # after i counts 1 for i's row and `backward` for j's
     pairs: dict[int, dict[int, float]] = {}
@@ -77,10 +84,10 @@ def test_counts_leave_out_validation_and_eval_events_and_keep_the_most_frequent(
     assert [v.tolist() for v in got.valid_seen] == [sorted(set(s[:-2])) for s in long]
 
 
-def _export(tmp_path, window: int, task: str = "retrieval", eval_uri: str = ""):
+def _export(tmp_path, window: int, task: str = "retrieval", eval_uri: str = "", files: list[dict] | None = None):
     from flm_dist.export import write_export
 
-    files = _write(tmp_path, _cycles())
+    files = files or _write(tmp_path, _cycles())
     cfg = ModelConfig(user_rows=97, item_rows=89, embedding_dim=8, hidden=[], latent_dim=8, history_len=5, history_layers=1, history_heads=2, user_id=False)
     torch.manual_seed(0)
     model = FLM(cfg, []).eval()  # untrained: its vectors know nothing of the cycles, the counts know them all
@@ -98,14 +105,40 @@ def test_the_counts_follow_the_split_training_read(tmp_path):
     assert pairs[("retrieval", "s3://b/eval")] > pairs[("retrieval", "")]
 
 
+@pytest.mark.parametrize("task", ["retrieval", "pretrain"])
+def test_the_counts_the_fit_and_the_served_history_take_the_events_training_does(tmp_path, task):
+    """A retrieval run trains on label-1 events only and its histories skip the rest
+    (a pretraining reads every event): the counts pair, the weight's fit reads and the
+    export's snapshot of each user's last items hold exactly those events."""
+    from flm_dist.transitions import count
+
+    items, labels = [1, 2, 3, 4, 5, 6, 7], [1, 1, 0, 1, 1, 1, 1]  # item 3 rejected; 6 validates, 7 tests
+    t = pa.table({"user_id": pa.array([100], pa.int64()), "item_id": pa.array([items], pa.list_(pa.int64())),
+                  "ts": pa.array([list(range(7))], pa.list_(pa.int64())), "label": pa.array([labels], pa.list_(pa.float64()))})
+    pq.write_table(t, tmp_path / "labels.parquet")
+    files = [{"uri": str(tmp_path / "labels.parquet"), "size": (tmp_path / "labels.parquet").stat().st_size}]
+    read = _retrieval_read(5)
+    if task == "pretrain":
+        read = replace(read, read=ReadSpec.for_task("pretrain", [], (1, 5), history_len=5))
+    got = count(Store(), files, read, window=1, keep=5, history_len=5, fit_users=10)
+    trained = [1, 2, 4, 5] if task == "retrieval" else [1, 2, 3, 4, 5]
+    pairs = {a: f for a, f in zip(got.table.column("item_key").to_pylist(), got.table.column("follower_keys").to_pylist(), strict=True)}
+    assert pairs == {a: [b] for a, b in zip(trained, trained[1:], strict=False)}
+    assert [h.tolist() for h in got.valid_history] == [trained] and got.valid_target.tolist() == [6]
+    assert [v.tolist() for v in got.valid_seen] == [trained]
+    # the snapshot a request without "history" is served with: the last 5 of those events, every side
+    _, out = _export(tmp_path, 1, task, files=files)
+    snap = pq.read_table(out / "features" / "users.parquet")
+    assert snap.column("history").to_pylist() == [(trained + [6, 7])[-5:]]
+
+
 def test_validation_histories_hold_strictly_earlier_events_at_the_times_resolution(tmp_path):
     """Millisecond times: events 500 ms apart are not a tie (training's histories keep
     them), events at the same instant are, and an event without a time is left out."""
     ts = pa.array([[0, 1000, 2000, 2500, 2500, 3000], [0, None, 1000, 2000, 3000]], pa.list_(pa.timestamp("ms")))
     t = pa.table({"user_id": pa.array([1, 2], pa.int64()), "item_id": pa.array([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24]], pa.list_(pa.int64())), "ts": ts})
     pq.write_table(t, tmp_path / "ms.parquet")
-    split = EncodeSpec(read=None, hash=None, split=SplitConfig(by="last"), valid_fraction=0.1)
-    got = count(Store(), [{"uri": str(tmp_path / "ms.parquet")}], split, window=1, keep=5, history_len=10, fit_users=10)
+    got = count(Store(), [{"uri": str(tmp_path / "ms.parquet")}], _retrieval_read(10), window=1, keep=5, history_len=10, fit_users=10)
     assert got.valid_target.tolist() == [14, 23]
     assert [h.tolist() for h in got.valid_history] == [[10, 11, 12], [20, 22]]
 

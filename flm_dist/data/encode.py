@@ -21,7 +21,7 @@ from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
 from flm_dist.data.sequences import expand, history_rows
 from flm_dist.storage import Store, split_uri
 
-__all__ = ["EncodeSpec", "empty_columns", "encode_table", "event_times", "read_units", "sequence_slots", "split_mask"]
+__all__ = ["EncodeSpec", "empty_columns", "encode_table", "event_times", "history_events", "read_units", "sequence_slots", "split_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -182,15 +182,10 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     keeps the events of `spec.side`: an eval event's history holds the training events
     before it."""
     flat, _, index, seq_len, placeholder = expand(t)
-    flat_spec = replace(spec, read=replace(spec.read, sequence=False), side="all")
-    cols = encode_table(flat, flat_spec, unit, 0)
-    cols["_bad"][placeholder] = BAD_REASONS.index("empty_sequence")
+    cols, usable = history_events(flat, placeholder, spec, unit)
     length = spec.read.history_len
     if length:
         times = event_times(flat, index) if "ts" in flat.column_names else None
-        usable = cols["_bad"] == 0
-        if times is not None:
-            usable &= flat.column("ts").is_valid().to_numpy(zero_copy_only=False)
         hist = history_rows(cols["item"], index, length, usable=usable, times=times)
         for j in range(length):
             cols[f"hist__{j}"] = np.ascontiguousarray(hist[:, j])
@@ -198,6 +193,20 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     if keep is not None:
         cols = {k: v[keep] for k, v in cols.items()}
     return cols
+
+
+def history_events(flat: pa.Table, placeholder: np.ndarray, spec: EncodeSpec, unit: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every event of `expand`ed sequences encoded under `spec.read`'s checks, whatever
+    its side of the split, and which events may enter a history: good rows with a time
+    (when the file has times). A retrieval run's label-0 events are not good, nor is a
+    placeholder. Training's histories, the export's snapshot of each user's last items
+    and the transition counts all take this, so that what is served is what was trained."""
+    cols = encode_table(flat, replace(spec, read=replace(spec.read, sequence=False), side="all"), unit, 0)
+    cols["_bad"][placeholder] = BAD_REASONS.index("empty_sequence")
+    usable = cols["_bad"] == 0
+    if "ts" in flat.column_names:
+        usable &= flat.column("ts").is_valid().to_numpy(zero_copy_only=False)
+    return cols, usable
 
 
 def event_times(flat: pa.Table, index: np.ndarray) -> np.ndarray:
