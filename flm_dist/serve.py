@@ -51,7 +51,7 @@ from flm_dist.export import LEN_SUFFIX, feature_inputs
 from flm_dist.storage import Store, join
 from flm_dist.transitions import Transitions
 
-__all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_serve_config", "run"]
+__all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_serve_config", "run", "top_k"]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,15 @@ def encode_values(f: dict, values: list, where: str, per_row: bool) -> dict[str,
     return {name: vals, name + LEN_SUFFIX: lens}
 
 
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` best of a row of scores, ties in item order: the same answer whatever
+    else is in the batch (`torch.topk` picks among tied items by its own k)."""
+    cut = torch.topk(scores, k).values[-1]
+    candidates = torch.nonzero(scores >= cut).flatten()  # every item tied at the cut, in order
+    order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
+    return scores[candidates[order]], candidates[order]
+
+
 class LoadedExport:
     """An export folder on local disk, loaded with torch + pyarrow; no Ray, no model code.
     Validates and encodes requests and answers batches of them."""
@@ -338,7 +347,7 @@ class LoadedExport:
                 f"/recommend needs an export with item vectors (task retrieval or pretrain); this export's task is {self.task}",
                 "task",
             )
-        body = check_fields(body, {"user_id", "k", "user_features", "exclude", "history"}, {"user_id"})
+        body = check_fields(body, {"user_id", "k", "user_features", "exclude", "history", "exclude_history"}, {"user_id"})
         k = body.get("k", 10)
         top = min(self.cfg.max_items, len(self.item_ids))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
@@ -350,9 +359,17 @@ class LoadedExport:
         if len(exclude) > self.cfg.max_items:
             raise RequestError(f"exclude has {len(exclude)} items; at most serve.max_items = {self.cfg.max_items}", "exclude", 413)
         ex = self._keys(exclude, self.id_kind["item"], "exclude")
+        features = self._side_inputs("user", user, self._with_history(body), "user_features", per_row=False)
+        exclude_history = body.get("exclude_history", True)
+        if not isinstance(exclude_history, bool):
+            raise RequestError(f"exclude_history must be true or false, got {exclude_history!r}", "exclude_history")
+        if exclude_history and "history" in features:
+            # the items the user just had (the request's history, or the snapshot's): a
+            # ranking of what comes next leaves them out, as the evaluation and the
+            # blend weight's fit do; false keeps them (repeat consumption, e.g. music)
+            ex = np.concatenate([ex, features["history"][0, : int(features["history" + LEN_SUFFIX][0])].numpy()])
         pos = np.minimum(np.searchsorted(self._item_keys, ex), len(self._item_keys) - 1)
         rows = self._item_rows[pos[self._item_keys[pos] == ex]]
-        features = self._side_inputs("user", user, self._with_history(body), "user_features", per_row=False)
         return RecommendRequest(body["user_id"], k, torch.from_numpy(user), features, rows)
 
     # -- batches -------------------------------------------------------------------------
@@ -402,13 +419,12 @@ class LoadedExport:
         for i, r in enumerate(reqs):
             if len(r.exclude):
                 scores[i, torch.from_numpy(r.exclude)] = -math.inf
-        kmax = max(r.k for r in reqs)
-        top_s, top_i = torch.topk(scores, kmax, dim=1)
         out = []
         for i, r in enumerate(reqs):
+            top_s, top_i = top_k(scores[i], r.k)
             items = [
                 {"item_id": self.item_ids[j], "score": s}
-                for j, s in zip(top_i[i, : r.k].tolist(), top_s[i, : r.k].tolist(), strict=True)
+                for j, s in zip(top_i.tolist(), top_s.tolist(), strict=True)
                 if s != -math.inf  # fewer items than k once exclusions are removed
             ]
             out.append({"user_id": r.user_id, "k": r.k, "items": items})

@@ -5,6 +5,7 @@ Expected values come from the model itself on raw rows encoded as training encod
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import urllib.error
@@ -202,6 +203,20 @@ def test_recommend_ranks_every_item(world):
     assert status == 200 and len(body["items"]) == 10  # k defaults to 10
 
 
+def test_top_k_breaks_ties_in_item_order_whatever_k():
+    """A request's top k does not depend on the k of the requests batched with it:
+    `torch.topk` alone returns different tied items for k = 3 and k = 50."""
+    from flm_dist.serve import top_k
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (300,), generator=g).float()  # few values: ties everywhere
+    scores[7] = -math.inf
+    want = torch.sort(scores, descending=True, stable=True).indices  # score, then item order
+    for k in (1, 3, 50, 300):
+        s, i = top_k(scores, k)
+        assert i.tolist() == want[:k].tolist() and torch.equal(s, scores[want[:k]])
+
+
 BAD = [
     ("/score", b"{not json", 400, "body"),
     ("/score", b"[1, 2]", 400, "body"),
@@ -224,6 +239,7 @@ BAD = [
     ("/recommend", {"user_id": "u1", "k": "5"}, 400, "k"),
     ("/recommend", {"k": 5}, 400, "user_id"),
     ("/recommend", {"user_id": "u1", "exclude": 1000}, 400, "exclude"),
+    ("/recommend", {"user_id": "u1", "exclude_history": "yes"}, 400, "exclude_history"),
     ("/nowhere", {"user_id": "u1"}, 404, "path"),
 ]
 

@@ -166,6 +166,10 @@ def test_the_export_fits_a_blend_weight_and_the_server_ranks_by_it(tmp_path):
     alone = model_alone(history)
     rec = server.recommend_batch([server.parse_recommend({"user_id": 1, "k": ITEMS, "history": history})])[0]["items"]
     assert rec[0]["item_id"] == (history[-1] + 1) % ITEMS  # what follows the last item, as every user's walk does
+    # the items the user just had are left out unless asked for (the counts boost them: they follow each other)
+    assert {r["item_id"] for r in rec} == set(range(ITEMS)) - set(history)
+    kept = server.recommend_batch([server.parse_recommend({"user_id": 1, "k": ITEMS, "history": history, "exclude_history": False})])[0]["items"]
+    assert {r["item_id"] for r in kept} == set(range(ITEMS))
     # /score answers the same blended score for the same items
     items = [r["item_id"] for r in rec]
     scored = server.score_batch([server.parse_score({"user_id": 1, "item_ids": items, "history": history})])[0]["scores"]
