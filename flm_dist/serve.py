@@ -207,8 +207,11 @@ def encode_values(f: dict, values: list, where: str, per_row: bool) -> dict[str,
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `k` best of a row of scores, ties in item order: the same answer whatever
     else is in the batch (`torch.topk` picks among tied items by its own k)."""
-    cut = torch.topk(scores, k).values[-1]
-    candidates = torch.nonzero(scores >= cut).flatten()  # every item tied at the cut, in order
+    vals, idx = torch.topk(scores, min(k + 1, len(scores)))
+    if len(vals) > k and vals[k] == vals[k - 1]:  # a tie across the cut: every item tied at it, in order
+        candidates = torch.nonzero(scores >= vals[k - 1]).flatten()
+    else:  # the k best are these; only their order among ties is torch's
+        candidates = torch.sort(idx[:k]).values
     order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
     return scores[candidates[order]], candidates[order]
 

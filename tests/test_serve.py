@@ -215,6 +215,10 @@ def test_top_k_breaks_ties_in_item_order_whatever_k():
     for k in (1, 3, 50, 300):
         s, i = top_k(scores, k)
         assert i.tolist() == want[:k].tolist() and torch.equal(s, scores[want[:k]])
+    # ties inside the top k only (no tie across the cut), and across it
+    scores = torch.randn(300, generator=g)
+    scores[[40, 9, 5]] = 10.0
+    assert top_k(scores, 3)[1].tolist() == [5, 9, 40] and top_k(scores, 2)[1].tolist() == [5, 9]
 
 
 BAD = [
