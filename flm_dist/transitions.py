@@ -10,9 +10,11 @@ systems blend co-visitation counts with learned models.
 
 - Counts: C[i, j] = how often item j came 1..`window` events after item i in a user's
   training events, plus `backward` times how often it came 1..`window` events before
-  it: co-visitation either way round, the forward direction first. The run's own split
-  decides what is training: its validation and eval events are never counted. Each item
-  keeps its `keep` most frequent followers.
+  it: co-visitation either way round, the forward direction first. Two events at the
+  same time have no order (training keeps them out of each other's history): each
+  counts (1 + `backward`) / 2 for the other. The run's own split decides what is
+  training: its validation and eval events are never counted. Each item keeps its
+  `keep` most frequent followers.
 - A user's transition score for item j: m_j = sum over their `recent` most recent items
   h_r (r = 0 the most recent) of C[h_r, j] / (1 + r).
 - The served score: cos(user, item) + weight * log1p(m_j). `weight` is fitted at export
@@ -81,13 +83,14 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
     most `history_len`, strictly earlier in time). `split_spec` is the run's training
     read: its checks (`read`, `hash`) decide which events count, as in training."""
     acc = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    pend: list[tuple[np.ndarray, np.ndarray, float]] = []
+    pend: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     pending = 0
+    tied = (1.0 + backward) / 2  # either way round, for events at one time: neither came first
 
     def reduce() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a = np.concatenate([acc[0]] + [p[0] for p in pend])
         b = np.concatenate([acc[1]] + [p[1] for p in pend])
-        return _sum_pairs(a, b, np.concatenate([acc[2]] + [np.full(len(p[0]), p[2]) for p in pend]))
+        return _sum_pairs(a, b, np.concatenate([acc[2]] + [p[2] for p in pend]))
 
     vu, vh, vt, vs = [], [], [], []
     for info in data_files:
@@ -107,21 +110,28 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                 train = good & split_mask(flat, replace(split_spec, side="train"), index, seq_len)
                 valid = good & split_mask(flat, replace(split_spec, side="valid"), index, seq_len)
                 keys = prehash_ids(flat.column("item_id"))
-                # pairs among each user's training events, in sequence order
+                times = event_times(flat, index) if "ts" in flat.column_names else None
+                # pairs among each user's training events, in sequence order; events at
+                # the same time are in each other's history neither (training's rule)
+                # nor in a direction here: the file's order among them is item order
                 k, u = keys[train], user_of[train]
+                t = times[train] if times is not None else None
+                timed = usable[train]
                 for d in range(1, window + 1):
                     same = u[d:] == u[:-d]
-                    pend.append((k[:-d][same], k[d:][same], 1.0))
-                    if backward:
-                        pend.append((k[d:][same], k[:-d][same], backward))
-                    pending += int(same.sum()) * (2 if backward else 1)
+                    tie = np.zeros(int(same.sum()), dtype=bool)
+                    if t is not None:
+                        tie = ((t[d:] == t[:-d]) & timed[d:] & timed[:-d])[same]
+                    pend.append((k[:-d][same], k[d:][same], np.where(tie, tied, 1.0)))
+                    back = np.where(tie, tied, backward)
+                    pend.append((k[d:][same][back > 0], k[:-d][same][back > 0], back[back > 0]))
+                    pending += int(same.sum()) * 2
                 if pending >= _REDUCE:
                     acc = reduce()
                     pend, pending = [], 0
                 if len(vu) < fit_users and valid.any():
                     # histories exactly as training builds them: strictly earlier times, from
                     # every usable event (for a `last` split, the training events before)
-                    times = event_times(flat, index) if "ts" in flat.column_names else None
                     pos = history_rows(np.arange(len(keys)), index, history_len, usable=usable, times=times)
                     users = prehash_ids(flat.column("user_id"))
                     for e in np.flatnonzero(valid)[: fit_users - len(vu)]:

@@ -132,6 +132,23 @@ def test_the_counts_the_fit_and_the_served_history_take_the_events_training_does
     assert snap.column("history").to_pylist() == [(trained + [6, 7])[-5:]]
 
 
+@pytest.mark.parametrize("backward", [0.0, 0.3])
+def test_events_at_one_time_count_for_each_other_either_way(tmp_path, backward):
+    """Items 2 and 3 share a time: training puts neither in the other's history, and the
+    file's order between them (item order) is no evidence of which came first."""
+    t = pa.table({"user_id": pa.array([1], pa.int64()), "item_id": pa.array([[1, 2, 3, 4, 5, 6]], pa.list_(pa.int64())),
+                  "ts": pa.array([[0, 1, 1, 2, 3, 4]], pa.list_(pa.int64()))})
+    pq.write_table(t, tmp_path / "ties.parquet")
+    got = count(Store(), [{"uri": str(tmp_path / "ties.parquet")}], _retrieval_read(5), window=1, keep=5, history_len=5, fit_users=10, backward=backward)
+    table = {a: dict(zip(f, c, strict=True)) for a, f, c in zip(*(got.table.column(k).to_pylist() for k in ("item_key", "follower_keys", "counts")), strict=True)}
+    tied = (1 + backward) / 2
+    want = {1: {2: 1.0}, 2: {3: tied}, 3: {2: tied, 4: 1.0}}
+    if backward:
+        want[2][1] = backward
+        want[4] = {3: backward}
+    assert table == {a: {b: pytest.approx(c) for b, c in f.items()} for a, f in want.items()}
+
+
 def test_validation_histories_hold_strictly_earlier_events_at_the_times_resolution(tmp_path):
     """Millisecond times: events 500 ms apart are not a tie (training's histories keep
     them), events at the same instant are, and an event without a time is left out."""
