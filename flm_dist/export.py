@@ -40,8 +40,8 @@ from torch import nn
 from flm_dist import __version__, transitions
 from flm_dist import checkpoint as ckpt
 from flm_dist.config import (
+    DataConfig,
     FeatureConfig,
-    JobConfig,
     ModelConfig,
     SplitConfig,
     TransitionsConfig,
@@ -454,7 +454,7 @@ class _LastSeen:
         return self.merged.take(pc.sort_indices(self.merged, [(self.id_col, "ascending")]))
 
 
-def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]], read: EncodeSpec) -> tuple[dict[str, pa.Table], list[str]]:
+def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]], read: EncodeSpec | None) -> tuple[dict[str, pa.Table], list[str]]:
     """Stream the training data files once (block by block, only the needed columns);
     per side ("user" / "item") the table of distinct raw IDs with last-seen features,
     and with a history each user's last items as training's histories hold them (the
@@ -666,7 +666,8 @@ def _write_data_files(tmp: str, store: Store, scorer, source: dict, features: li
             f"its vectors / feature snapshot cannot be built"
         )
     need = {s: sides[s] for s in ("user", "item") if want_vectors or sides[s]}
-    universe, changed = _universe(store, data_files, need, _training_read(source))
+    history = any(f["kind"] == "history" for f in sides["user"])
+    universe, changed = _universe(store, data_files, need, _training_read(source) if history else None)
     for side, table in universe.items():
         if table is None:
             continue
@@ -688,12 +689,13 @@ def _training_read(source: dict) -> EncodeSpec:
     """Training's read of its data (`launch.plan_datasets`): the split, the validation
     carve and the checks applied to each event, which decide the events a history may
     hold and a transition count may pair."""
-    job = from_dict(JobConfig, source["config"])
+    cfg = source["config"]  # the parts it needs, as load_model rebuilds the model's
+    data = from_dict(DataConfig, cfg["data"])
     # an explicit data.eval replaces the split in a fine-tune; pretraining never reads it
-    split = SplitConfig() if job.data.eval and source["task"] != "pretrain" else job.data.split
-    read = ReadSpec.for_task(source["task"], job.data.features, job.data.rating_range, need_ts=split.by == "time", history_len=job.model.history_len)
-    carve = job.data.valid_fraction if not job.data.valid else 0.0
-    return EncodeSpec(read=read, hash=HashSpec.from_dict(source["hash_spec"]), split=split, seed=job.run.seed, valid_fraction=carve)
+    split = SplitConfig() if data.eval and source["task"] != "pretrain" else data.split
+    read = ReadSpec.for_task(source["task"], data.features, data.rating_range, need_ts=split.by == "time", history_len=cfg["model"]["history_len"])
+    carve = data.valid_fraction if not data.valid else 0.0
+    return EncodeSpec(read=read, hash=HashSpec.from_dict(source["hash_spec"]), split=split, seed=cfg["run"]["seed"], valid_fraction=carve)
 
 
 def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelConfig, data_files: list[dict]) -> dict | None:
