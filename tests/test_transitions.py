@@ -110,8 +110,6 @@ def test_the_counts_the_fit_and_the_served_history_take_the_events_training_does
     """A retrieval run trains on label-1 events only and its histories skip the rest
     (a pretraining reads every event): the counts pair, the weight's fit reads and the
     export's snapshot of each user's last items hold exactly those events."""
-    from flm_dist.transitions import count
-
     items, labels = [1, 2, 3, 4, 5, 6, 7], [1, 1, 0, 1, 1, 1, 1]  # item 3 rejected; 6 validates, 7 tests
     t = pa.table({"user_id": pa.array([100], pa.int64()), "item_id": pa.array([items], pa.list_(pa.int64())),
                   "ts": pa.array([list(range(7))], pa.list_(pa.int64())), "label": pa.array([labels], pa.list_(pa.float64()))})
