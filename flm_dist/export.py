@@ -43,13 +43,11 @@ from flm_dist.config import (
     DataConfig,
     FeatureConfig,
     ModelConfig,
-    SplitConfig,
     TransitionsConfig,
     from_dict,
 )
-from flm_dist.data.encode import EncodeSpec, history_events
+from flm_dist.data.encode import EncodeSpec, history_events, training_read
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
-from flm_dist.data.schema import ReadSpec
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
 from flm_dist.storage import Store, join, split_uri
@@ -686,16 +684,13 @@ def _write_data_files(tmp: str, store: Store, scorer, source: dict, features: li
 
 
 def _training_read(source: dict) -> EncodeSpec:
-    """Training's read of its data (`launch.plan_datasets`): the split, the validation
-    carve and the checks applied to each event, which decide the events a history may
-    hold and a transition count may pair."""
+    """The run's read of its training data (`data.encode.training_read`): which events a
+    history may hold and a transition count may pair. A pretraining never reads
+    data.eval, so its split stands."""
     cfg = source["config"]  # the parts it needs, as load_model rebuilds the model's
     data = from_dict(DataConfig, cfg["data"])
-    # an explicit data.eval replaces the split in a fine-tune; pretraining never reads it
-    split = SplitConfig() if data.eval and source["task"] != "pretrain" else data.split
-    read = ReadSpec.for_task(source["task"], data.features, data.rating_range, need_ts=split.by == "time", history_len=cfg["model"]["history_len"])
-    carve = data.valid_fraction if not data.valid else 0.0
-    return EncodeSpec(read=read, hash=HashSpec.from_dict(source["hash_spec"]), split=split, seed=cfg["run"]["seed"], valid_fraction=carve)
+    return training_read(data, source["task"], cfg["model"]["history_len"], HashSpec.from_dict(source["hash_spec"]), cfg["run"]["seed"],
+                         eval_given=bool(data.eval) and source["task"] != "pretrain")
 
 
 def _write_transitions(tmp: str, store: Store, scorer, source: dict, cfg: ModelConfig, data_files: list[dict]) -> dict | None:

@@ -18,8 +18,8 @@ import ray
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import ConfigError, JobConfig, ScalingConfig, SplitConfig, from_dict, to_dict
-from flm_dist.data.encode import EncodeSpec
+from flm_dist.config import ConfigError, JobConfig, ScalingConfig, from_dict, to_dict
+from flm_dist.data.encode import EncodeSpec, training_read
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import InteractionDatasource, read
 from flm_dist.data.plan import DataPlan, plan_read
@@ -355,13 +355,9 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
     `task`): evaluating a pretrained backbone ranks positives only, but its training
     data was every row."""
     d = job.data
-    split = d.split if not eval_uri else SplitConfig()  # an explicit eval set replaces the split
+    train = training_read(d, train_task or task, job.model.history_len, hash_spec, job.run.seed, eval_given=bool(eval_uri))
+    split, carve = train.split, train.valid_fraction
     need_ts = split.by == "time"
-    # The validation carve (a function of the rows alone: a pair hash, or leave-one-out's
-    # second-to-last event) is held out of every training side, pretraining too: a
-    # backbone that trained on a fine-tune's validation rows inflates the pretrained
-    # arm's validation score, and early stopping then picks epochs on memorised pairs.
-    carve = d.valid_fraction if not d.valid else 0.0
     datasets, plans, specs = {}, {}, {}
 
     def add(name: str, uri: str, rs: ReadSpec, side: str, shuffle: bool, plan: DataPlan | None = None) -> None:
@@ -372,7 +368,7 @@ def plan_datasets(job: JobConfig, store: Store, hash_spec: HashSpec, train_uri: 
         datasets[name], plans[name], specs[name] = (src, plan.to_dict()), plan, enc
 
     if train_uri:
-        rs = ReadSpec.for_task(train_task or task, d.features, d.rating_range, need_ts=need_ts, history_len=job.model.history_len)
+        rs = train.read
         add("train", train_uri, rs, "train", d.shuffle)
         specs["known"] = replace(specs["train"], side="known")
         # a ranking validation excludes each user's known items, found by the user's key

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flm_dist.config import FeatureConfig, SplitConfig
+from flm_dist.config import DataConfig, FeatureConfig, SplitConfig
 from flm_dist.data.hashing import HashSpec, fmix64, hash64, identity_keys
 from flm_dist.data.plan import Unit
 from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
 from flm_dist.data.sequences import expand, history_rows
 from flm_dist.storage import Store, split_uri
 
-__all__ = ["EncodeSpec", "empty_columns", "encode_table", "event_times", "history_events", "read_units", "sequence_slots", "split_mask"]
+__all__ = ["EncodeSpec", "empty_columns", "encode_table", "event_times", "history_events", "read_units", "sequence_slots", "split_mask", "training_read"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,22 @@ class EncodeSpec:
     side: str = "all"
     seed: int = 0
     valid_fraction: float = 0.0
+
+
+def training_read(data: DataConfig, task: str, history_len: int, hash_spec: HashSpec, seed: int, eval_given: bool) -> EncodeSpec:
+    """How a run reads its training data (side "train"): the split (an explicit eval set,
+    `eval_given`, replaces `data.split`), the validation carve held out of it, and the
+    checks each row passes for `task`. Training (`launch.plan_datasets`) and what its
+    export serves (the history snapshot, the transition counts) both take it from here.
+
+    The carve (a function of the rows alone: a pair hash, or leave-one-out's
+    second-to-last event) is held out of every training side, pretraining too: a
+    backbone that trained on a fine-tune's validation rows inflates the pretrained arm's
+    validation score, and early stopping then picks epochs on memorised pairs."""
+    split = SplitConfig() if eval_given else data.split
+    read = ReadSpec.for_task(task, data.features, data.rating_range, need_ts=split.by == "time", history_len=history_len)
+    carve = data.valid_fraction if not data.valid else 0.0
+    return EncodeSpec(read=read, hash=hash_spec, split=split, side="train", seed=seed, valid_fraction=carve)
 
 
 # ------------------------------------------------------------------ encoding
