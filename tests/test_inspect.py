@@ -88,7 +88,10 @@ def test_counts_on_a_hand_made_log(tmp_path):
         "label_out_of_range": 2,
     }
     assert reasons(bad["rating"]) == {"null_user_id": 2, "null_item_id": 1, "rating_out_of_range": 1}
-    assert [bad[t]["total"] for t in ("pretrain", "ctr", "rating")] == [3, 7, 4]
+    # retrieval: ctr's bad rows, and the label-0 row it drops outside the budget (row 0;
+    # row 3's label 0 comes after its null item)
+    assert reasons(bad["retrieval"]) == {**reasons(bad["ctr"]), "not_positive": 1}
+    assert [bad[t]["total"] for t in ("pretrain", "ctr", "rating", "retrieval")] == [3, 7, 4, 7]
     assert bad["ctr"]["fraction"] == pytest.approx(0.7)
 
     assert rep["collisions"]["user"] == {"rows": 8, **expected_collisions(7, 8)}

@@ -38,13 +38,13 @@ from flm_dist.config import ModelConfig
 from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, expected_collisions, hash_array
 from flm_dist.data.plan import list_files
-from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec, check_schema
+from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED, DataError, ReadSpec, check_schema
 from flm_dist.storage import StorageError, Store, split_uri
 
 __all__ = ["COLLISION_WARN_SHARE", "SKETCH_K", "collision_warnings", "id_counts", "inspect", "rows_for_share", "summary"]
 
 SKETCH_K = 1 << 20  # exact distinct counts up to this many IDs; the KMV sample size past it
-TASKS = ("pretrain", "ctr", "rating")
+TASKS = ("pretrain", "ctr", "rating", "retrieval")
 _HASH_SPACE = 1 << 63  # hash_array(..., rows=2**63) is the 63-bit flm-hash-v1 value
 _COUNT_ONLY = HashSpec.build({"user": 1, "item": 1}, 0)  # encode_table's rows are not used here
 
@@ -294,8 +294,9 @@ def inspect(
             where = ", ".join(f"{k} in {u}" for k, u in kinds.items())
             s.problem(f"column '{col}' holds {where}; training refuses mixed ID kinds (123 and '123' hash differently)")
 
-    # A task is reported when some file carries its column (label / rating).
-    present = {"pretrain": True, "ctr": "label" in s.types, "rating": "rating" in s.types}
+    # A task is reported when some file carries its column (label / rating); retrieval
+    # takes a log without labels as all positives.
+    present = {"pretrain": True, "ctr": "label" in s.types, "rating": "rating" in s.types, "retrieval": True}
     bad_rows = {}
     for task in TASKS:
         if not present[task]:
@@ -304,7 +305,8 @@ def inspect(
             more = f" (and {len(refused) - 1} more files)" if len(refused) > 1 else ""
             s.problem(f"task {task} would refuse this data: {refused[0]}{more}")
         counts = {BAD_REASONS[i]: int(n) for i, n in enumerate(s.bad[task]) if i and n}
-        total = sum(counts.values())
+        # what counts against data.max_bad_fraction: retrieval's label-0 rows are dropped outside it
+        total = int(s.bad[task][1:].sum() - s.bad[task][list(NOT_BUDGETED)].sum())
         checked = s.checked[task]
         bad_rows[task] = {**counts, "total": total, "rows_checked": checked, "fraction": total / checked if checked else 0.0}
 
