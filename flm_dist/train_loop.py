@@ -814,7 +814,7 @@ def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> di
         if nonfinite:
             raise NonFiniteLossError(f"loss or gradients became NaN/Inf at step {progress.step} (epoch {progress.epoch}), the last step; no checkpoint was written for it")
         budget.check(rows_total, final=True, examples=stream.bad_examples)
-        progress.epoch_done = not stop
+        progress.epoch_done = rows == 0  # the data ran out, max_steps reached on its last batch or not
         if progress.epoch_done:
             stop = _end_of_epoch(w, progress, valid, budget, last_loss) or stop
         if progress.step > 0:

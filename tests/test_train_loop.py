@@ -300,6 +300,17 @@ def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
     assert ckpt.load_manifest(Store(), ref)["best"]["step"] == best["step"]
 
 
+def test_a_run_stopped_by_max_steps_at_an_epochs_end_still_validates_that_epoch(tmp_path):
+    """max_steps reached on an epoch's last batch: that epoch ended, so it is validated,
+    a candidate for the best, and saved as done (a rerun with more steps starts the next)."""
+    _, whole = _finetune(tmp_path / "a", "one", **{"train.epochs": 1})
+    steps = whole["epochs_curve"][-1]["step"]
+    _, res = _finetune(tmp_path / "b", "capped", **{"train.epochs": 2, "train.max_steps": steps})
+    assert [c["epoch"] for c in res["epochs_curve"]] == [0] and res["best"]["step"] == steps
+    manifest = ckpt.load_manifest(Store(), ckpt.resolve(Store(), res["checkpoint"]))
+    assert manifest["step"] == steps and manifest["epoch_done"]
+
+
 def _stops(task: str, criteria: list[float], start: float | None = None) -> tuple[list[bool], dict]:
     """`_end_of_epoch`'s early-stopping decisions over a scripted validation curve
     (`start`: a fine-tune from a backbone validates that backbone first, epoch -1)."""
