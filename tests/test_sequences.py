@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from flm_dist.batch import Batch
-from flm_dist.config import JobConfig, ModelConfig, ServeConfig, to_dict
+from flm_dist.config import JobConfig, ModelConfig, ServeConfig, SplitConfig, to_dict
 from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, identity_keys
 from flm_dist.data.plan import plan_read
@@ -182,6 +182,31 @@ def test_events_without_a_time_keep_order_and_ties(tmp_path):
     hist = np.stack([cols[f"hist__{j}"] for j in range(3)], 1).tolist()
     row = {i: int(HASH.hash("item", pa.array([i], pa.int64()))[0]) for i in (20, 21, 22)}
     assert hist == [[-1, -1, -1], [-1, -1, -1], [-1, -1, -1], [-1, row[20], row[22]]]
+
+
+@pytest.mark.parametrize("by", ["none", "random", "user", "time"])
+def test_training_histories_hold_no_held_out_event(by):
+    """Under a split other than leave-one-out, held-out events (the eval split's, the
+    validation carve's) sit between training events: a training example's history skips
+    them, while a held-out example's history is its user's whole past."""
+    users = 60
+    items = [[u * 1000 + k for k in range(30)] for u in range(users)]  # one item per event
+    t = pa.table({"user_id": pa.array(range(users), pa.int64()), "item_id": pa.array(items), "ts": pa.array([list(range(30))] * users)})
+    read = ReadSpec.for_task("pretrain", [], [1, 5], need_ts=by == "time", history_len=L)
+    read = replace(read, sequence=True)
+    split = SplitConfig(by=by, fraction=0.3, time_cutoff=20 if by == "time" else None)
+    wide = HashSpec.build({"user": 1 << 30, "item": 1 << 30}, 0)  # no two of the 1,800 items share a row
+
+    def side(name):
+        cols = encode_table(t, EncodeSpec(read=read, hash=wide, split=split, side=name, valid_fraction=0.2), 0)
+        return cols["item"], np.stack([cols[f"hist__{j}"] for j in range(L)], 1)
+
+    held_out = set(side("valid")[0].tolist()) | (set(side("eval")[0].tolist()) if by != "none" else set())
+    train_items, train_hist = side("train")
+    assert len(held_out) > 100 and len(train_items) > 500
+    assert not held_out & set(train_hist[train_hist >= 0].tolist())
+    valid_items, valid_hist = side("valid")
+    assert set(valid_hist[valid_hist >= 0].tolist()) & held_out  # their past, held-out events included
 
 
 def test_history_encoder_length_buckets_equal_the_full_width():
