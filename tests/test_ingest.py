@@ -163,6 +163,15 @@ def test_schema_drift_names_file_and_column(tmp_path):
         plan_read(Store(), str(d2), CTR)
     assert "b.parquet: column 'user_id' holds string IDs" in str(e.value) and "a.parquet" in str(e.value)
 
+    # a column the task reads where present (retrieval's label: 0 is dropped) in some
+    # files only: read from those alone, the others' non-clicks would train as clicks
+    d4 = tmp_path / "log4"
+    write(str(d4 / "a.parquet"), log_table(10, label=False))
+    write(str(d4 / "b.parquet"), log_table(10))
+    with pytest.raises(DataError, match=r"b\.parquet has column 'label' and .*a\.parquet does not"):
+        plan_read(Store(), str(d4), ReadSpec.for_task("retrieval", [], [1, 5]))
+    assert plan_read(Store(), str(d4), ReadSpec.for_task("pretrain", [], [1, 5])).total_rows == 20
+
     d3 = tmp_path / "log3"
     write(str(d3 / "a.parquet"), log_table(10, label=False).append_column("label", pa.array(["yes"] * 10)))
     with pytest.raises(DataError, match=r"a\.parquet: column 'label' has type string"):

@@ -310,8 +310,19 @@ def plan_read(
                     f"an ID column must have one kind across files (integer 123 and string '123' hash "
                     f"to different rows). Cast one side when writing the data."
                 )
+        # The optional columns the task reads (a retrieval label, times) are read from
+        # every file or none: read from some only, the rest would train as if, say,
+        # every row of theirs were a click.
+        cols = spec.columns(schema)
         if columns is None:
-            columns = spec.columns(schema)
+            columns, columns_from = cols, f.uri
+        elif cols != columns:
+            col = sorted(set(cols) ^ set(columns))[0]
+            has, lacks = (f.uri, columns_from) if col in cols else (columns_from, f.uri)
+            raise DataError(
+                f"{has} has column '{col}' and {lacks} does not; this task reads it where present, so every file "
+                f"must have it or none: add it to the files without it (for clicks, label 1) or drop it"
+            )
         kept.append(FileInfo(uri=f.uri, size=f.size, version=f.version, rows=md.rows))
         metas.append(md)
     if len(skipped) > max_bad_files:
@@ -323,7 +334,6 @@ def plan_read(
         raise DataError(f"{uri}: no rows: all {len(files)} files are empty or unreadable")
 
     units = _units(metas)
-    # Optional columns must be read the same way from every file: keep those all files have.
     return DataPlan(
         uri=uri,
         files=kept,
