@@ -41,7 +41,10 @@ def raw_log(n: int = 900, seed: int = 0) -> pa.Table:
             seen.add(r)
             rows.append(r)
     u, ts, it = map(list, zip(*rows, strict=True))
-    return pa.table({"user_id": pa.array(u, pa.int64()), "ts": pa.array(ts, pa.int64()), "item_id": pa.array(it, pa.int64()), "label": pa.array(rng.random(n) < 0.5, pa.bool_()).cast(pa.float32())})
+    # a multi-valued feature and a dictionary-encoded one: the stage carries any type
+    tags = [[f"t{i % 7}", f"t{i % 5}"][: i % 3] if i % 11 else None for i in it]
+    return pa.table({"user_id": pa.array(u, pa.int64()), "ts": pa.array(ts, pa.int64()), "item_id": pa.array(it, pa.int64()), "label": pa.array(rng.random(n) < 0.5, pa.bool_()).cast(pa.float32()),
+                     "tags": pa.array(tags, pa.list_(pa.string())), "shop": pa.array([f"s{i % 4}" for i in it]).dictionary_encode()})
 
 
 def oracle(raw: pa.Table, length: int) -> dict[tuple[int, int, int], list[int]]:
@@ -102,8 +105,9 @@ def test_stage_writes_each_user_once_with_events_in_time_order(sequences):
     for r in t.to_pylist():
         pairs = list(zip(r["ts"], r["item_id"], strict=True))
         assert pairs == sorted(pairs), f"user {r['user_id']}: events not in (ts, item) order"
-        got += [(r["user_id"], ts, it, lab) for (ts, it), lab in zip(pairs, r["label"], strict=True)]
-    want = list(zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label")), strict=True))
+        got += [(r["user_id"], ts, it, lab, tuple(tags or ()), tags is None, shop) for (ts, it), lab, tags, shop in zip(pairs, r["label"], r["tags"], r["shop"], strict=True)]
+    want = [(u, ts, it, lab, tuple(tags or ()), tags is None, shop)
+            for u, ts, it, lab, tags, shop in zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label", "tags", "shop")), strict=True)]
     assert sorted(got) == sorted(want)
     # a plan from the footer cache counts a sequence file's units in events, as a plan
     # from the footers does (the same plan, read twice through the cache)
@@ -156,6 +160,20 @@ def test_one_and_two_workers_read_the_same_examples(sequences):
             parts = list(pool.map(consume, ds.streaming_split(n, equal=False)))
         seen = [x for part in parts for x in part]
         assert len(seen) == len(expected) and dict(seen) == expected, f"{n} worker(s)"
+
+
+def test_the_stage_checks_every_file_before_it_reads(tmp_path):
+    """Ray reads every file with the first one's schema: a later file without `ts` would
+    come in as nulls and vanish into the dropped rows. Each file is checked, and named."""
+    from flm_dist.data.sequences import build_sequences
+
+    raw = raw_log(40)
+    (tmp_path / "log").mkdir()
+    pq.write_table(raw, tmp_path / "log" / "a.parquet")
+    pq.write_table(raw.drop_columns(["ts"]), tmp_path / "log" / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet: column 'ts' is missing"):
+        build_sequences(Store(), str(tmp_path / "log"), str(tmp_path / "seq"))
+    assert not (tmp_path / "seq").exists()
 
 
 def test_a_sequence_whose_time_goes_back_is_refused(tmp_path):

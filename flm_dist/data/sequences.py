@@ -117,10 +117,18 @@ def _to_sequences(block: pa.Table) -> pa.Table:
         return block
     keys = [("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")]
     keys += [(c, "ascending") for c in block.column_names if c not in ("user_id", "ts", "item_id") and _sortable(block.schema.field(c).type)]
-    block = block.take(pc.sort_indices(block, sort_keys=keys))
-    others = [c for c in block.column_names if c != "user_id"]
-    grouped = block.group_by("user_id", use_threads=False).aggregate([(c, "list") for c in others])
-    return grouped.rename_columns(["user_id" if c == "user_id" else c.removesuffix("_list") for c in grouped.column_names])
+    block = block.take(pc.sort_indices(block, sort_keys=keys)).combine_chunks()
+    # Sorted, each user's events are one run of rows: every other column becomes a list
+    # column over those runs, whatever its type (a multi-valued feature's lists, a
+    # dictionary or a struct, which a hash "list" aggregation has no kernel for).
+    users = block.column("user_id").combine_chunks()
+    starts = np.flatnonzero(np.r_[True, pc.not_equal(users[1:], users[:-1]).to_numpy(zero_copy_only=False)])
+    offsets = pa.array(np.r_[starts, len(users)], pa.int32())
+    cols = {"user_id": users.take(pa.array(starts))}
+    for c in block.column_names:
+        if c != "user_id":
+            cols[c] = pa.ListArray.from_arrays(offsets, block.column(c).combine_chunks())
+    return pa.table(cols)
 
 
 def _sortable(t: pa.DataType) -> bool:
@@ -141,16 +149,19 @@ def build_sequences(store: Store, src: str, out: str, files: int | None = None) 
     fs, _ = store.arrow_fs(src)
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(split_uri(inputs[0].uri)[1], filesystem=fs)
-    for col in ("user_id", "item_id", "ts"):
-        if schema.get_field_index(col) < 0:
-            raise DataError(f"{inputs[0].uri}: column '{col}' is missing; per-user sequences order each user's events by ts")
-    if is_sequence(schema):
-        raise DataError(f"{src} already holds per-user sequences ('item_id' is a list column)")
     existing = list_files(store, out) if store.exists(out) else []
     if existing:
         raise DataError(f"{out} already holds data files ({existing[0].uri}); write sequences to a new prefix")
-    rows_in = sum(pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata.num_rows for f in inputs)
+    rows_in = 0
+    for f in inputs:  # every file: Ray reads them all with the first one's schema, a missing ts as nulls
+        md = pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata
+        schema = md.schema.to_arrow_schema()
+        for col in ("user_id", "item_id", "ts"):
+            if schema.get_field_index(col) < 0:
+                raise DataError(f"{f.uri}: column '{col}' is missing; per-user sequences order each user's events by ts")
+        if is_sequence(schema):
+            raise DataError(f"{f.uri} already holds per-user sequences ('item_id' is a list column)")
+        rows_in += md.num_rows
     blocks = files or max(1, min(64, rows_in // 500_000 + 1))
     ds = ray.data.read_parquet([split_uri(f.uri)[1] for f in inputs], filesystem=fs)
     ds = ds.map_batches(_drop_null_keys, batch_format="pyarrow")
