@@ -278,6 +278,7 @@ def test_sequence_non_integer_id(tmp_path):
 
 def test_sequence_user_on_two_lines(tmp_path):
     _fails(tmp_path, "sequence", "seq.txt", "1 2 3\n2 4\n1 5\n", match=["line 3", "line 1", "user 1"])
+    _fails(tmp_path, "sequence", "seq2.txt", "7 1 2\n2 4\n007 3 4\n", match=["line 3", "line 1", "user 007"])  # the same integer
 
 
 def test_recbole_header_without_user_id(tmp_path):

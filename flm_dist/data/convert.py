@@ -356,12 +356,13 @@ def _sequence(store: Store, src: str, rep: _Report) -> Iterator[pa.Table]:
             else:
                 if len(parts) == 1:
                     rep.skip("user_without_items", 1)  # still parsed: its ID must be an integer
-                if parts[0] in seen:
+                user = parts[0].lstrip(b"0") or b"0"  # "007" is user 7, as the IDs are read
+                if user in seen:
                     raise DataError(
                         f"{src} line {first + i}: user {parts[0].decode('utf-8', 'replace')} already has a sequence on "
-                        f"line {seen[parts[0]]}; the sequence format has one line per user"
+                        f"line {seen[user]}; the sequence format has one line per user"
                     )
-                seen[parts[0]] = first + i
+                seen[user] = first + i
                 tokens += parts
                 lengths.append(len(parts))
                 lines.append(first + i)
