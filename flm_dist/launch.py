@@ -328,6 +328,7 @@ def _worker_spec(job: JobConfig, store: Store, mode: str, hash_spec: HashSpec, t
             train_plan=train_plan,
             eval_plan=eval_plan,
             valid_rows=valid_rows,
+            valid_carved=not d.valid,
             valid_cache_mb=d.valid_cache_mb,
             catalog=catalog,
             catalog_later=catalog_later,

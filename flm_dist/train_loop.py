@@ -94,6 +94,7 @@ class DataSpec:
     train_plan: dict | None = None  # DataPlan.to_dict() of the training data
     eval_plan: dict | None = None
     valid_rows: int = 0  # rows of the validation data (0: no validation)
+    valid_carved: bool = True  # those rows are carved out of train_plan's (else data.valid's own)
     valid_cache_mb: int = 256  # data.valid_cache_mb
     catalog: dict | None = None  # retrieval evaluation: the item catalog (rows, features)
     # or, with catalog_later, the one the driver publishes on the run channel (`catalog_of`)
@@ -609,7 +610,7 @@ class Worker:
             return 0
         if s.train.head_warmup_steps > 0:
             return s.train.head_warmup_steps
-        rows = self.train_plan.total_rows - s.data.valid_rows if self.train_plan else 0
+        rows = self.train_plan.total_rows - s.data.valid_rows * s.data.valid_carved if self.train_plan else 0
         return min(HEAD_WARMUP_MAX_STEPS, max(1, -(-rows // (s.data.batch_size * self.world))))
 
     # -- one step ---------------------------------------------------------------------

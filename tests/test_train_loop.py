@@ -474,6 +474,18 @@ def test_freeze_pretrained_keeps_those_parts_of_a_backbone_and_not_of_a_scratch_
     assert all(p.requires_grad for n, p in unwrap(w.model).named_parameters() if n in encoder)
 
 
+def test_a_head_warmup_of_about_one_epoch_counts_the_rows_trained_on(tmp_path):
+    """head_warmup_steps: -1 is an epoch's steps: the training rows less the validation
+    carve, or all of them when the validation data is a set of its own (data.valid)."""
+    data = _data(tmp_path / "log")
+    hs = HashSpec.build({"user": 1024, "item": 1024}, 0)
+    plan = plan_read(Store(), data, ReadSpec.for_task("ctr", [], [1, 5]))
+    for sets, valid_rows, rows in (({}, 600, plan.total_rows - 600), ({"data.valid": data}, 6000, plan.total_rows)):
+        job = tiny_job(str(tmp_path / "runs"), "w", "ctr", **{"data.train": data, "data.batch_size": 128, **sets})
+        spec = launch._worker_spec(job, Store(), "train", hs, 1, train_plan=plan.to_dict(), valid_rows=valid_rows, init_from="x")
+        assert Worker(spec).head_warmup_steps() == -(-rows // 128)
+
+
 def test_head_warmup_trains_only_the_head_then_everything(tmp_path):
     """A fine-tune from a pretrained checkpoint: for head_warmup_steps steps only the
     new head changes; after them the backbone trains too."""
