@@ -47,6 +47,7 @@ __all__ = [
     "load_state",
     "prune",
     "resolve",
+    "resolve_result",
     "saved_keys",
 ]
 
@@ -200,6 +201,22 @@ def resolve(store: Store, uri: str) -> CheckpointRef:
     ref = find_latest(store, uri)
     if ref is None:
         raise FileNotFoundError(f"no committed checkpoint under {uri}")
+    return ref
+
+
+def resolve_result(store: Store, uri: str) -> CheckpointRef:
+    """What a run produced, for exporting and evaluating it: a step or attempt folder is
+    itself; a run folder is its latest checkpoint, or for a fine-tune that validated,
+    the best epoch it kept there (the checkpoint the run returned, `train_loop._finish`),
+    not the up to `train.patience` worse epochs after it. A pretraining's result is its
+    last state."""
+    ref = resolve(store, uri)
+    if ref.run_dir.rstrip("/") != uri.rstrip("/"):  # a step or attempt folder
+        return ref
+    m = load_manifest(store, ref)
+    best = m.get("best")
+    if best and m.get("task") != "pretrain" and best["step"] != ref.step:
+        return resolve(store, step_dir(ref.run_dir, best["step"]))
     return ref
 
 

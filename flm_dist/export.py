@@ -105,8 +105,9 @@ def prehash(values):
 
 def load_model(store: Store, checkpoint: str) -> tuple[FLM, dict, ckpt.CheckpointRef]:
     """The unsharded model of a checkpoint, in this process (no process group): DCP
-    gathers the row blocks of every shard, whatever the world size that saved them."""
-    ref = ckpt.resolve(store, checkpoint)
+    gathers the row blocks of every shard, whatever the world size that saved them. A
+    run folder stands for the run's result (`checkpoint.resolve_result`)."""
+    ref = ckpt.resolve_result(store, checkpoint)
     manifest = ckpt.load_manifest(store, ref)
     # the model's own configs, not the whole job: its data, storage and cluster keys are
     # not this function's business

@@ -626,8 +626,9 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     """Evaluate a committed checkpoint on `data` (default: its job's data.eval, or the
     job's split) with the sharded model on Ray Train workers. Slices (cold users/items,
     long tail, warm) are defined by `reference`, default the checkpoint's own training
-    data. Returns {"overall": {...}, "slices": {...}, "checkpoint": URI, ...}."""
-    ref = ckpt.resolve(store, checkpoint)
+    data. Returns {"overall": {...}, "slices": {...}, "checkpoint": URI, ...}; a run
+    folder stands for the run's result (`checkpoint.resolve_result`)."""
+    ref = ckpt.resolve_result(store, checkpoint)
     manifest = ckpt.load_manifest(store, ref)
     job = from_dict(JobConfig, manifest["config"])
     job.storage = replace(job.storage, **{k: getattr(store, k) for k in ("endpoint_url", "region", "access_key_id", "secret_access_key")})

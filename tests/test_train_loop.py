@@ -291,13 +291,17 @@ def test_early_stopping_keeps_and_returns_the_best_epoch(tmp_path):
     # the best checkpoint survives keep_last=1, is the result, and is what the model holds now
     ref = ckpt.resolve(Store(), res["checkpoint"])
     assert ref.step == best["step"] and ckpt.find_latest(Store(), w.spec.run.dir).step == curve[-1]["step"]
-    from flm_dist.export import load_model
     from flm_dist.sharding import unwrap
 
     saved, _, _ = load_model(Store(), res["checkpoint"])
     now = unwrap(w.model).state_dict()
     assert all(torch.equal(v, now[k]) for k, v in saved.state_dict().items())
     assert ckpt.load_manifest(Store(), ref)["best"]["step"] == best["step"]
+    # the run folder stands for the run's result, as its export and evaluation take it
+    assert ckpt.resolve_result(Store(), w.spec.run.dir).step == best["step"]
+    assert load_model(Store(), w.spec.run.dir)[2].step == best["step"]
+    last = ckpt.find_latest(Store(), w.spec.run.dir)
+    assert ckpt.resolve_result(Store(), last.step_dir).step == last.step  # a step folder is itself
 
 
 def test_a_run_stopped_by_max_steps_at_an_epochs_end_still_validates_that_epoch(tmp_path):
