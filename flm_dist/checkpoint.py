@@ -223,11 +223,13 @@ def resolve_result(store: Store, uri: str) -> CheckpointRef:
 def load_manifest(store: Store, ref: CheckpointRef) -> dict:
     uri = join(ref.uri, MANIFEST)
     try:
-        return store.read_json(uri)
+        raw = store.read_bytes(uri)  # a store that will not serve it raises StorageError: not a corrupt checkpoint
     except FileNotFoundError:
         raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {MANIFEST} is missing") from None
-    except StorageError as e:
-        raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {e}") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {MANIFEST} is not valid JSON: {e}") from None
 
 
 # ------------------------------------------------------------------ save / load

@@ -290,3 +290,23 @@ def test_failed_prune_after_a_commit_is_not_a_failed_save(s3, bucket):
     direct = Store.from_config(s3.storage_config())
     assert ckpt.find_latest(direct, run_dir) == ref
     assert ckpt.committed_steps(direct, run_dir) == [10, 20, 30]  # pruned after a later commit
+
+
+def test_a_manifest_the_store_will_not_serve_is_a_storage_error_not_a_corrupt_checkpoint(s3, bucket):
+    """Read refused by the store (403 on the manifest): the error says storage, so that
+    nobody deletes a good checkpoint over it; an unparseable manifest is a corrupt one."""
+    from flm_dist.storage import StorageError
+    from tests.faulty_s3 import FaultyS3
+
+    run_dir = join(bucket, "denied")
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        ref, _, _ = _save(store, run_dir, 10)
+        px.deny = {"manifest.json"}
+        with pytest.raises(StorageError) as e:
+            ckpt.load_manifest(store, ref)
+        assert not isinstance(e.value, ckpt.CheckpointCorruptError) and "manifest.json" in str(e.value)
+    direct = Store.from_config(s3.storage_config())
+    direct.write_bytes(join(ref.uri, "manifest.json"), b'{"step": 1')
+    with pytest.raises(ckpt.CheckpointCorruptError, match="manifest.json"):
+        ckpt.load_manifest(direct, ref)
