@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,7 @@ from flm_dist.config import (
     TransitionsConfig,
     from_dict,
 )
-from flm_dist.data.encode import EncodeSpec, history_events, training_read
+from flm_dist.data.encode import EncodeSpec, encode_table, history_events, split_mask, training_read
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
@@ -453,12 +454,13 @@ class _LastSeen:
         return self.merged.take(pc.sort_indices(self.merged, [(self.id_col, "ascending")]))
 
 
-def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]], read: EncodeSpec | None) -> tuple[dict[str, pa.Table], list[str]]:
+def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]], read: EncodeSpec) -> tuple[dict[str, pa.Table], list[str]]:
     """Stream the training data files once (block by block, only the needed columns);
     per side ("user" / "item") the table of distinct raw IDs with last-seen features,
-    and with a history each user's last items as training's histories hold them (the
-    events `read`'s checks pass). Returns the tables and the files that changed since
-    training (size differs)."""
+    over the rows training took (`read`'s checks and its split's training side, as the
+    evaluation's catalog: not a row it dropped for a NaN feature or a non-click, nor an
+    eval row), and with a history each user's last items as training's histories hold
+    them. Returns the tables and the files that changed since training (size differs)."""
     changed = []
     seen = {side: _LastSeen(f"{side}_id") for side in sides}
     history = next((f for f in sides.get("user", []) if f["kind"] == "history"), None)
@@ -480,17 +482,22 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
             pf = pq.ParquetFile(handle)
             sequence = is_sequence(pf.schema_arrow)
             columns = {f"{s}_id" for s in sides} | {f["name"] for fs in sides.values() for f in fs if f["kind"] != "history"}
-            if sequence and history:
-                columns |= set(read.read.columns(pf.schema_arrow))
+            columns |= set(read.read.columns(pf.schema_arrow))  # what the checks and the split read
+            known = replace(read, side="known")
             for batch in pf.iter_batches(batch_size=1 << 16, columns=sorted(columns), use_threads=False):
                 block = pa.Table.from_batches([batch])
                 if sequence:  # one row per event, each carrying its user's most recent items
-                    flat, user_of, _, _, placeholder = expand(block, uri)
+                    flat, user_of, index, seq_len, placeholder = expand(block, uri)
+                    encoded, usable = history_events(flat, placeholder, read)
                     if history:
-                        _, usable = history_events(flat, placeholder, read)
                         tails = _tails(flat.column("item_id"), user_of, usable, block.num_rows, history["max_len"])
                         flat = flat.append_column("history", tails.take(pa.array(user_of)))
-                    block = flat.filter(pa.array(~placeholder))
+                    taken = split_mask(flat, known, index, seq_len)
+                    block = flat
+                else:
+                    encoded, taken = encode_table(block, replace(read, side="all")), split_mask(block, known)
+                good = encoded["_bad"] == 0
+                block = block.filter(pa.array(good if taken is None else good & taken))
                 for side, feats in sides.items():
                     cols = [f"{side}_id"] + [f["name"] for f in feats]
                     kinds = ["id"] + [f["kind"] for f in feats]
@@ -665,8 +672,7 @@ def _write_data_files(tmp: str, store: Store, scorer, source: dict, features: li
             f"its vectors / feature snapshot cannot be built"
         )
     need = {s: sides[s] for s in ("user", "item") if want_vectors or sides[s]}
-    history = any(f["kind"] == "history" for f in sides["user"])
-    universe, changed = _universe(store, data_files, need, _training_read(source) if history else None)
+    universe, changed = _universe(store, data_files, need, _training_read(source))
     for side, table in universe.items():
         if table is None:
             continue
@@ -685,8 +691,9 @@ def _write_data_files(tmp: str, store: Store, scorer, source: dict, features: li
 
 
 def _training_read(source: dict) -> EncodeSpec:
-    """The run's read of its training data (`data.encode.training_read`): which events a
-    history may hold and a transition count may pair. A pretraining never reads
+    """The run's read of its training data (`data.encode.training_read`): which rows the
+    vectors and the snapshot cover, which events a history may hold and a transition
+    count may pair. A pretraining never reads
     data.eval, so its split stands."""
     cfg = source["config"]  # the parts it needs, as load_model rebuilds the model's
     data = from_dict(DataConfig, cfg["data"])

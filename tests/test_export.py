@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -353,7 +354,7 @@ def _all_rows(s3_store, manifest) -> pa.Table:
     parts = []
     for f in manifest["data_files"]:
         fs, path = s3_store.arrow_fs(f["uri"])
-        parts.append(pq.read_table(path, filesystem=fs, columns=["user_id", "item_id", "u_segment", "i_category"]))
+        parts.append(pq.read_table(path, filesystem=fs, columns=["user_id", "item_id", "label", "u_segment", "i_category"]))
     return pa.concat_tables(parts)
 
 
@@ -362,6 +363,7 @@ def test_vectors_and_feature_snapshot_cover_the_training_data(trained, s3_store)
     d = trained["fp32"]
     m = json.loads((d / "manifest.json").read_text())
     rows = _all_rows(s3_store, trained["ckpt_manifest"])
+    rows = rows.filter(pc.greater(rows.column("label"), 0))  # what a retrieval run trains on: its clicks
     for side, feat in (("user", "u_segment"), ("item", "i_category")):
         last = dict(zip(rows.column(f"{side}_id").to_pylist(), rows.column(feat).to_pylist(), strict=True))
         snap = pq.read_table(d / m["feature_snapshot"][f"{side}s"]["file"])
@@ -370,14 +372,17 @@ def test_vectors_and_feature_snapshot_cover_the_training_data(trained, s3_store)
         vec = pq.read_table(d / f"{side}_vectors.parquet")
         assert vec.column(f"{side}_id").to_pylist() == sorted(last)
         assert m["vectors"][f"{side}s"]["rows"] == len(last)
-    # user . item from the parquet files == the scorer's similarity on the sample rows
+    # user . item from the parquet files == the scorer's similarity on the sample rows (its clicks)
+    click = np.asarray(trained["table"].column("label").to_numpy(zero_copy_only=False)) > 0
+
     def lookup(side):
         vec = pq.read_table(d / f"{side}_vectors.parquet")
         index = {k: i for i, k in enumerate(vec.column(f"{side}_id").to_pylist())}
         mat = np.stack(vec.column("vector").to_pylist()).astype(np.float32)
-        return mat[[index[k] for k in trained["table"].column(f"{side}_id").to_pylist()]]
+        ids = np.asarray(trained["table"].column(f"{side}_id").to_pylist())[click]
+        return mat[[index[k] for k in ids.tolist()]]
     dots = (lookup("user") * lookup("item")).sum(1)
-    assert float(np.abs(dots - trained["expected"].numpy()).max()) <= FP32_TOL
+    assert click.sum() > 100 and float(np.abs(dots - trained["expected"].numpy()[click]).max()) <= FP32_TOL
     assert np.allclose(np.linalg.norm(lookup("item"), axis=1), 1.0, atol=1e-5)
 
 
@@ -448,3 +453,30 @@ def test_default_export_of_every_task_with_0_1_and_several_features(tmp_path, ta
     with torch.no_grad():
         got = ts(torch.from_numpy(feed["user_id"]), torch.from_numpy(feed["item_id"]), {k: torch.from_numpy(v) for k, v in feed.items() if k not in ("user_id", "item_id")})
     assert float(np.abs(got.numpy() - want).max()) <= FP32_TOL
+
+
+def test_vectors_and_the_snapshot_take_the_rows_training_takes(tmp_path):
+    """The export's universe and last-seen features come from the rows training trained
+    on: not a row it dropped (a NaN feature, a retrieval non-click), nor an eval row of
+    its split. User 7's last row has a NaN age: training saw 30, so the server must."""
+    from flm_dist.config import DataConfig, JobConfig, SplitConfig, to_dict
+
+    t = pa.table({
+        "user_id": pa.array([7, 7, 8, 8, 9], pa.int64()),
+        "item_id": pa.array([1, 2, 1, 99, 50], pa.int64()),  # 2: in the NaN row only; 99: a non-click only; 50: eval only
+        "ts": pa.array([1, 2, 3, 4, 100], pa.int64()),
+        "label": pa.array([1.0, 1.0, 1.0, 0.0, 1.0]),
+        "age": pa.array([30.0, float("nan"), 40.0, 41.0, 50.0]),
+    })
+    pq.write_table(t, tmp_path / "log.parquet")
+    files = [{"uri": str(tmp_path / "log.parquet"), "size": (tmp_path / "log.parquet").stat().st_size}]
+    feats = [FeatureConfig(name="age", side="user", kind="numeric")]
+    cfg = ModelConfig(user_rows=97, item_rows=89, feature_rows=64, embedding_dim=8, hidden=[], latent_dim=8)
+    job = JobConfig(task="retrieval", model=cfg, data=DataConfig(features=feats, split=SplitConfig(by="time", time_cutoff=100), valid_fraction=0.0))
+    source = {"task": "retrieval", "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, feats), 0).to_dict(), "data_files": files,
+              "data_columns": {"user_id": "int", "item_id": "int"}}
+    write_export(Store(), FLM(cfg, feats).eval(), source, str(tmp_path / "out"), formats="torchscript")
+    items = pq.read_table(tmp_path / "out" / "item_vectors.parquet").column("item_id").to_pylist()
+    users = pq.read_table(tmp_path / "out" / "features" / "users.parquet").to_pydict()
+    assert items == [1]
+    assert dict(zip(users["user_id"], users["age"], strict=True)) == {7: 30.0, 8: 40.0}
