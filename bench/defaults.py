@@ -47,7 +47,7 @@ def one(plan, spec, store, s: dict, sleep_s: float) -> dict:
     stream = BatchStream(read(src), s["batch_size"], run_all.FEATURES, shuffle_window=s["shuffle_window"], seed=0, prefetch_batches=s["prefetch_batches"])
     t0 = time.monotonic()
     n, first, waits = 0, None, []
-    for b, _ in stream.epoch(0):
+    for b, *_ in stream.epoch(0):
         t = time.monotonic()
         if b is None:
             continue

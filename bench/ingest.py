@@ -196,7 +196,7 @@ def consume_worker(config: dict) -> None:
             seed=SEED * 1000 + rank,
             prefetch_batches=PREFETCH,
         )
-        batches = (b for b, _ in stream.epoch(0) if b is not None)
+        batches = (b for b, *_ in stream.epoch(0) if b is not None)
     rec = consume(batches, config["sleep_s"])
     with open(os.path.join(config["out_dir"], f"rank-{rank}.json"), "w") as f:
         json.dump(rec, f)

@@ -308,19 +308,19 @@ class Fetcher:
 
     def _run(self) -> None:
         try:
-            for batch, counts in self._it:
+            for batch, counts, dropped in self._it:
                 if batch is not None and self._pin:
                     batch = batch.pin_memory()
-                self._q.put((batch, counts, None))
+                self._q.put((batch, counts, dropped, None))
                 if self._stop.is_set():
                     return
         except BaseException as e:  # noqa: BLE001 - re-raised in the train loop's thread
-            self._q.put((None, None, e))
+            self._q.put((None, None, None, e))
             return
         finally:
             # Closing the generator ends the epoch's Ray Data execution now, not at GC.
             self._it.close()
-        self._q.put((None, None, StopIteration()))
+        self._q.put((None, None, None, StopIteration()))
 
     def close(self) -> None:
         """Stop reading (e.g. at train.max_steps, mid-epoch): unblock the thread, let
@@ -333,19 +333,24 @@ class Fetcher:
                 pass
         self.done = True
 
-    def next(self) -> tuple[Batch | None, np.ndarray]:
-        counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
+    def next(self) -> tuple[Batch | None, np.ndarray, np.ndarray]:
+        """(the next batch or None at the epoch's end, the bad rows' counts since the
+        last call, their positions)."""
+        counts, dropped = np.zeros(len(BAD_REASONS), dtype=np.int64), []
         while not self.done:
-            batch, c, err = self._q.get()
+            batch, c, d, err = self._q.get()
             if isinstance(err, StopIteration):
                 self.done = True
                 break
             if err is not None:
                 raise err
             counts += c
+            dropped.append(d)
             if batch is not None:
-                return batch, counts
-        return None, counts
+                break
+        else:
+            batch = None
+        return batch, counts, np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
 
 
 def agreed_batches(stream: BatchStream, epoch: int, group, device, budget: BadRows | None = None):
@@ -354,7 +359,7 @@ def agreed_batches(stream: BatchStream, epoch: int, group, device, budget: BadRo
     fetch = Fetcher(stream, epoch, pin=device.type == "cuda")
     try:
         while True:
-            batch, bad = fetch.next()
+            batch, bad, _ = fetch.next()
             rows, gbad, _, _ = agree(group, len(batch) if batch else 0, bad, 0.0, False)
             if budget is not None:
                 budget.add(gbad, rows)
@@ -660,10 +665,10 @@ class Worker:
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def save(self, progress: Progress, consumed: ConsumedRows | None, metrics: dict) -> None:
+    def save(self, progress: Progress, consumed: ConsumedRows | None, metrics: dict, budget: BadRows | None = None) -> None:
         """Collective. The data position (rows consumed in this epoch, from every rank)
-        goes into the manifest; the checkpoint counts once committed (maybe later, in
-        the background)."""
+        and the epoch's bad-row counts go into the manifest; the checkpoint counts once
+        committed (maybe later, in the background)."""
         s = self.spec
         data_state = None
         if consumed is not None and not progress.epoch_done:
@@ -674,7 +679,7 @@ class Worker:
             merged = ConsumedRows(self.train_plan)
             for st in states:
                 merged.merge_state(st)
-            data_state = merged.state()
+            data_state = {**merged.state(), **({"budget": budget.window()} if budget is not None else {})}
         manifest = dict(s.run.manifest)
         manifest.update({
             "step": progress.step,
@@ -764,11 +769,12 @@ def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> di
     w.checkpointer = ckpt.Checkpointer(w.store, s.run.dir, s.checkpoint.keep_last, s.checkpoint.async_save, w.ctrl)
     w.checkpointer.last_committed = progress.checkpoint
     budget, steplog, trace = BadRows(w.store, w.train_plan, s.data.max_bad_fraction, w.ctrl), StepLog(s, w.rank), _RowTrace(s.runtime.trace_rows, w.rank)
-    consumed = ConsumedRows(w.train_plan)
+    consumed = ConsumedRows(w.train_plan, stream.side_rows)
     if progress.epoch_done:
         progress.epoch, progress.epoch_done = progress.epoch + 1, False
-    else:
-        consumed.merge_state(progress.data_state)  # the resumed epoch's rows so far
+    else:  # the resumed epoch's rows so far, and its bad rows' counts
+        consumed.merge_state(progress.data_state)
+        budget.resume((progress.data_state or {}).get("budget"))
     warmup, rows_total, last_loss, t_start = w.head_warmup_steps(), 0, float("nan"), time.perf_counter()
     stop = valid is not None and bool(_patience(s)) and progress.stale >= _patience(s)  # stopped early before a resume
     if valid is not None and s.task == "retrieval" and s.run.init_from and progress.step == 0 and progress.best is None:
@@ -776,13 +782,13 @@ def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> di
         # candidate too: validated and saved before the first step, it is the result when
         # no epoch beats it (epoch -1 in the curve).
         _end_of_epoch(w, progress, valid, budget, last_loss, epoch=-1)
-        w.save(progress, consumed, {"loss": last_loss})
+        w.save(progress, consumed, {"loss": last_loss}, budget)
     while progress.epoch < t.epochs and not stop:
         fetch = first if first.epoch == progress.epoch and not first.done else Fetcher(stream, progress.epoch, pin=w.device.type == "cuda")
         loss_sum, nonfinite, step_rows = 0.0, False, 0
         while True:
             t0 = time.perf_counter()
-            batch, bad = fetch.next()
+            batch, bad, dropped = fetch.next()
             rows, gbad, gloss, any_nonfinite = agree(w.ctrl, len(batch) if batch else 0, bad, loss_sum, nonfinite)
             t_data = time.perf_counter() - t0
             if any_nonfinite:
@@ -791,15 +797,18 @@ def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> di
                     f"a checkpoint. Last committed checkpoint: {w.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
                 )
             last_loss = gloss / step_rows if step_rows else last_loss
-            budget.add(gbad)
-            rows_total += rows
-            budget.check(rows_total, final=False, examples=stream.bad_examples)
             stop = bool(t.max_steps and progress.step >= t.max_steps)
-            if rows == 0 or stop:
+            trained = 0 if rows == 0 or stop else rows  # this batch, unless the data or the run ended
+            # The bad rows that came with it are counted, and consumed: a resume reads them no more.
+            budget.add(gbad, trained=trained)
+            consumed.add(dropped)
+            rows_total += trained
+            budget.check(final=False, examples=stream.bad_examples)
+            if not trained:
                 break
             # The state after the previous step, now known finite on every rank.
             if step_rows and s.checkpoint.every_steps and progress.step % s.checkpoint.every_steps == 0:
-                w.save(progress, consumed, {"loss": last_loss})
+                w.save(progress, consumed, {"loss": last_loss}, budget)
             t1 = time.perf_counter()
             batch = batch if batch is not None else w.empty
             loss_sum, nonfinite, parts = w.step(batch, rows, head_only=progress.step < warmup)
@@ -814,12 +823,13 @@ def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> di
         fetch.close()
         if nonfinite:
             raise NonFiniteLossError(f"loss or gradients became NaN/Inf at step {progress.step} (epoch {progress.epoch}), the last step; no checkpoint was written for it")
-        budget.check(rows_total, final=True, examples=stream.bad_examples)
+        budget.check(final=True, examples=stream.bad_examples)
         progress.epoch_done = rows == 0  # the data ran out, max_steps reached on its last batch or not
         if progress.epoch_done:
+            budget.next_window()  # the validation pass below counts with the next epoch
             stop = _end_of_epoch(w, progress, valid, budget, last_loss) or stop
         if progress.step > 0:
-            w.save(progress, consumed, {"loss": last_loss})
+            w.save(progress, consumed, {"loss": last_loss}, budget)
         if progress.epoch_done:
             progress.epoch, progress.epoch_done = progress.epoch + 1, False
             consumed.reset()

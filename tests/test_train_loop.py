@@ -5,6 +5,7 @@ Faults are injected from the test (a gradient hook), never by product code."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,15 +35,19 @@ class LocalShard:
     """What `ray.train.get_dataset_shard` gives a rank, read in this process: the
     rank's units (`assign_units`), read and encoded by the read-task body."""
 
-    def __init__(self, plan, spec: EncodeSpec, rank: int, world: int, seed: int = 0):
+    def __init__(self, plan, spec: EncodeSpec, rank: int, world: int, seed: int = 0, skip: dict | None = None):
         self.plan, self.spec, self.rank, self.world, self.seed = plan, spec, rank, world, seed
         self.epoch = 0
+        self.skip = skip or {}  # a resumed epoch's consumed rows (`ingest.resume_point`), first pass only
 
     def iter_batches(self, batch_size, batch_format="numpy", prefetch_batches=0):
         units = assign_units(self.plan.units, self.world, self.seed, self.epoch)[self.rank]
+        skip, self.skip = self.skip, {}
+        units = [u for u in units if not (u.index in skip and skip[u.index] is None)]
         self.epoch += 1
         files = [f.uri for f in self.plan.files]
-        for t in read_units(units, files, self.spec, Store(), self.plan.columns, None, "fail", empty_columns(self.spec), {}):
+        partial = {i: m for i, m in skip.items() if m is not None}
+        for t in read_units(units, files, self.spec, Store(), self.plan.columns, None, "fail", empty_columns(self.spec), partial):
             yield {c: t.column(c).to_numpy() for c in t.column_names}
 
 
@@ -313,6 +318,69 @@ def test_a_run_stopped_by_max_steps_at_an_epochs_end_still_validates_that_epoch(
     assert [c["epoch"] for c in res["epochs_curve"]] == [0] and res["best"]["step"] == steps
     manifest = ckpt.load_manifest(Store(), ckpt.resolve(Store(), res["checkpoint"]))
     assert manifest["step"] == steps and manifest["epoch_done"]
+
+
+def _bad_data(path, every: int = 97) -> tuple[str, int]:
+    """`_data`'s log with a null user_id on every `every`-th row: (URI, bad rows)."""
+    path.mkdir(parents=True)
+    bad = 0
+    for f in sorted(Path(_data(path.parent / (path.name + "-clean"))).glob("*.parquet")):
+        t = pq.read_table(f)
+        users = t.column("user_id").to_pylist()
+        users = [None if i % every == 0 else u for i, u in enumerate(users)]
+        bad += users.count(None)
+        pq.write_table(t.set_column(0, "user_id", pa.array(users, pa.int64())), path / f.name, row_group_size=500)
+    return str(path), bad
+
+
+def _run(tmp_path, name, data, **sets):
+    """One rank, in this process, reading its training side as launch does (the split,
+    the validation carve) and resuming from the run folder's latest checkpoint."""
+    from flm_dist.data.encode import training_read
+
+    job = tiny_job(str(tmp_path / "runs"), name, "ctr", **{"data.train": data, "data.batch_size": 128, "data.valid_fraction": 0.0, **sets})
+    store = Store()
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    enc = training_read(job.data, job.task, 0, hs, job.run.seed, eval_given=False)
+    plan = plan_read(store, data, enc.read)
+    spec = launch._worker_spec(job, store, "train", hs, 1, train_plan=plan.to_dict(), manifest={"task": "ctr", "config": to_dict(job)})
+    w = Worker(spec)
+    w.build()
+    progress, start = w.resume_point()
+    w.restore(start)
+    _, skip = ingest.resume_point(store, start.uri if start else None, plan)
+    return w, train(w, progress, first_epoch(w, progress, LocalShard(plan, enc, 0, 1, job.run.seed, skip=skip)))
+
+
+def test_the_bad_row_budget_is_an_epochs_share(tmp_path):
+    """1% bad rows under a 1.5% budget: within it every epoch, so a 3-epoch run ends
+    (the counts of earlier epochs do not fill a later epoch's budget)."""
+    data, bad = _bad_data(tmp_path / "log")
+    _, res = _run(tmp_path, "epochs", data, **{"train.epochs": 3, "data.max_bad_fraction": 0.015})
+    assert res["bad_rows"] == {"null_user_id": 3 * bad} and res["epochs"] == 3
+
+
+def test_a_resumed_epoch_counts_each_bad_row_once(tmp_path):
+    """Stopped mid-epoch, resumed: the epoch's bad rows are counted once over both
+    attempts (the ones dropped before the checkpoint are neither read nor counted
+    again), and every good row is trained once."""
+    data, bad = _bad_data(tmp_path / "log")
+    sets = {"train.epochs": 1, "data.max_bad_fraction": 0.015, "checkpoint.every_steps": 4}
+    _, first = _run(tmp_path, "resume", data, **sets, **{"train.max_steps": 25})
+    _, second = _run(tmp_path, "resume", data, **sets)
+    assert first["steps"] == 25 and sum(second["bad_rows"].values()) == bad
+    assert first["rows"] + second["rows"] == 6000 - bad
+
+
+def test_a_mid_epoch_checkpoint_counts_units_done_with_a_validation_carve(tmp_path):
+    """With rows held out (the validation carve), a read unit is done once every row
+    of its training side is consumed, so a checkpoint lists it as done instead of
+    carrying a bitmap of it until the epoch ends."""
+    data, _ = _bad_data(tmp_path / "log")
+    sets = {"train.epochs": 1, "data.valid_fraction": 0.1, "data.max_bad_fraction": 0.015, "checkpoint.every_steps": 4, "train.max_steps": 40}
+    w, _ = _run(tmp_path, "carve", data, **sets)
+    state = ckpt.load_manifest(Store(), ckpt.find_latest(Store(), w.spec.run.dir))["data_state"]
+    assert len(state["done"]) >= 8 and len(state["done"]) + len(state["partial"]) <= 12
 
 
 def _stops(task: str, criteria: list[float], start: float | None = None) -> tuple[list[bool], dict]:

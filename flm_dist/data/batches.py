@@ -54,6 +54,8 @@ class BatchStream:
         self._seed = seed
         self._prefetch = prefetch_batches
         self.bad_examples: list[tuple[int, int]] = []  # (position, reason code) of a few bad rows
+        # read unit -> its rows on this side of the split (`_side_rows`), as units arrive
+        self.side_rows: dict[int, int] = {}
 
     def _to_batch(self, cols: dict[str, np.ndarray]) -> Batch:
         feats = {}
@@ -83,9 +85,17 @@ class BatchStream:
             item_key=t("item_key"),
         )
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Batch, np.ndarray]]:
-        """Yields (batch, bad_counts_since_last_yield). The final batch may be short."""
+    def epoch(self, epoch: int) -> Iterator[tuple[Batch | None, np.ndarray, np.ndarray]]:
+        """Yields (batch, bad counts since the last yield, the positions of those bad
+        rows). The final batch may be short; a last (None, counts, positions) may follow."""
         counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
+        dropped: list[np.ndarray] = []
+
+        def taken() -> np.ndarray:
+            nonlocal dropped
+            out, dropped = (np.concatenate(dropped) if dropped else np.zeros(0, np.int64)), []
+            return out
+
         rng = np.random.default_rng([self._seed, epoch])
         pending: list[dict[str, np.ndarray]] = []
         pending_rows = 0
@@ -106,6 +116,10 @@ class BatchStream:
             return out
 
         for raw in self._it.iter_batches(batch_size=window_rows, batch_format="numpy", prefetch_batches=self._prefetch):
+            side = raw.pop("_side_rows", None)
+            if side is not None and len(side):
+                units, first = np.unique(raw["_pos"] >> 32, return_index=True)
+                self.side_rows.update(zip(units.tolist(), side[first].tolist(), strict=True))
             bad = raw.pop("_bad")
             counts += np.bincount(bad, minlength=len(BAD_REASONS))
             keep = bad == 0
@@ -114,6 +128,7 @@ class BatchStream:
                 idx = np.flatnonzero(budgeted)[: 5 - len(self.bad_examples)]
                 self.bad_examples += [(int(raw["_pos"][i]), int(bad[i])) for i in idx]
             if not keep.all():
+                dropped.append(raw["_pos"][~keep])
                 raw = {k: v[keep] for k, v in raw.items()}
             if len(raw["_pos"]) == 0:
                 continue
@@ -121,11 +136,11 @@ class BatchStream:
             pending_rows += len(raw["_pos"])
             if pending_rows >= window_rows:
                 for cols in flush(final=False):
-                    yield self._to_batch(cols), counts
+                    yield self._to_batch(cols), counts, taken()
                     counts = np.zeros_like(counts)
         if pending_rows:
             for cols in flush(final=True):
-                yield self._to_batch(cols), counts
+                yield self._to_batch(cols), counts, taken()
                 counts = np.zeros_like(counts)
         if counts.any():
-            yield None, counts
+            yield None, counts, taken()

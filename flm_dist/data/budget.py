@@ -14,28 +14,44 @@ __all__ = ["BadRows"]
 
 
 class BadRows:
-    """Global per-reason counts of one run's dropped rows. `check` raises on every
-    rank at once (the counts are global): mid-epoch only once the whole epoch could no
-    longer stay under the budget, at the end of an epoch against the rows read."""
+    """Global per-reason counts of one run's dropped rows. The budget is a share of an
+    epoch's rows: `check` compares the current window (an epoch's training rows, and
+    the validation pass before it) with it, raising on every rank at once (the counts
+    are global): mid-epoch only once the whole epoch could no longer stay under the
+    budget, at the end of an epoch against the rows read. A checkpoint carries the
+    window (`window`), so a resumed epoch goes on counting where it stopped."""
 
     def __init__(self, store: Store, plan: DataPlan | None, max_fraction: float, group=None):
         self.store, self.plan, self.max_fraction, self.group = store, plan, max_fraction, group
         self.counts = np.zeros(len(BAD_REASONS), dtype=np.int64)
         self.other_rows = 0  # good rows read besides the training rows (validation)
+        self._base, self._other_base, self._trained = self.counts.copy(), 0, 0  # the window's start
 
-    def add(self, global_counts: np.ndarray, rows: int = 0) -> None:
-        """Global bad counts of a step; `rows`: good rows read that training does not count."""
+    def add(self, global_counts: np.ndarray, rows: int = 0, trained: int = 0) -> None:
+        """Global bad counts of a step; `rows`: good rows read that training does not
+        count; `trained`: the rows it trained on."""
         self.counts += global_counts
         self.other_rows += rows
+        self._trained += trained
 
-    @property
-    def budgeted(self) -> int:
-        return int(self.counts[1:].sum() - self.counts[list(NOT_BUDGETED)].sum())
+    def next_window(self) -> None:
+        """An epoch's checks are done: count the next one apart."""
+        self._base, self._other_base, self._trained = self.counts.copy(), self.other_rows, 0
 
-    def check(self, rows_read: int, final: bool, examples: list[tuple[int, int]]) -> None:
+    def window(self) -> dict:
+        return {"bad": (self.counts - self._base).tolist(), "trained": self._trained, "other": self.other_rows - self._other_base}
+
+    def resume(self, window: dict | None) -> None:
+        """Go on with a checkpoint's window (its epoch's counts until then)."""
+        if window:
+            self.counts += np.asarray(window["bad"], dtype=np.int64)
+            self._trained += int(window["trained"])
+            self.other_rows += int(window["other"])
+
+    def check(self, final: bool, examples: list[tuple[int, int]]) -> None:
         """Collective only when over budget (then on every rank, from the same counts)."""
-        n_bad = self.budgeted
-        rows_read += self.other_rows
+        n_bad = _budgeted(self.counts - self._base)
+        rows_read = self._trained + self.other_rows - self._other_base
         limit = self.max_fraction * (rows_read + n_bad if final or self.plan is None else self.plan.total_rows)
         if n_bad <= limit or n_bad == 0:
             return
@@ -49,13 +65,14 @@ class BadRows:
             if self.plan is not None:
                 f, row = self.plan.locate(int(pos))
                 where.append(f"{f} row {row}: {BAD_REASONS[code]} {self._row_values(int(pos))}")
-        counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(self.counts) if i and c)
+        counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(self.counts - self._base) if i and c)
         raise DataError(
             f"bad rows exceed data.max_bad_fraction={self.max_fraction}: {n_bad} bad of "
-            f"{rows_read + n_bad} rows read ({counts}); examples: " + "; ".join(where)
+            f"{rows_read + n_bad} rows read in this epoch ({counts}); examples: " + "; ".join(where)
         )
 
     def report(self) -> dict[str, int]:
+        """The run's counts, every epoch's."""
         return {BAD_REASONS[i]: int(c) for i, c in enumerate(self.counts) if i and c}
 
     def _row_values(self, pos: int) -> dict:
@@ -65,3 +82,7 @@ class BadRows:
             return t.slice(pos & 0xFFFFFFFF, 1).to_pylist()[0]
         except Exception as e:  # the message is still useful without the values
             return {"unavailable": str(e)}
+
+
+def _budgeted(counts: np.ndarray) -> int:
+    return int(counts[1:].sum() - counts[list(NOT_BUDGETED)].sum())

@@ -317,6 +317,7 @@ def read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Sto
                     marker = {k: np.zeros(1, v.dtype) for k, v in empty.items()}
                     marker["_pos"][0] = np.int64(u.index) << np.int64(32)
                     marker["_bad"][0] = BAD_FILE_CODE
+                    marker["_side_rows"][0] = 1  # the unit's one row: counting it finishes the unit
                     yield pa.table(marker)
                     continue
                 for f in ahead:
@@ -330,6 +331,9 @@ def _encode_unit(t: pa.Table, u: Unit, uri: str, spec: EncodeSpec, skip_rows: di
     if rows != u.rows:
         raise DataError(f"{uri}: row group {u.row_group} has {rows} rows, the plan expected {u.rows} (file changed during the run?)")
     cols = encode_table(t, spec, u.index, 0)
+    # The unit's rows on this side of the split: once that many are consumed (trained or
+    # dropped as bad), the unit is done (`position.ConsumedRows`), its held-out rows aside.
+    cols["_side_rows"] = np.full(len(cols["_pos"]), len(cols["_pos"]), np.int32)
     seen = skip_rows.get(u.index)
     if seen is not None:
         keep = ~seen[cols["_pos"] & 0xFFFFFFFF]
@@ -363,4 +367,5 @@ def empty_columns(spec: EncodeSpec) -> dict[str, np.ndarray]:
         out[f"hist__{j}"] = np.zeros(0, np.int64)
     out["_pos"] = np.zeros(0, np.int64)
     out["_bad"] = np.zeros(0, np.int8)
+    out["_side_rows"] = np.zeros(0, np.int32)
     return out

@@ -1,10 +1,12 @@
 """The data position of an epoch: exactly which rows have been trained on.
 
 Rows are identified by their position (`unit << 32 | row`, see pipeline.encode_table).
-A checkpoint stores, for the epoch in progress, the read units consumed in full and,
-for the few units in flight, a bitmap of their consumed rows; units are keyed by
-`file URI#row group`, so the state survives a re-plan that adds files. Resuming drops
-exactly those rows from the epoch: over both attempts every row is trained on once.
+A row is consumed once trained on or dropped as bad (counted in the bad-row budget), so
+a resumed epoch neither trains nor counts it again. A checkpoint stores, for the epoch
+in progress, the read units consumed in full and, for the few units in flight, a bitmap
+of their consumed rows; units are keyed by `file URI#row group`, so the state survives
+a re-plan that adds files. Resuming drops exactly those rows from the epoch: over both
+attempts every row is trained on once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ __all__ = ["ConsumedRows"]
 
 
 class ConsumedRows:
-    def __init__(self, plan: DataPlan):
+    """`side_rows` (unit -> its rows on the read's side of the split, which the read
+    tasks report, `BatchStream.side_rows`): a unit with rows held out (an eval split,
+    the validation carve) is done once its side's rows are, not never."""
+
+    def __init__(self, plan: DataPlan, side_rows: dict[int, int] | None = None):
+        self._side = side_rows if side_rows is not None else {}
         self._rows = [u.rows for u in plan.units]
         self._keys = [f"{plan.files[u.file].uri}#{u.row_group}" for u in plan.units]
         self._index = {k: i for i, k in enumerate(self._keys)}
@@ -38,7 +45,7 @@ class ConsumedRows:
             if mask is None:
                 mask = self.partial[u] = np.zeros(self._rows[u], dtype=bool)
             mask[rows[units == u]] = True
-            if mask.all():
+            if mask.sum() >= self._side.get(u, self._rows[u]):
                 self.done.add(u)
                 del self.partial[u]
 
