@@ -20,8 +20,12 @@ Lookup, per table and step (every rank makes the same calls in the same order):
   backward: all_to_all the row gradients back to the owners, who receive a sparse
   gradient (rows touched only) for their block.
 Gradients of sharded rows are divided by the world size, matching DDP's averaging of
-dense gradients, so the sharded model takes exactly the steps of a single process
-training on the union of the ranks' batches.
+dense gradients, so for a loss that is a sum over rows (ctr, rating, reconstruction)
+the sharded model takes exactly the steps of a single process training on the union
+of the ranks' batches. The contrastive loss of pretraining and retrieval is not such a
+sum: each rank contrasts its rows with its own batch's items, and corrects them with
+its own item counts between saves (which make the counts global, `objectives`), as
+per-device in-batch negatives do elsewhere.
 """
 
 from __future__ import annotations
