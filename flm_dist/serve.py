@@ -93,10 +93,15 @@ def id_key(value, kind: str, where: str) -> int:
     """A JSON ID or categorical value as the int64 the graph hashes (see module doc)."""
     if not _is_id(value):
         raise RequestError(f"{where} must be an integer or a string, got {type(value).__name__}", where)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON lets "\ud800" through; no ID is such a string
+            raise RequestError(f"{where} is not valid Unicode (a lone surrogate)", where) from None
     if kind == "string":
         return prehash_str(value if isinstance(value, str) else str(value))
     if isinstance(value, str):
-        if not _CANONICAL_INT.fullmatch(value) or not _INT64_MIN <= int(value) <= _INT64_MAX:
+        if len(value) > 20 or not _CANONICAL_INT.fullmatch(value) or not _INT64_MIN <= int(value) <= _INT64_MAX:
             return prehash_str(value)  # not an integer this column could hold: an unseen ID
         value = int(value)
     if not _INT64_MIN <= value <= _INT64_MAX:
@@ -351,8 +356,8 @@ class LoadedExport:
                 "task",
             )
         body = check_fields(body, {"user_id", "k", "user_features", "exclude", "history", "exclude_history"}, {"user_id"})
-        k = body.get("k", 10)
         top = min(self.cfg.max_items, len(self.item_ids))
+        k = body.get("k", min(10, top))  # a catalog of fewer than 10 items: all of them
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
             raise RequestError(f"k must be an integer in [1, {top}] (serve.max_items and the number of items), got {k!r}", "k")
         user = np.array([id_key(body["user_id"], self.id_kind["user"], "user_id")], dtype=np.int64)
@@ -523,8 +528,8 @@ class ScoringServer:
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(f"the body is not valid JSON: {e}", "body") from None
+            except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, a number past Python's digit limit, deep nesting
+                raise RequestError(f"the body is not valid JSON: {str(e)[:200]}", "body") from None
             if path == "/score":
                 return _json(await self._score(self.export.parse_score(body)))
             return _json(await self._recommend(self.export.parse_recommend(body)))

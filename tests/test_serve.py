@@ -245,6 +245,12 @@ BAD = [
     ("/recommend", {"user_id": "u1", "exclude": 1000}, 400, "exclude"),
     ("/recommend", {"user_id": "u1", "exclude_history": "yes"}, 400, "exclude_history"),
     ("/nowhere", {"user_id": "u1"}, 404, "path"),
+    # what Python's JSON takes but no ID can be: a lone surrogate, a number past the
+    # int-string limit, nesting past the recursion limit
+    ("/score", {"user_id": "\ud800", "item_ids": [1]}, 400, "user_id"),
+    ("/score", {"user_id": "u1", "item_ids": [1000], "item_features": {"i_cat": ["\udfff"]}}, 400, "item_features.i_cat[0]"),
+    ("/score", b'{"user_id": 1' + b"1" * 5000 + b', "item_ids": [1]}', 400, "body"),
+    ("/score", b"[" * 100_000, 400, "body"),
 ]
 
 

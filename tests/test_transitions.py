@@ -271,3 +271,13 @@ def test_transition_scores_sum_each_recent_items_followers_by_recency():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     blended = trans.blend(torch.zeros(len(lengths), len(ranked)), torch.from_numpy(history), torch.from_numpy(lengths))
     np.testing.assert_allclose(blended.numpy(), np.log1p(want), rtol=1e-6)
+
+
+def test_recommend_without_k_takes_at_most_what_there_is(tmp_path):
+    """k defaults to 10, or to every item the server may return when that is fewer."""
+    from flm_dist.serve import LoadedExport
+
+    _, out = _export(tmp_path, window=0)
+    assert LoadedExport(str(out), ServeConfig(max_items=ITEMS)).parse_recommend({"user_id": 1}).k == 10
+    server = LoadedExport(str(out), ServeConfig(max_items=5))
+    assert len(server.recommend_batch([server.parse_recommend({"user_id": 1})])[0]["items"]) == 5
