@@ -49,6 +49,8 @@ from flm_dist.config import (
 )
 from flm_dist.data.encode import EncodeSpec, encode_table, history_events, split_mask, training_read
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str, to_signed
+from flm_dist.data.plan import list_files
+from flm_dist.data.schema import DataError
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
 from flm_dist.storage import Store, join, split_uri
@@ -460,7 +462,8 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
     over the rows training took (`read`'s checks and its split's training side, as the
     evaluation's catalog: not a row it dropped for a NaN feature or a non-click, nor an
     eval row), and with a history each user's last items as training's histories hold
-    them. Returns the tables and the files that changed since training (size differs)."""
+    them. Returns the tables and the files that changed since training (their size or
+    version differs)."""
     changed = []
     seen = {side: _LastSeen(f"{side}_id") for side in sides}
     history = next((f for f in sides.get("user", []) if f["kind"] == "history"), None)
@@ -469,14 +472,14 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
         afs, _ = store.arrow_fs(uri)
         _, path = split_uri(uri)
         try:
-            size = afs.get_file_info(path).size
+            now = list_files(store, uri)[0]  # size and version (ETag, mtime), as the run's plan took them
             handle = afs.open_input_file(path)
-        except (FileNotFoundError, OSError) as e:
+        except (FileNotFoundError, OSError, DataError) as e:
             raise FileNotFoundError(
                 f"{uri}: a training data file of the checkpoint cannot be read ({e}); the item/user "
                 f"vectors and the feature snapshot are built from the training data: restore the file"
             ) from None
-        if size != info.get("size", size):
+        if now.size != info.get("size", now.size) or (info.get("version") and now.version and now.version != info["version"]):
             changed.append(uri)
         with handle:
             pf = pq.ParquetFile(handle)

@@ -26,6 +26,7 @@ from flm_dist.cli import main as cli_main
 from flm_dist.config import FeatureConfig, ModelConfig
 from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str
+from flm_dist.data.plan import list_files
 from flm_dist.data.schema import ReadSpec
 from flm_dist.data.synth import synth
 from flm_dist.export import (
@@ -469,14 +470,21 @@ def test_vectors_and_the_snapshot_take_the_rows_training_takes(tmp_path):
         "age": pa.array([30.0, float("nan"), 40.0, 41.0, 50.0]),
     })
     pq.write_table(t, tmp_path / "log.parquet")
-    files = [{"uri": str(tmp_path / "log.parquet"), "size": (tmp_path / "log.parquet").stat().st_size}]
+    files = [{"uri": f.uri, "size": f.size, "version": f.version} for f in list_files(Store(), str(tmp_path / "log.parquet"))]
     feats = [FeatureConfig(name="age", side="user", kind="numeric")]
     cfg = ModelConfig(user_rows=97, item_rows=89, feature_rows=64, embedding_dim=8, hidden=[], latent_dim=8)
     job = JobConfig(task="retrieval", model=cfg, data=DataConfig(features=feats, split=SplitConfig(by="time", time_cutoff=100), valid_fraction=0.0))
     source = {"task": "retrieval", "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, feats), 0).to_dict(), "data_files": files,
               "data_columns": {"user_id": "int", "item_id": "int"}}
-    write_export(Store(), FLM(cfg, feats).eval(), source, str(tmp_path / "out"), formats="torchscript")
+    manifest = write_export(Store(), FLM(cfg, feats).eval(), source, str(tmp_path / "out"), formats="torchscript")
     items = pq.read_table(tmp_path / "out" / "item_vectors.parquet").column("item_id").to_pylist()
     users = pq.read_table(tmp_path / "out" / "features" / "users.parquet").to_pydict()
     assert items == [1]
     assert dict(zip(users["user_id"], users["age"], strict=True)) == {7: 30.0, 8: 40.0}
+    assert manifest["universe"]["changed_since_training"] == []
+    # rewritten in place at the same size (one value edited): the export says so
+    pq.write_table(t.set_column(4, "age", pa.array([31.0, float("nan"), 40.0, 41.0, 50.0])), tmp_path / "log.parquet")
+    os.utime(tmp_path / "log.parquet", (1e9, 1e9))
+    assert (tmp_path / "log.parquet").stat().st_size == files[0]["size"]
+    manifest = write_export(Store(), FLM(cfg, feats).eval(), source, str(tmp_path / "out2"), formats="torchscript")
+    assert manifest["universe"]["changed_since_training"] == [files[0]["uri"]]
