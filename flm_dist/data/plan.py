@@ -310,19 +310,9 @@ def plan_read(
                     f"an ID column must have one kind across files (integer 123 and string '123' hash "
                     f"to different rows). Cast one side when writing the data."
                 )
-        # The optional columns the task reads (a retrieval label, times) are read from
-        # every file or none: read from some only, the rest would train as if, say,
-        # every row of theirs were a click.
-        cols = spec.columns(schema)
         if columns is None:
-            columns, columns_from = cols, f.uri
-        elif cols != columns:
-            col = sorted(set(cols) ^ set(columns))[0]
-            has, lacks = (f.uri, columns_from) if col in cols else (columns_from, f.uri)
-            raise DataError(
-                f"{has} has column '{col}' and {lacks} does not; this task reads it where present, so every file "
-                f"must have it or none: add it to the files without it (for clicks, label 1) or drop it"
-            )
+            columns = spec.columns(schema)
+        _same_columns(spec.columns(schema), f.uri, columns, kept[0].uri if kept else f.uri)
         kept.append(FileInfo(uri=f.uri, size=f.size, version=f.version, rows=md.rows))
         metas.append(md)
     if len(skipped) > max_bad_files:
@@ -344,6 +334,19 @@ def plan_read(
         empty_files=empty,
         sequence=sequence,
     )
+
+
+def _same_columns(cols: list[str], uri: str, first: list[str], first_uri: str) -> None:
+    """The optional columns the task reads (a retrieval label, times) are read from every
+    file or none: read from some only, the rest would train as if, say, every row of
+    theirs were a click."""
+    if cols != first:
+        col = sorted(set(cols) ^ set(first))[0]
+        has, lacks = (uri, first_uri) if col in cols else (first_uri, uri)
+        raise DataError(
+            f"{has} has column '{col}' and {lacks} does not; this task reads it where present, so every file "
+            f"must have it or none: add it to the files without it (for clicks, label 1) or drop it"
+        )
 
 
 def _units(metas: list[_Footer]) -> list[Unit]:
