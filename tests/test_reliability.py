@@ -19,6 +19,8 @@ import torch
 
 from flm_dist import checkpoint as ckpt
 from flm_dist import launch
+from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
+from flm_dist.data.hashing import HashSpec
 from flm_dist.data.plan import plan_read
 from flm_dist.data.schema import DataError, ReadSpec
 from flm_dist.export import load_model
@@ -238,6 +240,15 @@ def test_case14_network_and_permission_errors_are_never_skipped(s3, s3_store, bu
         # storage.max_attempts (2) bounds each call's attempts: one retry layer, not s3fs's
         # 5 x botocore's. s3fs's info() may make two calls, so at most 4 requests (was 15).
         assert px.counts["requests"] - before <= 4, px.counts
+        # planned, then the store goes down under the read tasks: a storage error, which a
+        # run restarts on (scaling.max_failures), not a data error, which ends it for good
+        px.down = False
+        plan = plan_read(store, join(bucket, "log"), spec)
+        enc = EncodeSpec(read=spec, hash=HashSpec.build({"user": 64, "item": 64}, 0))
+        px.down = True
+        with pytest.raises(StorageError, match=r"part-0\d\.parquet") as e:
+            list(read_units(plan.units, [f.uri for f in plan.files], enc, store, plan.columns, None, "skip", empty_columns(enc), {}))
+        assert not isinstance(e.value, DataError)
 
 
 def test_case19_flaky_store_same_result_and_store_down_fails_cleanly(ray_local, s3, s3_store, tmp_path):

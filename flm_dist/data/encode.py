@@ -19,7 +19,7 @@ from flm_dist.data.hashing import HashSpec, fmix64, hash64, identity_keys
 from flm_dist.data.plan import Unit
 from flm_dist.data.schema import BAD_FILE_CODE, BAD_REASONS, DataError, ReadSpec
 from flm_dist.data.sequences import expand, history_rows
-from flm_dist.storage import Store, split_uri
+from flm_dist.storage import StorageError, Store, split_uri
 
 __all__ = ["EncodeSpec", "empty_columns", "encode_table", "event_times", "history_events", "read_units", "sequence_slots", "split_mask", "training_read"]
 
@@ -322,6 +322,8 @@ def read_units(units: list[Unit], plan_files: list, spec: EncodeSpec, store: Sto
                     continue
                 for f in ahead:
                     f.cancel()
+                if not corrupt:  # the store (down, throttling past the retries, access): a restart may find it back
+                    raise StorageError(f"{uri}: row group {u.row_group}: cannot read: {e}") from e
                 raise DataError(f"{uri}: row group {u.row_group}: cannot read: {e}") from e
             yield from _encode_unit(t, u, uri, spec, skip_rows, shuffle_seed)
 
