@@ -285,20 +285,30 @@ class Store:
             raise StorageError(f"cannot delete {uri}: {e}") from e
 
     def ensure_bucket(self, uri: str) -> None:
-        """Create the bucket of an s3:// URI if missing (embedded endpoint, tests)."""
+        """Create the bucket of an s3:// URI if the store says it is missing (404: the
+        embedded endpoint, a fresh MinIO). Any other answer leaves it be: a role allowed
+        objects but not the bucket itself (no s3:ListBucket, so HEAD is 403) still
+        runs, and a write to a bucket that is truly not there fails naming it."""
         if not is_remote(uri):
             return
         fs, path = self.fs(uri)
         bucket = path.split("/", 1)[0]
         try:
-            if not fs.exists(bucket):
-                kwargs = {"Bucket": bucket}
-                if self._region != "us-east-1":  # S3 rejects an explicit us-east-1 constraint
-                    kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
-                fs.call_s3("create_bucket", **kwargs)
-                fs.invalidate_cache()
+            fs.call_s3("head_bucket", Bucket=bucket)
+            return
+        except FileNotFoundError:
+            pass  # s3fs's translation of 404 NoSuchBucket
+        except Exception:  # 403 and the like: not ours to judge; the writes will say
+            return
+        kwargs = {"Bucket": bucket}
+        if self._region != "us-east-1":  # S3 rejects an explicit us-east-1 constraint
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
+        try:
+            fs.call_s3("create_bucket", **kwargs)
         except Exception as e:
-            raise StorageError(f"cannot create bucket s3://{bucket}: {e}") from e
+            if "BucketAlreadyOwnedByYou" not in str(e) and "BucketAlreadyExists" not in str(e):
+                raise StorageError(f"cannot create bucket s3://{bucket}: {e}") from e
+        fs.invalidate_cache()
 
     def upload_dir(self, local_dir: str, uri: str) -> None:
         fs, path = self.fs(uri)

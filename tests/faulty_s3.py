@@ -31,6 +31,7 @@ class FaultyS3:
         self.down = False  # every request fails with 503
         self.slow_puts_s = 0.0  # extra delay on PUT requests (slow uploads)
         self.deny: set[str] = set()  # paths containing any of these get 403 AccessDenied
+        self.deny_buckets: set[str] = set()  # requests on these buckets themselves (not their objects) get 403
         self.deny_deletes: set[str] = set()  # deletes of paths containing these get 403 (batch deletes: any)
         # (method, path substring) -> how many more matching requests are forwarded to
         # the store and then answered with a reset: the request took effect, its response was lost
@@ -63,7 +64,8 @@ class FaultyS3:
                 body = self._body()
                 deleting = self.command == "DELETE" or (self.command == "POST" and "delete" in self.path)
                 batch = self.command == "POST" and any(d.encode() in body for d in proxy.deny_deletes)
-                denied = any(d in self.path for d in proxy.deny) or (deleting and (batch or any(d in self.path for d in proxy.deny_deletes)))
+                on_bucket = urlparse(self.path).path.strip("/") in proxy.deny_buckets  # HEAD / PUT / ?location of the bucket
+                denied = on_bucket or any(d in self.path for d in proxy.deny) or (deleting and (batch or any(d in self.path for d in proxy.deny_deletes)))
                 fault = 403 if denied else proxy._decide(self.command)
                 if fault == "reset":
                     # RST instead of a response: what a dropped connection looks like

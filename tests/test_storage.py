@@ -75,6 +75,25 @@ def test_max_attempts_counts_every_request_to_a_store_that_is_down(s3, s3_store,
         assert px.counts["requests"] == 3, px.counts
 
 
+def test_a_bucket_the_role_may_not_inspect_is_used_not_created(s3, s3_store, bucket):
+    """A role allowed objects but not the bucket itself (no s3:ListBucket on it: HEAD
+    answers 403) must still run: the bucket is there. Only a bucket the store says is
+    missing (404) is created."""
+    from dataclasses import replace
+
+    from tests.faulty_s3 import FaultyS3
+
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        px.deny_buckets = {bucket.removeprefix("s3://")}
+        store.ensure_bucket(join(bucket, "runs"))
+        store.write_bytes(join(bucket, "runs", "x"), b"ok")
+        px.deny_buckets = set()
+        store.ensure_bucket("s3://a-new-bucket/runs")
+        store.write_bytes("s3://a-new-bucket/runs/x", b"ok")
+    assert s3_store.read_bytes(join(bucket, "runs", "x")) == s3_store.read_bytes("s3://a-new-bucket/runs/x") == b"ok"
+
+
 def test_parquet_through_pyarrow_s3_client(s3_store, bucket):
     fs, path = s3_store.arrow_fs(join(bucket, "t.parquet"))
     pq.write_table(pa.table({"a": [1, 2, 3]}), path, filesystem=fs)
