@@ -241,13 +241,13 @@ class Cluster:
         except AuthenticationError as e:
             raise SubmitError(_auth_fix(self.address, e)) from None
         except RuntimeError as e:
-            if "404" in str(e) or "does not exist" in str(e):
+            if re.search(r"\b404\b", str(e)) or "does not exist" in str(e):
                 raise SubmitError(
                     f"no job '{job_id}' on {self.address}; list the cluster's jobs with "
                     f"`ray job list --address {self.address}`"
                 ) from None
             raise SubmitError(f"{what} {job_id} on {self.address} failed: {e}") from None
-        except ConnectionError as e:
+        except OSError as e:  # the builtin ConnectionError and requests' (an OSError, not that class)
             raise SubmitError(f"lost the Ray Jobs API at {self.address} during {what}: {e}") from None
 
     def submit(self, sub: Submission) -> tuple[str, str]:
@@ -290,7 +290,7 @@ class Cluster:
 
         try:
             asyncio.run(tail())
-        except RuntimeError:
+        except (RuntimeError, OSError):
             pass  # the stream dropped; the job's state below says how it ended
         return self.wait(job_id, timeout_s=30.0)
 

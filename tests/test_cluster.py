@@ -392,3 +392,33 @@ def test_submission_refuses_embedded_storage_and_bad_keys(tmp_path):
         Submission(_job_file(tmp_path), ("train.epocs=2",)).load()
     ctr = Submission(_job_file(tmp_path, task="ctr", **{"run.name": "ft", "data.train": "s3://x/y"}))
     assert ctr.command(ctr.load()).startswith("flm-dist finetune --config _flm_job/ft.yaml")
+
+
+def test_a_jobs_api_lost_after_connecting_is_a_clear_error():
+    """The dashboard answers, then goes away (a dropped `kubectl port-forward`): the
+    next call says so and names the address, not a traceback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flm_dist.submit import Cluster, SubmitError
+
+    class Version(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Version)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cluster = Cluster(f"http://127.0.0.1:{server.server_address[1]}")
+    assert cluster._client is not None  # connected
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(SubmitError, match=rf"lost the Ray Jobs API at {cluster.address}"):
+        cluster.state("some-job")
