@@ -201,7 +201,10 @@ def test_rayjob_runs_a_job_file_that_loads(name, verb):
     assert (job.task == "pretrain") == (verb == "pretrain")
     gpu = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
     assert job.scaling.use_gpu and job.scaling.max_workers <= gpu["maxReplicas"]
-    yaml.safe_load(spec.get("runtimeEnvYAML", "") or "{}")  # KubeRay parses it as YAML
+    assert "--log-steps" in argv  # rank 0's step records: a cluster job's progress report is its logs
+    env = (yaml.safe_load(spec.get("runtimeEnvYAML", "") or "{}") or {}).get("env_vars", {})  # KubeRay parses it as YAML
+    code = "".join(p.read_text() for p in (ROOT / "flm_dist").rglob("*.py"))
+    assert not [k for k in env if k.startswith("FLM_") and f'"{k}"' not in code], env  # no setting nothing reads
 
 
 @needs_schemas
