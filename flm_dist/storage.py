@@ -10,6 +10,7 @@ embedded moto endpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -26,6 +27,8 @@ import fsspec
 from flm_dist.config import StorageConfig
 
 __all__ = ["EmbeddedS3", "Store", "StorageError", "is_remote", "join", "split_uri"]
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -52,6 +55,21 @@ def join(uri: str, *parts: str) -> str:
     for p in parts:
         out = f"{out}/{p.strip('/')}"
     return out
+
+
+_REGIONS: dict[str, str] = {}
+
+
+def _bucket_region(bucket: str) -> str:
+    if bucket not in _REGIONS:
+        import pyarrow.fs as pafs
+
+        try:
+            _REGIONS[bucket] = pafs.resolve_s3_region(bucket)
+        except OSError as e:  # unreachable or not allowed: the default, and the reads will say
+            log.warning("cannot find the region of bucket %s (%s); using us-east-1: set storage.region or AWS_REGION", bucket, e)
+            return "us-east-1"
+    return _REGIONS[bucket]
 
 
 def _s3fs_module():
@@ -153,6 +171,14 @@ class Store:
             opts["secret"] = self.secret_access_key
         return opts
 
+    def _arrow_region(self, bucket: str) -> str:
+        """pyarrow's S3 client does not follow S3's redirect to a bucket's region (s3fs's
+        botocore does): with no region set (job file, AWS_REGION) and AWS itself as the
+        store, ask AWS where the bucket is, once per bucket and process."""
+        if self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or self._endpoint:
+            return self._region
+        return _bucket_region(bucket)
+
     def arrow_fs(self, uri: str) -> tuple[Any, str]:
         """A pyarrow filesystem + path; pyarrow's C++ S3 client is the fast path for Parquet."""
         import pyarrow.fs as pafs
@@ -161,7 +187,7 @@ class Store:
         if scheme != "s3":
             return pafs.LocalFileSystem(), path
         kwargs: dict[str, Any] = {
-            "region": self._region,
+            "region": self._arrow_region(path.split("/", 1)[0]),
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
             "connect_timeout": 10,
             "request_timeout": 60,

@@ -111,3 +111,19 @@ def test_unreachable_endpoint_is_a_clear_error():
     store = Store(endpoint_url="http://127.0.0.1:9", access_key_id="a", secret_access_key="b", max_attempts=1)
     with pytest.raises(StorageError, match="cannot"):
         store.write_bytes("s3://x/y", b"1")
+
+
+def test_pyarrow_reads_go_to_the_buckets_region_when_none_is_set(monkeypatch):
+    """pyarrow's S3 client does not follow S3's redirect to a bucket's region (s3fs's
+    botocore does): with no region set and AWS itself as the store, the bucket's region
+    is asked once. (The lookup is AWS's; this machine cannot reach it, so it is stubbed.)"""
+    import pyarrow.fs as pafs
+
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+    monkeypatch.setattr(pafs, "resolve_s3_region", lambda b: asked.append(b) or "eu-west-1")
+    assert Store().arrow_fs("s3://far-bucket/x")[0].region == "eu-west-1"
+    assert Store().arrow_fs("s3://far-bucket/y")[0].region == "eu-west-1" and asked == ["far-bucket"]
+    assert Store(region="us-west-2").arrow_fs("s3://far-bucket/x")[0].region == "us-west-2"
+    assert Store(endpoint_url="http://127.0.0.1:9").arrow_fs("s3://other/x")[0].region == "us-east-1" and asked == ["far-bucket"]
