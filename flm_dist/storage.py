@@ -302,6 +302,9 @@ class Store:
             raise StorageError(f"cannot list {uri}: {e}") from e
 
     def rm(self, uri: str, recursive: bool = True) -> None:
+        """Delete `uri` (a folder: everything under it), and check that nothing is left:
+        S3 answers a batch delete 200 and lists the keys it refused inside (access, an
+        object lock), which s3fs does not report."""
         fs, path = self.fs(uri)
         try:
             fs.rm(path, recursive=recursive)
@@ -309,6 +312,15 @@ class Store:
             pass
         except Exception as e:
             raise StorageError(f"cannot delete {uri}: {e}") from e
+        try:
+            fs.invalidate_cache(path)
+            left = fs.find(path) if recursive else ([path] if fs.exists(path) else [])
+        except FileNotFoundError:
+            left = []
+        except Exception as e:
+            raise StorageError(f"cannot check the delete of {uri}: {e}") from e
+        if left:
+            raise StorageError(f"cannot delete {uri}: {len(left)} object(s) remain (first: {left[0]}); the store refused them (access, an object lock?)")
 
     def ensure_bucket(self, uri: str) -> None:
         """Create the bucket of an s3:// URI if the store says it is missing (404: the

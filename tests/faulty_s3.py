@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
@@ -33,6 +34,9 @@ class FaultyS3:
         self.deny: set[str] = set()  # paths containing any of these get 403 AccessDenied
         self.deny_buckets: set[str] = set()  # requests on these buckets themselves (not their objects) get 403
         self.deny_deletes: set[str] = set()  # deletes of paths containing these get 403 (batch deletes: any)
+        # batch deletes naming a key that contains one of these are answered 200 with a
+        # per-key AccessDenied for every key and not forwarded: how S3 refuses some keys
+        self.refuse_keys_in_batch: set[str] = set()
         # (method, path substring) -> how many more matching requests are forwarded to
         # the store and then answered with a reset: the request took effect, its response was lost
         self.lose_response: dict[tuple[str, str], int] = {}
@@ -66,6 +70,16 @@ class FaultyS3:
                 batch = self.command == "POST" and any(d.encode() in body for d in proxy.deny_deletes)
                 on_bucket = urlparse(self.path).path.strip("/") in proxy.deny_buckets  # HEAD / PUT / ?location of the bucket
                 denied = on_bucket or any(d in self.path for d in proxy.deny) or (deleting and (batch or any(d in self.path for d in proxy.deny_deletes)))
+                if self.command == "POST" and "delete" in self.path and any(k.encode() in body for k in proxy.refuse_keys_in_batch):
+                    keys = re.findall(rb"<Key>(.*?)</Key>", body)
+                    out = b"<?xml version='1.0' encoding='UTF-8'?><DeleteResult xmlns='http://s3.amazonaws.com/doc/2006-03-01/'>" + b"".join(
+                        b"<Error><Key>" + k + b"</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>" for k in keys) + b"</DeleteResult>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                    return
                 fault = 403 if denied else proxy._decide(self.command)
                 if fault == "reset":
                     # RST instead of a response: what a dropped connection looks like

@@ -127,3 +127,24 @@ def test_pyarrow_reads_go_to_the_buckets_region_when_none_is_set(monkeypatch):
     assert Store().arrow_fs("s3://far-bucket/y")[0].region == "eu-west-1" and asked == ["far-bucket"]
     assert Store(region="us-west-2").arrow_fs("s3://far-bucket/x")[0].region == "us-west-2"
     assert Store(endpoint_url="http://127.0.0.1:9").arrow_fs("s3://other/x")[0].region == "us-east-1" and asked == ["far-bucket"]
+
+
+def test_a_delete_the_store_refuses_key_by_key_is_an_error(s3, s3_store, bucket):
+    """S3 answers a batch delete 200 and lists per-key errors inside (access, object
+    lock); s3fs drops them. A checkpoint folder left behind by such a delete would be
+    taken for the run's own (a --fresh run's step committed over an old marker)."""
+    from dataclasses import replace
+
+    from tests.faulty_s3 import FaultyS3
+
+    for k in ("a", "b"):
+        s3_store.write_bytes(join(bucket, "run", "step-1", k), b"x")
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        px.refuse_keys_in_batch = {"step-1"}
+        with pytest.raises(StorageError, match=r"run/step-1.*remain"):
+            store.rm(join(bucket, "run", "step-1"))
+        px.refuse_keys_in_batch = set()
+        store.rm(join(bucket, "run", "step-1"))
+    assert not s3_store.exists(join(bucket, "run", "step-1", "a"))
+
