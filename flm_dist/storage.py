@@ -60,7 +60,12 @@ def join(uri: str, *parts: str) -> str:
 _REGIONS: dict[str, str] = {}
 
 
-def _bucket_region(bucket: str) -> str:
+def _arrow_region(store: Store, bucket: str) -> str:
+    """pyarrow's S3 client does not follow S3's redirect to a bucket's region (s3fs's
+    botocore does): with no region set (job file, AWS_REGION) and AWS itself as the
+    store, ask AWS where the bucket is, once per bucket and process."""
+    if store.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or store._endpoint:
+        return store._region
     if bucket not in _REGIONS:
         import pyarrow.fs as pafs
 
@@ -171,14 +176,6 @@ class Store:
             opts["secret"] = self.secret_access_key
         return opts
 
-    def _arrow_region(self, bucket: str) -> str:
-        """pyarrow's S3 client does not follow S3's redirect to a bucket's region (s3fs's
-        botocore does): with no region set (job file, AWS_REGION) and AWS itself as the
-        store, ask AWS where the bucket is, once per bucket and process."""
-        if self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or self._endpoint:
-            return self._region
-        return _bucket_region(bucket)
-
     def arrow_fs(self, uri: str) -> tuple[Any, str]:
         """A pyarrow filesystem + path; pyarrow's C++ S3 client is the fast path for Parquet."""
         import pyarrow.fs as pafs
@@ -187,7 +184,7 @@ class Store:
         if scheme != "s3":
             return pafs.LocalFileSystem(), path
         kwargs: dict[str, Any] = {
-            "region": self._arrow_region(path.split("/", 1)[0]),
+            "region": _arrow_region(self, path.split("/", 1)[0]),
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
             "connect_timeout": 10,
             "request_timeout": 60,
@@ -302,9 +299,7 @@ class Store:
             raise StorageError(f"cannot list {uri}: {e}") from e
 
     def rm(self, uri: str, recursive: bool = True) -> None:
-        """Delete `uri` (a folder: everything under it), and check that nothing is left:
-        S3 answers a batch delete 200 and lists the keys it refused inside (access, an
-        object lock), which s3fs does not report."""
+        """Delete `uri` (a folder: everything under it), and check that nothing is left."""
         fs, path = self.fs(uri)
         try:
             fs.rm(path, recursive=recursive)
@@ -312,41 +307,16 @@ class Store:
             pass
         except Exception as e:
             raise StorageError(f"cannot delete {uri}: {e}") from e
-        try:
-            fs.invalidate_cache(path)
-            left = fs.find(path) if recursive else ([path] if fs.exists(path) else [])
-        except FileNotFoundError:
-            left = []
-        except Exception as e:
-            raise StorageError(f"cannot check the delete of {uri}: {e}") from e
-        if left:
-            raise StorageError(f"cannot delete {uri}: {len(left)} object(s) remain (first: {left[0]}); the store refused them (access, an object lock?)")
+        _check_deleted(fs, path, uri, recursive)
 
     def ensure_bucket(self, uri: str) -> None:
         """Create the bucket of an s3:// URI if the store says it is missing (404: the
         embedded endpoint, a fresh MinIO). Any other answer leaves it be: a role allowed
         objects but not the bucket itself (no s3:ListBucket, so HEAD is 403) still
         runs, and a write to a bucket that is truly not there fails naming it."""
-        if not is_remote(uri):
-            return
-        fs, path = self.fs(uri)
-        bucket = path.split("/", 1)[0]
-        try:
-            fs.call_s3("head_bucket", Bucket=bucket)
-            return
-        except FileNotFoundError:
-            pass  # s3fs's translation of 404 NoSuchBucket
-        except Exception:  # 403 and the like: not ours to judge; the writes will say
-            return
-        kwargs = {"Bucket": bucket}
-        if self._region != "us-east-1":  # S3 rejects an explicit us-east-1 constraint
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
-        try:
-            fs.call_s3("create_bucket", **kwargs)
-        except Exception as e:
-            if "BucketAlreadyOwnedByYou" not in str(e) and "BucketAlreadyExists" not in str(e):
-                raise StorageError(f"cannot create bucket s3://{bucket}: {e}") from e
-        fs.invalidate_cache()
+        if is_remote(uri):
+            fs, path = self.fs(uri)
+            _create_bucket_if_missing(fs, path.split("/", 1)[0], self._region)
 
     def upload_dir(self, local_dir: str, uri: str) -> None:
         fs, path = self.fs(uri)
@@ -438,3 +408,36 @@ class EmbeddedS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _check_deleted(fs: Any, path: str, uri: str, recursive: bool) -> None:
+    """Nothing left under `path`: S3 answers a batch delete 200 with the keys it refused
+    listed inside (access, an object lock), which s3fs does not report."""
+    try:
+        fs.invalidate_cache(path)
+        left = fs.find(path) if recursive else ([path] if fs.exists(path) else [])
+    except FileNotFoundError:
+        left = []
+    except Exception as e:
+        raise StorageError(f"cannot check the delete of {uri}: {e}") from e
+    if left:
+        raise StorageError(f"cannot delete {uri}: {len(left)} object(s) remain (first: {left[0]}); the store refused them (access, an object lock?)")
+
+
+def _create_bucket_if_missing(fs: Any, bucket: str, region: str) -> None:
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+        return
+    except FileNotFoundError:
+        pass  # s3fs's translation of 404 NoSuchBucket
+    except Exception:  # 403 and the like: not ours to judge; the writes will say
+        return
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":  # S3 rejects an explicit us-east-1 constraint
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        fs.call_s3("create_bucket", **kwargs)
+    except Exception as e:
+        if "BucketAlreadyOwnedByYou" not in str(e) and "BucketAlreadyExists" not in str(e):
+            raise StorageError(f"cannot create bucket s3://{bucket}: {e}") from e
+    fs.invalidate_cache()
