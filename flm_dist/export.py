@@ -696,8 +696,7 @@ def _write_data_files(tmp: str, store: Store, scorer, source: dict, features: li
 def _training_read(source: dict) -> EncodeSpec:
     """The run's read of its training data (`data.encode.training_read`): which rows the
     vectors and the snapshot cover, which events a history may hold and a transition
-    count may pair. A pretraining never reads
-    data.eval, so its split stands."""
+    count may pair. A pretraining never reads data.eval, so its split stands."""
     cfg = source["config"]  # the parts it needs, as load_model rebuilds the model's
     data = from_dict(DataConfig, cfg["data"])
     return training_read(data, source["task"], cfg["model"]["history_len"], HashSpec.from_dict(source["hash_spec"]), cfg["run"]["seed"],

@@ -60,11 +60,15 @@ def join(uri: str, *parts: str) -> str:
 _REGIONS: dict[str, str] = {}
 
 
+def _configured_region(store: Store) -> str | None:
+    return store.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
 def _arrow_region(store: Store, bucket: str) -> str:
     """pyarrow's S3 client does not follow S3's redirect to a bucket's region (s3fs's
     botocore does): with no region set (job file, AWS_REGION) and AWS itself as the
     store, ask AWS where the bucket is, once per bucket and process."""
-    if store.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or store._endpoint:
+    if _configured_region(store) or store._endpoint:
         return store._region
     if bucket not in _REGIONS:
         import pyarrow.fs as pafs
@@ -135,7 +139,7 @@ class Store:
 
     @property
     def _region(self) -> str:
-        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _configured_region(self) or "us-east-1"
 
     # -- filesystems ------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch.distributed as dist
 
 from flm_dist.data.plan import DataPlan, read_unit
-from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED, DataError
+from flm_dist.data.schema import BAD_REASONS, DataError, budgeted
 from flm_dist.storage import Store
 
 __all__ = ["BadRows"]
@@ -50,7 +50,7 @@ class BadRows:
 
     def check(self, final: bool, examples: list[tuple[int, int]]) -> None:
         """Collective only when over budget (then on every rank, from the same counts)."""
-        n_bad = _budgeted(self.counts - self._base)
+        n_bad = budgeted(self.counts - self._base)
         rows_read = self._trained + self.other_rows - self._other_base
         limit = self.max_fraction * (rows_read + n_bad if final or self.plan is None else self.plan.total_rows)
         if n_bad <= limit or n_bad == 0:
@@ -83,6 +83,3 @@ class BadRows:
         except Exception as e:  # the message is still useful without the values
             return {"unavailable": str(e)}
 
-
-def _budgeted(counts: np.ndarray) -> int:
-    return int(counts[1:].sum() - counts[list(NOT_BUDGETED)].sum())

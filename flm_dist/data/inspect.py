@@ -38,7 +38,7 @@ from flm_dist.config import ModelConfig
 from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, expected_collisions, hash_array
 from flm_dist.data.plan import list_files
-from flm_dist.data.schema import BAD_REASONS, NOT_BUDGETED, DataError, ReadSpec, check_schema
+from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec, budgeted, check_schema
 from flm_dist.storage import StorageError, Store, split_uri
 
 __all__ = ["COLLISION_WARN_SHARE", "SKETCH_K", "collision_warnings", "id_counts", "inspect", "rows_for_share", "summary"]
@@ -305,8 +305,7 @@ def inspect(
             more = f" (and {len(refused) - 1} more files)" if len(refused) > 1 else ""
             s.problem(f"task {task} would refuse this data: {refused[0]}{more}")
         counts = {BAD_REASONS[i]: int(n) for i, n in enumerate(s.bad[task]) if i and n}
-        # what counts against data.max_bad_fraction: retrieval's label-0 rows are dropped outside it
-        total = int(s.bad[task][1:].sum() - s.bad[task][list(NOT_BUDGETED)].sum())
+        total = budgeted(s.bad[task])  # retrieval's label-0 rows are dropped outside the budget
         checked = s.checked[task]
         bad_rows[task] = {**counts, "total": total, "rows_checked": checked, "fraction": total / checked if checked else 0.0}
 

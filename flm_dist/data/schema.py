@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from flm_dist.config import FeatureConfig
 
-__all__ = ["BAD_REASONS", "NOT_BUDGETED", "DataError", "ReadSpec", "check_schema"]
+__all__ = ["BAD_REASONS", "NOT_BUDGETED", "DataError", "ReadSpec", "budgeted", "check_schema"]
 
 
 class DataError(ValueError):
@@ -49,6 +49,12 @@ BAD_FILE_CODE = BAD_REASONS.index("bad_file")
 # budget (data.max_bad_files), and a retrieval job on a click log drops its non-clicks
 # by design.
 NOT_BUDGETED = (BAD_FILE_CODE, BAD_REASONS.index("not_positive"))
+
+
+def budgeted(counts) -> int:
+    """Of per-reason counts (indexed by code), the rows that count against
+    data.max_bad_fraction."""
+    return int(counts[1:].sum() - counts[list(NOT_BUDGETED)].sum())
 
 
 def _is_id_type(t: pa.DataType) -> bool:
