@@ -285,10 +285,31 @@ def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:
     reader = FsspecReader(ref.uri, **store.storage_options(ref.uri))
     try:
         dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
-    except Exception as e:
+    except (Exception, dcp.CheckpointException) as e:  # DCP's own is a BaseException
         if "Missing key" in str(e) or "Size mismatch" in str(e):
             raise ValueError(f"checkpoint {ref.uri} does not fit this model: {e}") from e
-        raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: cannot load: {e}") from e
+        raise _read_failure(store, ref, e, "cannot load") from e
+
+
+def _read_failure(store: Store, ref: CheckpointRef, e: BaseException, what: str) -> Exception:
+    """What a failed DCP read means. A store that refuses or fails a read (403, an outage
+    past the retries) is a StorageError, which a restart may outlast and which never tells
+    anyone to delete a good checkpoint; only bytes that do not decode are corrupt. DCP keeps
+    a shard read's own exception but reports a failed metadata read as a string, so each
+    file of the checkpoint is probed with a one-byte read to name the one the store refuses."""
+    causes = [failure[0] for failure in getattr(e, "failures", {}).values()] or [e]
+    refused = next((c for c in causes if isinstance(c, OSError) and not isinstance(c, FileNotFoundError)), None)
+    fs, path = store.fs(ref.uri)
+    for name in _listing(store, ref.uri):
+        try:
+            fs.cat_file(f"{path}/{name}", start=0, end=1)
+        except FileNotFoundError:
+            continue
+        except Exception as probe:
+            return StorageError(f"cannot read checkpoint {ref.uri}: {name}: {probe}")
+    if refused is not None:
+        return StorageError(f"cannot read checkpoint {ref.uri} ({what}): {refused}")
+    return CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {what}: {e}")
 
 
 def saved_keys(store: Store, ref: CheckpointRef) -> set[str]:
@@ -299,7 +320,7 @@ def saved_keys(store: Store, ref: CheckpointRef) -> set[str]:
     try:
         return set(reader.read_metadata().state_dict_metadata)
     except Exception as e:
-        raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: cannot read its metadata: {e}") from e
+        raise _read_failure(store, ref, e, "cannot read its metadata") from e
 
 
 def prune(store: Store, run_dir: str, keep_last: int, latest: int, keep: set[int] | frozenset[int] = frozenset()) -> None:

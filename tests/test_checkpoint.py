@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -310,3 +311,30 @@ def test_a_manifest_the_store_will_not_serve_is_a_storage_error_not_a_corrupt_ch
     direct.write_bytes(join(ref.uri, "manifest.json"), b'{"step": 1')
     with pytest.raises(ckpt.CheckpointCorruptError, match="manifest.json"):
         ckpt.load_manifest(direct, ref)
+
+
+@pytest.mark.parametrize("denied", [".metadata", ".distcp"])
+def test_state_the_store_will_not_serve_is_a_storage_error_not_a_corrupt_checkpoint(s3, bucket, denied):
+    """A 403 (or an outage past the retries) on DCP's metadata or a shard file: the load
+    names storage, so that nobody deletes a good checkpoint over it; bytes that do not
+    decode are a corrupt checkpoint."""
+    from flm_dist.storage import StorageError
+    from tests.faulty_s3 import FaultyS3
+
+    run_dir = join(bucket, "denied-state-" + denied.strip("."))
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        ref, _, _ = _save(store, run_dir, 10)
+        px.deny = {denied}
+        loads = {"load_state": lambda: ckpt.load_state(store, ref, {"model": FLM(CFG, FEATS).state_dict()})}
+        if denied == ".metadata":  # the keys come from .metadata alone
+            loads["saved_keys"] = lambda: ckpt.saved_keys(store, ref)
+        for what, load in loads.items():
+            with pytest.raises(StorageError) as e:
+                load()
+            assert not isinstance(e.value, ckpt.CheckpointCorruptError), what
+            assert denied in str(e.value) and ref.uri in str(e.value), (what, str(e.value))
+    direct = Store.from_config(s3.storage_config())
+    direct.write_bytes(join(ref.uri, ".metadata"), b"not a pickle")
+    with pytest.raises(ckpt.CheckpointCorruptError, match=re.escape(ref.uri)):
+        ckpt.saved_keys(direct, ref)
