@@ -65,6 +65,14 @@ class StorageConfig:
             raise ConfigError("storage.max_attempts must be >= 1")
 
 
+def _check_range(section: str, cfg: Any, keys: tuple[str, ...], low: float, above: bool = False) -> None:
+    """Each key >= low (> low with `above`); NaN fails too."""
+    for key in keys:
+        v = getattr(cfg, key)
+        if not (v > low if above else v >= low):
+            raise ConfigError(f"{section}.{key} must be {'>' if above else '>='} {low:g}, got {v!r}")
+
+
 @dataclass
 class RunConfig:
     """Where a run lives: checkpoints, metrics and TensorBoard events go to `storage/name/`."""
@@ -74,8 +82,8 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name must be a non-empty name without '/' (and not '.' or '..'), got {self.name!r}")
 
 
 @dataclass
@@ -87,6 +95,10 @@ class FeatureConfig:
     rows: int = 0  # 0: taken from model.feature_rows
     kind: Literal["categorical", "multi", "numeric"] = "categorical"
     max_len: int = 8  # for kind=multi (list<string>): values beyond this are dropped
+
+    def __post_init__(self) -> None:
+        _check_range(f"data.features[{self.name}]", self, ("rows",), 0)
+        _check_range(f"data.features[{self.name}]", self, ("max_len",), 1)
 
 
 @dataclass
@@ -143,6 +155,8 @@ class DataConfig:
             raise ConfigError("data.rating_range must be [low, high] with low < high")
         if self.shuffle_window < 1:
             raise ConfigError("data.shuffle_window must be >= 1")
+        _check_range("data", self, ("valid_cache_mb", "max_bad_files"), 0)
+        _check_range("data", self, ("prefetch_batches", "read_block_rows"), 1)
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         names = [f.name for f in self.features]
@@ -187,6 +201,10 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be >= 1")
         if not 0.0 <= self.corruption < 1.0:
             raise ConfigError("model.corruption must be in [0, 1)")
+        _check_range("model", self, ("noise_std",), 0)
+        for key in ("hidden", "head_hidden"):
+            if any(not isinstance(w, int) or w < 1 for w in getattr(self, key)):
+                raise ConfigError(f"model.{key} must list layer widths >= 1, got {getattr(self, key)}")
         if not self.user_id and not self.history_len:
             raise ConfigError("model.user_id: false needs model.history_len > 0 (else the user tower would have no user input but features)")
         if self.history_len < 0 or self.history_layers < 1 or self.history_heads < 1:
@@ -246,8 +264,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
-        if self.temperature <= 0:
-            raise ConfigError("train.temperature must be > 0")
+        if not self.temperature > 0:  # NaN too
+            raise ConfigError(f"train.temperature must be > 0, got {self.temperature!r}")
+        _check_range("train", self, ("lr", "sparse_lr"), 0, above=True)
+        _check_range("train", self, ("max_steps", "weight_decay", "recon_weight", "contrastive_weight", "num_negatives", "uniform_negatives", "grad_clip"), 0)
+        _check_range("train", self, ("log_every",), 1)
         if self.patience < 0:
             raise ConfigError("train.patience must be >= 0 (0: no early stopping)")
         if self.head_warmup_steps < -1:
@@ -263,6 +284,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1 (the latest is never deleted)")
+        _check_range("checkpoint", self, ("every_steps",), 0)
 
 
 @dataclass
@@ -288,6 +310,8 @@ class ScalingConfig:
             raise ConfigError("scaling.num_workers must be >= 1")
         if isinstance(self.cpus_per_worker, float) and self.cpus_per_worker <= 0:
             raise ConfigError("scaling.cpus_per_worker must be > 0 or 'auto'")
+        # Ray Train reads -1 as unlimited restarts; a job must end in bounded time
+        _check_range("scaling", self, ("max_failures", "shard_threshold_bytes"), 0)
 
     @property
     def max_workers(self) -> int:
@@ -368,6 +392,8 @@ class JobConfig:
             raise ConfigError(f"{source}: {key} is empty; set it to a Parquet file or prefix URI")
         if self.task == "pretrain" and self.init_from:
             raise ConfigError(f"{source}: init_from is for fine-tuning; task=pretrain starts from scratch")
+        if self.task in ("pretrain", "retrieval") and self.train.contrastive_weight > 0 and not self.train.num_negatives + self.train.uniform_negatives:
+            raise ConfigError(f"{source}: train.num_negatives and train.uniform_negatives are both 0: task={self.task}'s interaction loss would have no negatives and be 0 at every step")
         if self.train.continue_pretraining and self.task != "retrieval":
             raise ConfigError(f"{source}: train.continue_pretraining is for task=retrieval, which trains pretraining's objective; {self.task} has a new head")
 
@@ -485,6 +511,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
+    last copy silently, so a second `data:` section would drop the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1}); merge the two", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a job file and apply `key=value` overrides (values parsed as YAML)."""
     source = str(path) if path else "<defaults>"
@@ -494,7 +536,7 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
         if not p.is_file():
             raise ConfigError(f"job file {source} does not exist")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):

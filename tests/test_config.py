@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from flm_dist.config import ConfigError, JobConfig, load_job
@@ -88,3 +90,44 @@ def test_shipped_jobs_load():
 
     for f in sorted(pathlib.Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml")):
         load_job(f)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the last copy: the first `data:` section, batch size and all, would vanish
+    p = write(tmp_path, "data:\n  batch_size: 1024\ntrain:\n  epochs: 3\ndata:\n  pretrain: s3://b/x\n")
+    with pytest.raises(ConfigError, match=r"job.yaml.*'data' appears twice \(first on line 1\)"):
+        load_job(p)
+    p = write(tmp_path, "train:\n  epochs: 3\n  lr: 0.01\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match=r"'epochs' appears twice \(first on line 2\)"):
+        load_job(p)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_steps=-1", "train.max_steps"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.num_negatives=-5", "train.num_negatives"),
+        ("train.sparse_lr=-0.05", "train.sparse_lr"),
+        ("train.lr=0", "train.lr"),
+        ("train.temperature=.nan", "train.temperature"),
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
+        ("scaling.max_failures=-1", "scaling.max_failures"),
+        ("model.hidden=[128, 0]", "model.hidden"),
+        ("model.noise_std=-0.1", "model.noise_std"),
+        ("data.features=[{name: tags, side: item, kind: multi, max_len: 0}]", "data.features[tags].max_len"),
+        ("data.features=[{name: tags, side: item, rows: -5}]", "data.features[tags].rows"),
+        ("run.name=..", "run.name"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_job(None, [override])
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_an_interaction_loss_without_negatives_is_refused(task):
+    job = load_job(None, [f"task={task}", "train.num_negatives=0", "data.pretrain=s3://b/x", "data.train=s3://b/y"])
+    with pytest.raises(ConfigError, match="both 0"):
+        job.check_runnable()
+    load_job(None, [f"task={task}", "train.num_negatives=0", "train.uniform_negatives=256", "data.pretrain=s3://b/x", "data.train=s3://b/y"]).check_runnable()
