@@ -155,11 +155,10 @@ def validation_ranking(model, batches, catalog: tuple[torch.Tensor, torch.Tensor
     row's item ranked by full ranking against `catalog` (item rows sorted, their unit
     vectors), as the final evaluation ranks: the user's other items are excluded, the
     item itself not (`_excluded`), and an item outside the catalog, or whose score is
-    not finite, is a miss. Two differences, each to spare a pass over the product: ties
-    count wholly against the row's item, where the final evaluation takes its expected
-    rank among them (more conservative), and another item's NaN score is not counted
-    above it (the final evaluation counts it; training stops before a non-finite
-    state is saved, so no validated model has one).
+    not finite, is a miss; ties count against the row's item, as in the final
+    evaluation. One difference, to spare a pass over the product: another item's NaN
+    score is not counted above it (the final evaluation counts it; training stops before
+    a non-finite state is saved, so no validated model has one).
 
     Early stopping for retrieval follows this, not the sampled softmax loss: on Toys the
     validation loss rose from the third epoch while Recall@10 rose for six more

@@ -9,18 +9,19 @@ import numpy as np
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC with ties counted as 1/2 (average ranks)."""
+    """Exact ROC AUC with ties counted as 1/2 (average ranks); NaN when a score is NaN
+    (sorted last, a NaN would rank above every other score)."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels) > 0.5
     n_pos = int(labels.sum())
     n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
     s = scores[order]
     ranks = np.empty(len(s), dtype=np.float64)
-    # average rank per tie group
-    boundaries = np.flatnonzero(np.diff(s)) + 1
+    # average rank per tie group (!=, not diff: inf - inf is NaN, and two infs tie)
+    boundaries = np.flatnonzero(s[1:] != s[:-1]) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [len(s)]])
     avg = (starts + ends - 1) / 2.0 + 1.0
@@ -111,8 +112,8 @@ def _discounts(n: int) -> np.ndarray:
 
 
 def ranking_rows(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np.ndarray, catalog_keys: np.ndarray, ref, ks=(10, 20), chunk: int = 1024) -> tuple[dict, dict]:
-    """Per eval row, the expected hit@K and DCG@K (see `ranking_report`): ({k: hit},
-    {k: dcg}), arrays aligned with the rows."""
+    """Per eval row, hit@K and DCG@K (see `ranking_report`): ({k: hit}, {k: dcg}),
+    arrays aligned with the rows."""
     if len(catalog_keys):
         pos_in_cat = np.minimum(np.searchsorted(catalog_keys, target_keys), len(catalog_keys) - 1)
         in_cat = catalog_keys[pos_in_cat] == target_keys
@@ -146,12 +147,12 @@ def ranking_rows(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np
         above[rows[ok]] = greater[ok]
         tied[rows[ok]] = equal[ok]
         ranked[rows[ok]] = True
-    disc = _discounts(max(ks) + 1)
+    rank = above + tied  # below every item tied with it: a tie never counts for the model
     hit_at, dcg_at = {}, {}
     for k in ks:
-        first, last = np.minimum(above, k), np.minimum(above + tied + 1, k)  # tied positions below k
-        hit_at[k] = np.where(ranked, (last - first) / (tied + 1.0), 0.0)
-        dcg_at[k] = np.where(ranked, (disc[last] - disc[first]) / (tied + 1.0), 0.0)
+        hit = ranked & (rank < k)
+        hit_at[k] = hit.astype(np.float64)
+        dcg_at[k] = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
     return hit_at, dcg_at
 
 
@@ -164,21 +165,22 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
     except the target itself. A target outside the catalog (a cold item), or with a
     non-finite score, is a miss; another item's NaN score ranks above the target.
 
-    Ties are broken at random, and each metric is its expectation over the tie-break:
-    with g items scored above the target and t others tied with it, the target's rank
-    is uniform on g..g+t, so its hit@K is the share of those positions below K and its
-    DCG@K the mean discount over them. A constant scorer gets exactly K / |catalog|
-    Recall@K; ties never count in the model's favour (hashed items that share a row
-    score identically, and so do most-popular counts).
-    Per user: Recall = expected hits / targets, NDCG = expected DCG / ideal DCG,
-    HitRate = the largest hit probability of the user's targets (exact for one target
-    per user, the leave-one-out protocol; a lower bound of P(any hit) otherwise);
-    averaged over users. Slices as in `slice_masks`, by row."""
+    Ties count against the model: with g items scored above the target and t others
+    tied with it, the target's rank is g + t, below all of them. A constant scorer gets
+    Recall@K 0 (hashed items that share a row score identically, and so do most-popular
+    counts).
+    Per user, over the user's distinct targets (an eval log that holds the same
+    (user, item) twice counts it once, so NDCG stays <= 1): Recall = hits / targets,
+    NDCG = DCG / ideal DCG, HitRate = whether any target is a hit; averaged over users.
+    Slices as in `slice_masks`, by row."""
     hit_at, dcg_at = ranking_rows(scores_for, n_rows, user_keys, target_keys, catalog_keys, ref, ks, chunk)
     disc = _discounts(max(ks) + 1)
-    masks = {"all": np.ones(n_rows, dtype=bool)}
+    order = np.lexsort((target_keys, user_keys))
+    first = np.ones(n_rows, dtype=bool)  # each distinct (user, target) pair's first row
+    first[order[1:]] = (user_keys[order[1:]] != user_keys[order[:-1]]) | (target_keys[order[1:]] != target_keys[order[:-1]])
+    masks = {"all": first}
     if ref is not None:
-        masks.update(slice_masks(user_keys, target_keys, ref))
+        masks.update({name: m & first for name, m in slice_masks(user_keys, target_keys, ref).items()})
 
     def aggregate(mask):
         out = {"rows": int(mask.sum())}
@@ -189,12 +191,10 @@ def ranking_report(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: 
         for k in ks:
             hits = np.bincount(inv, weights=hit_at[k][mask], minlength=n_users)
             dcg = np.bincount(inv, weights=dcg_at[k][mask], minlength=n_users)
-            best = np.zeros(n_users)
-            np.maximum.at(best, inv, hit_at[k][mask])
             ideal = disc[np.minimum(targets, k).astype(np.int64)]
             out[f"recall@{k}"] = float(np.mean(hits / targets)) if n_users else float("nan")
             out[f"ndcg@{k}"] = float(np.mean(dcg / ideal)) if n_users else float("nan")
-            out[f"hitrate@{k}"] = float(np.mean(best)) if n_users else float("nan")
+            out[f"hitrate@{k}"] = float(np.mean(hits > 0)) if n_users else float("nan")
         return out
 
     report = {"overall": aggregate(masks.pop("all"))}

@@ -159,7 +159,8 @@ def test_pretrain_finetune_evaluate_export(trained, s3_store, data, tmp_path):
 def _recall_from_export(store, checkpoint, eval_rows, tmp_path, k=10) -> float:
     """Recall@k computed independently of the evaluation path: the export's item
     vectors and TorchScript user tower, each user's training items (read back from the
-    training files) excluded except the target, averaged over users."""
+    training files) excluded except the target, a target below the items tied with it,
+    over each user's distinct targets, averaged over users."""
     export(store, checkpoint, "s3://e2e/export-pre")
     local = tmp_path / "export-pre"
     store.download_dir("s3://e2e/export-pre", str(local))
@@ -182,7 +183,7 @@ def _recall_from_export(store, checkpoint, eval_rows, tmp_path, k=10) -> float:
             {"u_segment": torch.tensor([prehash_str(v) for v in pos.column("u_segment").to_pylist()], dtype=torch.int64)},
         ).numpy()
     index = {int(i): j for j, i in enumerate(item_ids)}
-    hits: dict[int, list[float]] = {}
+    hits: dict[int, dict[int, float]] = {}
     for r, (u, target) in enumerate(zip(users, pos.column("item_id").to_pylist(), strict=True)):
         scores = item_mat @ uvec[r]
         drop = [index[i] for i in seen.get(u, ()) if i != target and i in index]
@@ -191,9 +192,9 @@ def _recall_from_export(store, checkpoint, eval_rows, tmp_path, k=10) -> float:
         if target in index:
             t = scores[index[target]]
             above, tied = int((scores > t).sum()), int((scores == t).sum()) - 1
-            hit = max(0, min(k, above + tied + 1) - above) / (tied + 1)
-        hits.setdefault(u, []).append(hit)
-    return float(np.mean([np.mean(h) for h in hits.values()]))
+            hit = float(above + tied < k)  # below every item tied with it
+        hits.setdefault(u, {})[target] = hit  # each distinct target once
+    return float(np.mean([np.mean(list(h.values())) for h in hits.values()]))
 
 
 def test_case18_never_seen_ids_at_evaluation_are_hashed(trained, s3_store, tmp_path):

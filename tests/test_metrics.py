@@ -33,6 +33,10 @@ def test_auc_with_ties_matches_pairwise_definition():
     assert auc(s, y) == pytest.approx(brute_auc(s, y), abs=1e-12)
     assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     assert math.isnan(auc([0.1, 0.2], [1, 1]))
+    # two infinite scores tie (inf - inf is NaN), and a NaN score makes AUC undefined
+    # rather than ranking the NaN above everything
+    assert auc([np.inf, np.inf, 0.0], [1, 0, 0]) == pytest.approx(0.75)
+    assert math.isnan(auc([np.nan, 0.1], [1, 0]))
 
 
 def test_group_auc_and_calibration_by_hand():
@@ -128,11 +132,15 @@ def test_ranking_metrics_by_hand():
 
 
 def _oracle_ranking(scores, users, targets, catalog, seen_pairs, ks):
-    """A plain loop: per row, every tie-break position of the target is equally
-    likely; per user, metrics are averaged over rows (recall, DCG) or maximised
+    """A plain loop: per row, the target ranks below every item tied with it; per user,
+    over the user's distinct targets, metrics are averaged (recall, DCG) or maximised
     (hit rate), then averaged over users."""
     per_user: dict = {}
+    done = set()
     for r, (u, tgt) in enumerate(zip(users, targets, strict=True)):
+        if (u, tgt) in done:
+            continue
+        done.add((u, tgt))
         catalog_list = list(catalog)
         rec = {}
         if tgt not in catalog_list or not np.isfinite(scores[r][catalog_list.index(tgt)]):
@@ -148,10 +156,8 @@ def _oracle_ranking(scores, users, targets, catalog, seen_pairs, ks):
             g = sum(1 for s in others if s > t)
             e = sum(1 for s in others if s == t)
             for k in ks:
-                positions = range(g, g + e + 1)
-                hit = sum(1 for p in positions if p < k) / len(positions)
-                dcg = sum(1 / math.log2(p + 2) for p in positions if p < k) / len(positions)
-                rec[k] = (hit, dcg)
+                p = g + e
+                rec[k] = (1.0, 1 / math.log2(p + 2)) if p < k else (0.0, 0.0)
         per_user.setdefault(u, []).append(rec)
     out = {}
     for k in ks:
@@ -166,18 +172,37 @@ def _oracle_ranking(scores, users, targets, catalog, seen_pairs, ks):
     return out
 
 
-def test_constant_scorer_gets_k_over_catalog():
-    """Ties never count in the model's favour: a constant scorer ranks the target
-    uniformly at random, so its Recall@k is k / |catalog| (1.0 before the fix)."""
+def test_constant_scorer_gets_nothing():
+    """Ties never count in the model's favour: a constant scorer ranks the target below
+    every item it ties with (1.0 with the target first among ties, k / |catalog| with
+    the expectation over a random tie-break)."""
     n = 1000
     catalog = np.arange(n, dtype=np.int64)
     ref = Reference(users=np.array([0]), items=catalog, item_counts=np.ones(n, np.int64), catalog={"item_key": catalog}, pair_users=np.zeros(0, np.int64), pair_items=np.zeros(0, np.int64))
     users = np.arange(50, dtype=np.int64)
     targets = np.arange(50, dtype=np.int64) * 7
     rep = ranking_report(lambda lo, hi: np.zeros((hi - lo, n), np.float32), 50, users, targets, catalog, ref, ks=(10, 20))
-    assert rep["overall"]["recall@10"] == pytest.approx(10 / n)
-    assert rep["overall"]["hitrate@20"] == pytest.approx(20 / n)
-    assert rep["overall"]["ndcg@10"] == pytest.approx(sum(1 / math.log2(p + 2) for p in range(10)) / n)
+    assert rep["overall"]["recall@10"] == rep["overall"]["hitrate@20"] == rep["overall"]["ndcg@10"] == 0.0
+    # one tie at the boundary: the target and one other item share the 10th best score
+    scores = np.arange(n, dtype=np.float32)[::-1].copy()  # item 0 best
+    scores[10] = scores[9]
+    for target, hit in ((9, 0.0), (10, 0.0), (8, 1.0)):
+        rep = ranking_report(lambda lo, hi, s=scores: s[None, :].repeat(hi - lo, 0), 1, np.array([0]), np.array([target]), catalog, ref, ks=(10,))
+        assert rep["overall"]["recall@10"] == hit, target
+
+
+def test_the_same_target_twice_counts_once_and_ndcg_stays_at_most_one():
+    """A log that holds (u, A) twice in eval: ranked first, A is one hit, not two
+    (NDCG was 2 / (1 + 1/log2 3) = 1.23)."""
+    n = 20
+    catalog = np.arange(n, dtype=np.int64)
+    ref = Reference(users=np.array([0]), items=catalog, item_counts=np.ones(n, np.int64), catalog={"item_key": catalog}, pair_users=np.zeros(0, np.int64), pair_items=np.zeros(0, np.int64))
+    scores = np.arange(n, dtype=np.float32)[::-1].copy()
+    rep = ranking_report(lambda lo, hi: scores[None, :].repeat(hi - lo, 0), 3, np.array([7, 7, 8]), np.array([0, 0, 5]), catalog, ref, ks=(10,))
+    o = rep["overall"]
+    assert o["rows"] == 2 and o["users"] == 2
+    assert o["ndcg@10"] == pytest.approx((1.0 + 1 / math.log2(5 + 2)) / 2)
+    assert o["recall@10"] == 1.0
 
 
 @pytest.mark.parametrize("seed,n_items", [(s, 30) for s in range(6)] + [(6, 5), (7, 1)])
