@@ -65,12 +65,12 @@ class StorageConfig:
             raise ConfigError("storage.max_attempts must be >= 1")
 
 
-def _check_range(section: str, cfg: Any, keys: tuple[str, ...], low: float, above: bool = False) -> None:
-    """Each key >= low (> low with `above`); NaN fails too."""
+def _check_range(section: str, cfg: Any, keys: tuple[str, ...], low: float) -> None:
+    """Each key >= low; NaN fails too."""
     for key in keys:
         v = getattr(cfg, key)
-        if not (v > low if above else v >= low):
-            raise ConfigError(f"{section}.{key} must be {'>' if above else '>='} {low:g}, got {v!r}")
+        if not v >= low:
+            raise ConfigError(f"{section}.{key} must be >= {low:g}, got {v!r}")
 
 
 @dataclass
@@ -266,8 +266,7 @@ class TrainConfig:
             raise ConfigError("train.epochs must be >= 1")
         if not self.temperature > 0:  # NaN too
             raise ConfigError(f"train.temperature must be > 0, got {self.temperature!r}")
-        _check_range("train", self, ("lr", "sparse_lr"), 0, above=True)
-        _check_range("train", self, ("max_steps", "weight_decay", "recon_weight", "contrastive_weight", "num_negatives", "uniform_negatives", "grad_clip"), 0)
+        _check_range("train", self, ("lr", "sparse_lr", "max_steps", "weight_decay", "recon_weight", "contrastive_weight", "num_negatives", "uniform_negatives", "grad_clip"), 0)
         _check_range("train", self, ("log_every",), 1)
         if self.patience < 0:
             raise ConfigError("train.patience must be >= 0 (0: no early stopping)")

@@ -109,7 +109,7 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         ("train.log_every=0", "train.log_every"),
         ("train.num_negatives=-5", "train.num_negatives"),
         ("train.sparse_lr=-0.05", "train.sparse_lr"),
-        ("train.lr=0", "train.lr"),
+        ("train.lr=-0.001", "train.lr"),
         ("train.temperature=.nan", "train.temperature"),
         ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
         ("scaling.max_failures=-1", "scaling.max_failures"),
