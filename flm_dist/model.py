@@ -182,6 +182,8 @@ class FLMOutput:
     recon_user: torch.Tensor | None = None  # decoder outputs [B, F_u, d]
     recon_item: torch.Tensor | None = None
     z_negative: torch.Tensor | None = None  # [K, latent] item tower of sampled negative items
+    # [B, latent] the batch's items in the interaction loss's view, its in-batch candidates
+    z_candidate: torch.Tensor | None = None
     # next-item prediction at every position of the history (sequence models)
     z_next_user: torch.Tensor | None = None  # [P, latent] user tower at each position
     z_next_item: torch.Tensor | None = None  # [P, latent] item tower of the item that came next
@@ -301,12 +303,20 @@ class FLM(nn.Module):
             if not corrupt:  # score on the clean view, reconstruct from the corrupted one
                 zu, zi = self.encode(xu, xi)
                 out.z_user, out.z_item = zu, zi
+        # The interaction loss compares a user with the true item and its negatives in one
+        # view: the corrupted one in pretraining, clean in next-item prediction (which
+        # reads the history's states) and in fine-tuning. A negative in another view than
+        # the true item is told apart by its noise alone.
+        loss_view_corrupt = corrupt and states is None
+        out.z_candidate = out.z_item
         if states is not None:
             self._next_item(batch, states, out)
-        if batch.negatives is not None:  # the item tower on sampled negatives, in the same view
+            if corrupt:
+                out.z_candidate = self.item_encoder(xi.flatten(1))
+        if batch.negatives is not None:  # the item tower on sampled negatives
             neg = Batch(user=batch.negatives, item=batch.negatives, features=batch.negative_features)
             xn = torch.stack([self._field(n, neg) for n in self.item_fields], dim=1)
-            out.z_negative = self.item_encoder((self.corrupt(xn) if corrupt or reconstruct else xn).flatten(1))
+            out.z_negative = self.item_encoder((self.corrupt(xn) if loss_view_corrupt else xn).flatten(1))
         if score:
             out.score = self.fuse(zu, zi)
         return out

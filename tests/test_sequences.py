@@ -446,3 +446,31 @@ def test_a_sequence_validation_excludes_every_known_item_of_its_user_not_only_th
             beyond_history += len(want - set(hist[r].tolist())) > 0
             checked += 1
     assert checked == len(events) and beyond_history > checked // 2
+
+
+@pytest.mark.parametrize("mode", ["retrieval-with-reconstruction", "pretrain-every-position"])
+def test_the_true_item_and_its_negatives_are_in_one_view(mode):
+    """The interaction loss compares the true item with in-batch and uniform negatives.
+    A retrieval fine-tune with the reconstruction loss scores the clean view, and
+    next-item prediction at every position reads clean item vectors: their negatives
+    were encoded corrupted (fields masked, noise twice a row's scale), so the model
+    could tell the true item by its lack of noise."""
+    from flm_dist.config import ModelConfig
+
+    cfg = ModelConfig(user_rows=64, item_rows=500, embedding_dim=16, latent_dim=16, history_len=6, corruption=0.5, noise_std=1.0)
+    torch.manual_seed(0)
+    model = FLM(cfg, [], init_seed=0).train()
+    b = _chain_batch(torch.randperm(500, generator=torch.Generator().manual_seed(0)), 32, 6, torch.Generator().manual_seed(1))
+    if mode == "retrieval-with-reconstruction":
+        out = model(b, corrupt=False, reconstruct=True, score=False)
+        truth, truth_rows = out.z_item, b.item
+    else:
+        out = model(b, corrupt=True, reconstruct=False, score=False, next_item=True)
+        truth, truth_rows = out.z_next_item, out.next_rows
+    with torch.no_grad():
+        def clean(rows):
+            return model.item_vector(Batch(user=rows, item=rows, features={}))
+
+        assert torch.allclose(truth, clean(truth_rows), atol=1e-5)  # the true item: clean
+        assert torch.allclose(out.z_negative, clean(b.negatives), atol=1e-5)
+        assert torch.allclose(out.z_candidate, clean(b.item), atol=1e-5)
