@@ -35,17 +35,23 @@ class PopularityEstimator:
         # float64: a float32 count stops growing at 2**24
         self.counts = torch.zeros(buckets, dtype=torch.float64, device=device)
         self.total = 0.0
+        self.seen = torch.zeros((), dtype=torch.float64, device=device)  # buckets counted at least once
         self._synced = torch.zeros(buckets, dtype=torch.float64)  # the global counts at the last sync (host)
         self._synced_total = 0.0
 
     def update(self, item_rows: torch.Tensor) -> None:
         b = item_rows % self.buckets
+        self.seen += (self.counts[torch.unique(b)] == 0).sum()  # a tensor: no host sync
         self.counts.index_add_(0, b, torch.ones_like(b, dtype=self.counts.dtype))
         self.total += float(item_rows.numel())
 
     def log_q(self, item_rows: torch.Tensor) -> torch.Tensor:
+        # Add-one smoothing over the buckets seen, not over all of them: with 2^20 buckets
+        # and a log of a few hundred thousand events, (c + 1) / (total + buckets) put q
+        # several times too low, and beside uniform negatives (k q + K / n) the in-batch
+        # term's correction shrank with it (without them it is one shift of every logit).
         c = self.counts[item_rows % self.buckets]
-        return torch.log((c + 1.0) / (self.total + self.buckets)).float()
+        return torch.log((c + 1.0) / (self.total + self.seen)).float()
 
     def sync(self, group=None) -> dict[str, torch.Tensor]:
         """Collective: add every rank's counts since the last sync; returns the global
@@ -66,6 +72,7 @@ class PopularityEstimator:
         self._synced_total = float(state["total"])
         self.counts = self._synced.to(self.counts.device).clone()
         self.total = self._synced_total
+        self.seen = (self.counts > 0).sum().double()
 
 
 @dataclass

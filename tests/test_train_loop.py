@@ -197,7 +197,23 @@ def test_popularity_estimate_is_global_and_survives_a_resume():
         assert first["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 0] and float(first["total"]) == 6
         assert second["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 2] and float(second["total"]) == 8
         assert third["counts"].tolist() == [3, 3, 0, 0, 0, 2, 0, 2] and float(third["total"]) == 10
-    assert res[0][3] == res[1][3] == pytest.approx(float(np.log(3 / 18)))
+    # add-one smoothing over the 4 buckets counted, not all 8
+    assert res[0][3] == res[1][3] == pytest.approx(float(np.log(3 / 14)))
+
+
+def test_the_popularity_estimate_is_the_share_of_counted_items_in_a_large_table():
+    """q(item) is about its share of the counted items, however many buckets the table
+    has: with 2^20 buckets and 2,000 items counted, (c + 1) / (total + buckets) made it
+    500 times too small."""
+    from flm_dist.objectives import PopularityEstimator
+
+    est = PopularityEstimator(buckets=1 << 20)
+    est.update(torch.tensor([3] * 1500 + [9] * 400 + [11] * 100))
+    q = est.log_q(torch.tensor([3, 9, 11])).exp()
+    assert torch.allclose(q, torch.tensor([1501 / 2003, 401 / 2003, 101 / 2003]))
+    resumed = PopularityEstimator(buckets=1 << 20)
+    resumed.load(est.sync())  # the seen buckets come back with the counts
+    assert torch.allclose(resumed.log_q(torch.tensor([3])), est.log_q(torch.tensor([3])))
 
 
 def test_validation_carve_partitions_the_training_rows(tmp_path):
