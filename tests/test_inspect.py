@@ -288,3 +288,35 @@ def test_a_run_counts_the_ids_of_its_data_once_and_warns_after_its_first_step(tm
     stop.set()
     with pytest.raises(RuntimeError, match="stopped"):
         id_counts(Store(), plan_read(Store(), str(d), spec), ["user_id"], stop=stop)
+
+
+def test_per_user_sequences_are_counted_by_event_as_training_reads_them(tmp_path):
+    """`data sequences` output (item_id, ts, rating: one list per user): inspect refused
+    it for every task, counted users as rows and found no IDs."""
+    root = tmp_path / "seq"
+    root.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([1, 2], pa.int64()),
+                "item_id": pa.array([[10, 11, None], [11, 12]], pa.list_(pa.int64())),  # user 1's third event: null_item_id
+                "rating": pa.array([[4.0, 5.0, 3.0], [9.0, 2.0]], pa.list_(pa.float32())),  # user 2's first: rating_out_of_range
+                "ts": pa.array([[100, 101, 102], [50, 300]], pa.list_(pa.int64())),
+            }
+        ),
+        root / "part-0.parquet",
+    )
+    rep = inspect(Store(), str(root), table_rows={"user": 8, "item": 1024})
+    assert not any("would refuse" in p for p in rep["problems"]), rep["problems"]
+    assert rep["rows"] == 5 and rep["ts_range"] == [50, 300]
+    assert rep["users"]["distinct"] == 2 and rep["items"]["distinct"] == 3
+    assert rep["bad_rows"]["pretrain"]["total"] == 1 and rep["bad_rows"]["rating"]["rating_out_of_range"] == 1
+
+
+def test_sub_second_timestamps_are_read_as_training_reads_them(tmp_path):
+    """A `timestamp[ms]` ts with milliseconds: training drops the sub-second part;
+    inspect's checked cast raised ArrowInvalid (a traceback)."""
+    root = tmp_path / "ms"
+    root.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "ts": pa.array([1500, 2999], pa.timestamp("ms"))}), root / "a.parquet")
+    assert inspect(Store(), str(root))["ts_range"] == [1, 2]

@@ -39,6 +39,7 @@ from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, expected_collisions, hash_array
 from flm_dist.data.plan import list_files
 from flm_dist.data.schema import BAD_REASONS, DataError, ReadSpec, budgeted, check_schema
+from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.storage import StorageError, Store, split_uri
 
 __all__ = ["COLLISION_WARN_SHARE", "SKETCH_K", "collision_warnings", "id_counts", "inspect", "rows_for_share", "summary"]
@@ -135,7 +136,8 @@ def _id_hashes(col: pa.ChunkedArray) -> np.ndarray:
 def _ts_bounds(col: pa.ChunkedArray) -> tuple[int, int] | None:
     t = col.type
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+        # unchecked, as training reads it (`encode._ts_seconds`): sub-second parts dropped
+        col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
     elif not pa.types.is_integer(t):
         return None
     mm = pc.min_max(col)
@@ -180,7 +182,9 @@ def _scan_file(afs, uri: str, specs: dict[str, ReadSpec], users: _IdCounts, item
     except OSError as e:
         raise StorageError(f"{uri}: cannot read footer: {e}") from e
     schema = pf.schema_arrow
-    s.rows += pf.metadata.num_rows
+    seq = is_sequence(schema)  # per-user sequences (`data sequences`): counted by event, as training reads them
+    if not seq:
+        s.rows += pf.metadata.num_rows
     s.row_groups += pf.metadata.num_row_groups
     for f in schema:
         seen = s.types.setdefault(f.name, [])
@@ -189,7 +193,7 @@ def _scan_file(afs, uri: str, specs: dict[str, ReadSpec], users: _IdCounts, item
     tasks = []
     for task, spec in specs.items():
         try:
-            check_schema(schema, spec, uri)
+            check_schema(schema, spec, uri, sequence=seq)
             tasks.append(task)
         except DataError as e:
             s.refused.setdefault(task, []).append(str(e))
@@ -197,18 +201,22 @@ def _scan_file(afs, uri: str, specs: dict[str, ReadSpec], users: _IdCounts, item
     # file for another column (e.g. a string label).
     try:
         id_fields = [schema.field(c) for c in ("user_id", "item_id") if c in schema.names]
-        check_schema(pa.schema(id_fields), ReadSpec(), uri)
+        check_schema(pa.schema(id_fields), ReadSpec(), uri, sequence=seq)
         ids_ok = True
     except DataError:
         ids_ok = False
     if ids_ok:
         for col in ("user_id", "item_id"):
             kinds = s.id_kinds.setdefault(col, {})
-            kinds.setdefault(_kind(schema.field(col).type), uri)
+            t = schema.field(col).type
+            kinds.setdefault(_kind(t.value_type if seq and col != "user_id" else t), uri)
     for rg in range(pf.metadata.num_row_groups):
         try:
             t = pf.read_row_group(rg)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            if seq:
+                t = expand(t, f"{uri} row group {rg}")[0]
+                s.rows += t.num_rows
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, DataError) as e:
             s.unreadable.append([uri, f"row group {rg}: {type(e).__name__}: {e}"])
             return
         for name in t.column_names:
