@@ -334,3 +334,37 @@ def test_compressed_input_is_read(tmp_path):
     src.write_bytes(gzip.compress(b"1 5 6 7\n2 5\n"))
     rep = convert(Store(), "sequence", str(src), str(tmp_path / "out"))
     assert rep["rows"] == 4 and read(tmp_path / "out")["item_id"].to_pylist() == [5, 6, 7, 5]
+
+
+def test_csv_an_id_with_leading_zeros_after_integer_ids_is_refused_not_merged(tmp_path):
+    """The first block makes user_id integers; a later file's "007" was read as 7, the
+    ID of another user."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "a.csv").write_text("user_id,item_id\n7,1\n8,2\n")
+    (folder / "b.csv").write_text("user_id,item_id\n9,3\n007,4\n")
+    with pytest.raises(DataError, match=r"b\.csv line 3, column 'user_id': '007' is not an integer in canonical form"):
+        convert(Store(), "csv", str(folder), str(tmp_path / "out"))
+    assert not parts(tmp_path / "out")
+
+
+def test_csv_with_a_byte_order_mark_locates_its_errors(tmp_path):
+    """pyarrow skips the BOM; the error path read a later file's header as '\ufeffuid'
+    and failed with a KeyError instead of naming the line."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "a.csv").write_text("uid,movie,score\n1,10,4\n")
+    (folder / "b.csv").write_text("\ufeffuid,movie,score\n1,10,4\n2,11\n")
+    with pytest.raises(DataError, match=r"b\.csv line 3: expected 3 fields"):
+        convert(Store(), "csv", str(folder), str(tmp_path / "out"), mapping={"user_id": "uid", "item_id": "movie", "rating": "score"})
+
+
+def test_sub_second_times_are_floored_and_a_nan_time_is_a_null(tmp_path):
+    src = tmp_path / "log.csv"
+    src.write_text("user_id,item_id,ts\n1,10,2020-01-01T00:00:00.750\n2,11,2020-01-01T00:00:01\n")
+    convert(Store(), "csv", str(src), str(tmp_path / "out"))
+    assert read(tmp_path / "out")["ts"].to_pylist() == [1577836800, 1577836801]
+    inter = tmp_path / "x.inter"
+    inter.write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\t5.5\nu2\ti2\tnan\n")
+    convert(Store(), "recbole", str(inter), str(tmp_path / "out2"))
+    assert sorted(read(tmp_path / "out2")["ts"].to_pylist(), key=lambda v: -1 if v is None else v) == [None, 5]

@@ -453,7 +453,15 @@ def _bad_seconds(col: pa.ChunkedArray) -> int | None:
 
 
 def _floor_seconds(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.cast(pc.floor(col), pa.int64())
+    """Whole seconds; a NaN is a null ts (`_bad_seconds` lets it through as one)."""
+    return pc.cast(pc.floor(pc.if_else(pc.is_nan(col), None, col)), pa.int64())
+
+
+def _timestamp_seconds(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Whole seconds of a timestamp or date, sub-second parts floored as numbers are."""
+    if pa.types.is_timestamp(col.type):
+        col = pc.floor_temporal(col, unit="second")
+    return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
 
 
 def _split_seq(col: pa.Array, value_type: pa.DataType) -> pa.Array:
@@ -666,7 +674,8 @@ def _csv_error(store: Store, uri: str, delimiter: str, plan: _CsvPlan | None, de
     """Locate a pyarrow CSV error with Python's csv module (error path only)."""
     m = re.search(r"CSV column #(\d+)", detail)
     with _open(store, uri) as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+        # utf-8-sig: pyarrow skips a byte-order mark, so the header must read without it
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
         reader = csv.reader(text, delimiter=delimiter)
         header = next(reader, [])
         if plan is None:
@@ -680,12 +689,40 @@ def _csv_error(store: Store, uri: str, delimiter: str, plan: _CsvPlan | None, de
         return _locate(uri, rows, fields, delimiter, detail)
 
 
+def _non_integer_id(store: Store, uri: str, delimiter: str, plan: _CsvPlan, j: int, value: str) -> DataError:
+    """The first line whose ID column `j` holds `value`, a string ID in a column the first
+    block made integer (error path only)."""
+    label = _csv_label(plan.header[j], plan)
+    line = "?"
+    with _open(store, uri) as stream:
+        reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline=""), delimiter=delimiter)
+        for row in reader:
+            if len(row) > j and row[j] == value:
+                line = str(reader.line_num)
+                break
+    return DataError(
+        f"{uri} line {line}, {label}: {value!r} is not an integer in canonical form, where the IDs of the first "
+        f"file's first block were integers; one ID column holds one kind: write every ID as a string (e.g. prefix "
+        f"them) or every one as an integer without leading zeros"
+    )
+
+
 def _csv_label(col: str, plan: _CsvPlan) -> str:
     out = plan.rename.get(col, col)
     return f"column '{col}'" + (f" (mapped to {out})" if out != col else "")
 
 
-def _csv_table(uri: str, batch: pa.RecordBatch, plan: _CsvPlan) -> pa.Table:
+def _csv_table(store: Store, uri: str, delimiter: str, batch: pa.RecordBatch, plan: _CsvPlan) -> pa.Table:
+    # ID columns are read as strings in every block and cast here where the first block
+    # made them integers: pyarrow would read a later "007" as 7, the ID of another user.
+    for j, col in enumerate(batch.schema.names):
+        if plan.rename.get(col, col) in ("user_id", "item_id") and pa.types.is_integer(plan.types[col]):
+            values = batch.column(j)
+            canonical = pc.fill_null(pc.match_substring_regex(values, _CANONICAL_INT), True)
+            if not pc.all(canonical).as_py():
+                bad = values.filter(pc.invert(canonical))[0].as_py()
+                raise _non_integer_id(store, uri, delimiter, plan, j, bad)
+            batch = batch.set_column(j, col, values.cast(pa.int64()))
     t = pa.Table.from_batches([batch]).rename_columns([plan.rename.get(c, c) for c in batch.schema.names])
     if "ts" in t.column_names:
         ts = t.column("ts")
@@ -696,7 +733,7 @@ def _csv_table(uri: str, batch: pa.RecordBatch, plan: _CsvPlan) -> pa.Table:
                 raise DataError(f"{uri}: {_csv_label(col, plan)}: {ts[bad].as_py()} is not a time in seconds")
             ts = _floor_seconds(ts)
         elif pa.types.is_timestamp(ts.type) or pa.types.is_date(ts.type):
-            ts = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
+            ts = _timestamp_seconds(ts)
         t = t.set_column(t.column_names.index("ts"), "ts", ts)
     for name in ("label", "rating"):
         if name in t.column_names:
@@ -713,7 +750,8 @@ def _csv(store: Store, src: str, mapping: dict[str, str], delimiter: str, rep: _
         rep.inputs.append(uri)
         if plan is None:
             plan = _csv_plan(store, uri, mapping, delimiter)
-        ro, po, co = _csv_options(delimiter, plan.types)
+        ids = {c: pa.string() for c in plan.header if plan.rename.get(c, c) in ("user_id", "item_id")}
+        ro, po, co = _csv_options(delimiter, {**plan.types, **ids})
         with _open(store, uri) as stream:
             try:
                 reader = pcsv.open_csv(stream, read_options=ro, parse_options=po, convert_options=co)
@@ -723,7 +761,7 @@ def _csv(store: Store, src: str, mapping: dict[str, str], delimiter: str, rep: _
                         f"all files of one conversion need the same columns"
                     )
                 for batch in reader:
-                    yield _csv_table(uri, batch, plan)
+                    yield _csv_table(store, uri, delimiter, batch, plan)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise _csv_error(store, uri, delimiter, plan, str(e)) from None
 
