@@ -22,7 +22,8 @@ def _write_output(path: str | None, obj: dict, store: Store | None = None) -> No
     text = json.dumps(obj, indent=2, sort_keys=True, default=str)
     if not path:
         return
-    if "://" in path and store is not None:
+    if "://" in path:  # an s3:// path was written as a local folder named "s3:"
+        assert store is not None, f"{path}: writing a URI needs the run's store"
         store.write_bytes(path, text.encode())
     else:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -278,7 +279,7 @@ def cmd_demo(args) -> int:
         print(f"training rows/s     : pretrain {r_pre['metrics']['rows_per_s']:,.0f}, fine-tune {r_ft['metrics']['rows_per_s']:,.0f}")
         print(f"wall time           : {summary['seconds']:.0f} s")
         print("===============================================================")
-        _write_output(args.output, summary)
+        _write_output(args.output, summary, store)
     return 0
 
 
