@@ -49,7 +49,8 @@ __all__ = ["Transitions", "count", "fit_weight"]
 # candidate weights: 0 and a geometric grid over the scale of a cosine (at 0.0125 the
 # counts break the model's near-ties; at 3.2 they rank and the model breaks theirs)
 WEIGHTS = (0.0,) + tuple(round(0.0125 * 2 ** (k / 2), 5) for k in range(17))
-_REDUCE = 1 << 22  # pairs gathered before they are summed
+_REDUCE = 1 << 22  # pairs gathered before they are summed (at least; see `count`)
+_BATCH_USERS = 1 << 14  # sequences read at a time
 
 
 @dataclass
@@ -101,7 +102,7 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
             if not is_sequence(pf.schema_arrow):
                 raise ValueError(f"{uri}: transition counts read per-user sequences (an item_id list column); run `flm-dist data sequences` or set transitions.window: 0")
             cols = split_spec.read.columns(pf.schema_arrow)
-            for batch in pf.iter_batches(batch_size=1 << 14, columns=cols, use_threads=False):
+            for batch in pf.iter_batches(batch_size=_BATCH_USERS, columns=cols, use_threads=False):
                 flat, user_of, index, seq_len, placeholder = expand(pa.Table.from_batches([batch]), uri)
                 # the events training trains on and builds histories from: a retrieval
                 # run's label-0 events and bad rows are neither counted nor in a history
@@ -126,7 +127,10 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                     back = np.where(tie, tied, backward)
                     pend.append((k[d:][same][back > 0], k[:-d][same][back > 0], back[back > 0]))
                     pending += int(same.sum()) * 2
-                if pending >= _REDUCE:
+                # summed once the new pairs are as many as the distinct pairs so far: each
+                # pair is sorted a few times in all, where a fixed threshold re-sorted the
+                # whole accumulator every 4M pairs (quadratic: days at 10^9 events)
+                if pending >= max(_REDUCE, len(acc[0])):
                     acc = reduce()
                     pend, pending = [], 0
                 if len(vu) < fit_users and valid.any():

@@ -281,3 +281,23 @@ def test_recommend_without_k_takes_at_most_what_there_is(tmp_path):
     assert LoadedExport(str(out), ServeConfig(max_items=ITEMS)).parse_recommend({"user_id": 1}).k == 10
     server = LoadedExport(str(out), ServeConfig(max_items=5))
     assert len(server.recommend_batch([server.parse_recommend({"user_id": 1})])[0]["items"]) == 5
+
+
+def test_the_counts_sort_each_pair_a_few_times_not_once_per_batch(tmp_path, monkeypatch):
+    """The accumulator is summed again only once the new pairs outnumber it: with a fixed
+    threshold every batch re-sorted all the distinct pairs so far, quadratic in the log
+    (here 40 batches of distinct pairs sorted 21x as many pairs as were emitted)."""
+    import flm_dist.transitions as tr
+
+    rng = np.random.default_rng(0)
+    seqs = [[int(x) for x in rng.integers(0, 10**9, 8)] for _ in range(4000)]  # pairs all distinct
+    files = _write(tmp_path, seqs)
+    sorted_sizes = []
+    real = tr._sum_pairs
+    monkeypatch.setattr(tr, "_sum_pairs", lambda a, b, c: (sorted_sizes.append(len(a)), real(a, b, c))[1])
+    monkeypatch.setattr(tr, "_REDUCE", 100)
+    monkeypatch.setattr(tr, "_BATCH_USERS", 100)
+    got = count(Store(), files, _retrieval_read(4), window=1, keep=5, history_len=4, fit_users=1)
+    emitted = sum(len(s) - 3 for s in seqs)  # pairs among each user's training events (all but the last two)
+    assert got.pairs == emitted
+    assert sum(sorted_sizes) <= 3 * emitted, (sum(sorted_sizes), emitted, len(sorted_sizes))
