@@ -45,9 +45,11 @@ def gather_outputs(local: dict, group=None) -> dict | None:
     gathered = [local]
     rank = 0
     if dist.is_initialized():
+        # to rank 0 only: an all-gather put every rank's rows and catalog chunk on every
+        # rank, world-size times the memory for outputs only rank 0 reads
         rank = dist.get_rank()
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local, group=group)
+        gathered = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(local, gathered, dst=0, group=group)
     if rank != 0:
         return None
     result = {k: np.concatenate([g[k] for g in gathered]).astype(dtype, copy=False) for k, dtype in OUTPUT_DTYPES.items()}
