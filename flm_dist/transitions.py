@@ -134,9 +134,11 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                     acc = reduce()
                     pend, pending = [], 0
                 if len(vu) < fit_users and valid.any():
-                    # histories exactly as training builds them: strictly earlier times, from
-                    # every usable event (for a `last` split, the training events before)
-                    pos = history_rows(np.arange(len(keys)), index, history_len, usable=usable, times=times)
+                    # histories exactly as training builds a validation example's: strictly
+                    # earlier times, every usable event but the test's
+                    known = split_mask(flat, replace(split_spec, side="known"), index, seq_len)
+                    past = usable if known is None else usable & known
+                    pos = history_rows(np.arange(len(keys)), index, history_len, usable=past, times=times)
                     users = prehash_ids(flat.column("user_id"))
                     for e in np.flatnonzero(valid)[: fit_users - len(vu)]:
                         h = pos[e][pos[e] >= 0]

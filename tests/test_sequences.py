@@ -206,7 +206,8 @@ def test_events_without_a_time_keep_order_and_ties(tmp_path):
 def test_training_histories_hold_no_held_out_event(by):
     """Under a split other than leave-one-out, held-out events (the eval split's, the
     validation carve's) sit between training events: a training example's history skips
-    them, while a held-out example's history is its user's whole past."""
+    them, a validation example's skips the test events, and a test example's history is
+    its user's whole past."""
     users = 60
     items = [[u * 1000 + k for k in range(30)] for u in range(users)]  # one item per event
     t = pa.table({"user_id": pa.array(range(users), pa.int64()), "item_id": pa.array(items), "ts": pa.array([list(range(30))] * users)})
@@ -224,7 +225,13 @@ def test_training_histories_hold_no_held_out_event(by):
     assert len(held_out) > 100 and len(train_items) > 500
     assert not held_out & set(train_hist[train_hist >= 0].tolist())
     valid_items, valid_hist = side("valid")
-    assert set(valid_hist[valid_hist >= 0].tolist()) & held_out  # their past, held-out events included
+    valid_past = set(valid_hist[valid_hist >= 0].tolist())
+    assert valid_past & held_out  # their past, other validation events included
+    # but no test event: early stopping may not read what the model is tested on
+    test_items = set(side("eval")[0].tolist()) if by != "none" else set()
+    assert not valid_past & test_items
+    if by == "random":
+        assert test_items and any(e < v for e in test_items for v in valid_items if e // 1000 == v // 1000)  # interleaved
 
 
 def test_history_encoder_length_buckets_equal_the_full_width():

@@ -195,17 +195,22 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     """Per-user sequences: one example per event (a leaf slot of item_id), each with the
     rows of the user's previous items, at most `read.history_len`. Every event is
     validated and hashed first, the history taken from the good ones, then the split
-    keeps the events of `spec.side`. A held-out event's history is its user's whole
-    past; a training example's holds training events only, since held-out events (a
-    random or time split's, the validation carve's) can sit between them and are what
-    the model is judged on, not inputs it may train with."""
+    keeps the events of `spec.side`. A test event's history is its user's whole past; a
+    training example's holds training events only, since held-out events (a random or
+    time split's, the validation carve's) can sit between them and are what the model
+    is judged on, not inputs it may train with; a validation example's holds no test
+    event, so that the epoch kept is chosen without them."""
     flat, _, index, seq_len, placeholder = expand(t)
     cols, usable = history_events(flat, placeholder, spec, unit)
     keep = split_mask(flat, spec, index, seq_len)
     length = spec.read.history_len
     if length:
         times = event_times(flat, index) if "ts" in flat.column_names else None
-        past = usable & keep if keep is not None and spec.side in ("train", "known") else usable
+        past = usable
+        if keep is not None and spec.side in ("train", "known"):
+            past = usable & keep
+        elif keep is not None and spec.side == "valid":  # early stopping reads no test event
+            past = usable & split_mask(flat, replace(spec, side="known"), index, seq_len)
         hist = history_rows(cols["item"], index, length, usable=past, times=times)
         for j in range(length):
             cols[f"hist__{j}"] = np.ascontiguousarray(hist[:, j])
