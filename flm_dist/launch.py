@@ -82,16 +82,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def resources(scaling: ScalingConfig, node_cpus: list[float]) -> tuple[float, int]:
+def resources(scaling: ScalingConfig, node_cpus: list[float], node_gpus: list[float] | None = None) -> tuple[float, int]:
     """(CPUs reserved per train worker, torch threads per worker) for a cluster whose
-    nodes have `node_cpus` CPUs.
+    nodes have `node_cpus` CPUs (and `node_gpus` GPUs).
 
     The CPUs the workers do not reserve read and decode the data (each rank's read
     tasks run on its node, as many at once as its share of them: `ingest.read_slots`):
     "auto" leaves at least one CPU (or a quarter of the cluster) to them overall, and
-    at least one CPU on each node when the workers are spread evenly. An explicit
+    at least one CPU on each node when the workers are spread evenly. GPU workers run
+    one per GPU on the GPU nodes alone: sized from those nodes (a CPU head or CPU
+    group beside them would shrink every worker to its share of them). An explicit
     value that leaves less than one is refused."""
     n = scaling.max_workers
+    gpu_nodes = [(c, g) for c, g in zip(node_cpus, node_gpus or [], strict=False) if c > 0 and g > 0]
+    if scaling.use_gpu and scaling.cpus_per_worker == "auto" and gpu_nodes:
+        # a node's CPUs but one, shared by its GPUs' workers; the smallest node decides
+        cpw = round(min(max((c - 1.0) / g, 1.0) for c, g in gpu_nodes), 2)
+        cpw = min(cpw, 8.0)
+        return cpw, max(1, int(cpw))
     nodes = [c for c in node_cpus if c > 0] or [float(os.cpu_count() or 1)]
     total = sum(nodes)
     if scaling.cpus_per_worker == "auto":
@@ -116,6 +124,10 @@ def resources(scaling: ScalingConfig, node_cpus: list[float]) -> tuple[float, in
 
 def _node_cpus() -> list[float]:
     return [float(nd["Resources"].get("CPU", 0.0)) for nd in ray.nodes() if nd.get("Alive")]
+
+
+def _node_gpus() -> list[float]:
+    return [float(nd["Resources"].get("GPU", 0.0)) for nd in ray.nodes() if nd.get("Alive")]
 
 
 class TrainingFailed(RuntimeError):
@@ -553,7 +565,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     # files that read takes about as long as the worker group's start.
     ranking = job.task in ("retrieval", "pretrain")
     with_reference = "eval" in plans or ("valid" in plans and ranking)
-    cpw, threads = resources(job.scaling, _node_cpus())
+    cpw, threads = resources(job.scaling, _node_cpus(), _node_gpus())
     manifest = {
         "task": job.task,
         "run": job.run.name,
@@ -645,7 +657,7 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     job.task = task
     datasets, plans, specs = plan_datasets(job, store, hash_spec, train_uri, data or None, task, train_task=manifest["task"])
     reference_data = training_reference(store, plans["train"], specs["known"], task)
-    cpw, threads = resources(job.scaling, _node_cpus())
+    cpw, threads = resources(job.scaling, _node_cpus(), _node_gpus())
     channel = RunChannel.remote()
     spec = _worker_spec(
         job,

@@ -146,3 +146,15 @@ def test_a_catalog_read_stopped_because_the_run_failed_is_not_named_as_its_cause
     reading.cancel()
     with pytest.raises(RuntimeError, match="stopped"):
         reading.result()
+
+
+def test_auto_cpus_for_gpu_workers_come_from_the_gpu_nodes():
+    """aws-gpu.yaml's head (16 CPUs, no GPU) beside two p4d nodes (96 CPUs, 8 GPUs):
+    sized over all nodes, 16 workers got 2.5 CPUs (2 torch threads) each where a p4d
+    gives each of its GPUs' workers 8 (the cap)."""
+    gpu = ScalingConfig(num_workers=16, use_gpu=True)
+    assert resources(gpu, [16.0, 96.0, 96.0], [0.0, 8.0, 8.0]) == (8.0, 8)
+    # g5.12xlarge: 48 CPUs, 4 GPUs; a smaller GPU node (8 CPUs, 4 GPUs) decides for all
+    assert resources(gpu, [48.0, 8.0], [4.0, 4.0]) == (1.75, 1)
+    # no GPU node up yet (an autoscaler brings them): sized from the nodes there are
+    assert resources(gpu, [8.0], [0.0]) == resources(gpu, [8.0])
