@@ -5,7 +5,9 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
+import ray
 
 from flm_dist import ingest, launch
 from flm_dist.config import ConfigError, ScalingConfig
@@ -121,6 +123,24 @@ def test_a_catalog_that_cannot_be_read_stops_the_workers_with_its_error(ray_loca
         launch._publish_reference(store, plans["train"], specs["known"], "retrieval", channel, threading.Event())
     with pytest.raises(DataError, match=rf"item catalog .* could not be read: .*{name}"):
         ingest.wait_for_catalog(channel)
+
+
+def test_the_catalog_goes_to_the_workers_through_the_object_store_not_the_channel(ray_local, tmp_path):
+    """The run channel (one actor) hands out a handle of a few bytes; the catalog and
+    the known pairs (16 bytes a pair) are put in the object store once. Returned by the
+    channel, each rank's poll copied all of it out of one process."""
+    import pickle
+
+    job = _retrieval_job(tmp_path, "catalog-ref")
+    store = Store()
+    hs = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
+    _, plans, specs = launch.plan_datasets(job, store, hs, job.data.train, job.data.eval, "retrieval", validate=True)
+    channel = ingest.RunChannel.remote()
+    ref = launch._publish_reference(store, plans["train"], specs["known"], "retrieval", channel, threading.Event())
+    assert len(pickle.dumps(ray.get(channel.want_catalog.remote()))) < 1024
+    got = ingest.wait_for_catalog(channel)
+    assert np.array_equal(got["item"], ref.catalog["item"]) and len(got["item"]) > 10
+    assert all(np.array_equal(a, b) for a, b in zip(got["seen"], launch.seen_rows(ref), strict=True))
 
 
 def test_a_catalog_read_stopped_because_the_run_failed_is_not_named_as_its_cause():
