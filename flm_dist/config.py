@@ -392,6 +392,11 @@ class JobConfig:
             raise ConfigError(f"{source}: {key} is empty; set it to a Parquet file or prefix URI")
         if self.task == "pretrain" and self.init_from:
             raise ConfigError(f"{source}: init_from is for fine-tuning; task=pretrain starts from scratch")
+        split = self.data.split
+        if self.data.eval and split.by != "none":
+            raise ConfigError(f"{source}: data.split.by={split.by} carves the eval rows out of the training data, and data.eval is set: one of them would be ignored; set data.split.by: none to evaluate on data.eval, or leave data.eval empty")
+        if split.time_cutoff is not None and split.by != "time":
+            raise ConfigError(f"{source}: data.split.time_cutoff applies to data.split.by: time (it is {split.by}); set by: time or remove the cutoff")
         if self.task in ("pretrain", "retrieval") and self.train.contrastive_weight > 0 and not self.train.num_negatives + self.train.uniform_negatives:
             raise ConfigError(f"{source}: train.num_negatives and train.uniform_negatives are both 0: task={self.task}'s interaction loss would have no negatives and be 0 at every step")
         if self.train.continue_pretraining and self.task != "retrieval":

@@ -131,3 +131,15 @@ def test_an_interaction_loss_without_negatives_is_refused(task):
     with pytest.raises(ConfigError, match="both 0"):
         job.check_runnable()
     load_job(None, [f"task={task}", "train.num_negatives=0", "train.uniform_negatives=256", "data.pretrain=s3://b/x", "data.train=s3://b/y"]).check_runnable()
+
+
+def test_a_split_that_would_be_ignored_is_refused():
+    """With data.eval set the split was silently replaced by none; a time cutoff without
+    by: time was silently unused."""
+    base = ["task=retrieval", "data.train=s3://b/t"]
+    with pytest.raises(ConfigError, match="data.split.by=last .* data.eval is set"):
+        load_job(None, [*base, "data.split.by=last", "data.eval=s3://b/e"]).check_runnable()
+    with pytest.raises(ConfigError, match="time_cutoff applies to data.split.by: time"):
+        load_job(None, [*base, "data.split.by=random", "data.split.time_cutoff=5"]).check_runnable()
+    load_job(None, [*base, "data.eval=s3://b/e"]).check_runnable()
+    load_job(None, [*base, "data.split.by=time", "data.split.time_cutoff=5"]).check_runnable()
