@@ -43,7 +43,17 @@ def _storage(job: JobConfig):
         yield job, Store.from_config(job.storage)
 
 
-def _load(args) -> JobConfig:
+def _load(args, reads: tuple[str, ...] | None = None) -> JobConfig:
+    """The job of --config and --set. `reads`: the sections a command takes from it
+    (the rest comes from a checkpoint or the command's flags); a --set outside them
+    would be silently unused, so it is refused."""
+    for item in args.set or []:
+        key = item.split("=", 1)[0].strip()
+        if reads is not None and key.split(".", 1)[0] not in reads:
+            raise ConfigError(
+                f"--set {key}: `flm-dist {args.cmd}` reads only {', '.join(s + '.*' for s in reads)} from a job; "
+                f"the rest comes from the checkpoint or this command's flags (see --help)"
+            )
     return load_job(args.config, args.set or [])
 
 
@@ -67,7 +77,7 @@ def cmd_train(args, task_kind: str) -> int:
 def cmd_evaluate(args) -> int:
     from flm_dist import launch
 
-    job = _load(args)
+    job = _load(args, reads=("storage",))
     with _storage(job) as (job, store):
         res = launch.evaluate(args.checkpoint, store, args.data, reference=args.reference, workers=args.workers, address=args.address)
         print(json.dumps(res, indent=2, default=str))
@@ -78,7 +88,7 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from flm_dist.export import export
 
-    job = _load(args)
+    job = _load(args, reads=("storage",))
     with _storage(job) as (job, store):
         m = export(store, args.checkpoint, args.out, dtype=args.dtype, formats=args.format)
         print(json.dumps({"export": args.out, "task": m["task"], "formats": m["formats"], "files": sorted(m["files"])}, indent=2))
@@ -97,7 +107,7 @@ def _export_formats(text: str) -> list[str]:
 def cmd_serve(args) -> int:
     from flm_dist import serve
 
-    job = _load(args)
+    job = _load(args, reads=("storage", "serve"))
     flags = {"max_items": args.max_items, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
     cfg = serve.check_serve_config(replace(job.serve, **{k: v for k, v in flags.items() if v is not None}), args.config or "<flags>")
     with _storage(job) as (job, store):
@@ -108,7 +118,7 @@ def cmd_serve(args) -> int:
 def cmd_synth(args) -> int:
     from flm_dist.data.synth import synth
 
-    job = _load(args)
+    job = _load(args, reads=("storage",))
     with _storage(job) as (job, store):
         rep = synth(
             store, args.out, args.rows, args.users, args.items, seed=args.seed, files=args.files,
@@ -134,7 +144,7 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
 def cmd_convert(args) -> int:
     from flm_dist.data.convert import convert
 
-    job = _load(args)
+    job = _load(args, reads=("storage",))
     delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
     with _storage(job) as (job, store):
         rep = convert(store, args.format, args.src, args.out, mapping=_parse_map(args.map), delimiter=delimiter, files=args.files)
@@ -149,7 +159,7 @@ def cmd_sequences(args) -> int:
     from flm_dist import launch
     from flm_dist.data.sequences import build_sequences
 
-    job = _load(args)
+    job = _load(args, reads=("storage",))
     with _storage(job) as (job, store):
         launch.ensure_ray(args.address)
         rep = build_sequences(store, args.src, args.out, files=args.files)

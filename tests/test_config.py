@@ -143,3 +143,22 @@ def test_a_split_that_would_be_ignored_is_refused():
         load_job(None, [*base, "data.split.by=random", "data.split.time_cutoff=5"]).check_runnable()
     load_job(None, [*base, "data.eval=s3://b/e"]).check_runnable()
     load_job(None, [*base, "data.split.by=time", "data.split.time_cutoff=5"]).check_runnable()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--checkpoint", "s3://b/run", "--set", "data.eval=s3://b/e"],
+        ["export", "--checkpoint", "s3://b/run", "--out", "s3://b/x", "--set", "model.item_rows=8"],
+        ["data", "convert", "--format", "csv", "in.csv", "out", "--set", "data.batch_size=8"],
+    ],
+    ids=["evaluate", "export", "convert"],
+)
+def test_a_set_a_command_would_not_read_is_refused(argv, capsys):
+    """evaluate and export take the job from the checkpoint: `--set data.eval=...` was
+    silently dropped (evaluate's data is --data)."""
+    from flm_dist.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--set {argv[-1].split('=')[0]}" in err and "reads only storage.*" in err
