@@ -137,8 +137,23 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
         key, eq, col = item.partition("=")
         if not eq or not key.strip() or not col.strip():
             raise DataError(f"--map {item!r}: expected NAME=COLUMN, e.g. --map user_id=uid,item_id=movie")
-        out[key.strip()] = col.strip()
+        key = key.strip()
+        if key not in MAP_NAMES:
+            raise DataError(f"--map {item!r}: {key!r} is not a schema column ({', '.join(MAP_NAMES)}); other columns are kept as features under their own names")
+        if key in out:
+            raise DataError(f"--map {key}= is given twice ({out[key]!r} and {col.strip()!r})")
+        out[key] = col.strip()
     return out
+
+
+MAP_NAMES = ("user_id", "item_id", "ts", "label", "rating")
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def cmd_convert(args) -> int:
@@ -398,8 +413,8 @@ def _data_parsers(data) -> None:
     p = data.add_parser("inspect", help="files, rows, schema, distinct IDs, bad rows and hash collisions of a dataset")
     _common(p, config_required=False)
     p.add_argument("uri", metavar="URI", help="Parquet file or prefix")
-    p.add_argument("--user-rows", type=int, help="user table rows for the collision estimate (default: the job's model.user_rows)")
-    p.add_argument("--item-rows", type=int, help="item table rows for the collision estimate (default: the job's model.item_rows)")
+    p.add_argument("--user-rows", type=_positive_int, help="user table rows for the collision estimate (default: the job's model.user_rows)")
+    p.add_argument("--item-rows", type=_positive_int, help="item table rows for the collision estimate (default: the job's model.item_rows)")
     p.add_argument("--plot", help="write item popularity and user activity plots here (PNG, any URI)")
     p.add_argument("--json", help="write the full report as JSON here (any URI)")
 
@@ -421,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, config_required=False)
     p.add_argument("--checkpoint", required=True, help="checkpoint, step folder or run folder URI")
     p.add_argument("--data", help="evaluation data URI (default: the job's data.eval)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default: as trained)")
+    p.add_argument("--workers", type=_positive_int, help="Ray Train workers (default: as trained)")
     p.add_argument("--reference", help="data defining the cold/long-tail/warm slices (default: the checkpoint's training data)")
     p.add_argument("--output", help="write metrics JSON here")
     p.add_argument("--address")

@@ -208,6 +208,18 @@ def test_cli_convert_then_inspect(tmp_path, capsys):
     # Usage and data errors exit with status 2 and say what is wrong.
     assert main(["data", "convert", "--format", "csv", str(src), str(tmp_path / "x"), "--map", "user_id"]) == 2
     assert "expected NAME=COLUMN" in capsys.readouterr().err
+    # flags that fell back silently: a misspelled schema name became a feature, the last of
+    # two mappings of one name won, an empty delimiter was a comma, 0 rows the job's size
+    for flags, says in (
+        (["--map", "raiting=stars"], "'raiting' is not a schema column"),
+        (["--map", "user_id=a", "--map", "user_id=b"], "--map user_id= is given twice"),
+        (["--delimiter", ""], "delimiter '': must be one character"),
+    ):
+        assert main(["data", "convert", "--format", "csv", str(src), str(tmp_path / "x"), *flags]) == 2
+        assert says in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", str(out), "--user-rows", "0"])
+    assert "must be >= 1, got 0" in capsys.readouterr().err
     assert main(["data", "convert", "--format", "sequence", str(src), str(tmp_path / "y")]) == 2
     assert f"{src} line 1, field 1 (user_id): '1::1::2::978300011' is not an integer ID" in capsys.readouterr().err
 

@@ -806,7 +806,7 @@ def convert(
     elif fmt == "recbole":
         tables = _recbole(store, src, rep)
     else:
-        tables = _csv(store, src, dict(mapping or {}), delimiter or ",", rep)
+        tables = _csv(store, src, dict(mapping or {}), "," if delimiter is None else delimiter, rep)
 
     writer = _PartWriter(store, out, files, row_group_rows)
     try:
