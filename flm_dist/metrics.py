@@ -106,6 +106,9 @@ def pointwise_report(task: str, pred: np.ndarray, target: np.ndarray, user_keys:
     return out
 
 
+SCORE_BLOCK = 1 << 26  # entries of the largest score block `ranking_rows` asks for
+
+
 def _discounts(n: int) -> np.ndarray:
     """C[m] = sum of 1 / log2(r + 2) for ranks r < m (0-based): DCG of m leading hits."""
     return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(n) + 2.0))])
@@ -122,6 +125,9 @@ def ranking_rows(scores_for, n_rows: int, user_keys: np.ndarray, target_keys: np
     above = np.zeros(n_rows, dtype=np.int64)  # items ranked above the target
     tied = np.zeros(n_rows, dtype=np.int64)  # other items tied with it
     ranked = np.zeros(n_rows, dtype=bool)  # False: a miss (cold or non-finite target)
+    # a score block of at most ~2^26 entries (256 MB): 1,024 rows over a 10^7-item
+    # catalog would be 41 GB
+    chunk = max(1, min(chunk, SCORE_BLOCK // max(len(catalog_keys), 1)))
     for lo in range(0, n_rows if len(catalog_keys) else 0, chunk):  # no catalog: all misses
         hi = min(lo + chunk, n_rows)
         s = np.array(scores_for(lo, hi), dtype=np.float32)
