@@ -35,18 +35,35 @@ __all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ran
 
 def group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
     """Per-group (user) AUC, averaged with weights = group size, over groups that have
-    both positives and negatives (the usual GAUC)."""
-    order = np.argsort(groups, kind="mergesort")
-    g, s, y = groups[order], scores[order], labels[order]
-    bounds = np.flatnonzero(np.diff(g)) + 1
-    num = den = 0.0
-    for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(g)]]), strict=True):
-        yy = y[a:b]
-        pos = int((yy > 0.5).sum())
-        if 0 < pos < b - a:
-            num += (b - a) * auc(s[a:b], yy)
-            den += b - a
-    return num / den if den else float("nan")
+    both positives and negatives (the usual GAUC). Vectorised: average ranks within
+    each (group, score) tie, one sort for all groups (a loop over 10^7 users took
+    minutes); NaN when a score is NaN, as `auc`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        return float("nan")
+    y = np.asarray(labels) > 0.5
+    groups = np.asarray(groups)
+    n = len(scores)
+    if n == 0:
+        return float("nan")
+    order = np.lexsort((scores, groups))
+    g, s, yy = groups[order], scores[order], y[order]
+    new_group = np.r_[True, g[1:] != g[:-1]]
+    gid = np.cumsum(new_group) - 1
+    pos_in_group = np.arange(n) - np.flatnonzero(new_group)[gid]
+    new_tie = new_group | np.r_[True, s[1:] != s[:-1]]
+    tie_first = np.flatnonzero(new_tie)
+    tie_len = np.diff(np.r_[tie_first, n])
+    rank = (pos_in_group[tie_first] + (tie_len - 1) / 2.0 + 1.0)[np.cumsum(new_tie) - 1]  # 1-based, ties averaged
+    size = np.bincount(gid).astype(np.float64)
+    pos = np.bincount(gid, weights=yy.astype(np.float64))
+    neg = size - pos
+    both = (pos > 0) & (neg > 0)
+    if not both.any():
+        return float("nan")
+    rank_sum = np.bincount(gid, weights=rank * yy)
+    per_group = (rank_sum[both] - pos[both] * (pos[both] + 1) / 2.0) / (pos[both] * neg[both])
+    return float((per_group * size[both]).sum() / size[both].sum())
 
 
 def ctr_metrics(logits: np.ndarray, labels: np.ndarray, users: np.ndarray | None = None) -> dict:

@@ -257,3 +257,19 @@ def test_ranking_asks_for_score_blocks_of_bounded_size(monkeypatch):
     assert max(blocks) <= 1000 and sum(blocks) == 40 * n
     whole = ranking_report(lambda lo, hi: scores[lo:hi], 40, users, targets, catalog, ref, ks=(10,), chunk=40)
     assert json.dumps(got, sort_keys=True) == json.dumps(whole, sort_keys=True)  # NaN-aware: an empty slice
+
+
+def test_group_auc_equals_the_size_weighted_mean_of_each_groups_auc():
+    rng = np.random.default_rng(2)
+    groups = rng.integers(0, 60, 3000)
+    s = np.round(rng.random(3000), 1)  # ties within and across groups
+    y = (rng.random(3000) < s).astype(np.float32)
+    num = den = 0.0
+    for g in np.unique(groups):
+        m = groups == g
+        if 0 < y[m].sum() < m.sum():
+            num += m.sum() * brute_auc(s[m], y[m])
+            den += m.sum()
+    assert group_auc(s, y, groups) == pytest.approx(num / den, abs=1e-12)
+    assert math.isnan(group_auc(np.array([0.1, np.nan]), np.array([1, 0]), np.array([1, 1])))
+    assert math.isnan(group_auc(np.array([0.1, 0.2]), np.array([1, 1]), np.array([1, 2])))  # no group has both
