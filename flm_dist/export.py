@@ -617,7 +617,9 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     with tempfile.TemporaryDirectory(prefix="flm-export-") as tmp:
         t0 = time.perf_counter()
         scorer = torch.jit.script(Scorer(model, spec, task, id_kinds, table_dtype))
-        onnx_info = _write_model_files(tmp, model, scorer, Scorer(model, spec, task, id_kinds, table_dtype), features, formats, table_dtype)
+        # the ONNX graph traces a Scorer of its own (a copy of every table): only when asked for
+        onnx_scorer = Scorer(model, spec, task, id_kinds, table_dtype) if "onnx" in formats else None
+        onnx_info = _write_model_files(tmp, model, scorer, onnx_scorer, features, formats, table_dtype)
         vectors, snapshot, changed = _write_data_files(tmp, store, scorer, source, features, model.cfg.latent_dim, checkpoint)
         counts = _write_transitions(tmp, store, scorer, source, model.cfg, data_files) if vectors and model.cfg.history_len else None
         files = {}
@@ -630,13 +632,12 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
         out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
         store.ensure_bucket(out)
         for rel in sorted(files):
-            with open(os.path.join(tmp, rel), "rb") as f:
-                store.write_bytes(join(out, rel), f.read())
+            store.put_file(os.path.join(tmp, rel), join(out, rel))  # streamed: item vectors can be GBs
         store.write_bytes(join(out, "manifest.json"), json.dumps(out_manifest, indent=2, sort_keys=True).encode())
     return out_manifest
 
 
-def _write_model_files(tmp: str, model: FLM, scorer, onnx_scorer: Scorer, features: list[dict], formats, table_dtype) -> dict | None:
+def _write_model_files(tmp: str, model: FLM, scorer, onnx_scorer: Scorer | None, features: list[dict], formats, table_dtype) -> dict | None:
     """scorer.pt, scorer.onnx and the tables as safetensors; returns the manifest's ONNX entry."""
     from safetensors.torch import save_file
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -250,6 +251,22 @@ class Store:
         except Exception as e:
             raise StorageError(f"cannot write {uri}: {e}") from e
 
+    def put_file(self, local: str, uri: str) -> None:
+        """Copy a local file to `uri` without holding it in memory: s3fs streams it (a
+        multipart upload past 50 MB, each part retried); a local copy goes through a temp
+        file + rename, as `write_bytes`."""
+        fs, path = self.fs(uri)
+        try:
+            if is_remote(uri):
+                fs.put_file(local, path)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, path)
+        except Exception as e:
+            raise StorageError(f"cannot write {uri}: {e}") from e
+
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
@@ -327,9 +344,7 @@ class Store:
         for root, _, files in os.walk(local_dir):
             for name in files:
                 src = os.path.join(root, name)
-                rel = os.path.relpath(src, local_dir)
-                with open(src, "rb") as f:
-                    self.write_bytes(join(uri, rel), f.read())
+                self.put_file(src, join(uri, os.path.relpath(src, local_dir)))
 
     def download_dir(self, uri: str, local_dir: str) -> None:
         fs, path = self.fs(uri)

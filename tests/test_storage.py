@@ -148,3 +148,20 @@ def test_a_delete_the_store_refuses_key_by_key_is_an_error(s3, s3_store, bucket)
         store.rm(join(bucket, "run", "step-1"))
     assert not s3_store.exists(join(bucket, "run", "step-1", "a"))
 
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_put_file_streams_a_file_larger_than_a_multipart_part(kind, tmp_path, s3_store, bucket):
+    """Export uploads its files with `put_file`, never reading them whole (item vectors
+    can be GBs); 60 MB is past s3fs's 50 MB part size, so the upload is multipart."""
+    import os
+
+    src = tmp_path / "big.bin"
+    data = os.urandom(1 << 20) * 60
+    src.write_bytes(data)
+    store = s3_store if kind == "s3" else Store()
+    uri = join(bucket if kind == "s3" else str(tmp_path / "out"), "x", "big.bin")
+    store.put_file(str(src), uri)
+    assert store.read_bytes(uri) == data
+    with pytest.raises(StorageError, match="nowhere"):
+        store.put_file(str(tmp_path / "nowhere"), uri)
