@@ -270,6 +270,7 @@ def trained(ray_local, s3, s3_store, tmp_path_factory):
     synth(s3_store, "s3://export-test/data", rows=6000, users=300, items=200, seed=3, files=4, row_group_rows=500)
     job = tiny_job("s3://export-test/runs", "ret", "retrieval", **{
         "scaling.shard_threshold_bytes": 0, "data.train": "s3://export-test/data/train", "train.epochs": 1,
+        "data.valid_fraction": 0,  # no validation: no export test reads it
     })
     job = replace(job, storage=s3.storage_config())
     res = launch.train(job, s3_store, fresh=True, progress=False)

@@ -188,7 +188,7 @@ def test_case11_new_files_join_changed_files_refused_and_other_world_size(ray_lo
     assert not ckpt.load_manifest(Store(), ckpt.resolve(Store(), first["checkpoint"]))["epoch_done"]
     _write_log(data, 1, 700, seed=9, start=4)  # a new file lands under the prefix
     # resume with one worker instead of two: a deterministic re-plan of the rest
-    res = launch.train(_job(runs, "r11", data, **{"scaling.num_workers": 1}), Store(), progress=False, trace_rows=trace)
+    res = launch.train(_job(runs, "r11", data, **{"scaling.num_workers": 1, "checkpoint.every_steps": 0}), Store(), progress=False, trace_rows=trace)
     m = ckpt.load_manifest(Store(), ckpt.resolve(Store(), res["checkpoint"]))
     assert m["epoch_done"] and m["world_size"] == 1
     by_pid = read_trace(trace, 0)

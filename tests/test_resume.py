@@ -90,10 +90,11 @@ def boundary(ray_local, tmp_path_factory, log_dir):
     """One epoch, then the same run asked for two: resumed at the epoch boundary."""
     tmp_path = tmp_path_factory.mktemp("boundary")
     trace = str(tmp_path / "trace")
-    one = run_traced(job_for(tmp_path, log_dir, "boundary", **{"train.epochs": 1}), trace, None, fresh=True)
+    # saves at epoch ends only: the boundary is what these runs are for
+    one = run_traced(job_for(tmp_path, log_dir, "boundary", **{"train.epochs": 1, "checkpoint.every_steps": 0}), trace, None, fresh=True)
     # read now: the second run's saves prune the first run's checkpoint (keep_last)
     one["manifest"] = ckpt.load_manifest(Store(), ckpt.resolve(Store(), one["checkpoint"]))
-    two = run_traced(job_for(tmp_path, log_dir, "boundary", **{"train.epochs": 2}), trace, None)
+    two = run_traced(job_for(tmp_path, log_dir, "boundary", **{"train.epochs": 2, "checkpoint.every_steps": 0}), trace, None)
     return one, two, trace
 
 

@@ -151,9 +151,10 @@ def test_a_delete_the_store_refuses_key_by_key_is_an_error(s3, s3_store, bucket)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_put_file_streams_a_file_larger_than_a_multipart_part(kind, tmp_path, s3_store, bucket):
-    """Export uploads its files with `put_file`, never reading them whole (item vectors
-    can be GBs); 60 MB is past s3fs's 50 MB part size, so the upload is multipart."""
+def test_put_file_copies_a_file_past_a_multipart_part(kind, tmp_path, s3_store, bucket):
+    """Export uploads its files with `put_file` (s3fs's streamed upload); 60 MB is past
+    s3fs's 50 MB part size, so on S3 the copy is a multipart upload, reassembled whole.
+    (That it never holds the file in memory is s3fs's, not observed here.)"""
     import os
 
     src = tmp_path / "big.bin"
