@@ -106,8 +106,7 @@ class SplitConfig:
     """Derive an eval split from the training data when `data.eval` is empty.
     All modes are functions of the data alone, so the split is the same across runs and
     worker counts. `last` (per-user sequences only): leave-one-out, each user's last
-    event is eval and, while data.valid_fraction > 0, the one before it is validation,
-    counting only events that pass the task's checks (a retrieval run's positives)."""
+    event is eval and, while data.valid_fraction > 0, the one before it is validation."""
 
     by: Literal["none", "time", "random", "user", "last"] = "none"
     time_cutoff: int | None = None  # by=time: rows with ts >= cutoff go to eval

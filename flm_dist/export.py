@@ -495,7 +495,7 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
                     if history:
                         tails = _tails(flat.column("item_id"), user_of, usable, block.num_rows, history["max_len"])
                         flat = flat.append_column("history", tails.take(pa.array(user_of)))
-                    taken = split_mask(flat, known, index, seq_len, encoded["_bad"] == 0)
+                    taken = split_mask(flat, known, index, seq_len)
                     block = flat
                 else:
                     encoded, taken = encode_table(block, replace(read, side="all")), split_mask(block, known)

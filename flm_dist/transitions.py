@@ -108,8 +108,8 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                 # run's label-0 events and bad rows are neither counted nor in a history
                 encoded, usable = history_events(flat, placeholder, split_spec)
                 good = encoded["_bad"] == 0
-                train = good & split_mask(flat, replace(split_spec, side="train"), index, seq_len, good)
-                valid = good & split_mask(flat, replace(split_spec, side="valid"), index, seq_len, good)
+                train = good & split_mask(flat, replace(split_spec, side="train"), index, seq_len)
+                valid = good & split_mask(flat, replace(split_spec, side="valid"), index, seq_len)
                 keys = prehash_ids(flat.column("item_id"))
                 times = event_times(flat, index) if "ts" in flat.column_names else None
                 # pairs among each user's training events, in sequence order; events at
@@ -136,7 +136,7 @@ def count(store: Store, data_files: list[dict], split_spec: EncodeSpec, window: 
                 if len(vu) < fit_users and valid.any():
                     # histories exactly as training builds a validation example's: strictly
                     # earlier times, every usable event but the test's
-                    known = split_mask(flat, replace(split_spec, side="known"), index, seq_len, good)
+                    known = split_mask(flat, replace(split_spec, side="known"), index, seq_len)
                     past = usable if known is None else usable & known
                     pos = history_rows(np.arange(len(keys)), index, history_len, usable=past, times=times)
                     users = prehash_ids(flat.column("user_id"))

@@ -431,13 +431,12 @@ def test_a_sequence_validation_excludes_every_known_item_of_its_user_not_only_th
     _, plans, specs = launch.plan_datasets(job, store, hs, out, None, "retrieval", validate=True)
     ref = launch.training_reference(store, plans["train"], specs["known"], "retrieval")
     rows_sorted = torch.sort(torch.from_numpy(np.asarray(ref.catalog["item"], np.int64)))[0]
-    # each user's known items as item rows: the events retrieval trains on (positives),
-    # but the last of them (in (ts, item) order), the test
+    # each user's known items as item rows: all but the last event (in (ts, item) order)
+    # that retrieval trains on, its positives
     events: dict[int, list] = {}
     for u, _t, i, label in sorted(zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label")), strict=True)):
-        if label > 0:
-            events.setdefault(u, []).append(i)
-    known = {u: set(hs.hash("item", pa.array(evs[:-1], pa.int64())).tolist()) for u, evs in events.items()}
+        events.setdefault(u, []).append((i, label))
+    known = {u: set(hs.hash("item", pa.array([i for i, label in evs[:-1] if label > 0], pa.int64())).tolist()) for u, evs in events.items()}
     key_of = dict(zip(identity_keys(pa.array(list(events), pa.int64())).tolist(), events, strict=True))
     checked = beyond_history = 0
     for unit in plans["valid"].units:
@@ -484,26 +483,29 @@ def test_the_true_item_and_its_negatives_are_in_one_view(mode):
         assert torch.allclose(out.z_candidate, clean(b.item), atol=1e-5)
 
 
-def test_leave_one_out_holds_out_each_users_last_clicks_not_a_trailing_non_click():
-    """A retrieval log with labels: user 1's last event is a non-click (label 0) and
-    user 2's last a bad row (null item). Their test event is their last good event, the
-    validation event the one before; before, the non-click was the test row (dropped as
-    not positive: the user had no test) and the last click was in validation."""
+def test_leave_one_out_splits_every_task_alike():
+    """Pretraining and the retrieval fine-tune that continues it split a labelled log at
+    the same events. Counting each task's own good events (pretraining all, retrieval
+    its clicks) gave [A1, B1, C1, D0] the test D and validation C in pretraining but
+    test C and validation B in the fine-tune: the fine-tune validated on an event its
+    backbone trained on and was tested on the one pretraining had selected its epoch
+    by. A user whose last event is a non-click therefore has no retrieval test event."""
     t = pa.table({
-        "user_id": pa.array([1, 2, 3], pa.int64()),
-        "item_id": pa.array([[10, 11, 12, 13], [20, 21, 22, None], [30, 31, 32]], pa.list_(pa.int64())),
-        "label": pa.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1]], pa.list_(pa.float64())),
-        "ts": pa.array([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3]], pa.list_(pa.int64())),
+        "user_id": pa.array([1, 2], pa.int64()),
+        "item_id": pa.array([[10, 11, 12, 13], [20, 21, 22]], pa.list_(pa.int64())),
+        "label": pa.array([[1, 1, 1, 0], [1, 1, 1]], pa.list_(pa.float64())),
+        "ts": pa.array([[1, 2, 3, 4], [1, 2, 3]], pa.list_(pa.int64())),
     })
-    read = replace(ReadSpec.for_task("retrieval", [], [1, 5], history_len=L), sequence=True)
     wide = HashSpec.build({"user": 1 << 30, "item": 1 << 30}, 0)
-    row = {i: int(wide.hash("item", pa.array([i], pa.int64()))[0]) for i in (10, 11, 12, 20, 21, 22, 30, 31, 32)}
+    row = {i: int(wide.hash("item", pa.array([i], pa.int64()))[0]) for i in (10, 11, 12, 13, 20, 21, 22)}
 
-    def side(name):
+    def side(task, name):
+        read = replace(ReadSpec.for_task(task, [], [1, 5], history_len=L), sequence=True)
         cols = encode_table(t, EncodeSpec(read=read, hash=wide, split=SplitConfig(by="last"), side=name, valid_fraction=0.1), 0)
-        good = cols["_bad"] == 0
-        return sorted(int(i) for i in cols["item"][good])
+        return {int(i) for i in cols["item"][cols["_bad"] == 0]}
 
-    assert side("eval") == sorted(row[i] for i in (12, 22, 32))
-    assert side("valid") == sorted(row[i] for i in (11, 21, 31))
-    assert side("train") == sorted(row[i] for i in (10, 20, 30))
+    for name, pretrain_items in (("eval", {13, 22}), ("valid", {12, 21}), ("train", {10, 11, 20})):
+        assert side("pretrain", name) == {row[i] for i in pretrain_items}, name
+        # retrieval's side is pretraining's, less its non-clicks (user 1's test is one)
+        assert side("retrieval", name) == side("pretrain", name) - {row[13]}, name
+

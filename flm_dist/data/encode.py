@@ -72,33 +72,18 @@ def _unit_hash(t: pa.Table, columns: tuple[str, ...], seed: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def good_positions(index: np.ndarray, seq_len: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each event's place among its user's good events (-1 for the others) and how many
-    good events the user has (events of a user are contiguous, `expand`'s order)."""
-    first = np.arange(len(index)) - index
-    before = np.cumsum(good) - good  # good events at earlier positions, over all users
-    last = first + np.maximum(seq_len, 1) - 1
-    return np.where(good, before - before[first], -1), before[last] + good[last] - before[first]
-
-
-def split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, seq_len: np.ndarray | None = None,
-               good: np.ndarray | None = None) -> np.ndarray | None:
+def split_mask(t: pa.Table, spec: EncodeSpec, index: np.ndarray | None = None, seq_len: np.ndarray | None = None) -> np.ndarray | None:
     """True for rows on `spec.side`. A function of the data alone (hashes, times,
     positions in a user's sequence), so identical across runs and worker counts.
-    `index` / `seq_len`: each event's place in its user's sequence (sequence data).
-    `good`: the events that pass the run's checks; leave-one-out holds out each user's
-    last good events, so that a user whose last event is a non-click (a retrieval run's
-    label 0) or a bad row still has a test event and no later event in training."""
+    `index` / `seq_len`: each event's place in its user's sequence (sequence data)."""
     split, side = spec.split, spec.side
     if side == "all":
         return None
     if split.by == "last":
         if index is None:
             raise DataError("data.split.by=last (leave-one-out) needs per-user sequences: run `flm-dist data sequences IN OUT`")
-        if good is not None:
-            index, seq_len = good_positions(index, seq_len, good)
-        in_eval = (index == seq_len - 1) & (index >= 0)
-        in_valid = (index == seq_len - 2) & (index >= 0) if spec.valid_fraction > 0 else np.zeros(t.num_rows, dtype=bool)
+        in_eval = index == seq_len - 1
+        in_valid = (index == seq_len - 2) if spec.valid_fraction > 0 else np.zeros(t.num_rows, dtype=bool)
         return {"eval": in_eval, "known": ~in_eval, "valid": in_valid}.get(side, ~in_eval & ~in_valid)
     in_eval = np.zeros(t.num_rows, dtype=bool)
     if split.by == "time":
@@ -217,8 +202,7 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
     event, so that the epoch kept is chosen without them."""
     flat, _, index, seq_len, placeholder = expand(t)
     cols, usable = history_events(flat, placeholder, spec, unit)
-    good = cols["_bad"] == 0
-    keep = split_mask(flat, spec, index, seq_len, good)
+    keep = split_mask(flat, spec, index, seq_len)
     length = spec.read.history_len
     if length:
         times = event_times(flat, index) if "ts" in flat.column_names else None
@@ -226,7 +210,7 @@ def _encode_sequences(t: pa.Table, spec: EncodeSpec, unit: int) -> dict[str, np.
         if keep is not None and spec.side in ("train", "known"):
             past = usable & keep
         elif keep is not None and spec.side == "valid":  # early stopping reads no test event
-            past = usable & split_mask(flat, replace(spec, side="known"), index, seq_len, good)
+            past = usable & split_mask(flat, replace(spec, side="known"), index, seq_len)
         hist = history_rows(cols["item"], index, length, usable=past, times=times)
         for j in range(length):
             cols[f"hist__{j}"] = np.ascontiguousarray(hist[:, j])
