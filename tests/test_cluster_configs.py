@@ -264,14 +264,15 @@ def test_aws_launcher_config_passes_rays_own_validation():
 
 
 def test_every_aws_node_gets_an_iam_role_for_s3():
-    # `ray up` attaches its default instance profile to the head only; a worker node without
-    # one has no credentials, so its first read of s3:// data fails.
+    # `ray up` attaches its default instance profile to the head only, and that role may
+    # not pass itself to the workers it launches (no iam:PassRole): a worker without a
+    # profile has no credentials for s3:// data, one with Ray's default never launches.
     prepared = _launcher_check(yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text()))
     for name, node_type in prepared["available_node_types"].items():
-        if name == prepared["head_node_type"]:
-            continue
         profile = node_type["node_config"].get("IamInstanceProfile", {})
         assert profile.get("Name") or profile.get("Arn"), f"{name} has no IamInstanceProfile"
+        if name != prepared["head_node_type"]:
+            assert "ray-autoscaler-v1" not in str(profile), f"{name}: the head's default role cannot launch it"
 
 
 @pytest.mark.parametrize(
