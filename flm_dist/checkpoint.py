@@ -300,7 +300,11 @@ def _read_failure(store: Store, ref: CheckpointRef, e: BaseException, what: str)
     causes = [failure[0] for failure in getattr(e, "failures", {}).values()] or [e]
     refused = next((c for c in causes if isinstance(c, OSError) and not isinstance(c, FileNotFoundError)), None)
     fs, path = store.fs(ref.uri)
-    for name in _listing(store, ref.uri):
+    try:
+        names = list(_listing(store, ref.uri))
+    except Exception as listing:  # the store went down since the load's own listing
+        return StorageError(f"cannot read checkpoint {ref.uri}: {refused or listing}")
+    for name in names:
         try:
             fs.cat_file(f"{path}/{name}", start=0, end=1)
         except FileNotFoundError:

@@ -309,8 +309,9 @@ class ScalingConfig:
             raise ConfigError("scaling.num_workers must be >= 1")
         if isinstance(self.cpus_per_worker, float) and self.cpus_per_worker <= 0:
             raise ConfigError("scaling.cpus_per_worker must be > 0 or 'auto'")
-        # Ray Train reads -1 as unlimited restarts; a job must end in bounded time
-        _check_range("scaling", self, ("max_failures", "shard_threshold_bytes"), 0)
+        _check_range("scaling", self, ("shard_threshold_bytes",), 0)
+        if self.max_failures < -1:
+            raise ConfigError(f"scaling.max_failures must be >= 0, or -1 for no limit (Ray Train's), got {self.max_failures}")
 
     @property
     def max_workers(self) -> int:
@@ -522,6 +523,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

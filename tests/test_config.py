@@ -105,6 +105,10 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     p = write(tmp_path, "train:\n  epochs: 3\n  lr: 0.01\n  epochs: 4\n")
     with pytest.raises(ConfigError, match=r"'epochs' appears twice \(first on line 2\)"):
         load_job(p)
+    # a merge key's values may be overridden in the mapping that merges them
+    p = write(tmp_path, "base: &b {epochs: 3, lr: 0.01}\ntrain:\n  <<: *b\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match="unknown key 'base'"):  # parsed, then refused as a job key
+        load_job(p)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +121,7 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         ("train.lr=-0.001", "train.lr"),
         ("train.temperature=.nan", "train.temperature"),
         ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
-        ("scaling.max_failures=-1", "scaling.max_failures"),
+        ("scaling.max_failures=-2", "scaling.max_failures"),
         ("model.hidden=[128, 0]", "model.hidden"),
         ("model.noise_std=-0.1", "model.noise_std"),
         ("data.features=[{name: tags, side: item, kind: multi, max_len: 0}]", "data.features[tags].max_len"),
