@@ -18,12 +18,11 @@ from flm_dist.storage import EmbeddedS3, StorageError, Store, join
 __all__ = ["main"]
 
 
-def _write_output(path: str | None, obj: dict, store: Store | None = None) -> None:
+def _write_output(path: str | None, obj: dict, store: Store) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=str)
     if not path:
         return
-    if "://" in path:  # an s3:// path was written as a local folder named "s3:"
-        assert store is not None, f"{path}: writing a URI needs the run's store"
+    if "://" in path:
         store.write_bytes(path, text.encode())
     else:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -128,6 +127,9 @@ def cmd_synth(args) -> int:
     return 0
 
 
+MAP_NAMES = ("user_id", "item_id", "ts", "label", "rating")  # what --map renames to
+
+
 def _parse_map(items: list[str] | None) -> dict[str, str]:
     """`--map user_id=uid,item_id=iid` (repeatable) -> {"user_id": "uid", "item_id": "iid"}."""
     out: dict[str, str] = {}
@@ -144,9 +146,6 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
             raise DataError(f"--map {key}= is given twice ({out[key]!r} and {col.strip()!r})")
         out[key] = col.strip()
     return out
-
-
-MAP_NAMES = ("user_id", "item_id", "ts", "label", "rating")
 
 
 def _positive_int(text: str) -> int:

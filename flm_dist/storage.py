@@ -36,6 +36,17 @@ class StorageError(RuntimeError):
     """Object storage is unreachable or an object is missing/corrupt; names the URI."""
 
 
+def _replace_local(path: str, fill) -> None:
+    """Write a local file through a temp file + rename, so a reader never sees it partial."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """('s3', 'bucket/key') or ('file', '/abs/path')."""
     if uri.startswith("s3://") or uri.startswith("s3a://"):
@@ -241,13 +252,7 @@ class Store:
             if is_remote(uri):
                 fs.pipe_file(path, data)
             else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                _replace_local(path, lambda f: f.write(data))
         except Exception as e:
             raise StorageError(f"cannot write {uri}: {e}") from e
 
@@ -260,10 +265,8 @@ class Store:
             if is_remote(uri):
                 fs.put_file(local, path)
             else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                shutil.copyfile(local, tmp)
-                os.replace(tmp, path)
+                with open(local, "rb") as src:
+                    _replace_local(path, lambda f: shutil.copyfileobj(src, f))
         except Exception as e:
             raise StorageError(f"cannot write {uri}: {e}") from e
 
