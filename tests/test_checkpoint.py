@@ -163,11 +163,25 @@ def test_a_loser_whose_folder_the_winner_prunes_mid_commit_learns_it_lost(tmp_pa
     assert not os.path.exists(loser.uri)
 
 
-def test_keep_last_deletes_only_after_a_newer_commit(tmp_path):
+def test_keep_last_deletes_only_after_a_newer_commit(tmp_path, s3, bucket):
     store, run_dir = Store(), str(tmp_path / "run")
     refs = [_save(store, run_dir, s)[0] for s in (10, 20, 30)]
     assert sorted(os.listdir(run_dir)) == ["step-00000020", "step-00000030"]  # keep_last=2
     assert ckpt.find_latest(store, run_dir) == refs[-1]
+    # a save whose commit fails (the store refuses its marker) deletes nothing: pruning
+    # before the commit would have left one checkpoint, keep_last - 1
+    from tests.faulty_s3 import FaultyS3
+
+    with FaultyS3(s3.url) as px:
+        store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url, max_attempts=2))
+        run_dir = join(bucket, "keep")
+        kept = [_save(store, run_dir, s)[0] for s in (10, 20)]
+        px.deny = {"step-00000030/COMMITTED"}
+        with pytest.raises(ckpt.CheckpointSaveError):
+            _save(store, run_dir, 30)
+    direct = Store.from_config(s3.storage_config())
+    assert ckpt.find_latest(direct, run_dir) == kept[-1]
+    assert all(direct.exists(join(r.step_dir, "COMMITTED")) for r in kept)  # step 10 too
 
 
 # ---------------------------------------------------------------- resharding

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import signal
@@ -146,7 +147,8 @@ def test_case04_kill_during_checkpoint_write_never_loads_the_partial(ray_local, 
         trace = str(tmp_path / "trace")
         t, box = _run_in_thread(job, store, monkeypatch, trace, fresh=True)
         run_dir = "s3://rel4/runs/k4"
-        assert _wait(lambda: ckpt.find_latest(s3_store, run_dir)), "no first checkpoint"
+        first = _wait(lambda: ckpt.find_latest(s3_store, run_dir))
+        assert first, "no first checkpoint"
         px.slow_puts_s = 1.5  # uploads crawl: the next save stays in flight for seconds
 
         def partial():
@@ -159,6 +161,7 @@ def test_case04_kill_during_checkpoint_write_never_loads_the_partial(ray_local, 
 
         in_flight = _wait(partial, every=0.1)
         assert in_flight, "never caught a save in flight"
+        dead_attempts = {e.rstrip("/").rsplit("/", 1)[-1] for e in s3_store.ls(in_flight)} - {"COMMITTED"}
         os.kill(_worker_pid(trace, 1), signal.SIGKILL)
         px.slow_puts_s = 0.0
         t.join(timeout=400)
@@ -173,6 +176,16 @@ def test_case04_kill_during_checkpoint_write_never_loads_the_partial(ray_local, 
         name = sd.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("step-") and int(name[5:]) < latest.step:
             assert s3_store.exists(f"s3://{sd}/COMMITTED"), f"orphan {sd} left behind"
+    # the step caught in flight: committed (if kept) by a fresh attempt, the dead one's files gone
+    if s3_store.exists(f"{in_flight}/COMMITTED"):
+        winner = json.loads(s3_store.read_bytes(f"{in_flight}/COMMITTED"))["attempt"]
+        assert winner not in dead_attempts, "the dead attempt's folder was committed"
+        left = {e.rstrip("/").rsplit("/", 1)[-1] for e in s3_store.ls(in_flight)}
+        assert not left & dead_attempts, f"the dead attempt's files are left in {in_flight}: {left & dead_attempts}"
+    # the restart resumed from a committed checkpoint, not from step 0: each rank's first
+    # process started at step 1, its second after the first checkpoint
+    starts = sorted(min(step for step, _ in recs) for recs in read_trace(str(tmp_path / "trace"), 0).values())
+    assert len(starts) == 4 and starts[:2] == [1, 1] and min(starts[2:]) > first.step, starts
 
 
 # ---------------------------------------------------------------- case 11
