@@ -90,7 +90,7 @@ def wait_for_catalog(channel, poll_s: float = 0.2, say_after_s: float = 60.0) ->
     catalog, error = got
     if error:
         raise DataError(f"the training data's item catalog (what validation and evaluation rank) could not be read: {error}")
-    return ray.get(catalog[0]) if isinstance(catalog, list) else catalog  # [object ref], `launch._publish_reference`
+    return None if catalog is None else ray.get(catalog[0])  # [object ref]: `launch._publish_reference`
 
 
 class NoRetryOnInputErrors(ControllerCallback):

@@ -9,25 +9,9 @@ import numpy as np
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC with ties counted as 1/2 (average ranks); NaN when a score is NaN
-    (sorted last, a NaN would rank above every other score)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels) > 0.5
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average rank per tie group (!=, not diff: inf - inf is NaN, and two infs tie)
-    boundaries = np.flatnonzero(s[1:] != s[:-1]) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(s)]])
-    avg = (starts + ends - 1) / 2.0 + 1.0
-    ranks_sorted = np.repeat(avg, ends - starts)
-    ranks[order] = ranks_sorted
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    """Exact ROC AUC with ties counted as 1/2 (average ranks): `group_auc` of one group;
+    NaN with one class only or a NaN score."""
+    return group_auc(scores, labels, np.zeros(len(np.asarray(scores)), dtype=np.int8))
 
 
 __all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ranking_report", "ranking_rows", "rating_metrics", "slice_masks"]
@@ -36,8 +20,9 @@ __all__ = ["SLICES", "auc", "ctr_metrics", "group_auc", "pointwise_report", "ran
 def group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
     """Per-group (user) AUC, averaged with weights = group size, over groups that have
     both positives and negatives (the usual GAUC). Vectorised: average ranks within
-    each (group, score) tie, one sort for all groups (a loop over 10^7 users took
-    minutes); NaN when a score is NaN, as `auc`."""
+    each (group, score) tie (`!=`, not a difference: two infinite scores tie), one sort
+    for all groups (a loop over 10^7 users took minutes); NaN when a score is NaN
+    (sorted last, it would rank above every other score)."""
     scores = np.asarray(scores, dtype=np.float64)
     if np.isnan(scores).any():
         return float("nan")

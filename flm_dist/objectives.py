@@ -138,8 +138,7 @@ def _contrastive(out: FLMOutput, batch: Batch, temperature: float, popularity: P
     user tower against the item tower, or with a history, next-item prediction at every
     position of it."""
     k = min(num_negatives, len(batch.item))
-    cand_z = out.z_candidate if out.z_candidate is not None else out.z_item
-    cand_z, cand_rows = cand_z[:k], batch.item[:k]
+    cand_z, cand_rows = out.z_candidate[:k], batch.item[:k]
     if batch.negatives is not None and out.z_negative is not None:
         cand_z, cand_rows = torch.cat([cand_z, out.z_negative]), torch.cat([cand_rows, batch.negatives])
     if out.z_next_user is not None:
