@@ -389,6 +389,9 @@ class Checkpointer:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         self.finish()
+        # The manifest as it is now: an async commit writes it later, while training
+        # goes on appending to the lists it holds (the epochs' curve).
+        manifest = json.loads(json.dumps(manifest, default=str))
         ref = CheckpointRef(self.run_dir, step, new_attempt_id(self.ctrl))
         writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False, overwrite=False, **self.store.storage_options(ref.uri))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import replace
 
 import pytest
@@ -161,6 +162,28 @@ def test_a_loser_whose_folder_the_winner_prunes_mid_commit_learns_it_lost(tmp_pa
     assert ckpt.commit(store, loser, {"step": 10}) is False
     assert ckpt.find_latest(store, run_dir) == raced["winner"]
     assert not os.path.exists(loser.uri)
+
+
+def test_an_async_save_commits_the_manifest_as_it_was_at_the_save(tmp_path, monkeypatch):
+    """An async save commits after the write, while training goes on: an epoch record
+    appended to the curve after the save of step 10 must not reach step 10's manifest
+    (a resume from it would run that epoch again and record it twice)."""
+    store, run_dir = Store(), str(tmp_path / "run")
+    curve, appended = [{"step": 8, "epoch": 0}], threading.Event()
+    original = ckpt.commit
+
+    def commit_once_training_went_on(store_, ref, manifest):
+        appended.wait(30)
+        return original(store_, ref, manifest)
+
+    monkeypatch.setattr(ckpt, "commit", commit_once_training_went_on)
+    saver = ckpt.Checkpointer(store, run_dir, keep_last=2, async_save=True)
+    saver.save(10, {"model": FLM(CFG, FEATS, init_seed=1).state_dict()}, {"step": 10, "curve": curve})
+    curve.append({"step": 12, "epoch": 1})  # the epoch ends while the save is in flight
+    appended.set()
+    saver.finish()
+    saver.close()
+    assert ckpt.load_manifest(store, ckpt.find_latest(store, run_dir))["curve"] == [{"step": 8, "epoch": 0}]
 
 
 def test_keep_last_deletes_only_after_a_newer_commit(tmp_path, s3, bucket):
