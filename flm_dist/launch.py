@@ -270,13 +270,25 @@ def _plan(store: Store, uri: str, spec: ReadSpec, job: JobConfig) -> DataPlan:
     return plan
 
 
-def _check_resumable(store: Store, run_dir: str, plan: DataPlan) -> None:
-    """Refuse to resume when files the checkpoint read have changed or vanished; files
+# What a checkpoint's rows and data position mean: a resume under other values would load
+# rows hashed for other IDs, or train on rows it held out (and hold out rows it trained on).
+# The rest (epochs, learning rates, batch size, workers) may change between runs.
+RESUME_KEYS = ("task", "model", "data.features", "data.split", "data.valid", "data.valid_fraction", "data.rating_range", "run.seed")
+
+
+def _check_resumable(store: Store, run_dir: str, plan: DataPlan, job: JobConfig) -> None:
+    """Refuse to resume when the job now reads the checkpoint's rows or data differently
+    (`RESUME_KEYS`), or when files the checkpoint read have changed or vanished; files
     added since join the resumed epoch (a deterministic re-plan: keys are file#row group)."""
     ref = ckpt.find_latest(store, run_dir)
     if ref is None:
         return
     m = ckpt.load_manifest(store, ref)
+    before, now = m.get("config") or {}, _redacted(job)
+    changed = [c for key in (RESUME_KEYS if before else ()) for c in _changed(before, now, key)]
+    if changed:
+        what = "; ".join(f"{k} was {was!r}, now {is_!r}" for k, was, is_ in changed[:3])
+        raise ConfigError(f"cannot resume {run_dir} from {ref.uri}: {what}. Set them back, or rerun with --fresh or a new run.name")
     before = {f["uri"]: f for f in m.get("data_files", [])}
     now = {f.uri: f for f in plan.files}
     changed = [u for u, f in before.items() if u not in now or (now[u].size, now[u].version) != (f["size"], f["version"])]
@@ -288,6 +300,17 @@ def _check_resumable(store: Store, run_dir: str, plan: DataPlan) -> None:
     added = [u for u in now if u not in before]
     if added and not m.get("epoch_done"):
         print(f"resuming {ref.uri}: {len(added)} new data file(s) join the resumed epoch (first: {added[0]})", flush=True)
+
+
+def _changed(before: dict, now: dict, key: str) -> list[tuple[str, object, object]]:
+    """(key, saved, now) for `key` of two job configs, per field of a section. A field
+    the saved config lacks (added by a later flm_dist) counts as unchanged."""
+    was, is_ = before, now
+    for part in key.split("."):
+        was, is_ = (was or {}).get(part), (is_ or {}).get(part)
+    if isinstance(was, dict) and isinstance(is_, dict):
+        return [(f"{key}.{k}", was[k], is_.get(k)) for k in sorted(was) if was[k] != is_.get(k)]
+    return [(key, was, is_)] if was != is_ else []
 
 
 def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw: float, storage_uri: str, name: str, channel=None):
@@ -605,7 +628,7 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     print(f"{job.task}: {plans['train'].total_rows:,} rows in {len(plans['train'].files)} files x {job.train.epochs} epochs, "
           f"{job.scaling.max_workers} workers x {cpw} CPUs -> {run_dir}", flush=True)
     if not fresh:
-        _check_resumable(store, run_dir, plans["train"])
+        _check_resumable(store, run_dir, plans["train"], job)
     trainer = _trainer(job, store, spec, datasets, cpw, job.run.storage, job.run.name, channel)
     with _ProgressBar(channel, total, job.task, progress) as bar:
         reference = _reference_reader(store, job, plans, specs, channel if ranking else None, bar.first_step) if with_reference else None

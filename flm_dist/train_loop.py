@@ -703,7 +703,7 @@ class Worker:
         if finite.item() < 1:
             raise NonFiniteLossError(
                 f"the state at step {progress.step} (epoch {progress.epoch}) holds NaN/Inf values; stopped before writing a "
-                f"checkpoint. Last committed checkpoint: {self.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+                f"checkpoint. Last committed checkpoint: {_committed_so_far(self)}. Lower train.lr / train.sparse_lr or set train.grad_clip."
             )
         keep = {progress.best["step"]} if progress.best else set()
         self.checkpointer.save(progress.step, state, manifest, keep=keep)
@@ -794,7 +794,7 @@ def train(w: Worker, progress: Progress, first: Fetcher, valid_shard=None) -> di
             if any_nonfinite:
                 raise NonFiniteLossError(
                     f"loss or gradients became NaN/Inf at step {progress.step} (epoch {progress.epoch}); stopped before writing "
-                    f"a checkpoint. Last committed checkpoint: {w.checkpointer.last_committed}. Lower train.lr / train.sparse_lr or set train.grad_clip."
+                    f"a checkpoint. Last committed checkpoint: {_committed_so_far(w)}. Lower train.lr / train.sparse_lr or set train.grad_clip."
                 )
             last_loss = gloss / step_rows if step_rows else last_loss
             stop = bool(t.max_steps and progress.step >= t.max_steps)
@@ -856,6 +856,15 @@ def _end_of_epoch(w: Worker, progress: Progress, valid: ValidationBatches | None
     progress.curve.append(rec)
     patience = _patience(w.spec)
     return bool(valid is not None and patience and progress.stale >= patience)
+
+
+def _committed_so_far(w: Worker) -> str | None:
+    """Collective: the last committed checkpoint, once the save in flight has committed
+    or failed (an async save that passed its checks may still commit after a NaN)."""
+    try:
+        return w.checkpointer.finish()
+    except ckpt.CheckpointSaveError:
+        return w.checkpointer.last_committed
 
 
 def _patience(s) -> int:

@@ -20,6 +20,7 @@ import torch
 
 from flm_dist import checkpoint as ckpt
 from flm_dist import launch
+from flm_dist.config import ConfigError
 from flm_dist.data.encode import EncodeSpec, empty_columns, read_units
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.plan import plan_read
@@ -207,6 +208,11 @@ def test_case11_new_files_join_changed_files_refused_and_other_world_size(ray_lo
     by_pid = read_trace(trace, 0)
     got = np.sort(np.concatenate([p for recs in by_pid.values() for s, p in recs if s <= 10 or min(x for x, _ in recs) > 10]))
     assert np.array_equal(got, pretraining_positions(data))
+    # a job that would read the checkpoint's rows or its held-out rows differently: refused, naming the key
+    for key, value, said in (("model.hash_seed", 1, "model.hash_seed was 0, now 1"), ("run.seed", 5, "run.seed was 0, now 5"),
+                             ("data.valid_fraction", 0.2, "data.valid_fraction was 0.1, now 0.2")):
+        with pytest.raises(ConfigError, match=rf"cannot resume .*r11 .*{re.escape(said)}.*--fresh"):
+            launch.train(_job(runs, "r11", data, **{key: value}), Store(), progress=False)
     # a file the checkpoint read changes: resuming is refused, naming the file
     pq.write_table(pa.table({"user_id": pa.array([1], pa.int64()), "item_id": pa.array([2], pa.int64()), "u_segment": ["s"], "i_category": ["c"]}), os.path.join(data, "part-00.parquet"))
     with pytest.raises(DataError, match=r"cannot resume .* changed or vanished .*part-00.parquet"):
@@ -225,11 +231,10 @@ def test_case13_nan_loss_stops_before_a_checkpoint(ray_local, tmp_path):
     # the same run, resumed with a learning rate that blows the weights up
     with pytest.raises(NonFiniteLossError, match=r"NaN/Inf at step \d+") as e:
         launch.train(_job(runs, "nan", data, **{"train.lr": 1e30, "train.sparse_lr": 1e30, "train.epochs": 3}), Store(), progress=False)
-    assert good_ref.uri in str(e.value)
     latest = ckpt.find_latest(Store(), os.path.join(runs, "nan"))
+    assert latest.step >= good_ref.step and f"Last committed checkpoint: {latest.uri}." in str(e.value)  # what a rerun resumes from
     model, _, _ = load_model(Store(), latest.uri)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert latest.step >= good_ref.step
 
 
 # ---------------------------------------------------------------- cases 14, 19
