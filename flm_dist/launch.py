@@ -581,7 +581,9 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     if job.init_from:
         if (start := start_checkpoint(store, job)) != job.init_from:
             print(f"{job.task}: starting from the pretraining's best epoch by its validation, {start}", flush=True)
-            job = replace(job, init_from=start)
+        # Resolved once, here: ranks resolving a run folder apart could each load another
+        # checkpoint of a pretraining that commits meanwhile (and a restart a third).
+        job = replace(job, init_from=ckpt.resolve(store, start).uri)
         _check_parent_hash(store, job.init_from, hash_spec)
     eval_uri = job.data.eval if job.task != "pretrain" else ""
     datasets, plans, specs = plan_datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=True)
