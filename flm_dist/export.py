@@ -22,7 +22,6 @@ snapshot are computed by streaming the checkpoint's training data files once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ from flm_dist.data.plan import list_files
 from flm_dist.data.schema import DataError
 from flm_dist.data.sequences import expand, is_sequence
 from flm_dist.model import FLM
-from flm_dist.storage import Store, join, split_uri
+from flm_dist.storage import Store, join, sha256_file, split_uri
 
 __all__ = [
     "FORMATS",
@@ -569,14 +568,6 @@ def _feature_meta(features: list[FeatureConfig], id_kinds: dict[str, str], first
     return out
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _parse_formats(formats) -> tuple[str, ...]:
     if isinstance(formats, str):
         formats = [s.strip() for s in formats.split(",") if s.strip()]
@@ -626,7 +617,7 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
         for root, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(root, n)
-                files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+                files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
         out_manifest = _manifest(source, model.cfg, spec, task, dtype, formats, id_kinds, features, onnx_info, vectors, snapshot, changed, checkpoint, files)
         out_manifest["transitions"] = counts
         out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)

@@ -48,7 +48,7 @@ from ray import serve
 from flm_dist.config import ConfigError, ServeConfig
 from flm_dist.data.hashing import HASH_VERSION, prehash_ids, prehash_str
 from flm_dist.export import LEN_SUFFIX, feature_inputs
-from flm_dist.storage import Store, join
+from flm_dist.storage import Store, join, sha256_file
 from flm_dist.transitions import Transitions
 
 __all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_serve_config", "run", "top_k"]
@@ -462,22 +462,23 @@ class LoadedExport:
 
 
 def fetch_export(store: Store, uri: str, local_dir: str) -> None:
-    """Download what a server needs (not the tables: scorer.pt holds them) and check
-    every file against its sha256 in the manifest."""
-    import hashlib
-
+    """Download what a server reads (the scorer, which holds the tables; the feature
+    snapshots, the item vectors and the transition counts; not the user vectors) and
+    check every file against its sha256 in the manifest."""
     manifest = store.read_json(join(uri, "manifest.json"))
     with open(os.path.join(local_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    wanted = [rel for rel in manifest.get("files", {}) if rel == "scorer.pt" or rel.endswith(".parquet")]
+    snapshots = [info["file"] for info in (manifest.get("feature_snapshot") or {}).values() if isinstance(info, dict) and "file" in info]
+    items = (manifest.get("vectors") or {}).get("items")
+    wanted = ["scorer.pt", *snapshots, *([items["file"]] if items else []), *([manifest["transitions"]["file"]] if manifest.get("transitions") else [])]
     for rel in wanted:
-        data = store.read_bytes(join(uri, rel))
-        if hashlib.sha256(data).hexdigest() != manifest["files"][rel]["sha256"]:
-            raise ValueError(f"{join(uri, rel)} does not match its sha256 in manifest.json (a partial or replaced export?)")
+        if rel not in manifest.get("files", {}):
+            raise ValueError(f"{uri}/manifest.json names {rel} but does not list it among its files (a partial export?)")
         dst = os.path.join(local_dir, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        with open(dst, "wb") as f:
-            f.write(data)
+        store.get_file(join(uri, rel), dst)  # streamed: the item vectors can be GBs
+        if sha256_file(dst) != manifest["files"][rel]["sha256"]:
+            raise ValueError(f"{join(uri, rel)} does not match its sha256 in manifest.json (a partial or replaced export?)")
 
 
 # ------------------------------------------------------------------ Ray Serve

@@ -9,6 +9,7 @@ embedded moto endpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -270,6 +271,16 @@ class Store:
         except Exception as e:
             raise StorageError(f"cannot write {uri}: {e}") from e
 
+    def get_file(self, uri: str, local: str) -> None:
+        """Copy `uri` to a local file without holding it in memory."""
+        fs, path = self.fs(uri)
+        try:
+            fs.get_file(path, local)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise StorageError(f"cannot read {uri}: {e}") from e
+
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
@@ -357,6 +368,14 @@ class Store:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             with open(dst, "wb") as f:
                 f.write(fs.cat_file(entry))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ embedded endpoint

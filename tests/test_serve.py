@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import threading
 import urllib.error
@@ -294,6 +295,23 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(world):
     requests = after["score"]["requests"] - before["score"]["requests"]
     batches = after["score"]["batches"] - before["score"]["batches"]
     assert requests == len(users) and batches < requests  # at least one batch held several requests
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_replica_fetches_only_what_it_serves(world, where, s3_store, bucket, tmp_path):
+    """The user vectors are exported for offline use (an ANN index, batch scoring); a
+    replica never reads them, and at 10^8 users they are ~25 GB it held in memory."""
+    with open(os.path.join(world["retrieval"], "manifest.json")) as f:
+        exported = set(json.load(f)["files"])
+    store, uri = Store(), world["retrieval"]
+    if where == "s3":
+        store, uri = s3_store, f"{bucket}/export"
+        store.upload_dir(world["retrieval"], uri)
+    fserve.fetch_export(store, uri, str(tmp_path))
+    fetched = {os.path.relpath(os.path.join(r, n), tmp_path) for r, _, names in os.walk(tmp_path) for n in names}
+    assert "user_vectors.parquet" in exported and "user_vectors.parquet" not in fetched
+    assert {"manifest.json", "scorer.pt", "item_vectors.parquet"} <= fetched and fetched - {"manifest.json"} <= exported
+    assert any(f.startswith("features/") for f in fetched)  # the snapshots /score reads
 
 
 def test_serve_config_is_checked():
