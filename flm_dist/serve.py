@@ -181,8 +181,10 @@ def encode_values(f: dict, values: list, where: str, per_row: bool) -> dict[str,
         for i, v in enumerate(values):
             if v is None:
                 v = 0.0
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise RequestError(f"{at(i)} must be a number or null", at(i))
+            if isinstance(v, bool):  # a boolean column trains as 0 / 1
+                v = float(v)
+            if not isinstance(v, (int, float)):
+                raise RequestError(f"{at(i)} must be a number, a boolean or null", at(i))
             try:
                 v = float(v)
             except OverflowError:
@@ -200,12 +202,15 @@ def encode_values(f: dict, values: list, where: str, per_row: bool) -> dict[str,
         v = [] if v is None else v
         if not isinstance(v, list):
             raise RequestError(f"{at(i)} must be a list of values (a multi-valued feature) or null", at(i))
-        # a history keeps its most recent items (the list is oldest first), a feature its first values
-        v = v[-f["max_len"] :] if f["kind"] == "history" else v[: f["max_len"]]
-        for j, x in enumerate(v):
-            # a null value in the list hashes as training hashes it: like "" / 0
-            vals[i, j] = (prehash_str("") if f["id_kind"] == "string" else 0) if x is None else id_key(x, f["id_kind"], f"{at(i)}[{j}]")
-        lens[i] = len(v)
+        if f["kind"] == "history":
+            # item IDs, oldest first: every one checked (a null is no item: training never
+            # puts one in a history), the most recent kept
+            keys = [id_key(x, f["id_kind"], f"{at(i)}[{j}]") for j, x in enumerate(v)][-f["max_len"] :]
+        else:
+            # a feature keeps its first values; a null value hashes as training hashes it: like "" / 0
+            keys = [(prehash_str("") if f["id_kind"] == "string" else 0) if x is None else id_key(x, f["id_kind"], f"{at(i)}[{j}]") for j, x in enumerate(v[: f["max_len"]])]
+        vals[i, : len(keys)] = torch.tensor(keys, dtype=torch.long)
+        lens[i] = len(keys)
     return {name: vals, name + LEN_SUFFIX: lens}
 
 
@@ -334,6 +339,9 @@ class LoadedExport:
             raise RequestError(f"history must be a list of item IDs, oldest first, got {type(body['history']).__name__}", "history")
         if given is not None and not isinstance(given, dict):
             return given  # refused with its own message
+        if given and "history" in given:
+            raise RequestError("history is given twice, as history and as user_features.history: send one", "history")
+        self._keys(body["history"], self.id_kind["item"], "history")  # named as sent: history[j]
         return {**(given or {}), "history": body["history"]}
 
     def parse_score(self, body) -> ScoreRequest:
@@ -372,10 +380,12 @@ class LoadedExport:
         if not isinstance(exclude_history, bool):
             raise RequestError(f"exclude_history must be true or false, got {exclude_history!r}", "exclude_history")
         if exclude_history and "history" in features:
-            # the items the user just had (the request's history, or the snapshot's): a
-            # ranking of what comes next leaves them out, as the evaluation and the
-            # blend weight's fit do; false keeps them (repeat consumption, e.g. music)
-            ex = np.concatenate([ex, features["history"][0, : int(features["history" + LEN_SUFFIX][0])].numpy()])
+            # the items the user had (the whole history the request gives, not only the
+            # items the model reads; or the snapshot's): a ranking of what comes next
+            # leaves them out, as the evaluation and the blend weight's fit do; false
+            # keeps them (repeat consumption, e.g. music)
+            had = self._keys(body["history"], self.id_kind["item"], "history") if "history" in body else features["history"][0, : int(features["history" + LEN_SUFFIX][0])].numpy()
+            ex = np.concatenate([ex, had])
         pos = np.minimum(np.searchsorted(self._item_keys, ex), len(self._item_keys) - 1)
         rows = self._item_rows[pos[self._item_keys[pos] == ex]]
         return RecommendRequest(body["user_id"], k, torch.from_numpy(user), features, rows)

@@ -189,6 +189,12 @@ def test_score_with_features_in_the_request(world):
     # user_id 12 in a string ID column is the string "12"
     want = _want(world, "retrieval", "12", items, user_feats=user_feats, item_feats=item_feats)
     assert np.abs(np.array(body["scores"]) - want).max() <= TOL
+    # a numeric feature may be a boolean column in training (0 / 1): JSON true / false score as 1 / 0
+    as_bools = {**item_feats, "i_price": [True, None, False]}
+    status, body = _call(world["url"], "/score", {"user_id": 12, "item_ids": items, "user_features": user_feats, "item_features": as_bools})
+    assert status == 200, body
+    want = _want(world, "retrieval", "12", items, user_feats=user_feats, item_feats={**item_feats, "i_price": [1.0, None, 0.0]})
+    assert np.abs(np.array(body["scores"]) - want).max() <= TOL
 
 
 def test_recommend_ranks_every_item(world):

@@ -5,6 +5,7 @@ and the server's /recommend and /score answering the same blended scores."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -190,6 +191,23 @@ def test_the_export_fits_a_blend_weight_and_the_server_ranks_by_it(tmp_path):
     scored = server.score_batch([server.parse_score({"user_id": 1, "item_ids": items, "history": history})])[0]["scores"]
     np.testing.assert_allclose(scored, [r["score"] for r in rec], rtol=1e-5, atol=1e-6)
     assert scored[0] > float(alone[rec[0]['item_id']]) + 0.1
+
+
+def test_recommend_leaves_out_the_whole_history_it_is_given_and_refuses_what_is_no_item(tmp_path):
+    from flm_dist.serve import LoadedExport, RequestError
+
+    _, out = _export(tmp_path, window=3)
+    server = LoadedExport(str(out), ServeConfig(max_items=ITEMS))
+    history = list(range(7))  # longer than the model's history_len (5): it reads the last 5
+    rec = server.recommend_batch([server.parse_recommend({"user_id": 1, "k": ITEMS, "history": history})])[0]["items"]
+    assert {r["item_id"] for r in rec} == set(range(ITEMS)) - set(history)
+    for body, field in (({"history": [3, None]}, "history[1]"),  # a null is no item: it scored as item 0
+                        ({"history": [{"x": 1}, 5, 6, 7, 8, 9]}, "history[0]"),  # before the 5 read, still checked
+                        ({"history": [1], "user_features": {"history": [2]}}, "history")):
+        for parse in (server.parse_recommend, lambda b: server.parse_score({"item_ids": [1], **b})):
+            with pytest.raises(RequestError, match=re.escape(field)) as e:
+                parse({"user_id": 1, **body})
+            assert e.value.field == field and e.value.status == 400
 
 
 def test_window_zero_exports_no_counts_and_bad_keys_are_refused(tmp_path):
