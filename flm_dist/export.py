@@ -622,10 +622,27 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
         out_manifest["transitions"] = counts
         out_manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
         store.ensure_bucket(out)
+        # Into a folder that holds an export: its manifest goes first, so that while the
+        # files change the folder is no export (a replica refuses it; under the old
+        # manifest it would mix both), and its files this export does not write (an ONNX
+        # graph, transition counts) go once the new ones are up.
+        before = _exported_files(store, out)
+        if before:
+            store.rm(join(out, "manifest.json"), recursive=False)
         for rel in sorted(files):
             store.put_file(os.path.join(tmp, rel), join(out, rel))  # streamed: item vectors can be GBs
+        for rel in sorted(set(before) - set(files)):
+            store.rm(join(out, rel), recursive=False)
         store.write_bytes(join(out, "manifest.json"), json.dumps(out_manifest, indent=2, sort_keys=True).encode())
     return out_manifest
+
+
+def _exported_files(store: Store, out: str) -> list[str]:
+    """The files the export already in `out` lists (none if there is none)."""
+    try:
+        return list(store.read_json(join(out, "manifest.json")).get("files", {}))
+    except FileNotFoundError:
+        return []
 
 
 def _write_model_files(tmp: str, model: FLM, scorer, onnx_scorer: Scorer | None, features: list[dict], formats, table_dtype) -> dict | None:

@@ -475,7 +475,10 @@ def fetch_export(store: Store, uri: str, local_dir: str) -> None:
     """Download what a server reads (the scorer, which holds the tables; the feature
     snapshots, the item vectors and the transition counts; not the user vectors) and
     check every file against its sha256 in the manifest."""
-    manifest = store.read_json(join(uri, "manifest.json"))
+    try:
+        manifest = store.read_json(join(uri, "manifest.json"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} has no manifest.json: not an export, or one still being written (`flm-dist export` writes it last)") from None
     with open(os.path.join(local_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     snapshots = [info["file"] for info in (manifest.get("feature_snapshot") or {}).values() if isinstance(info, dict) and "file" in info]

@@ -457,6 +457,38 @@ def test_default_export_of_every_task_with_0_1_and_several_features(tmp_path, ta
     assert float(np.abs(got.numpy() - want).max()) <= FP32_TOL
 
 
+def test_a_re_export_into_the_same_folder_leaves_no_old_file_and_never_a_mix(tmp_path, monkeypatch):
+    """Exported again into its folder, an export holds only its own files (an ONNX graph
+    of the first one was left behind, and read by whoever loads scorer.onnx); one that
+    fails midway leaves no manifest, so no replica serves old and new files together."""
+    from flm_dist.config import JobConfig, to_dict
+    from flm_dist.serve import fetch_export
+    from flm_dist.storage import StorageError
+
+    cfg = ModelConfig(user_rows=4096, item_rows=1024, feature_rows=64, embedding_dim=8, hidden=[16], latent_dim=8)
+    pq.write_table(_raw_rows(64), tmp_path / "train.parquet")
+    source = {"task": "retrieval", "config": to_dict(JobConfig(task="retrieval", model=cfg)), "hash_spec": HashSpec.build(table_sizes(cfg, []), 5).to_dict(),
+              "data_columns": ID_KINDS, "data_files": [{"uri": str(tmp_path / "train.parquet"), "size": (tmp_path / "train.parquet").stat().st_size}]}
+    out = tmp_path / "out"
+    write_export(Store(), FLM(cfg, []).eval(), source, str(out))
+    assert (out / "scorer.onnx").exists()
+    m = write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="torchscript")
+    assert {os.path.relpath(p, out) for p in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(p)} == {*m["files"], "manifest.json"}
+    put, done = Store.put_file, []
+
+    def store_fails_after_one_file(self, local, uri):
+        if done:
+            raise StorageError(f"cannot write {uri}: the store went away")
+        done.append(uri)
+        put(self, local, uri)
+
+    monkeypatch.setattr(Store, "put_file", store_fails_after_one_file)
+    with pytest.raises(StorageError, match="went away"):
+        write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="torchscript")
+    with pytest.raises(FileNotFoundError, match="no manifest.json: not an export, or one still being written"):
+        fetch_export(Store(), str(out), str(tmp_path))
+
+
 def test_vectors_and_the_snapshot_take_the_rows_training_takes(tmp_path):
     """The export's universe and last-seen features come from the rows training trained
     on: not a row it dropped (a NaN feature, a retrieval non-click), nor an eval row of
