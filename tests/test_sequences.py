@@ -22,7 +22,7 @@ from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, identity_keys
 from flm_dist.data.plan import plan_read
 from flm_dist.data.schema import DataError, ReadSpec
-from flm_dist.data.sequences import expand
+from flm_dist.data.sequences import EVENTS_PER_PARTITION, expand, partitions
 from flm_dist.model import FLM, HistoryEncoder, table_sizes
 from flm_dist.storage import Store
 
@@ -70,8 +70,11 @@ def sequences(ray_local, tmp_path_factory):
     order = np.random.default_rng(1).permutation(raw.num_rows)  # a user's events spread over files, out of order
     os.makedirs(d / "log")
     for k, part in enumerate(np.array_split(order, 3)):
-        pq.write_table(raw.take(pa.array(part)), str(d / "log" / f"part-{k}.parquet"))
-    rep = build_sequences(Store(), str(d / "log"), str(d / "seq"), files=3)
+        # a list column before item_id (the report counted that column's values as events)
+        pq.write_table(raw.take(pa.array(part)).select(["tags", "user_id", "ts", "item_id", "label", "shop"]), str(d / "log" / f"part-{k}.parquet"))
+    (d / "log" / "part-3.parquet").write_bytes(b"")  # an empty file: skipped and counted, as training's plan does
+    # row groups of 4 users, each a read unit: several a file (Arrow's default made a file one)
+    rep = build_sequences(Store(), str(d / "log"), str(d / "seq"), files=3, users_per_row_group=4)
     return raw, str(d / "seq"), rep
 
 
@@ -101,6 +104,9 @@ def test_stage_writes_each_user_once_with_events_in_time_order(sequences):
     raw, out, rep = sequences
     t = pq.read_table(out)
     assert rep["events"] == raw.num_rows and rep["users"] == t.num_rows == len(set(raw.column("user_id").to_pylist()))
+    assert rep["dropped_null_keys"] == 0 and rep["empty_files"] == 1
+    groups = [md.row_group(g).num_rows for f in sorted(os.listdir(out)) for md in [pq.ParquetFile(os.path.join(out, f)).metadata] for g in range(md.num_row_groups)]
+    assert max(groups) <= 4 and len(groups) >= 10, groups
     got = []
     for r in t.to_pylist():
         pairs = list(zip(r["ts"], r["item_id"], strict=True))
@@ -173,7 +179,20 @@ def test_the_stage_checks_every_file_before_it_reads(tmp_path):
     pq.write_table(raw.drop_columns(["ts"]), tmp_path / "log" / "b.parquet")
     with pytest.raises(DataError, match=r"b\.parquet: column 'ts' is missing"):
         build_sequences(Store(), str(tmp_path / "log"), str(tmp_path / "seq"))
+    # a key column of another type than the first file's, a time that is no time, a file that is no Parquet
+    for b, said in ((raw.set_column(0, "user_id", raw.column("user_id").cast(pa.string())), r"b\.parquet: column 'user_id' is string, but int64 in .*a\.parquet"),
+                    (raw.set_column(1, "ts", raw.column("ts").cast(pa.float64())), r"b\.parquet: column 'ts' is double; it must be an integer, timestamp or date"),
+                    (b"PAR1 not parquet", r"b\.parquet: not a readable Parquet file")):
+        if isinstance(b, bytes):
+            (tmp_path / "log" / "b.parquet").write_bytes(b)
+        else:
+            pq.write_table(b, tmp_path / "log" / "b.parquet")
+        with pytest.raises(DataError, match=said):
+            build_sequences(Store(), str(tmp_path / "log"), str(tmp_path / "seq"))
     assert not (tmp_path / "seq").exists()
+    # a partition's sort and its read units do not grow with the log (capped at 64
+    # partitions, 10^9 events were 15.6M a partition)
+    assert 10**9 / partitions(10**9) <= EVENTS_PER_PARTITION
 
 
 def test_a_sequence_whose_time_goes_back_is_refused(tmp_path):

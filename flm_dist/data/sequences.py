@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flm_dist.data.schema import DataError
+from flm_dist.data.schema import DataError, _is_id_type, _is_ts
 from flm_dist.storage import Store, split_uri
 
 __all__ = ["build_sequences", "expand", "history_rows", "is_sequence"]
@@ -135,12 +135,13 @@ def _sortable(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t) or pa.types.is_timestamp(t)
 
 
-def build_sequences(store: Store, src: str, out: str, files: int | None = None) -> dict:
+def build_sequences(store: Store, src: str, out: str, files: int | None = None, users_per_row_group: int | None = None) -> dict:
     """Write `src` (an interaction log) as per-user sequences under `out`; returns a
-    report (users, events, rows dropped for a null user_id / item_id / ts, files)."""
+    report (users, events, rows dropped for a null user_id / item_id / ts, empty input
+    files skipped, files written)."""
     import ray
 
-    from flm_dist.data.plan import list_files
+    from flm_dist.data.plan import _leaf, list_files
 
     t0 = time.perf_counter()
     inputs = list_files(store, src)
@@ -152,31 +153,64 @@ def build_sequences(store: Store, src: str, out: str, files: int | None = None) 
     existing = list_files(store, out) if store.exists(out) else []
     if existing:
         raise DataError(f"{out} already holds data files ({existing[0].uri}); write sequences to a new prefix")
-    rows_in = 0
+    empty = [f for f in inputs if f.size == 0]  # no rows: skipped, as training's plan skips them
+    inputs = [f for f in inputs if f.size > 0]
+    rows_in, first = 0, None
     for f in inputs:  # every file: Ray reads them all with the first one's schema, a missing ts as nulls
-        md = pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata
+        try:
+            md = pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{f.uri}: not a readable Parquet file ({type(e).__name__}: {e}); repair it or move it out of {src}") from None
         schema = md.schema.to_arrow_schema()
         for col in ("user_id", "item_id", "ts"):
             if schema.get_field_index(col) < 0:
                 raise DataError(f"{f.uri}: column '{col}' is missing; per-user sequences order each user's events by ts")
         if is_sequence(schema):
             raise DataError(f"{f.uri} already holds per-user sequences ('item_id' is a list column)")
+        _check_key_types(f.uri, schema, first)
+        first = first or (f.uri, schema)
         rows_in += md.num_rows
-    blocks = files or max(1, min(64, rows_in // 500_000 + 1))
+    if not inputs:
+        raise DataError(f"{src}: every data file is empty ({len(empty)})")
     ds = ray.data.read_parquet([split_uri(f.uri)[1] for f in inputs], filesystem=fs)
     ds = ds.map_batches(_drop_null_keys, batch_format="pyarrow")
-    ds = ds.repartition(blocks, keys=["user_id"]).map_batches(_to_sequences, batch_format="pyarrow", batch_size=None)
+    ds = ds.repartition(files or partitions(rows_in), keys=["user_id"]).map_batches(_to_sequences, batch_format="pyarrow", batch_size=None)
     store.ensure_bucket(out)
-    ds.write_parquet(split_uri(out)[1], filesystem=fs, min_rows_per_file=1)
+    # Row groups of USERS_PER_ROW_GROUP users: a row group is a training read unit (never
+    # split), which Arrow's default (up to 1M rows) would make a whole partition.
+    ds.write_parquet(split_uri(out)[1], filesystem=fs, min_rows_per_file=1, row_group_size=users_per_row_group or USERS_PER_ROW_GROUP)
     written = list_files(store, out)
     users = events = 0
     for f in written:
         md = pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata
         users += md.num_rows
-        col = md.schema.names.index("item_id") if "item_id" in md.schema.names else 1
+        col = _leaf(md, "item_id")  # a list column's leaf is named after its element, not the column
         events += sum(md.row_group(g).column(col).num_values for g in range(md.num_row_groups))
     return {"input": src, "out": out, "input_rows": int(rows_in), "users": int(users), "events": int(events),
-            "dropped_null_keys": int(rows_in - events), "files": len(written), "seconds": round(time.perf_counter() - t0, 2)}
+            "dropped_null_keys": int(rows_in - events), "empty_files": len(empty), "files": len(written), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# A partition's events are sorted by one task, and its users' rows become read units of
+# USERS_PER_ROW_GROUP users: ~20k-50k events at the 20-50 events a user of a real log has.
+EVENTS_PER_PARTITION = 500_000
+USERS_PER_ROW_GROUP = 1024
+
+
+def partitions(rows: int) -> int:
+    """Partitions of a log of `rows` events: one per EVENTS_PER_PARTITION, no cap, so a
+    task's sort never grows with the log (10^9 events: 2,001 partitions)."""
+    return max(1, rows // EVENTS_PER_PARTITION + 1)
+
+
+def _check_key_types(uri: str, schema: pa.Schema, first: tuple[str, pa.Schema] | None) -> None:
+    """The key columns as training takes them, and of one type in every file (Ray reads
+    every file with the first one's schema: another type fails inside a task, or casts)."""
+    for col, ok, kinds in (("user_id", _is_id_type, "an integer or string"), ("item_id", _is_id_type, "an integer or string"), ("ts", _is_ts, "an integer, timestamp or date")):
+        t = schema.field(col).type
+        if not ok(t):
+            raise DataError(f"{uri}: column '{col}' is {t}; it must be {kinds}")
+        if first is not None and t != (t0 := first[1].field(col).type):
+            raise DataError(f"{uri}: column '{col}' is {t}, but {t0} in {first[0]}; every file of a log must give it one type")
 
 
 def _drop_null_keys(batch: pa.Table) -> pa.Table:
