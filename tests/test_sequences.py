@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from flm_dist.batch import Batch
 from flm_dist.config import JobConfig, ModelConfig, ServeConfig, SplitConfig, to_dict
-from flm_dist.data.encode import EncodeSpec, encode_table
+from flm_dist.data.encode import EncodeSpec, empty_columns, encode_table, read_units
 from flm_dist.data.hashing import HashSpec, identity_keys
 from flm_dist.data.plan import plan_read
 from flm_dist.data.schema import DataError, ReadSpec
@@ -201,6 +201,13 @@ def test_a_sequence_whose_time_goes_back_is_refused(tmp_path):
     plan, enc = _spec(Store(), str(tmp_path))
     with pytest.raises(DataError, match=r"user 7: event 2 of the sequence has ts 4 after 5"):
         encode_table(pq.read_table(tmp_path / "seq.parquet"), enc, 0)
+    # read as training reads it, the error names the file and row group
+    with pytest.raises(DataError, match=r"seq\.parquet: row group 0: user 7: event 2 of the sequence has ts 4 after 5"):
+        list(read_units(plan.units, [f.uri for f in plan.files], enc, Store(), plan.columns, None, "fail", empty_columns(enc), {}))
+    pq.write_table(t.set_column(2, "ts", pa.array([[1, 5], [1, 2]])), tmp_path / "seq.parquet")  # 3 items, 2 times
+    plan, enc = _spec(Store(), str(tmp_path))
+    with pytest.raises(DataError, match=r"seq\.parquet: row group 0: row 0 \(user 7\): column 'ts' has 2 values"):
+        list(read_units(plan.units, [f.uri for f in plan.files], enc, Store(), plan.columns, None, "fail", empty_columns(enc), {}))
 
 
 def test_events_without_a_time_keep_order_and_ties(tmp_path):

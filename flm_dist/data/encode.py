@@ -337,7 +337,10 @@ def _encode_unit(t: pa.Table, u: Unit, uri: str, spec: EncodeSpec, skip_rows: di
     rows = sequence_slots(t) if spec.read.sequence else t.num_rows
     if rows != u.rows:
         raise DataError(f"{uri}: row group {u.row_group} has {rows} rows, the plan expected {u.rows} (file changed during the run?)")
-    cols = encode_table(t, spec, u.index, 0)
+    try:
+        cols = encode_table(t, spec, u.index, 0)
+    except DataError as e:  # a row's own fault (a sequence's lists of unequal length, its time going back): name where
+        raise DataError(f"{uri}: row group {u.row_group}: {e}") from None
     # The unit's rows on this side of the split: once that many are consumed (trained or
     # dropped as bad), the unit is done (`position.ConsumedRows`), its held-out rows aside.
     cols["_side_rows"] = np.full(len(cols["_pos"]), len(cols["_pos"]), np.int32)

@@ -63,7 +63,7 @@ def expand(t: pa.Table, where: str = "") -> tuple[pa.Table, np.ndarray, np.ndarr
             if not np.array_equal(col_len, lengths):
                 bad = int(np.flatnonzero(col_len != lengths)[0])
                 raise DataError(
-                    f"{where}: row {bad} (user {t.column('user_id')[bad].as_py()!r}): column '{name}' has {int(col_len[bad])} "
+                    f"{where + ': ' if where else ''}row {bad} (user {t.column('user_id')[bad].as_py()!r}): column '{name}' has {int(col_len[bad])} "
                     f"values but 'item_id' has {int(lengths[bad])}; every list column of a sequence holds one value per event"
                 )
             values = pc.list_flatten(col)
