@@ -183,19 +183,48 @@ class NegativeSampler:
             rows = torch.cat([rows, batch.history[batch.history >= 0]])
         new = rows[~self.seen[rows]].unique()  # few once the catalog is known: sort only those
         self.seen[new] = True
+        self._append(new)
+        for name, table in self.cache.items():
+            table[batch.item] = batch.features[name].to(table.dtype)
+
+    def _append(self, new: torch.Tensor) -> None:
         if self._n + len(new) > len(self._rows):
             grown = torch.empty(max(2 * len(self._rows), self._n + len(new)), dtype=torch.long, device=self.device)
             grown[: self._n] = self._rows[: self._n]
             self._rows = grown
         self._rows[self._n : self._n + len(new)] = new
         self._n += len(new)
-        for name, table in self.cache.items():
-            table[batch.item] = batch.features[name].to(table.dtype)
 
     def history_features(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
         """The last-seen item features of a batch's history items [B, H(, L)]."""
         rows = history.clamp_min(0)
         return {name: table[rows] for name, table in self.cache.items()}
+
+    def state(self, group=None) -> dict:
+        """Collective: the rows any rank has seen, each with the item features of the
+        highest rank that saw it; identical on every rank, to checkpoint, so that a
+        resumed run does not draw its negatives from the few items of its first batch
+        again. The live sampler stays as it is: a save does not change training."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        owner = self.seen.cpu().to(torch.int32) * (rank + 1)
+        if dist.is_initialized():
+            dist.all_reduce(owner, op=dist.ReduceOp.MAX, group=group)
+        features = {}
+        for name, table in self.cache.items():
+            mine = (owner == rank + 1).view(-1, *[1] * (table.dim() - 1))
+            features[name] = torch.where(mine, table.cpu(), torch.zeros((), dtype=table.dtype))
+            if dist.is_initialized():
+                dist.all_reduce(features[name], group=group)  # one owner per row: the sum is its value
+        return {"seen": (owner > 0).to(torch.uint8), "features": features}
+
+    def load(self, state: dict) -> None:
+        """Add a checkpoint's rows (`state`) to those seen, with their item features."""
+        seen = state["seen"].to(self.device).bool()
+        new = torch.nonzero(seen & ~self.seen).flatten()
+        self.seen |= seen
+        self._append(new)
+        for name, table in self.cache.items():
+            table[new] = state["features"][name].to(self.device, table.dtype)[new]
 
     def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         """(rows [count], their item features, count / catalog size)."""

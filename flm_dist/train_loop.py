@@ -187,9 +187,9 @@ def catalog_of(s: WorkerSpec) -> dict | None:
     return s.data.catalog
 
 
-def _state(model, dense_opt, sparse_opt, popularity: dict | None = None) -> dict:
-    """The DCP state: sharded tables and their Adagrad state as DTensor row blocks, and
-    the log-Q popularity estimate (pretrain, retrieval)."""
+def _state(model, dense_opt, sparse_opt, popularity: dict | None = None, negatives: dict | None = None) -> dict:
+    """The DCP state: sharded tables and their Adagrad state as DTensor row blocks, the
+    log-Q popularity estimate and the uniform negatives' catalog (pretrain, retrieval)."""
     m = unwrap(model)
     state = {
         "model": {k: global_view(m, k, v) for k, v in m.state_dict().items()},
@@ -198,6 +198,8 @@ def _state(model, dense_opt, sparse_opt, popularity: dict | None = None) -> dict
     }
     if popularity is not None:
         state["popularity"] = popularity
+    if negatives is not None:
+        state["negatives"] = negatives
     return state
 
 
@@ -208,6 +210,14 @@ def _saved_popularity(w: Worker, saved: set[str]) -> dict | None:
     if w.popularity is None or not {"popularity.counts", "popularity.total"} <= saved:
         return None
     return w.popularity.state()
+
+
+def _saved_negatives(w: Worker, saved: set[str]) -> dict | None:
+    """A placeholder for the uniform negatives' catalog, when this run draws them and the
+    checkpoint has it (one saved before it did: the catalog builds up again)."""
+    if w.negatives is None or "negatives.seen" not in saved:
+        return None
+    return {"seen": torch.zeros_like(w.negatives.seen, dtype=torch.uint8, device="cpu"), "features": {n: torch.zeros_like(t, device="cpu") for n, t in w.negatives.cache.items()}}
 
 
 def _all_finite(tensors) -> bool:
@@ -572,10 +582,13 @@ class Worker:
         if s.mode == "evaluate":
             self.load_model(ref)
         elif ref is not None:
-            pop = _saved_popularity(self, ckpt.saved_keys(self.store, ref))
-            ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt, pop))
+            saved = ckpt.saved_keys(self.store, ref)
+            pop, neg = _saved_popularity(self, saved), _saved_negatives(self, saved)
+            ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt, pop, neg))
             if pop is not None:
                 self.popularity.load(pop)
+            if neg is not None:
+                self.negatives.load(neg)
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
         elif s.run.init_from:
@@ -695,7 +708,8 @@ class Worker:
             "metrics": metrics,
         })
         pop = self.popularity.sync(self.ctrl) if self.popularity is not None else None
-        state = _state(self.model, self.dense_opt, self.sparse_opt, pop)
+        neg = self.negatives.state(self.ctrl) if self.negatives is not None else None
+        state = _state(self.model, self.dense_opt, self.sparse_opt, pop, neg)
         # No committed checkpoint may hold a non-finite value, whatever produced it.
         finite = torch.tensor([float(_all_finite(_tensors(state)))])
         if dist.is_initialized():

@@ -15,7 +15,7 @@ import torch
 
 from flm_dist import checkpoint as ckpt
 from flm_dist import ingest, launch
-from flm_dist.config import ConfigError, to_dict
+from flm_dist.config import ConfigError, FeatureConfig, to_dict
 from flm_dist.data.batches import BatchStream
 from flm_dist.data.budget import BadRows
 from flm_dist.data.encode import EncodeSpec, empty_columns, encode_table, read_units
@@ -187,18 +187,58 @@ def _popularity(rank, world):
     resumed.load(second)  # a resumed run starts from the saved global estimate
     resumed.update(torch.tensor([rank]))
     third = resumed.sync()
-    return first, second, third, float(resumed.log_q(torch.tensor([5]))[0])
+    return first, second, third, float(resumed.log_q(torch.tensor([5]))[0]), _negatives(rank)
+
+
+def _negatives(rank):
+    """The uniform negatives' catalog: rank 0 sees items 1, 2 (categories 10, 20), rank 1
+    items 2, 3 (21, 31): the saved state is every row seen, each with one rank's values,
+    and a resumed sampler draws from all of it."""
+    from flm_dist.batch import Batch
+    from flm_dist.objectives import NegativeSampler
+
+    cat = FeatureConfig(name="cat", side="item")
+    neg = NegativeSampler(8, [cat], 64, "cpu", seed=rank)
+    items = torch.tensor([1, 2]) + rank
+    neg.observe(Batch(user=torch.zeros(2, dtype=torch.long), item=items, features={"cat": torch.tensor([10, 20]) + rank * 11}))
+    live = neg.seen.clone()
+    state = neg.state()
+    assert torch.equal(neg.seen, live)  # a save leaves the live sampler as it was
+    resumed = NegativeSampler(8, [cat], 64, "cpu", seed=rank)
+    resumed.load(state)
+    rows, feats, share = resumed.sample()
+    return state["seen"].tolist(), state["features"]["cat"].tolist(), sorted(set(rows.tolist())), sorted(set(zip(rows.tolist(), feats["cat"].tolist()))), share
 
 
 @pytest.mark.slow
-def test_popularity_estimate_is_global_and_survives_a_resume():
+def test_popularity_estimate_and_negatives_catalog_are_global_and_survive_a_resume():
     res = run_ranks(_popularity, 2)
-    for first, second, third, _ in res:
+    for seen, cats, drawn, pairs, share in (r[4] for r in res):
+        assert seen == [0, 1, 1, 1, 0, 0, 0, 0] and cats == [0, 10, 21, 31, 0, 0, 0, 0]  # item 2: rank 1's value
+        assert drawn == [1, 2, 3] and pairs == [(1, 10), (2, 21), (3, 31)] and share == 64 / 3
+    for first, second, third, *_ in res:
         assert first["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 0] and float(first["total"]) == 6
         assert second["counts"].tolist() == [2, 2, 0, 0, 0, 2, 0, 2] and float(second["total"]) == 8
         assert third["counts"].tolist() == [3, 3, 0, 0, 0, 2, 0, 2] and float(third["total"]) == 10
     # add-one smoothing over the 4 buckets counted, not all 8
     assert res[0][3] == res[1][3] == pytest.approx(float(np.log(3 / 14)))
+
+
+def test_a_resumed_run_draws_its_negatives_from_every_item_seen_before_it(tmp_path):
+    """The uniform negatives' catalog is in the checkpoint. Resumed without it, a run
+    drew them from its first batch's items again (a softmax over a tiny catalog, which
+    undoes a pretrained ranking), and the item features of a history's items were zeros
+    until those items came again."""
+    data = _data(tmp_path / "log")
+    job = tiny_job(str(tmp_path / "runs"), "neg", "retrieval", **{"data.train": data, "data.batch_size": 64, "train.uniform_negatives": 16,
+                                                                 "checkpoint.every_steps": 3, "train.max_steps": 3, "checkpoint.async_save": False})
+    w, progress, shard = _worker(job)
+    train(w, progress, first_epoch(w, progress, shard))
+    seen, cats = w.negatives.seen.clone(), w.negatives.cache["i_category"].clone()
+    resumed, progress, _ = _worker(job)
+    assert progress.step == 3 and int(seen.sum()) == resumed.negatives._n > 50
+    assert torch.equal(resumed.negatives.seen, seen) and torch.equal(resumed.negatives.cache["i_category"][seen], cats[seen])
+    assert set(resumed.negatives.sample()[0].tolist()) <= set(torch.nonzero(seen).flatten().tolist())
 
 
 def test_the_popularity_estimate_is_the_share_of_counted_items_in_a_large_table():
