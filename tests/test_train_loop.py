@@ -207,7 +207,7 @@ def _negatives(rank):
     resumed = NegativeSampler(8, [cat], 64, "cpu", seed=rank)
     resumed.load(state)
     rows, feats, share = resumed.sample()
-    return state["seen"].tolist(), state["features"]["cat"].tolist(), sorted(set(rows.tolist())), sorted(set(zip(rows.tolist(), feats["cat"].tolist()))), share
+    return state["seen"].tolist(), state["features"]["cat"].tolist(), sorted(set(rows.tolist())), sorted(set(zip(rows.tolist(), feats["cat"].tolist(), strict=True))), share
 
 
 @pytest.mark.slow
