@@ -409,8 +409,14 @@ def _canonical(col: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
         v = t.value_type
         if pa.types.is_dictionary(v):
             v = v.value_type
-        return col.cast(pa.list_(pa.int64() if pa.types.is_integer(v) else pa.string()))
-    return col.cast(pa.int64() if pa.types.is_integer(t) else pa.string())
+        return col.cast(pa.list_(_integer(v) if pa.types.is_integer(v) else pa.string()))
+    return col.cast(_integer(t) if pa.types.is_integer(t) else pa.string())
+
+
+def _integer(t: pa.DataType) -> pa.DataType:
+    # uint64 keeps its type: its values from 2^63 on (64-bit fingerprints) have no int64
+    # value; training hashes an integer's 64 bits, the server takes them either way
+    return pa.uint64() if t == pa.uint64() else pa.int64()
 
 
 def _last_per_id(t: pa.Table, id_col: str) -> pa.Table:

@@ -55,7 +55,7 @@ __all__ = ["LoadedExport", "RequestError", "ScoringServer", "build_app", "check_
 
 log = logging.getLogger(__name__)
 
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
 
@@ -101,12 +101,14 @@ def id_key(value, kind: str, where: str) -> int:
     if kind == "string":
         return prehash_str(value if isinstance(value, str) else str(value))
     if isinstance(value, str):
-        if len(value) > 20 or not _CANONICAL_INT.fullmatch(value) or not _INT64_MIN <= int(value) <= _INT64_MAX:
+        if len(value) > 20 or not _CANONICAL_INT.fullmatch(value) or not _INT64_MIN <= int(value) <= _UINT64_MAX:
             return prehash_str(value)  # not an integer this column could hold: an unseen ID
         value = int(value)
-    if not _INT64_MIN <= value <= _INT64_MAX:
-        raise RequestError(f"{where} = {value} is outside the int64 range of this ID column", where)
-    return value
+    if not _INT64_MIN <= value <= _UINT64_MAX:
+        raise RequestError(f"{where} = {value} is outside the int64 and uint64 ranges of this ID column", where)
+    # An integer ID is its 64 bits, as training hashes it: a uint64 column's IDs from 2^63
+    # on are the int64 of the same bits (a column is either signed or unsigned).
+    return value - (1 << 64) if value > _INT64_MAX else value
 
 
 @dataclass

@@ -23,7 +23,7 @@ from flm_dist import checkpoint as ckpt
 from flm_dist import launch
 from flm_dist.batch import Batch
 from flm_dist.cli import main as cli_main
-from flm_dist.config import FeatureConfig, ModelConfig
+from flm_dist.config import FeatureConfig, ModelConfig, ServeConfig
 from flm_dist.data.encode import EncodeSpec, encode_table
 from flm_dist.data.hashing import HashSpec, prehash_ids, prehash_str
 from flm_dist.data.plan import list_files
@@ -487,6 +487,35 @@ def test_a_re_export_into_the_same_folder_leaves_no_old_file_and_never_a_mix(tmp
         write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="torchscript")
     with pytest.raises(FileNotFoundError, match="no manifest.json: not an export, or one still being written"):
         fetch_export(Store(), str(out), str(tmp_path))
+
+
+def test_uint64_ids_past_2_63_are_exported_and_served_as_training_hashes_them(tmp_path):
+    """Training hashes an integer ID's 64 bits, so a uint64 column's IDs at and above
+    2^63 (64-bit fingerprints) train. The export cast them to int64 and failed; the
+    server refused them as out of the int64 range, or hashed their decimal strings as
+    strings: unseen IDs."""
+    from flm_dist.config import JobConfig, to_dict
+    from flm_dist.serve import LoadedExport
+
+    big = 2**63 + 5
+    t = pa.table({"user_id": pa.array([big, 7, big], pa.uint64()), "item_id": pa.array([big + 1, 3, 4], pa.uint64()), "label": pa.array([1.0, 1.0, 1.0])})
+    pq.write_table(t, tmp_path / "train.parquet")
+    cfg = ModelConfig(user_rows=4096, item_rows=1024, feature_rows=64, embedding_dim=8, hidden=[16], latent_dim=8)
+    job = JobConfig(task="retrieval", model=cfg)
+    job.data.valid_fraction = 0.0
+    source = {"task": "retrieval", "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, []), 5).to_dict(), "data_columns": {"user_id": "int", "item_id": "int"},
+              "data_files": [{"uri": str(tmp_path / "train.parquet"), "size": (tmp_path / "train.parquet").stat().st_size}]}
+    torch.manual_seed(0)
+    write_export(Store(), FLM(cfg, []).eval(), source, str(tmp_path / "out"), formats="torchscript")
+    assert sorted(pq.read_table(tmp_path / "out" / "item_vectors.parquet").column("item_id").to_pylist()) == [3, 4, big + 1]
+    server = LoadedExport(str(tmp_path / "out"), ServeConfig(max_items=10))
+    assert {r["item_id"] for r in server.recommend_batch([server.parse_recommend({"user_id": big, "k": 3})])[0]["items"]} == {3, 4, big + 1}
+    scorer = torch.jit.load(str(tmp_path / "out" / "scorer.pt"))
+    with torch.no_grad():  # the graph takes the int64 of the same bits
+        want = scorer(torch.tensor([big - 2**64]), torch.tensor([big + 1 - 2**64]), {}).tolist()
+    for user, item in ((big, big + 1), (str(big), str(big + 1))):
+        got = server.score_batch([server.parse_score({"user_id": user, "item_ids": [item]})])[0]["scores"]
+        assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_vectors_and_the_snapshot_take_the_rows_training_takes(tmp_path):
