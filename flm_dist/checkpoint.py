@@ -37,6 +37,7 @@ from flm_dist.storage import StorageError, Store, is_remote, join
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointGoneError",
     "CheckpointRef",
     "CheckpointSaveError",
     "Checkpointer",
@@ -60,6 +61,21 @@ _STEP_RE = re.compile(r"step-(\d{8,})$")
 
 class CheckpointCorruptError(RuntimeError):
     """A committed checkpoint is unreadable or incomplete; the message names it."""
+
+
+class CheckpointGoneError(FileNotFoundError):
+    """A checkpoint resolved earlier was deleted since (its run pruned it after a newer
+    commit, keep_last): not corrupt; resolving the run again finds the newer one."""
+
+
+def _gone(store: Store, ref: CheckpointRef) -> CheckpointGoneError | None:
+    """The error for a checkpoint no longer committed as `ref` (its marker deleted, or
+    naming another attempt), else None."""
+    marker = _read_marker(store, ref.step_dir)
+    if marker is not None and marker["attempt"] == ref.attempt:
+        return None
+    return CheckpointGoneError(f"checkpoint {ref.uri} was deleted while being read (its run's keep_last pruned it after a newer commit?); "
+                               f"resolve the run folder again for its latest checkpoint")
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,7 @@ def _verify(store: Store, ref: CheckpointRef, marker: dict) -> None:
         want = want if isinstance(want, dict) else {"size": want}
         got = listing.get(name)
         if got is None:
-            raise CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: file {name} listed in {MARKER} is missing")
+            raise _gone(store, ref) or CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: file {name} listed in {MARKER} is missing")
         if got["size"] != want["size"]:
             raise CheckpointCorruptError(
                 f"corrupt checkpoint {ref.uri}: {name} has {got['size']} bytes, {MARKER} says {want['size']} (truncated?)"
@@ -150,8 +166,8 @@ def verify_contents(store: Store, ref: CheckpointRef) -> None:
     """The full check before loading: sha256 of every local file against the marker
     (object stores verify their own content checksums; their ETags were checked)."""
     marker = _read_marker(store, ref.step_dir)
-    if marker is None:
-        raise CheckpointCorruptError(f"{ref.step_dir} has no {MARKER} marker")
+    if marker is None or marker["attempt"] != ref.attempt:
+        raise _gone(store, ref)
     _verify(store, ref, marker)
     for name, want in marker["files"].items():
         if isinstance(want, dict) and "sha256" in want and _sha256(store, join(ref.uri, name)) != want["sha256"]:
@@ -313,7 +329,7 @@ def _read_failure(store: Store, ref: CheckpointRef, e: BaseException, what: str)
             return StorageError(f"cannot read checkpoint {ref.uri}: {name}: {probe}")
     if refused is not None:
         return StorageError(f"cannot read checkpoint {ref.uri} ({what}): {refused}")
-    return CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {what}: {e}")
+    return _gone(store, ref) or CheckpointCorruptError(f"corrupt checkpoint {ref.uri}: {what}: {e}")
 
 
 def saved_keys(store: Store, ref: CheckpointRef) -> set[str]:

@@ -63,6 +63,33 @@ def test_uncommitted_step_is_skipped_and_cleaned_later(tmp_path):
     assert ckpt.find_latest(store, run_dir) == newer
 
 
+def test_a_checkpoint_pruned_while_a_reader_holds_it_is_gone_not_corrupt(tmp_path, monkeypatch):
+    """An `evaluate`/`export` of a run folder, or a fine-tune from a pretraining still
+    running, resolves its latest checkpoint; a newer commit may prune it before the read.
+    That is not a corrupt checkpoint: the run holds a newer, good one."""
+    store, run_dir = Store(), str(tmp_path / "run")
+    old, _, _ = _save(store, run_dir, 10)
+    for step in (20, 30):  # keep_last=2: step 10 goes
+        _save(store, run_dir, step)
+    assert not os.path.exists(old.step_dir)
+    with pytest.raises(ckpt.CheckpointGoneError, match=r"step-00000010.* was deleted while being read"):
+        ckpt.load_state(store, old, {"model": FLM(CFG, FEATS).state_dict()})
+    # pruned between the check of the marker and the read of the state: the same answer
+    original = ckpt.verify_contents
+    newest, _, _ = _save(store, run_dir, 40)
+    reader = ckpt.find_latest(store, run_dir)
+
+    def pruned_after_the_check(store_, ref):
+        original(store_, ref)
+        for step in (50, 60):
+            _save(store, run_dir, step)
+
+    monkeypatch.setattr(ckpt, "verify_contents", pruned_after_the_check)
+    with pytest.raises(ckpt.CheckpointGoneError):
+        ckpt.load_state(store, reader, {"model": FLM(CFG, FEATS).state_dict()})
+    assert reader == newest
+
+
 def test_truncated_or_corrupt_files_are_a_loud_error(tmp_path):
     store, run_dir = Store(), str(tmp_path / "run")
     ref, _, _ = _save(store, run_dir, 10)
