@@ -267,6 +267,10 @@ def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
     try:
         store.write_json(join(ref.uri, MANIFEST), manifest)
         files = _listing(store, ref.uri)
+        if unsaved := _unsaved(store, ref, files):
+            # deleted since the ranks wrote them (another worker group's prune): the marker
+            # would commit a checkpoint that cannot load
+            raise FileNotFoundError(f"{ref.uri}: {unsaved[0]} is missing at the commit ({len(unsaved)} state file(s)); not committed")
         if not is_remote(ref.uri):
             # Local disks have no content checksums of their own: record sha256 per file.
             for name in files:
@@ -288,6 +292,16 @@ def commit(store: Store, ref: CheckpointRef, manifest: dict) -> bool:
         except StorageError as e:  # the winner stands either way; prune deletes orphans later
             log.warning("could not delete the discarded attempt %s: %s", ref.uri, e)
     return won
+
+
+def _unsaved(store: Store, ref: CheckpointRef, files: dict) -> list[str]:
+    """The state files DCP's metadata names (and the metadata itself) not in `files`."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    if ".metadata" not in files:
+        return [".metadata"]
+    md = FsspecReader(ref.uri, **store.storage_options(ref.uri)).read_metadata()
+    return sorted({info.relative_path for info in md.storage_data.values()} - set(files))
 
 
 def load_state(store: Store, ref: CheckpointRef, state: dict[str, Any]) -> None:

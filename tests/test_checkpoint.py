@@ -3,6 +3,7 @@ resharding a row-wise checkpoint saved by 2 ranks onto 1 and 3."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -211,6 +212,19 @@ def test_an_async_save_commits_the_manifest_as_it_was_at_the_save(tmp_path, monk
     saver.finish()
     saver.close()
     assert ckpt.load_manifest(store, ckpt.find_latest(store, run_dir))["curve"] == [{"step": 8, "epoch": 0}]
+
+
+def test_a_commit_refuses_an_attempt_whose_state_files_are_gone(tmp_path):
+    """A zombie worker group's prune can delete an attempt's shards after its ranks wrote
+    them and before rank 0 commits: the marker would commit a checkpoint with no state."""
+    store, run_dir = Store(), str(tmp_path / "run")
+    ref = ckpt.CheckpointRef(run_dir, 10, "a")
+    dcp.save({"model": FLM(CFG, FEATS, init_seed=1).state_dict()}, storage_writer=FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False))
+    for f in glob.glob(os.path.join(ref.uri, "*.distcp")):
+        os.remove(f)
+    with pytest.raises(FileNotFoundError, match=r"__0_0\.distcp is missing at the commit"):
+        ckpt.commit(store, ref, {"step": 10})
+    assert ckpt.find_latest(store, run_dir) is None
 
 
 def test_keep_last_deletes_only_after_a_newer_commit(tmp_path, s3, bucket):
