@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 import torch
 from ray import serve
 
+from flm_dist import transitions
 from flm_dist.config import ConfigError, ServeConfig
 from flm_dist.data.hashing import HASH_VERSION, prehash_ids, prehash_str
 from flm_dist.export import LEN_SUFFIX, feature_inputs
@@ -429,8 +430,14 @@ class LoadedExport:
 
     @torch.no_grad()
     def recommend_batch(self, reqs: list[RecommendRequest]) -> list[dict]:
-        """One user-tower call and one [B, d] x [d, items] product for the batch."""
+        """One user-tower call and one [B, d] x [d, items] product for as many of the
+        batch's requests as `transitions.SCORE_BLOCK` scores allow (all of them, but on
+        catalogs of millions of items)."""
         self._count("recommend", reqs)
+        per = max(1, transitions.SCORE_BLOCK // max(len(self.item_ids), 1))
+        return [out for lo in range(0, len(reqs), per) for out in self._recommend(reqs[lo : lo + per])]
+
+    def _recommend(self, reqs: list[RecommendRequest]) -> list[dict]:
         users = torch.cat([r.user for r in reqs])
         features = {key: torch.cat([r.features[key] for r in reqs]) for f in self.features["user"] for key in input_keys(f)}
         scores = self.scorer.user_vectors(users, features) @ self.item_matrix.T

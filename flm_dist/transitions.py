@@ -51,6 +51,10 @@ __all__ = ["Transitions", "count", "fit_weight"]
 WEIGHTS = (0.0,) + tuple(round(0.0125 * 2 ** (k / 2), 5) for k in range(17))
 _REDUCE = 1 << 22  # pairs gathered before they are summed (at least; see `count`)
 _BATCH_USERS = 1 << 14  # sequences read at a time
+# Scores held at once over the whole catalog ([users, items] float32, and as many again
+# for the counts and the blend): 64 MB each, whatever the catalog (at 5M items, 512
+# users at a time were 10 GB an array).
+SCORE_BLOCK = 1 << 24
 
 
 @dataclass
@@ -237,6 +241,7 @@ def fit_weight(counted: Counted, trans: Transitions, user_vectors, item_matrix: 
     and every weight's NDCG@10. `user_vectors(user_keys, history, lengths)` -> unit
     vectors; `item_matrix` [items, d] in `trans`'s item rows."""
     n = len(counted.valid_target)
+    chunk = max(1, min(chunk, SCORE_BLOCK // max(len(item_matrix), 1)))
     targets = trans.rows(torch.from_numpy(counted.valid_target))
     dcg = torch.zeros(len(WEIGHTS))
     for lo in range(0, n, chunk):

@@ -210,6 +210,36 @@ def test_recommend_leaves_out_the_whole_history_it_is_given_and_refuses_what_is_
             assert e.value.field == field and e.value.status == 400
 
 
+def test_recommend_and_the_weight_fit_score_a_large_catalog_a_few_users_at_a_time(tmp_path, monkeypatch):
+    """Scores over the whole catalog are [users, items]: /recommend's batch and the export's
+    weight fit (512 users) held 10 GB an array at 5M items. Split to SCORE_BLOCK scores,
+    they answer and fit as before."""
+    from flm_dist import transitions
+    from flm_dist.serve import LoadedExport
+
+    manifest, out = _export(tmp_path, window=3)
+    server = LoadedExport(str(out), ServeConfig(max_items=ITEMS))
+    reqs = [server.parse_recommend({"user_id": u, "k": 10, "history": [(u + k) % ITEMS for k in range(4)]}) for u in range(7)]
+    whole = server.recommend_batch(reqs)
+    monkeypatch.setattr(transitions, "SCORE_BLOCK", 2 * ITEMS)  # two users' scores at a time
+    calls = []
+    scorer = server.scorer
+
+    class Spy:
+        def user_vectors(self, users, features):
+            calls.append(len(users))
+            return scorer.user_vectors(users, features)
+
+    server.scorer = Spy()
+    split = server.recommend_batch(reqs)
+    assert calls == [2, 2, 2, 1] and [r["user_id"] for r in split] == [r["user_id"] for r in whole]
+    for a, b in zip(split, whole, strict=True):  # the same items, up to the last float bit of a smaller product
+        assert {i["item_id"] for i in a["items"]} == {i["item_id"] for i in b["items"]}
+        assert [i["score"] for i in a["items"]] == pytest.approx([i["score"] for i in b["items"]], abs=1e-6)
+    split = _export(tmp_path, window=3, files=_write(tmp_path, _cycles()))[0]["transitions"]
+    assert split["fit"] == manifest["transitions"]["fit"] and split["weight"] == manifest["transitions"]["weight"] > 0
+
+
 def test_window_zero_exports_no_counts_and_bad_keys_are_refused(tmp_path):
     from flm_dist.serve import LoadedExport
 
