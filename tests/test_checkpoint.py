@@ -298,7 +298,7 @@ def _local(pm, plan, dense, sparse, rank):
     tables = {n: (plan[n].local_range(rank), t.weight.detach().clone()) for n, t in m.tables.items()}
     accs = {n: sparse.state[t.weight]["sum"].clone() for n, t in m.tables.items()}
     dense_sd = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("tables.")}
-    adam = {n: dense.state[p]["exp_avg_sq"].clone() for n, p in m.named_parameters() if p in dense.state}
+    adam = {(n, k): dense.state[p][k].clone() for n, p in m.named_parameters() if p in dense.state for k in ("exp_avg", "exp_avg_sq", "step")}
     return tables, accs, dense_sd, adam
 
 

@@ -132,6 +132,7 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
                 victim = int(re.search(r"pid(\d+)", files[0]).group(1))
     assert victim is not None, "no mid-epoch checkpoint appeared"
     os.kill(victim, signal.SIGKILL)
+    committed_at_kill = latest.step
     t.join(timeout=400)
     assert not t.is_alive() and result, "the run did not complete after the worker was killed"
 
@@ -144,7 +145,8 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
     first_attempt = {victim} | {pid for pid, recs in by_pid.items() if pid != victim and min(s for s, _ in recs) == 1}
     second = [recs for pid, recs in by_pid.items() if pid not in first_attempt]
     resumed_at = min(s for recs in second for s, _ in recs) - 1
-    assert resumed_at >= 8 and resumed_at % 8 == 0
+    # from the latest commit (an older one would still give exactly-once rows)
+    assert resumed_at >= committed_at_kill >= 8 and resumed_at % 8 == 0
     rows = [p for pid in first_attempt for s, p in by_pid[pid] if s <= resumed_at]
     rows += [p for recs in second for _, p in recs]
     got = np.sort(np.concatenate(rows))
@@ -204,7 +206,8 @@ scaling: {{num_workers: 2}}
         time.sleep(0.2)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"resumed from {run_dir}/step-" in out.stdout + out.stderr
+    resumed = re.search(rf"resumed from {re.escape(run_dir)}/step-\d+/\S+ \(step (\d+)\)", out.stdout + out.stderr)
+    assert resumed and int(resumed.group(1)) >= killed_after, "not resumed from the latest commit before the kill"
     import json
 
     res = json.loads((tmp_path / "out.json").read_text())
