@@ -5,7 +5,9 @@ the server alike."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -105,7 +107,7 @@ def test_stage_writes_each_user_once_with_events_in_time_order(sequences):
     t = pq.read_table(out)
     assert rep["events"] == raw.num_rows and rep["users"] == t.num_rows == len(set(raw.column("user_id").to_pylist()))
     assert rep["dropped_null_keys"] == 0 and rep["empty_files"] == 1
-    groups = [md.row_group(g).num_rows for f in sorted(os.listdir(out)) for md in [pq.ParquetFile(os.path.join(out, f)).metadata] for g in range(md.num_row_groups)]
+    groups = [md.row_group(g).num_rows for f in sorted(os.listdir(out)) if not f.startswith("_") for md in [pq.ParquetFile(os.path.join(out, f)).metadata] for g in range(md.num_row_groups)]
     assert max(groups) <= 4 and len(groups) >= 10, groups
     got = []
     for r in t.to_pylist():
@@ -115,6 +117,19 @@ def test_stage_writes_each_user_once_with_events_in_time_order(sequences):
     want = [(u, ts, it, lab, tuple(tags or ()), tags is None, shop)
             for u, ts, it, lab, tags, shop in zip(*(raw.column(c).to_pylist() for c in ("user_id", "ts", "item_id", "label", "tags", "shop")), strict=True)]
     assert sorted(got) == sorted(want)
+    # a prefix the stage left half written is refused: a file gone, or the stage stopped before its end
+    import shutil
+
+    half = os.path.join(os.path.dirname(out), "half")
+    shutil.copytree(out, half)
+    gone = sorted(f for f in os.listdir(half) if not f.startswith("_"))[0]
+    os.remove(os.path.join(half, gone))
+    with pytest.raises(DataError, match=rf"half: {re.escape(gone)} is gone \(1 of the 3 files"):
+        plan_read(Store(), half, ReadSpec.for_task("pretrain", [], [1, 5], history_len=L))
+    with open(os.path.join(half, "_SEQUENCES.json"), "w") as f:
+        json.dump({"complete": False}, f)
+    with pytest.raises(DataError, match=r"half: the `flm-dist data sequences` run writing it did not finish"):
+        plan_read(Store(), half, ReadSpec.for_task("pretrain", [], [1, 5], history_len=L))
     # a plan from the footer cache counts a sequence file's units in events, as a plan
     # from the footers does (the same plan, read twice through the cache)
     read = ReadSpec.for_task("pretrain", [], [1, 5], history_len=L)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flm_dist.data.schema import DataError, ReadSpec, check_schema
-from flm_dist.data.sequences import is_sequence
+from flm_dist.data.sequences import check_complete, is_sequence
 from flm_dist.storage import StorageError, Store, is_remote, join, split_uri
 
 __all__ = ["DataPlan", "FileInfo", "Unit", "list_files", "plan_read", "read_unit"]
@@ -322,6 +322,8 @@ def plan_read(
         )
     if not kept:
         raise DataError(f"{uri}: no rows: all {len(files)} files are empty or unreadable")
+    if sequence and [f.uri for f in files] != [uri]:  # a prefix, not one file
+        check_complete(store, uri, [f.uri for f in files])
 
     units = _units(metas)
     return DataPlan(

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flm_dist.data.schema import DataError, _is_id_type, _is_ts
-from flm_dist.storage import Store, split_uri
+from flm_dist.storage import Store, join, split_uri
 
-__all__ = ["build_sequences", "expand", "history_rows", "is_sequence"]
+__all__ = ["build_sequences", "check_complete", "expand", "history_rows", "is_sequence"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,9 @@ def build_sequences(store: Store, src: str, out: str, files: int | None = None, 
     ds = ds.map_batches(_drop_null_keys, batch_format="pyarrow")
     ds = ds.repartition(files or partitions(rows_in), keys=["user_id"]).map_batches(_to_sequences, batch_format="pyarrow", batch_size=None)
     store.ensure_bucket(out)
+    # Until the stage has written every file its marker says it has not: training refuses
+    # a prefix a stopped stage left half written (`check_complete`).
+    store.write_json(join(out, STAGE_MARKER), {"complete": False, "input": src})
     # Row groups of USERS_PER_ROW_GROUP users: a row group is a training read unit (never
     # split), which Arrow's default (up to 1M rows) would make a whole partition.
     ds.write_parquet(split_uri(out)[1], filesystem=fs, min_rows_per_file=1, row_group_size=users_per_row_group or USERS_PER_ROW_GROUP)
@@ -186,8 +189,30 @@ def build_sequences(store: Store, src: str, out: str, files: int | None = None, 
         users += md.num_rows
         col = _leaf(md, "item_id")  # a list column's leaf is named after its element, not the column
         events += sum(md.row_group(g).column(col).num_values for g in range(md.num_row_groups))
-    return {"input": src, "out": out, "input_rows": int(rows_in), "users": int(users), "events": int(events),
-            "dropped_null_keys": int(rows_in - events), "empty_files": len(empty), "files": len(written), "seconds": round(time.perf_counter() - t0, 2)}
+    report = {"input": src, "out": out, "input_rows": int(rows_in), "users": int(users), "events": int(events),
+              "dropped_null_keys": int(rows_in - events), "empty_files": len(empty), "files": len(written), "seconds": round(time.perf_counter() - t0, 2)}
+    store.write_json(join(out, STAGE_MARKER), {**report, "complete": True, "written": sorted(f.uri.rsplit("/", 1)[-1] for f in written)})
+    return report
+
+
+STAGE_MARKER = "_SEQUENCES.json"  # names starting with "_" are not data files
+
+
+def check_complete(store: Store, uri: str, files: list[str]) -> None:
+    """Refuse sequences a `flm-dist data sequences` run left half written under `uri`
+    (its marker says it did not finish, or a file it wrote is gone). Sequences written
+    otherwise have no marker and pass."""
+    try:
+        marker = store.read_json(join(uri, STAGE_MARKER))
+    except FileNotFoundError:
+        return
+    if not marker.get("complete"):
+        raise DataError(f"{uri}: the `flm-dist data sequences` run writing it did not finish ({STAGE_MARKER}); delete it and run the stage again")
+    present = {f.rsplit("/", 1)[-1] for f in files}
+    missing = [name for name in marker.get("written", []) if name not in present]
+    if missing:
+        raise DataError(f"{uri}: {missing[0]} is gone ({len(missing)} of the {len(marker['written'])} files `flm-dist data sequences` wrote); "
+                        f"delete it and run the stage again")
 
 
 # A partition's events are sorted by one task, and its users' rows become read units of
