@@ -354,7 +354,6 @@ class Store:
             _create_bucket_if_missing(fs, path.split("/", 1)[0], self._region)
 
     def upload_dir(self, local_dir: str, uri: str) -> None:
-        fs, path = self.fs(uri)
         for root, _, files in os.walk(local_dir):
             for name in files:
                 src = os.path.join(root, name)
@@ -363,11 +362,9 @@ class Store:
     def download_dir(self, uri: str, local_dir: str) -> None:
         fs, path = self.fs(uri)
         for entry in fs.find(path):
-            rel = os.path.relpath(entry, path)
-            dst = os.path.join(local_dir, rel)
+            dst = os.path.join(local_dir, os.path.relpath(entry, path))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with open(dst, "wb") as f:
-                f.write(fs.cat_file(entry))
+            fs.get_file(entry, dst)
 
 
 def sha256_file(path: str) -> str:

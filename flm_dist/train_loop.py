@@ -212,6 +212,17 @@ def _saved_popularity(w: Worker, saved: set[str]) -> dict | None:
     return w.popularity.state()
 
 
+def _load_run_state(w: Worker, ref: ckpt.CheckpointRef) -> None:
+    """Collective: everything a resumed run goes on from, as `ref` saved it."""
+    saved = ckpt.saved_keys(w.store, ref)
+    pop, neg = _saved_popularity(w, saved), _saved_negatives(w, saved)
+    ckpt.load_state(w.store, ref, _state(w.model, w.dense_opt, w.sparse_opt, pop, neg))
+    if pop is not None:
+        w.popularity.load(pop)
+    if neg is not None:
+        w.negatives.load(neg)
+
+
 def _saved_negatives(w: Worker, saved: set[str]) -> dict | None:
     """A placeholder for the uniform negatives' catalog, when this run draws them and the
     checkpoint has it (one saved before it did: the catalog builds up again)."""
@@ -582,13 +593,7 @@ class Worker:
         if s.mode == "evaluate":
             self.load_model(ref)
         elif ref is not None:
-            saved = ckpt.saved_keys(self.store, ref)
-            pop, neg = _saved_popularity(self, saved), _saved_negatives(self, saved)
-            ckpt.load_state(self.store, ref, _state(self.model, self.dense_opt, self.sparse_opt, pop, neg))
-            if pop is not None:
-                self.popularity.load(pop)
-            if neg is not None:
-                self.negatives.load(neg)
+            _load_run_state(self, ref)
             if self.rank == 0:
                 _say(f"resumed from {ref.uri} (step {ref.step})")
         elif s.run.init_from:

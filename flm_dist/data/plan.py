@@ -206,7 +206,7 @@ class _Footer:
     def of(cls, md: pq.FileMetaData) -> _Footer:
         schema = md.schema.to_arrow_schema()
         if is_sequence(schema):  # one row per event, i.e. per leaf slot of the item_id lists
-            leaf = _leaf(md, "item_id")
+            leaf = leaf_index(md, "item_id")
             groups = tuple(md.row_group(rg).column(leaf).num_values for rg in range(md.num_row_groups))
         else:
             groups = tuple(md.row_group(rg).num_rows for rg in range(md.num_row_groups))
@@ -363,7 +363,7 @@ def _units(metas: list[_Footer]) -> list[Unit]:
     return units
 
 
-def _leaf(md: pq.FileMetaData, column: str) -> int:
+def leaf_index(md: pq.FileMetaData, column: str) -> int:
     """The index of `column`'s leaf (for a list column, its element) in the row groups."""
     for i in range(md.num_columns):
         if md.schema.column(i).path.split(".")[0] == column:

@@ -57,9 +57,9 @@ def budgeted(counts) -> int:
     return int(counts[1:].sum() - counts[list(NOT_BUDGETED)].sum())
 
 
-def _is_id_type(t: pa.DataType) -> bool:
+def is_id_type(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
-        return _is_id_type(t.value_type)
+        return is_id_type(t.value_type)
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
@@ -67,7 +67,7 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
 
 
-def _is_ts(t: pa.DataType) -> bool:
+def is_ts_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_timestamp(t) or pa.types.is_date(t)
 
 
@@ -131,13 +131,13 @@ def check_schema(schema: pa.Schema, spec: ReadSpec, where: str, sequence: bool =
             return t.value_type
         return t
 
-    required = [("user_id", _is_id_type, "integer or string"), ("item_id", _is_id_type, "integer or string")]
+    required = [("user_id", is_id_type, "integer or string"), ("item_id", is_id_type, "integer or string")]
     if spec.need_label:
         required.append(("label", _is_numeric, "numeric 0/1 (task ctr)"))
     if spec.need_rating:
         required.append(("rating", _is_numeric, "numeric (task rating)"))
     if spec.need_ts:
-        required.append(("ts", _is_ts, "integer seconds or timestamp (data.split.by=time)"))
+        required.append(("ts", is_ts_type, "integer seconds or timestamp (data.split.by=time)"))
     for name, ok, what in required:
         t = col(name)
         if t is None:
@@ -147,7 +147,7 @@ def check_schema(schema: pa.Schema, spec: ReadSpec, where: str, sequence: bool =
     # Optional columns are checked only when the job reads them: a pretraining job
     # does not care what type a `label` column has.
     optional = [
-        ("ts", _is_ts, "integer seconds or timestamp", spec.read_ts or spec.history_len > 0),
+        ("ts", is_ts_type, "integer seconds or timestamp", spec.read_ts or spec.history_len > 0),
         ("label", _is_numeric, "numeric", spec.read_label),
         ("rating", _is_numeric, "numeric", spec.read_rating),
     ]
@@ -161,11 +161,11 @@ def check_schema(schema: pa.Schema, spec: ReadSpec, where: str, sequence: bool =
             raise DataError(
                 f"{where}: feature column '{f.name}' declared in data.features is missing; columns are {schema.names}"
             )
-        if f.kind == "categorical" and not _is_id_type(t):
+        if f.kind == "categorical" and not is_id_type(t):
             raise DataError(f"{where}: feature column '{f.name}' has type {t}; kind=categorical needs string or integer")
         if f.kind == "numeric" and not _is_numeric(t):
             raise DataError(f"{where}: feature column '{f.name}' has type {t}; kind=numeric needs a number")
         if f.kind == "multi" and not (
-            (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_id_type(t.value_type)
+            (pa.types.is_list(t) or pa.types.is_large_list(t)) and is_id_type(t.value_type)
         ):
             raise DataError(f"{where}: feature column '{f.name}' has type {t}; kind=multi needs list<string> or list<int>")

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flm_dist.data.schema import DataError, _is_id_type, _is_ts
+from flm_dist.data.schema import DataError, is_id_type, is_ts_type
 from flm_dist.storage import Store, join, split_uri
 
 __all__ = ["build_sequences", "check_complete", "expand", "history_rows", "is_sequence"]
@@ -141,7 +141,7 @@ def build_sequences(store: Store, src: str, out: str, files: int | None = None, 
     files skipped, files written)."""
     import ray
 
-    from flm_dist.data.plan import _leaf, list_files
+    from flm_dist.data.plan import leaf_index, list_files
 
     t0 = time.perf_counter()
     inputs = list_files(store, src)
@@ -187,7 +187,7 @@ def build_sequences(store: Store, src: str, out: str, files: int | None = None, 
     for f in written:
         md = pq.ParquetFile(split_uri(f.uri)[1], filesystem=fs).metadata
         users += md.num_rows
-        col = _leaf(md, "item_id")  # a list column's leaf is named after its element, not the column
+        col = leaf_index(md, "item_id")  # a list column's leaf is named after its element, not the column
         events += sum(md.row_group(g).column(col).num_values for g in range(md.num_row_groups))
     report = {"input": src, "out": out, "input_rows": int(rows_in), "users": int(users), "events": int(events),
               "dropped_null_keys": int(rows_in - events), "empty_files": len(empty), "files": len(written), "seconds": round(time.perf_counter() - t0, 2)}
@@ -230,7 +230,7 @@ def partitions(rows: int) -> int:
 def _check_key_types(uri: str, schema: pa.Schema, first: tuple[str, pa.Schema] | None) -> None:
     """The key columns as training takes them, and of one type in every file (Ray reads
     every file with the first one's schema: another type fails inside a task, or casts)."""
-    for col, ok, kinds in (("user_id", _is_id_type, "an integer or string"), ("item_id", _is_id_type, "an integer or string"), ("ts", _is_ts, "an integer, timestamp or date")):
+    for col, ok, kinds in (("user_id", is_id_type, "an integer or string"), ("item_id", is_id_type, "an integer or string"), ("ts", is_ts_type, "an integer, timestamp or date")):
         t = schema.field(col).type
         if not ok(t):
             raise DataError(f"{uri}: column '{col}' is {t}; it must be {kinds}")
