@@ -225,6 +225,24 @@ def test_a_sequence_whose_time_goes_back_is_refused(tmp_path):
         list(read_units(plan.units, [f.uri for f in plan.files], enc, Store(), plan.columns, None, "fail", empty_columns(enc), {}))
 
 
+def test_a_bad_event_is_shown_with_its_user_and_its_values(tmp_path):
+    """A sequence file's positions count events: a bad-row example showed the user row
+    at the event's offset (another user's sequence, or nothing at all)."""
+    from flm_dist.data.budget import BadRows
+    from flm_dist.data.schema import BAD_REASONS
+
+    t = pa.table({"user_id": pa.array([7, 8], pa.int64()), "item_id": pa.array([[1, 2, 3], [4, None, 6]]), "ts": pa.array([[1, 2, 3], [1, 2, 3]])})
+    pq.write_table(t, tmp_path / "seq.parquet")
+    plan, _ = _spec(Store(), str(tmp_path))
+    budget = BadRows(Store(), plan, 0.0)
+    code = BAD_REASONS.index("null_item_id")
+    counts = np.zeros(len(BAD_REASONS), np.int64)
+    counts[code] = 1
+    budget.add(counts, trained=5)
+    with pytest.raises(DataError, match=r"seq\.parquet event 4: null_item_id \{'user_id': 8, 'event': 1, 'item_id': None, 'ts': 2\}"):
+        budget.check(final=True, examples=[((plan.units[0].index << 32) | 4, code)])
+
+
 def test_events_without_a_time_keep_order_and_ties(tmp_path):
     """A null ts takes the time before it: [7, null, 3] still goes back in time, and in
     [5, null, 5, 6] the two 5s still tie (neither is the other's history), while the

@@ -4,6 +4,7 @@ against `data.max_bad_fraction` at the same step on every rank."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 import torch.distributed as dist
 
 from flm_dist.data.plan import DataPlan, read_unit
@@ -64,7 +65,8 @@ class BadRows:
         for pos, code in ex:
             if self.plan is not None:
                 f, row = self.plan.locate(int(pos))
-                where.append(f"{f} row {row}: {BAD_REASONS[code]} {self._row_values(int(pos))}")
+                what = "event" if self.plan.sequence else "row"  # a sequence file's positions count events
+                where.append(f"{f} {what} {row}: {BAD_REASONS[code]} {self._row_values(int(pos))}")
         counts = ", ".join(f"{BAD_REASONS[i]}={int(c)}" for i, c in enumerate(self.counts - self._base) if i and c)
         raise DataError(
             f"bad rows exceed data.max_bad_fraction={self.max_fraction}: {n_bad} bad of "
@@ -79,7 +81,15 @@ class BadRows:
         """The raw columns of one row (for error messages), read back from its file."""
         try:
             t = read_unit(self.store, self.plan, self.plan.units[pos >> 32])
-            return t.slice(pos & 0xFFFFFFFF, 1).to_pylist()[0]
+            slot = pos & 0xFFFFFFFF
+            if not self.plan.sequence:
+                return t.slice(slot, 1).to_pylist()[0]
+            # the event's user row (an empty or null list takes one slot) and its values there
+            ends = np.cumsum(np.maximum(pc.fill_null(pc.list_value_length(t.column("item_id").combine_chunks()), 0).to_numpy(zero_copy_only=False), 1))
+            r = int(np.searchsorted(ends, slot, side="right"))
+            k = slot - (int(ends[r - 1]) if r else 0)
+            row = t.slice(r, 1).to_pylist()[0]
+            return {"user_id": row.pop("user_id"), "event": k, **{c: v[k] if isinstance(v, list) and k < len(v) else v for c, v in row.items()}}
         except Exception as e:  # the message is still useful without the values
             return {"unavailable": str(e)}
 
