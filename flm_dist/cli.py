@@ -405,7 +405,7 @@ def _data_parsers(data) -> None:
     _common(p, config_required=False)
     p.add_argument("src", metavar="IN", help="interaction log: Parquet file or prefix (any URI)")
     p.add_argument("out", metavar="OUT_URI", help="output folder; must hold no data files yet")
-    p.add_argument("--files", type=int, help="output files (default: one per 500k input rows, at most 64)")
+    p.add_argument("--files", type=int, help="output files (default: one per 500k input rows)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--json", help="write the report as JSON here (any URI)")
 
