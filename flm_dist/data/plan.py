@@ -322,7 +322,7 @@ def plan_read(
         )
     if not kept:
         raise DataError(f"{uri}: no rows: all {len(files)} files are empty or unreadable")
-    if sequence and [f.uri for f in files] != [uri]:  # a prefix, not one file
+    if sequence:
         check_complete(store, uri, [f.uri for f in files])
 
     units = _units(metas)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flm_dist.data.schema import DataError, is_id_type, is_ts_type
-from flm_dist.storage import Store, join, split_uri
+from flm_dist.storage import Store, is_remote, join, split_uri
 
 __all__ = ["build_sequences", "check_complete", "expand", "history_rows", "is_sequence"]
 
@@ -202,6 +202,9 @@ def check_complete(store: Store, uri: str, files: list[str]) -> None:
     """Refuse sequences a `flm-dist data sequences` run left half written under `uri`
     (its marker says it did not finish, or a file it wrote is gone). Sequences written
     otherwise have no marker and pass."""
+    fs, path = store.fs(uri)
+    if not is_remote(uri) and not fs.isdir(path):  # one local file (under it, a read is NotADirectoryError)
+        return
     try:
         marker = store.read_json(join(uri, STAGE_MARKER))
     except FileNotFoundError:
