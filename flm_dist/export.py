@@ -409,14 +409,30 @@ def _canonical(col: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
         v = t.value_type
         if pa.types.is_dictionary(v):
             v = v.value_type
-        return col.cast(pa.list_(_integer(v) if pa.types.is_integer(v) else pa.string()))
-    return col.cast(_integer(t) if pa.types.is_integer(t) else pa.string())
+        return pc.cast(col, pa.list_(pa.int64() if pa.types.is_integer(v) else pa.string()), safe=False)
+    # An integer is its 64 bits, as training hashes it: a uint64 from 2^63 on (a 64-bit
+    # fingerprint) becomes the int64 of the same bits, and `_as_given` turns it back.
+    return pc.cast(col, pa.int64() if pa.types.is_integer(t) else pa.string(), safe=False)
 
 
-def _integer(t: pa.DataType) -> pa.DataType:
-    # uint64 keeps its type: its values from 2^63 on (64-bit fingerprints) have no int64
-    # value; training hashes an integer's 64 bits, the server takes them either way
-    return pa.uint64() if t == pa.uint64() else pa.int64()
+def _unsigned(t: pa.DataType) -> bool:
+    """A uint64 column (a list of them, dictionary-encoded or not)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return t == pa.uint64()
+
+
+def _as_given(table: pa.Table | None, unsigned: set[str]) -> pa.Table | None:
+    """The columns the data gives as uint64 back in that type (by their bits), so that
+    the exported IDs are the ones the data and the clients use."""
+    if table is None:
+        return None
+    for c in unsigned & set(table.column_names):
+        t = table.schema.field(c).type
+        table = table.set_column(table.column_names.index(c), c, pc.cast(table.column(c), pa.list_(pa.uint64()) if pa.types.is_list(t) else pa.uint64(), safe=False))
+    return table
 
 
 def _last_per_id(t: pa.Table, id_col: str) -> pa.Table:
@@ -469,7 +485,7 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
     eval row), and with a history each user's last items as training's histories hold
     them. Returns the tables and the files that changed since training (their size or
     version differs)."""
-    changed = []
+    changed, unsigned = [], set()
     seen = {side: _LastSeen(f"{side}_id") for side in sides}
     history = next((f for f in sides.get("user", []) if f["kind"] == "history"), None)
     for info in data_files:
@@ -509,8 +525,9 @@ def _universe(store: Store, data_files: list[dict], sides: dict[str, list[dict]]
                 for side, feats in sides.items():
                     cols = [f"{side}_id"] + [f["name"] for f in feats]
                     kinds = ["id"] + [f["kind"] for f in feats]
+                    unsigned |= {c for c in cols if _unsigned(block.schema.field(c).type)}
                     seen[side].add(pa.table({c: _canonical(block.column(c), k) for c, k in zip(cols, kinds, strict=True)}))
-    return {side: s.table() for side, s in seen.items()}, changed
+    return {side: _as_given(s.table(), unsigned) for side, s in seen.items()}, changed
 
 
 def _tails(items: pa.ChunkedArray, user_of: np.ndarray, usable: np.ndarray, users: int, length: int) -> pa.Array:

@@ -498,13 +498,14 @@ def test_uint64_ids_past_2_63_are_exported_and_served_as_training_hashes_them(tm
     from flm_dist.serve import LoadedExport
 
     big = 2**63 + 5
-    t = pa.table({"user_id": pa.array([big, 7, big], pa.uint64()), "item_id": pa.array([big + 1, 3, 4], pa.uint64()), "label": pa.array([1.0, 1.0, 1.0])})
-    pq.write_table(t, tmp_path / "train.parquet")
+    pq.write_table(pa.table({"user_id": pa.array([big, big], pa.uint64()), "item_id": pa.array([big + 1, 4], pa.uint64()), "label": pa.array([1.0, 1.0])}), tmp_path / "a.parquet")
+    # another file of the log gives the IDs as int64: training reads both as the same kind
+    pq.write_table(pa.table({"user_id": pa.array([7], pa.int64()), "item_id": pa.array([3], pa.int64()), "label": pa.array([1.0])}), tmp_path / "b.parquet")
     cfg = ModelConfig(user_rows=4096, item_rows=1024, feature_rows=64, embedding_dim=8, hidden=[16], latent_dim=8)
     job = JobConfig(task="retrieval", model=cfg)
     job.data.valid_fraction = 0.0
     source = {"task": "retrieval", "config": to_dict(job), "hash_spec": HashSpec.build(table_sizes(cfg, []), 5).to_dict(), "data_columns": {"user_id": "int", "item_id": "int"},
-              "data_files": [{"uri": str(tmp_path / "train.parquet"), "size": (tmp_path / "train.parquet").stat().st_size}]}
+              "data_files": [{"uri": str(tmp_path / f), "size": (tmp_path / f).stat().st_size} for f in ("a.parquet", "b.parquet")]}
     torch.manual_seed(0)
     write_export(Store(), FLM(cfg, []).eval(), source, str(tmp_path / "out"), formats="torchscript")
     assert sorted(pq.read_table(tmp_path / "out" / "item_vectors.parquet").column("item_id").to_pylist()) == [3, 4, big + 1]
