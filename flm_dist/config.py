@@ -295,6 +295,9 @@ class ScalingConfig:
     cpus_per_worker: float | Literal["auto"] = "auto"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
+    # How long a run waits for the cluster to give it its workers (an autoscaler's new
+    # nodes included) before it fails naming what it asked for; 0: no limit.
+    start_timeout_s: int = 1800
     # Tables larger than this many bytes are sharded row-wise across workers by default.
     shard_threshold_bytes: int = 64 << 20
     # Per-table overrides: {table: row_wise | replicated}.
@@ -309,7 +312,7 @@ class ScalingConfig:
             raise ConfigError("scaling.num_workers must be >= 1")
         if isinstance(self.cpus_per_worker, float) and self.cpus_per_worker <= 0:
             raise ConfigError("scaling.cpus_per_worker must be > 0 or 'auto'")
-        _check_range("scaling", self, ("shard_threshold_bytes",), 0)
+        _check_range("scaling", self, ("shard_threshold_bytes", "start_timeout_s"), 0)
         if self.max_failures < -1:
             raise ConfigError(f"scaling.max_failures must be >= 0, or -1 for no limit (Ray Train's), got {self.max_failures}")
 

@@ -5,6 +5,7 @@ worker group, show progress, return the result. The workers run `train_loop.work
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -142,13 +143,21 @@ def _fit(trainer, channel=None):
     by peer"): those are consequences, reported only when nothing else failed. An
     input error that ended the run before a restart (`NoRetryOnInputErrors`) comes
     from the run `channel`."""
-    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupTimeoutError,
+        WorkerHealthCheckFailedError,
+    )
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
     try:
         return trainer.fit()
     except ControllerError as e:
         error, starts = ray.get(channel.input_failure.remote()) if channel is not None else (None, 0)
+        if error is None and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            sc = trainer.scaling_config
+            raise TrainingFailed(f"the cluster did not give the run its {sc.num_workers} workers of {sc.resources_per_worker} each "
+                                 f"({sc.placement_strategy}) within scaling.start_timeout_s: check what its nodes have (`ray status`), "
+                                 f"or raise the timeout for an autoscaler that adds nodes slowly. Ray: {e.controller_failure}") from e
         if error is None:
             raise
         # starts: counted where rank 0 decides a resume point, i.e. in training runs
@@ -169,6 +178,18 @@ def _fit(trainer, channel=None):
             if isinstance(cause, Exception) and not isinstance(cause, WorkerGroupError):
                 raise cause from e
         raise TrainingFailed(str(e)) from e
+
+
+def _start_tries(scaling: ScalingConfig) -> int:
+    """Ray Train's controller retries, without limit by default, a worker group start
+    that waited RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for its resources: a
+    request the cluster can never give (GPUs on a CPU cluster, more workers than nodes
+    under STRICT_SPREAD) waited forever, holding what it had. `scaling.start_timeout_s`
+    bounds it (in tries of that wait: the controller's failures are counted together)."""
+    if not scaling.start_timeout_s:
+        return -1
+    per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(scaling.start_timeout_s / max(per_try, 1e-3)))
 
 
 def _ray_storage(store: Store, uri: str):
@@ -334,7 +355,7 @@ def _trainer(job: JobConfig, store: Store, spec: WorkerSpec, sources: dict, cpw:
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=job.scaling.max_failures),
+            failure_config=FailureConfig(max_failures=job.scaling.max_failures, controller_failure_limit=_start_tries(job.scaling)),
             callbacks=[NoRetryOnInputErrors(channel)] if channel is not None else None,
         ),
         datasets={name: read(src) for name, (src, _) in sources.items()},

@@ -77,10 +77,10 @@ def test_the_local_runtime_keeps_idle_workers_between_epochs(ray_local):
     assert alive, "the idle worker that ran a task was killed within 3 s: each epoch's read tasks would start a new process"
 
 
-def _retrieval_job(tmp_path, name: str):
+def _retrieval_job(tmp_path, name: str, **sets):
     synth(Store(), str(tmp_path / "data"), rows=3000, users=200, items=120, seed=5, files=3, row_group_rows=500)
     return tiny_job(str(tmp_path / "runs"), name, "retrieval", **{
-        "data.train": str(tmp_path / "data" / "train"), "data.eval": str(tmp_path / "data" / "eval"), "train.epochs": 2, "scaling.num_workers": 1})
+        "data.train": str(tmp_path / "data" / "train"), "data.eval": str(tmp_path / "data" / "eval"), "train.epochs": 2, "scaling.num_workers": 1, **sets})
 
 
 def test_a_ranking_run_reads_its_catalog_once_training_is_under_way(ray_local, tmp_path, monkeypatch):
@@ -123,6 +123,17 @@ def test_a_catalog_that_cannot_be_read_stops_the_workers_with_its_error(ray_loca
         launch._publish_reference(store, plans["train"], specs["known"], "retrieval", channel, threading.Event())
     with pytest.raises(DataError, match=rf"item catalog .* could not be read: .*{name}"):
         ingest.wait_for_catalog(channel)
+
+
+def test_workers_the_cluster_cannot_give_fail_the_run_in_bounded_time_naming_the_request(ray_local, tmp_path, monkeypatch):
+    """Two workers spread over distinct nodes, on one node: Ray Train's controller
+    retried its start every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, without limit."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # the controller takes RAY_TRAIN_* from the driver
+    job = _retrieval_job(tmp_path, "nowhere", **{"scaling.num_workers": 2, "scaling.placement_strategy": "STRICT_SPREAD", "scaling.start_timeout_s": 4})
+    t0 = time.monotonic()
+    with pytest.raises(launch.TrainingFailed, match=r"did not give the run its 2 workers of \{'CPU': .*\} each \(STRICT_SPREAD\) within scaling.start_timeout_s"):
+        launch.train(job, Store(), fresh=True, progress=False)
+    assert time.monotonic() - t0 < 120
 
 
 def test_the_catalog_goes_to_the_workers_through_the_object_store_not_the_channel(ray_local, tmp_path):
