@@ -694,13 +694,12 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     manifest = ckpt.load_manifest(store, ref)
     job = from_dict(JobConfig, manifest["config"])
     job.storage = replace(job.storage, **{k: getattr(store, k) for k in ("endpoint_url", "region", "access_key_id", "secret_access_key")})
-    if workers:
-        job.scaling = replace(job.scaling, num_workers=workers)
+    ensure_ray(address)
+    job.scaling = evaluation_scaling(job.scaling, workers, _node_gpus())
     data = data or (job.data.eval if manifest["task"] != "pretrain" else "")
     if not data and job.data.split.by == "none":
         raise ConfigError(f"{ref.uri}: no evaluation data: pass --data URI (the job had no data.eval)")
     train_uri = reference or (manifest.get("data") or {}).get("uri") or job.train_data
-    ensure_ray(address)
     hash_spec = HashSpec.from_dict(manifest["hash_spec"])
     # a pretrained backbone is evaluated on its interaction objective: full ranking
     task = "retrieval" if manifest["task"] == "pretrain" else manifest["task"]
@@ -727,6 +726,15 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     report = _eval_report(task, res["eval"], reference_data)
     report.update({"checkpoint": ref.uri, "task": task, "data": data or f"{train_uri} (split {job.data.split.by})", "reference": train_uri})
     return report
+
+
+def evaluation_scaling(trained: ScalingConfig, workers: int | None, node_gpus: list[float]) -> ScalingConfig:
+    """Where an evaluation runs: the cluster it is run on, not the one the checkpoint
+    trained on (whose GPUs, CPUs per worker and placement it may not have: asked for,
+    they were a request the cluster could not give). Its worker count (`--workers`) or
+    the training's; GPUs when this cluster has them; CPUs per worker sized to it; packed."""
+    return replace(trained, num_workers=workers or trained.max_workers, use_gpu=trained.use_gpu and sum(node_gpus) > 0,
+                   cpus_per_worker="auto", placement_strategy="PACK")
 
 
 def _torch_version() -> str:

@@ -31,6 +31,17 @@ def test_auto_cpus_leave_ray_data_a_cpu(nodes, workers):
         assert min(nodes) - per_node * cpw >= 1.0 - 1e-9
 
 
+def test_an_evaluation_runs_on_the_cluster_it_is_run_on_not_the_one_training_had():
+    """A checkpoint trained on GPU nodes with 8 CPUs a worker, spread: evaluated on a
+    CPU cluster, its job asked for what that cluster cannot give (and `evaluate` takes no
+    --set scaling.*)."""
+    trained = ScalingConfig(num_workers=16, use_gpu=True, cpus_per_worker=8.0, placement_strategy="STRICT_SPREAD")
+    here = launch.evaluation_scaling(trained, None, [0.0])
+    assert (here.num_workers, here.use_gpu, here.cpus_per_worker, here.placement_strategy) == (16, False, "auto", "PACK")
+    on_gpus = launch.evaluation_scaling(trained, 2, [0.0, 8.0])
+    assert (on_gpus.num_workers, on_gpus.use_gpu) == (2, True)
+
+
 def test_explicit_cpus_that_starve_ray_data_are_refused():
     with pytest.raises(ConfigError, match="scaling.cpus_per_worker=1.0 x 2 workers leaves 0.0"):
         resources(ScalingConfig(num_workers=2, cpus_per_worker=1.0), [2.0])
