@@ -232,7 +232,7 @@ def test_kuberay_semantic_checks_catch_what_schemas_cannot():
     bad = copy.deepcopy(doc)
     bad["metadata"]["name"] = "FLM_pretrain"
     bad["spec"]["shutdownAfterJobFinishes"] = False
-    gpu = bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
+    gpu = {g["groupName"]: g for g in bad["spec"]["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
     gpu["replicas"] = gpu["maxReplicas"] + 1
     gpu["rayStartParams"]["num-gpus"] = "1"
     gpu["resources"] = {"GPU": "1"}
