@@ -337,14 +337,18 @@ def _job_submit(cluster, args) -> int:
 
 
 def _job_follow(cluster, sid: str) -> int:
+    from flm_dist.submit import SubmitError
+
+    cluster.state(sid)  # an unknown id or an unreachable API: an error to fix (2)
     try:
         st = cluster.follow(sid, lambda chunk: print(chunk, end="", flush=True))
     except KeyboardInterrupt:
         print(f"\ndetached: {sid} keeps running; `flm-dist stop {sid} --address {cluster.address}` stops it", file=sys.stderr)
         return 130
+    except SubmitError as e:  # the API went away while the job ran: its fate is unknown, not a failure
+        print(f"error: {e}\n{sid} may still be running; `flm-dist status {sid} --address {cluster.address}` says how it stands", file=sys.stderr)
+        return 3
     print(st.describe(), file=sys.stderr)
-    if not st.terminal:
-        print(f"the log stream ended while {sid} is {st.status}; `flm-dist logs {sid} --address {cluster.address} --follow` reattaches", file=sys.stderr)
     return 0 if st.status == "SUCCEEDED" else 1
 
 

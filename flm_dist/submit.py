@@ -281,18 +281,31 @@ class Cluster:
         return self._call("logs of", job_id, lambda: self._client.get_job_logs(job_id))
 
     def follow(self, job_id: str, write: Callable[[str], Any]) -> JobState:
-        """Stream the job's logs until it ends; returns its final state."""
+        """Stream the job's logs until it ends; returns its final state. A stream that
+        drops while the job runs (a `kubectl port-forward` closing) is opened again: Ray
+        sends the log from its start, and what was written already is skipped."""
         self.state(job_id)  # a clear error for an unknown id, before opening the stream
+        shown = 0
 
         async def tail() -> None:
+            nonlocal shown
+            sent = 0
             async for chunk in self._client.tail_job_logs(job_id):
-                write(chunk)
+                new = chunk[max(0, shown - sent) :]
+                sent += len(chunk)
+                if new:
+                    write(new)
+                    shown = sent
 
-        try:
-            asyncio.run(tail())
-        except (RuntimeError, OSError):
-            pass  # the stream dropped; the job's state below says how it ended
-        return self.wait(job_id, timeout_s=30.0)
+        while True:
+            try:
+                asyncio.run(tail())
+                st = self.wait(job_id, timeout_s=30.0)  # the stream ends with the job: its state may lag
+            except (RuntimeError, OSError):
+                st = self.state(job_id)  # the stream dropped: open it again while the job runs
+            if st.terminal:
+                return st
+            time.sleep(1.0)
 
     def wait(self, job_id: str, timeout_s: float) -> JobState:
         """Poll until the job is terminal or `timeout_s` passes; returns the last state."""

@@ -394,6 +394,38 @@ def test_submission_refuses_embedded_storage_and_bad_keys(tmp_path):
     assert ctr.command(ctr.load()).startswith("flm-dist finetune --config _flm_job/ft.yaml")
 
 
+def test_a_log_stream_that_drops_while_the_job_runs_is_opened_again():
+    """`submit`/`logs --follow` on a stream that drops (a `kubectl port-forward` closing)
+    while the job runs: it exited 1 (FAILED, to a scheduler) after 30 s. Ray's client is
+    stubbed here: the fault is the stream's drop, which Ray sends the log from its start
+    after, so the text already written must not come twice."""
+    from types import SimpleNamespace
+
+    from flm_dist.submit import Cluster
+
+    class DroppingJobsApi:
+        def __init__(self):
+            self.tails = 0
+
+        def get_job_info(self, job_id):
+            status = "SUCCEEDED" if self.tails >= 2 else "RUNNING"
+            return SimpleNamespace(submission_id=job_id, job_id="02000000", status=status, message="", entrypoint="flm-dist pretrain",
+                                   driver_exit_code=None, start_time=None, end_time=None)
+
+        async def tail_job_logs(self, job_id):
+            self.tails += 1
+            yield "epoch 0\n"
+            if self.tails == 1:
+                raise RuntimeError("websocket closed")
+            yield "epoch 1\n"
+
+    cluster = Cluster("http://127.0.0.1:1")
+    cluster.__dict__["_client"] = DroppingJobsApi()
+    written = []
+    st = cluster.follow("job-1", written.append)
+    assert st.status == "SUCCEEDED" and "".join(written) == "epoch 0\nepoch 1\n"
+
+
 def test_a_jobs_api_lost_after_connecting_is_a_clear_error():
     """The dashboard answers, then goes away (a dropped `kubectl port-forward`): the
     next call says so and names the address, not a traceback."""
