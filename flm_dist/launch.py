@@ -52,6 +52,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     addr = address or os.environ.get("RAY_ADDRESS")
+    if addr and addr.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {addr} (from {'--address' if address else 'RAY_ADDRESS'}) is a dashboard's Jobs API, which `flm-dist submit`, "
+            f"`status`, `logs` and `stop` take; this command runs its driver here and joins a cluster at HOST:6379 or ray://HOST:10001. "
+            f"Submit the job with `flm-dist submit`, or unset RAY_ADDRESS to start a local Ray"
+        )
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if addr:
         ray.init(address=addr, **kwargs)

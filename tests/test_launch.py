@@ -62,6 +62,14 @@ def test_the_controller_and_ray_data_side_import_no_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_a_jobs_api_address_in_ray_address_is_refused_by_commands_that_run_here():
+    """cluster/README has users `export RAY_ADDRESS=http://HEAD:8265` for `submit`; a
+    `pretrain` or `demo` in that shell then handed that address to ray.init."""
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    out = subprocess.run([sys.executable, "-c", "from flm_dist.launch import ensure_ray; ensure_ray()"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "is a dashboard's Jobs API, which `flm-dist submit`" in out.stderr, out.stderr[-2000:]
+
+
 def test_the_local_runtime_keeps_idle_workers_between_epochs(ray_local):
     """Each epoch's read tasks run in pooled worker processes. Ray keeps only as many
     idle workers as the node has unreserved CPUs and, by default, kills the others after
