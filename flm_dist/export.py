@@ -660,12 +660,22 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     return out_manifest
 
 
+# What an export writes besides manifest.json: these names, and everything under these folders.
+_EXPORT_NAMES = ("scorer.pt", "scorer.onnx", "scorer.onnx.data", "user_vectors.parquet", "item_vectors.parquet", "transitions.parquet")
+_EXPORT_FOLDERS = ("tables", "features")
+
+
 def _exported_files(store: Store, out: str) -> list[str]:
-    """The files the export already in `out` lists (none if there is none)."""
+    """The files of an export in `out`: those its manifest lists, and those of an
+    export's names there (a re-export that failed midway deleted the manifest first)."""
     try:
-        return list(store.read_json(join(out, "manifest.json")).get("files", {}))
+        listed = set(store.read_json(join(out, "manifest.json")).get("files", {}))
     except FileNotFoundError:
-        return []
+        listed = set()
+    present = {n for n in _EXPORT_NAMES if store.exists(join(out, n))}
+    for folder in _EXPORT_FOLDERS:
+        present |= {f"{folder}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in store.ls(join(out, folder))}
+    return sorted(listed | present)
 
 
 def _write_model_files(tmp: str, model: FLM, scorer, onnx_scorer: Scorer | None, features: list[dict], formats, table_dtype) -> dict | None:

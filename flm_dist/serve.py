@@ -244,7 +244,7 @@ class LoadedExport:
         if m["hash_spec"].get("version") != HASH_VERSION:
             raise ValueError(f"{self.uri}: hash spec {m['hash_spec'].get('version')!r}; this server hashes strings as {HASH_VERSION}")
         if "scorer.pt" not in m["files"]:
-            raise ValueError(f"{self.uri} has no scorer.pt (exported with --format onnx only); re-export with --format torchscript")
+            raise _onnx_only(self.uri)
         self.task = m["task"]
         self.stats = {"score": {"requests": 0, "batches": 0}, "recommend": {"requests": 0, "batches": 0}}
         self.scorer = torch.jit.load(os.path.join(local_dir, "scorer.pt"))
@@ -480,6 +480,10 @@ class LoadedExport:
         }
 
 
+def _onnx_only(uri: str) -> ValueError:
+    return ValueError(f"{uri} has no scorer.pt (exported with --format onnx only); re-export with --format torchscript")
+
+
 def fetch_export(store: Store, uri: str, local_dir: str) -> None:
     """Download what a server reads (the scorer, which holds the tables; the feature
     snapshots, the item vectors and the transition counts; not the user vectors) and
@@ -490,6 +494,8 @@ def fetch_export(store: Store, uri: str, local_dir: str) -> None:
         raise FileNotFoundError(f"{uri} has no manifest.json: not an export, or one still being written (`flm-dist export` writes it last)") from None
     with open(os.path.join(local_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
+    if "scorer.pt" not in manifest.get("files", {}):
+        raise _onnx_only(uri)
     snapshots = [info["file"] for info in (manifest.get("feature_snapshot") or {}).values() if isinstance(info, dict) and "file" in info]
     items = (manifest.get("vectors") or {}).get("items")
     wanted = ["scorer.pt", *snapshots, *([items["file"]] if items else []), *([manifest["transitions"]["file"]] if manifest.get("transitions") else [])]

@@ -470,10 +470,15 @@ def test_a_re_export_into_the_same_folder_leaves_no_old_file_and_never_a_mix(tmp
     source = {"task": "retrieval", "config": to_dict(JobConfig(task="retrieval", model=cfg)), "hash_spec": HashSpec.build(table_sizes(cfg, []), 5).to_dict(),
               "data_columns": ID_KINDS, "data_files": [{"uri": str(tmp_path / "train.parquet"), "size": (tmp_path / "train.parquet").stat().st_size}]}
     out = tmp_path / "out"
+
+    def on_disk():
+        return {os.path.relpath(p, out) for p in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(p)}
+
     write_export(Store(), FLM(cfg, []).eval(), source, str(out))
     assert (out / "scorer.onnx").exists()
     m = write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="torchscript")
-    assert {os.path.relpath(p, out) for p in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(p)} == {*m["files"], "manifest.json"}
+    assert on_disk() == {*m["files"], "manifest.json"}
+    write_export(Store(), FLM(cfg, []).eval(), source, str(out))  # both again
     put, done = Store.put_file, []
 
     def store_fails_after_one_file(self, local, uri):
@@ -486,6 +491,13 @@ def test_a_re_export_into_the_same_folder_leaves_no_old_file_and_never_a_mix(tmp
     with pytest.raises(StorageError, match="went away"):
         write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="torchscript")
     with pytest.raises(FileNotFoundError, match="no manifest.json: not an export, or one still being written"):
+        fetch_export(Store(), str(out), str(tmp_path))
+    monkeypatch.setattr(Store, "put_file", put)
+    # the next export finds no manifest listing the old files: it knows an export's own names
+    m = write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="torchscript")
+    assert on_disk() == {*m["files"], "manifest.json"} and "scorer.onnx" not in m["files"]
+    write_export(Store(), FLM(cfg, []).eval(), source, str(out), formats="onnx")
+    with pytest.raises(ValueError, match=r"has no scorer.pt \(exported with --format onnx only\)"):  # what a replica says of it
         fetch_export(Store(), str(out), str(tmp_path))
 
 
