@@ -261,18 +261,18 @@ def _parent_lineage(store: Store, init_from: str) -> dict | None:
 
 
 def start_checkpoint(store: Store, job: JobConfig) -> str:
-    """The checkpoint a fine-tune starts from: `init_from`, or with
-    `train.continue_pretraining` its backbone's best pretraining epoch, which pretraining
-    validated by the fine-tune's own criterion (NDCG@10 by full ranking) and kept while
-    it went on to its last (`train_loop._patience`)."""
-    init_from = job.init_from
-    if not job.train.continue_pretraining or not init_from:
-        return init_from
-    ref = ckpt.resolve(store, init_from)
+    """The checkpoint a fine-tune starts from, resolved once (its attempt's URI; ranks
+    resolving a run folder apart could each load another checkpoint of a pretraining that
+    commits meanwhile): `init_from`, or with `train.continue_pretraining` its backbone's
+    best pretraining epoch, which pretraining validated by the fine-tune's own criterion
+    (NDCG@10 by full ranking) and kept while it went on to its last (`train_loop._patience`)."""
+    ref = ckpt.resolve(store, job.init_from)
+    if not job.train.continue_pretraining:
+        return ref.uri
     m = ckpt.load_manifest(store, ref)
     best = m.get("best") if m.get("task") == "pretrain" else None
     if not best or best["step"] == ref.step:
-        return init_from
+        return ref.uri
     return ckpt.resolve(store, ckpt.step_dir(ref.run_dir, best["step"])).uri
 
 
@@ -329,14 +329,26 @@ def _check_resumable(store: Store, run_dir: str, plan: DataPlan, job: JobConfig)
         print(f"resuming {ref.uri}: {len(added)} new data file(s) join the resumed epoch (first: {added[0]})", flush=True)
 
 
+_UNSAVED = object()
+
+
 def _changed(before: dict, now: dict, key: str) -> list[tuple[str, object, object]]:
-    """(key, saved, now) for `key` of two job configs, per field of a section. A field
-    the saved config lacks (added by a later flm_dist) counts as unchanged."""
+    """(key, saved, now) for `key` of two job configs, down to the fields that differ. A
+    field the saved config lacks (added by a later flm_dist) counts as unchanged."""
     was, is_ = before, now
     for part in key.split("."):
-        was, is_ = (was or {}).get(part), (is_ or {}).get(part)
+        was = was.get(part, _UNSAVED) if isinstance(was, dict) else _UNSAVED
+        is_ = is_.get(part) if isinstance(is_, dict) else None
+    return _diff(key, was, is_)
+
+
+def _diff(key: str, was, is_) -> list[tuple[str, object, object]]:
+    if was is _UNSAVED:
+        return []
     if isinstance(was, dict) and isinstance(is_, dict):
-        return [(f"{key}.{k}", was[k], is_.get(k)) for k in sorted(was) if was[k] != is_.get(k)]
+        return [d for k in sorted(was) for d in _diff(f"{key}.{k}", was[k], is_.get(k))]
+    if isinstance(was, list) and isinstance(is_, list) and len(was) == len(is_) and all(isinstance(w, dict) for w in was):
+        return [d for i, (w, n) in enumerate(zip(was, is_, strict=True)) for d in _diff(f"{key}[{i}]", w, n)]
     return [(key, was, is_)] if was != is_ else []
 
 
@@ -606,11 +618,10 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     ensure_ray(address)
     hash_spec = HashSpec.build(table_sizes(job.model, job.data.features), job.model.hash_seed)
     if job.init_from:
-        if (start := start_checkpoint(store, job)) != job.init_from:
+        start = start_checkpoint(store, job)
+        if job.train.continue_pretraining and start != ckpt.resolve(store, job.init_from).uri:
             print(f"{job.task}: starting from the pretraining's best epoch by its validation, {start}", flush=True)
-        # Resolved once, here: ranks resolving a run folder apart could each load another
-        # checkpoint of a pretraining that commits meanwhile (and a restart a third).
-        job = replace(job, init_from=ckpt.resolve(store, start).uri)
+        job = replace(job, init_from=start)
         _check_parent_hash(store, job.init_from, hash_spec)
     eval_uri = job.data.eval if job.task != "pretrain" else ""
     datasets, plans, specs = plan_datasets(job, store, hash_spec, job.train_data, eval_uri or None, job.task, validate=True)

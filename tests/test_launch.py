@@ -42,6 +42,15 @@ def test_an_evaluation_runs_on_the_cluster_it_is_run_on_not_the_one_training_had
     assert (on_gpus.num_workers, on_gpus.use_gpu) == (2, True)
 
 
+def test_a_resume_names_each_changed_field_and_passes_fields_its_checkpoint_predates():
+    """A checkpoint's saved config lacks the fields a later flm_dist added: those are no
+    change (they refused as 'was None'); a feature's changed field is named in its list."""
+    saved = {"model": {"user_rows": 64}, "data": {"features": [{"name": "seg", "rows": 8}]}, "run": {}}
+    now = {"model": {"user_rows": 64, "history_len": 0}, "data": {"features": [{"name": "seg", "rows": 16, "max_len": 8}], "valid_fraction": 0.1}, "run": {"seed": 3}}
+    changed = [c for key in launch.RESUME_KEYS for c in launch._changed(saved, now, key)]
+    assert changed == [("data.features[0].rows", 8, 16)]
+
+
 def test_explicit_cpus_that_starve_ray_data_are_refused():
     with pytest.raises(ConfigError, match="scaling.cpus_per_worker=1.0 x 2 workers leaves 0.0"):
         resources(ScalingConfig(num_workers=2, cpus_per_worker=1.0), [2.0])

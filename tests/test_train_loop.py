@@ -499,6 +499,7 @@ def test_pretraining_validates_every_epoch_ends_on_its_last_and_hands_retrieval_
     assert start(w.spec.run.dir) == kept  # a run folder: its latest, then its best
     assert start(kept) == kept
     assert start(res["checkpoint"], go_on=False) == res["checkpoint"]
+    assert start(w.spec.run.dir, go_on=False) == last.uri  # resolved here, once: not by each rank
     assert start(res["checkpoint"], task="ctr", go_on=False) == res["checkpoint"]
     with pytest.raises(ConfigError, match="train.continue_pretraining is for task=retrieval"):
         tiny_job(str(tmp_path / "runs"), "ft", "ctr", init_from=kept, **{"data.train": res["checkpoint"], "train.continue_pretraining": True}).check_runnable()
