@@ -387,7 +387,8 @@ class LoadedExport:
             # items the model reads; or the snapshot's): a ranking of what comes next
             # leaves them out, as the evaluation and the blend weight's fit do; false
             # keeps them (repeat consumption, e.g. music)
-            had = self._keys(body["history"], self.id_kind["item"], "history") if "history" in body else features["history"][0, : int(features["history" + LEN_SUFFIX][0])].numpy()
+            given = body.get("history", (body.get("user_features") or {}).get("history"))
+            had = self._keys(given, self.id_kind["item"], "history") if given else features["history"][0, : int(features["history" + LEN_SUFFIX][0])].numpy()
             ex = np.concatenate([ex, had])
         pos = np.minimum(np.searchsorted(self._item_keys, ex), len(self._item_keys) - 1)
         rows = self._item_rows[pos[self._item_keys[pos] == ex]]

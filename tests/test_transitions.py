@@ -199,8 +199,9 @@ def test_recommend_leaves_out_the_whole_history_it_is_given_and_refuses_what_is_
     _, out = _export(tmp_path, window=3)
     server = LoadedExport(str(out), ServeConfig(max_items=ITEMS))
     history = list(range(7))  # longer than the model's history_len (5): it reads the last 5
-    rec = server.recommend_batch([server.parse_recommend({"user_id": 1, "k": ITEMS, "history": history})])[0]["items"]
-    assert {r["item_id"] for r in rec} == set(range(ITEMS)) - set(history)
+    for body in ({"history": history}, {"user_features": {"history": history}}):
+        rec = server.recommend_batch([server.parse_recommend({"user_id": 1, "k": ITEMS, **body})])[0]["items"]
+        assert {r["item_id"] for r in rec} == set(range(ITEMS)) - set(history)
     for body, field in (({"history": [3, None]}, "history[1]"),  # a null is no item: it scored as item 0
                         ({"history": [{"x": 1}, 5, 6, 7, 8, 9]}, "history[0]"),  # before the 5 read, still checked
                         ({"history": [1], "user_features": {"history": [2]}}, "history")):
