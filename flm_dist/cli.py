@@ -76,9 +76,12 @@ def cmd_train(args, task_kind: str) -> int:
 def cmd_evaluate(args) -> int:
     from flm_dist import launch
 
-    job = _load(args, reads=("storage",))
+    job = _load(args, reads=("storage", "scaling"))
+    # the scaling keys --set names override the checkpoint's (`launch.evaluation_scaling`)
+    named = {item.split("=", 1)[0].strip().removeprefix("scaling.") for item in args.set or [] if item.startswith("scaling.")}
     with _storage(job) as (job, store):
-        res = launch.evaluate(args.checkpoint, store, args.data, reference=args.reference, workers=args.workers, address=args.address)
+        res = launch.evaluate(args.checkpoint, store, args.data, reference=args.reference, workers=args.workers, address=args.address,
+                              scaling={k: getattr(job.scaling, k) for k in named})
         print(json.dumps(res, indent=2, default=str))
         _write_output(args.output, res, store)
     return 0
@@ -307,8 +310,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-# Cluster jobs (Ray Jobs API). Exit status: 0 done or still running, 1 the job FAILED or
-# was STOPPED, 2 an error to fix (job file, address, unknown job id).
+# Cluster jobs (Ray Jobs API). Exit status: 0 done (or, without following, submitted or
+# still running), 1 the job FAILED or was STOPPED, 2 an error to fix (job file, address,
+# unknown job id), 3 the Jobs API lost while following (the job may still run).
 
 
 def cmd_job(args) -> int:

@@ -295,9 +295,10 @@ class ScalingConfig:
     cpus_per_worker: float | Literal["auto"] = "auto"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 0
-    # How long a run waits for the cluster to give it its workers (an autoscaler's new
-    # nodes included) before it fails naming what it asked for; 0: no limit.
-    start_timeout_s: int = 1800
+    # How long a run may wait, over all its worker-group starts (restarts after failures
+    # and preemptions included), for the cluster to give it its workers before it fails
+    # naming what it asked for; 0: no limit (Ray Train's own: forever).
+    start_timeout_s: int = 3600
     # Tables larger than this many bytes are sharded row-wise across workers by default.
     shard_threshold_bytes: int = 64 << 20
     # Per-table overrides: {table: row_wise | replicated}.

@@ -660,9 +660,9 @@ def write_export(store: Store, model: FLM, source: dict, out: str, dtype: str = 
     return out_manifest
 
 
-# What an export writes besides manifest.json: these names, and everything under these folders.
-_EXPORT_NAMES = ("scorer.pt", "scorer.onnx", "scorer.onnx.data", "user_vectors.parquet", "item_vectors.parquet", "transitions.parquet")
-_EXPORT_FOLDERS = ("tables", "features")
+# What an export writes besides manifest.json: these names, and its tables and snapshots.
+_EXPORT_NAMES = ("scorer.pt", "scorer.onnx", "scorer.onnx.data", "user_vectors.parquet", "item_vectors.parquet", "transitions.parquet",
+                 "features/users.parquet", "features/items.parquet")
 
 
 def _exported_files(store: Store, out: str) -> list[str]:
@@ -673,8 +673,7 @@ def _exported_files(store: Store, out: str) -> list[str]:
     except FileNotFoundError:
         listed = set()
     present = {n for n in _EXPORT_NAMES if store.exists(join(out, n))}
-    for folder in _EXPORT_FOLDERS:
-        present |= {f"{folder}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in store.ls(join(out, folder))}
+    present |= {f"tables/{name}" for e in store.ls(join(out, "tables")) if (name := e.rstrip("/").rsplit("/", 1)[-1]).endswith(".safetensors")}
     return sorted(listed | present)
 
 

@@ -191,11 +191,13 @@ def _start_tries(scaling: ScalingConfig) -> int:
     that waited RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for its resources: a
     request the cluster can never give (GPUs on a CPU cluster, more workers than nodes
     under STRICT_SPREAD) waited forever, holding what it had. `scaling.start_timeout_s`
-    bounds it (in tries of that wait: the controller's failures are counted together)."""
+    bounds it, as retries of that wait beyond the first. Ray counts them over the whole
+    run (restarts after failures and preemptions wait within the same budget), and an
+    elastic run waits for its minimum without trying a start at all."""
     if not scaling.start_timeout_s:
         return -1
     per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
-    return max(1, math.ceil(scaling.start_timeout_s / max(per_try, 1e-3)))
+    return max(0, math.ceil(scaling.start_timeout_s / max(per_try, 1e-3)) - 1)
 
 
 def _ray_storage(store: Store, uri: str):
@@ -701,7 +703,8 @@ def train(job: JobConfig, store: Store, *, fresh: bool = False, progress: bool =
     return {"checkpoint": tr.get("checkpoint"), "metrics": metrics}
 
 
-def evaluate(checkpoint: str, store: Store, data: str | None = None, *, reference: str | None = None, workers: int | None = None, address: str | None = None) -> dict:
+def evaluate(checkpoint: str, store: Store, data: str | None = None, *, reference: str | None = None, workers: int | None = None, address: str | None = None,
+             scaling: dict | None = None) -> dict:
     """Evaluate a committed checkpoint on `data` (default: its job's data.eval, or the
     job's split) with the sharded model on Ray Train workers. Slices (cold users/items,
     long tail, warm) are defined by `reference`, default the checkpoint's own training
@@ -711,8 +714,8 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     manifest = ckpt.load_manifest(store, ref)
     job = from_dict(JobConfig, manifest["config"])
     job.storage = replace(job.storage, **{k: getattr(store, k) for k in ("endpoint_url", "region", "access_key_id", "secret_access_key")})
+    job.scaling = evaluation_scaling(job.scaling, workers, scaling or {})
     ensure_ray(address)
-    job.scaling = evaluation_scaling(job.scaling, workers, _node_gpus())
     data = data or (job.data.eval if manifest["task"] != "pretrain" else "")
     if not data and job.data.split.by == "none":
         raise ConfigError(f"{ref.uri}: no evaluation data: pass --data URI (the job had no data.eval)")
@@ -745,13 +748,13 @@ def evaluate(checkpoint: str, store: Store, data: str | None = None, *, referenc
     return report
 
 
-def evaluation_scaling(trained: ScalingConfig, workers: int | None, node_gpus: list[float]) -> ScalingConfig:
-    """Where an evaluation runs: the cluster it is run on, not the one the checkpoint
-    trained on (whose GPUs, CPUs per worker and placement it may not have: asked for,
-    they were a request the cluster could not give). Its worker count (`--workers`) or
-    the training's; GPUs when this cluster has them; CPUs per worker sized to it; packed."""
-    return replace(trained, num_workers=workers or trained.max_workers, use_gpu=trained.use_gpu and sum(node_gpus) > 0,
-                   cpus_per_worker="auto", placement_strategy="PACK")
+def evaluation_scaling(trained: ScalingConfig, workers: int | None, overrides: dict) -> ScalingConfig:
+    """Where an evaluation runs: the training's workers (or `--workers`) and GPUs, with
+    CPUs per worker sized to this cluster and packed (the training's own CPU count and
+    placement were for its nodes); any scaling key --set names overrides (`--set
+    scaling.use_gpu=false` evaluates a GPU-trained checkpoint on CPUs)."""
+    s = replace(trained, cpus_per_worker="auto", placement_strategy="PACK", **({"num_workers": workers} if workers else {}))
+    return replace(s, **overrides)
 
 
 def _torch_version() -> str:

@@ -284,6 +284,8 @@ class Cluster:
         """Stream the job's logs until it ends; returns its final state. A stream that
         drops while the job runs (a `kubectl port-forward` closing) is opened again: Ray
         sends the log from its start, and what was written already is skipped."""
+        import aiohttp  # Ray's Jobs client streams logs over it
+
         self.state(job_id)  # a clear error for an unknown id, before opening the stream
         shown = 0
 
@@ -301,7 +303,7 @@ class Cluster:
             try:
                 asyncio.run(tail())
                 st = self.wait(job_id, timeout_s=30.0)  # the stream ends with the job: its state may lag
-            except (RuntimeError, OSError):
+            except (RuntimeError, OSError, aiohttp.ClientError):  # aiohttp's own: a 502 from an ingress, a dropped socket
                 st = self.state(job_id)  # the stream dropped: open it again while the job runs
             if st.terminal:
                 return st

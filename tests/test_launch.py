@@ -32,14 +32,13 @@ def test_auto_cpus_leave_ray_data_a_cpu(nodes, workers):
 
 
 def test_an_evaluation_runs_on_the_cluster_it_is_run_on_not_the_one_training_had():
-    """A checkpoint trained on GPU nodes with 8 CPUs a worker, spread: evaluated on a
-    CPU cluster, its job asked for what that cluster cannot give (and `evaluate` takes no
-    --set scaling.*)."""
-    trained = ScalingConfig(num_workers=16, use_gpu=True, cpus_per_worker=8.0, placement_strategy="STRICT_SPREAD")
-    here = launch.evaluation_scaling(trained, None, [0.0])
-    assert (here.num_workers, here.use_gpu, here.cpus_per_worker, here.placement_strategy) == (16, False, "auto", "PACK")
-    on_gpus = launch.evaluation_scaling(trained, 2, [0.0, 8.0])
-    assert (on_gpus.num_workers, on_gpus.use_gpu) == (2, True)
+    """A checkpoint trained on GPU nodes with 8 CPUs a worker, spread: its evaluation
+    asked for that wherever it ran (and `evaluate` took no --set scaling.*)."""
+    trained = ScalingConfig(num_workers=[4, 16], use_gpu=True, cpus_per_worker=8.0, placement_strategy="STRICT_SPREAD")
+    here = launch.evaluation_scaling(trained, None, {})
+    assert (here.num_workers, here.use_gpu, here.cpus_per_worker, here.placement_strategy) == ([4, 16], True, "auto", "PACK")
+    on_cpus = launch.evaluation_scaling(trained, 2, {"use_gpu": False})  # `evaluate --workers 2 --set scaling.use_gpu=false`
+    assert (on_cpus.num_workers, on_cpus.use_gpu) == (2, False)
 
 
 def test_a_resume_names_each_changed_field_and_passes_fields_its_checkpoint_predates():
