@@ -313,10 +313,10 @@ def _check_resumable(store: Store, run_dir: str, plan: DataPlan, job: JobConfig)
     if ref is None:
         return
     m = ckpt.load_manifest(store, ref)
-    before, now = m.get("config") or {}, _redacted(job)
-    changed = [c for key in (RESUME_KEYS if before else ()) for c in _changed(before, now, key)]
-    if changed:
-        what = "; ".join(f"{k} was {was!r}, now {is_!r}" for k, was, is_ in changed[:3])
+    saved_job = m.get("config") or {}
+    keys = [c for key in (RESUME_KEYS if saved_job else ()) for c in _changed(saved_job, _redacted(job), key)]
+    if keys:
+        what = "; ".join(f"{k} was {was!r}, now {is_!r}" for k, was, is_ in keys[:3])
         raise ConfigError(f"cannot resume {run_dir} from {ref.uri}: {what}. Set them back, or rerun with --fresh or a new run.name")
     before = {f["uri"]: f for f in m.get("data_files", [])}
     now = {f.uri: f for f in plan.files}
