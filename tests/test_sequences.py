@@ -186,6 +186,19 @@ def test_one_and_two_workers_read_the_same_examples(sequences):
         assert len(seen) == len(expected) and dict(seen) == expected, f"{n} worker(s)"
 
 
+def test_events_equal_but_for_a_list_or_dictionary_column_are_ordered_the_same_on_every_run():
+    """Ties are broken by every column's values; a list or dictionary column was no sort
+    key, so two events equal on the rest kept the order the shuffle delivered them in,
+    which changes from run to run (and with it which one a leave-one-out split holds out)."""
+    from flm_dist.data.sequences import _to_sequences
+
+    t = pa.table({"user_id": pa.array([7, 7, 7], pa.int64()), "ts": pa.array([5, 5, 5], pa.int64()), "item_id": pa.array([1, 1, 1], pa.int64()),
+                  "tags": pa.array([["b"], ["a", "z"], None]), "shop": pa.array(["y", "x", "x"]).dictionary_encode()})
+    runs = [_to_sequences(t.take(pa.array(order))).to_pylist() for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0]["tags"] == [["a", "z"], ["b"], None]  # by the columns in order: tags first, a null list last
+
+
 def test_the_stage_checks_every_file_before_it_reads(tmp_path):
     """Ray reads every file with the first one's schema: a later file without `ts` would
     come in as nulls and vanish into the dropped rows. Each file is checked, and named."""

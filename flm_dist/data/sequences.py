@@ -7,7 +7,8 @@ A Ray Data stage hash-partitions the log by user across the cluster (no machine 
 the whole log), orders each user's events by `ts` and writes one row per user:
 `user_id` and, for every other column, the list of its values in event order
 (`item_id`, `ts`, `label`, features...). Ties on `ts` are broken by item ID, then by
-the values of the other columns, so the order is the same on every run.
+the values of the other columns in their order (a list's values joined, a dictionary's
+decoded; struct columns aside), so the order is the same on every run.
 
 Read tasks expand the rows back into one example per event (`expand`), each with the
 hashed rows of the user's previous items, at most `history_len` of them, strictly
@@ -115,9 +116,11 @@ def _to_sequences(block: pa.Table) -> pa.Table:
     """One block holding every event of its users -> one row per user, events in order."""
     if block.num_rows == 0:
         return block
-    keys = [("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")]
-    keys += [(c, "ascending") for c in block.column_names if c not in ("user_id", "ts", "item_id") and _sortable(block.schema.field(c).type)]
-    block = block.take(pc.sort_indices(block, sort_keys=keys)).combine_chunks()
+    order = {c: block.column(c) for c in ("user_id", "ts", "item_id")}
+    for c in block.column_names:
+        if c not in order and (key := _sort_key(block.column(c))) is not None:
+            order[f"{len(order)}"] = key
+    block = block.take(pc.sort_indices(pa.table(order), sort_keys=[(c, "ascending") for c in order])).combine_chunks()
     # Sorted, each user's events are one run of rows: every other column becomes a list
     # column over those runs, whatever its type (a multi-valued feature's lists, a
     # dictionary or a struct, which a hash "list" aggregation has no kernel for).
@@ -133,6 +136,22 @@ def _to_sequences(block: pa.Table) -> pa.Table:
 
 def _sortable(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t) or pa.types.is_timestamp(t)
+
+
+def _sort_key(col: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """A column as a tie-break Arrow can sort: itself, a dictionary's values, a list's
+    values joined into one string; None for what has no such key (structs)."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    if _sortable(t):
+        return col
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        try:
+            return pc.binary_join(pc.cast(col, pa.list_(pa.string())), "\x1f")
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+    return None
 
 
 def build_sequences(store: Store, src: str, out: str, files: int | None = None, users_per_row_group: int | None = None) -> dict:
