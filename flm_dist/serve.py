@@ -334,6 +334,10 @@ class LoadedExport:
         """The request's user features, with its "history" (a list of item IDs, oldest
         first) as the history input of a model that has one."""
         given = body.get("user_features")
+        history = body.get("history", given.get("history") if isinstance(given, dict) else None)
+        if isinstance(history, list) and len(history) > self.cfg.max_items:
+            # every entry is hashed and left out of the ranking, so the cap on exclude holds here too
+            raise RequestError(f"history has {len(history)} items; at most serve.max_items = {self.cfg.max_items}", "history", 413)
         if "history" not in body:
             return given
         if not any(f["kind"] == "history" for f in self.features["user"]):
