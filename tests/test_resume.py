@@ -80,45 +80,22 @@ def job_for(tmp_path, log_dir, name, **sets):
     )
 
 
-def run_traced(job, trace: str, monkeypatch, **kw):
+def run_traced(job, trace: str, **kw):
     os.makedirs(trace, exist_ok=True)
     return launch.train(job, Store(), progress=False, trace_rows=trace, **kw)
 
 
 @pytest.fixture(scope="module")
-def boundary(ray_local, tmp_path_factory, log_dir):
-    """One epoch, then the same run asked for two: resumed at the epoch boundary."""
-    tmp_path = tmp_path_factory.mktemp("boundary")
+def killed(ray_local, tmp_path_factory, log_dir):
+    """Epoch 0 with rank 1 SIGKILLed after a mid-epoch commit (Ray Train restarts the
+    group), then the same run asked for two epochs: resumed at the epoch boundary.
+    One run serves both tests: each Ray Train start costs ~15 s of the suite."""
+    tmp_path = tmp_path_factory.mktemp("killed")
     trace = str(tmp_path / "trace")
-    # saves at epoch ends only: the boundary is what these runs are for
-    one = run_traced(job_for(tmp_path, log_dir, "boundary", **{"train.epochs": 1, "checkpoint.every_steps": 0}), trace, None, fresh=True)
-    # read now: the second run's saves prune the first run's checkpoint (keep_last)
-    one["manifest"] = ckpt.load_manifest(Store(), ckpt.resolve(Store(), one["checkpoint"]))
-    two = run_traced(job_for(tmp_path, log_dir, "boundary", **{"train.epochs": 2, "checkpoint.every_steps": 0}), trace, None)
-    return one, two, trace
-
-
-def test_resume_at_epoch_boundary_runs_the_next_epoch(boundary, log_dir):
-    one, two, trace = boundary
-    assert len(set(one["metrics"]["steps_per_worker"])) == 1
-    m = one["manifest"]
-    assert m["epoch_done"] and m["epoch"] == 0
-    # asked for 2 epochs, the run resumed at the boundary and ran epoch 1 whole
-    assert two["metrics"]["steps"] == 2 * one["metrics"]["steps"]
-    got1 = np.sort(np.concatenate([p for recs in read_trace(trace, 1).values() for _, p in recs]))
-    assert np.array_equal(got1, pretraining_positions(log_dir))
-
-
-def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir, boundary, monkeypatch):
-    # the reference: two epochs without a failure (the boundary test's run; each epoch
-    # plans the same steps, asserted there)
-    ref = boundary[1]
-
-    trace = str(tmp_path / "trace-kill")
-    job = job_for(tmp_path, log_dir, "killed")
+    job = job_for(tmp_path, log_dir, "killed", **{"train.epochs": 1})
     run_dir = os.path.join(str(tmp_path / "runs"), "killed")
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(run_traced(job, trace, monkeypatch, fresh=True)))
+    t = threading.Thread(target=lambda: result.update(run_traced(job, trace, fresh=True)))
     t.start()
     # wait for a committed mid-epoch checkpoint of epoch 0, then SIGKILL rank 1
     deadline = time.monotonic() + 240
@@ -130,14 +107,34 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
             files = glob.glob(os.path.join(trace, "epoch0-rank1-pid*.bin"))
             if files:
                 victim = int(re.search(r"pid(\d+)", files[0]).group(1))
-    assert victim is not None, "no mid-epoch checkpoint appeared"
-    os.kill(victim, signal.SIGKILL)
-    committed_at_kill = latest.step
+    if victim is not None:
+        os.kill(victim, signal.SIGKILL)
     t.join(timeout=400)
+    assert victim is not None, "no mid-epoch checkpoint appeared"
     assert not t.is_alive() and result, "the run did not complete after the worker was killed"
+    # read now: the second run's saves prune the first run's checkpoint (keep_last)
+    result["manifest"] = ckpt.load_manifest(Store(), ckpt.resolve(Store(), result["checkpoint"]))
+    # saves at epoch ends only: the boundary is what this run is for
+    two = run_traced(job_for(tmp_path, log_dir, "killed", **{"checkpoint.every_steps": 0}), trace)
+    return result, two, trace, victim, latest.step
 
-    # same final step count as the uninterrupted run
-    assert result["metrics"]["steps"] == ref["metrics"]["steps"]
+
+def test_resume_at_epoch_boundary_runs_the_next_epoch(killed, log_dir):
+    one, two, trace, _, _ = killed
+    assert len(set(one["metrics"]["steps_per_worker"])) == 1
+    m = one["manifest"]
+    assert m["epoch_done"] and m["epoch"] == 0
+    # asked for 2 epochs, the run resumed at the boundary and ran epoch 1 whole, in the
+    # same steps as epoch 0, which a worker's death interrupted
+    assert two["metrics"]["steps"] == 2 * one["metrics"]["steps"]
+    by_pid = read_trace(trace, 1)
+    assert min(s for recs in by_pid.values() for s, _ in recs) == one["metrics"]["steps"] + 1
+    got1 = np.sort(np.concatenate([p for recs in by_pid.values() for _, p in recs]))
+    assert np.array_equal(got1, pretraining_positions(log_dir))
+
+
+def test_kill_worker_mid_epoch_resumes_exactly_once(killed, log_dir):
+    _, _, trace, victim, committed_at_kill = killed
     # epoch 0: rows committed by the first attempt (up to the step the second resumed
     # from) plus rows of the second attempt == every row exactly once
     by_pid = read_trace(trace, 0)
@@ -151,9 +148,6 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(ray_local, tmp_path, log_dir
     rows += [p for recs in second for _, p in recs]
     got = np.sort(np.concatenate(rows))
     assert np.array_equal(got, pretraining_positions(log_dir)), "epoch 0 rows lost or duplicated across the restart"
-    # epoch 1, entirely after the restart: once each
-    got1 = np.sort(np.concatenate([p for recs in read_trace(trace, 1).values() for _, p in recs]))
-    assert np.array_equal(got1, pretraining_positions(log_dir))
 
 
 def test_kill_driver_and_rerun_resumes(ray_local, tmp_path, log_dir):
