@@ -226,13 +226,16 @@ def test_case13_nan_loss_stops_before_a_checkpoint(ray_local, tmp_path):
     data = str(tmp_path / "log")
     _write_log(data, 4, 1200)
     runs = str(tmp_path / "runs")
-    good = launch.train(_job(runs, "nan", data, **{"train.max_steps": 12}), Store(), fresh=True, progress=False)
-    good_ref = ckpt.resolve(Store(), good["checkpoint"])
-    # the same run, resumed with a learning rate that blows the weights up
+    # A learning rate that blows the weights up: step 1's loss is finite (the initial
+    # weights), a later one is not. A save after every step, so the step that went
+    # non-finite is the one whose checkpoint must not be written; a second run (a good
+    # one, then a resume into NaN) would cost another Ray Train start, nothing more.
     with pytest.raises(NonFiniteLossError, match=r"NaN/Inf at step \d+") as e:
-        launch.train(_job(runs, "nan", data, **{"train.lr": 1e30, "train.sparse_lr": 1e30, "train.epochs": 3}), Store(), progress=False)
+        launch.train(_job(runs, "nan", data, **{"train.lr": 1e30, "train.sparse_lr": 1e30, "checkpoint.every_steps": 1}), Store(), fresh=True, progress=False)
+    bad = int(re.search(r"NaN/Inf at step (\d+)", str(e.value)).group(1))
     latest = ckpt.find_latest(Store(), os.path.join(runs, "nan"))
-    assert latest.step >= good_ref.step and f"Last committed checkpoint: {latest.uri}." in str(e.value)  # what a rerun resumes from
+    assert bad >= 2 and latest is not None and latest.step == bad - 1, (bad, latest)
+    assert f"Last committed checkpoint: {latest.uri}." in str(e.value)  # what a rerun resumes from
     model, _, _ = load_model(Store(), latest.uri)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
