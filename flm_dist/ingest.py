@@ -157,12 +157,7 @@ class FLMDataConfig(DataConfig):
                     # 12.6 -> 10.2 s on 2 cores).
                     out[rank][name] = ds.iterator()
                     continue
-                # A split of one: the rank's own dataset, executed by a coordinator actor
-                # (its read tasks run on the rank's node: `read_slots`) instead of inside
-                # the train worker, where the executor's threads would take the GIL and
-                # CPU from the step (measured: bench/run_all.py, C at 2 workers).
-                hints = [worker_node_ids[rank]] if worker_node_ids else None
-                out[rank][name] = ds.streaming_split(1, equal=False, locality_hints=hints)[0]
+                out[rank][name] = SplitOnWorker(ds)
         return out
 
 
@@ -176,6 +171,29 @@ class FLMDataConfig(DataConfig):
         if decided is None:
             raise RuntimeError("the training data was requested before rank 0 decided the resume point")
         return resume_point(self._store, decided[0], plan)
+
+
+class SplitOnWorker:
+    """A rank's training dataset, executed by a coordinator actor on the rank's node.
+
+    A split of one: the rank's own dataset, run by a coordinator (its read tasks run on
+    the rank's node: `read_slots`) instead of inside the train worker, where the
+    executor's threads would take the GIL and CPU from the step (measured:
+    bench/run_all.py, C at 2 workers). `streaming_split` places the coordinator on the
+    node of the process that calls it, so the train worker calls it, on its first read:
+    called in `configure` (Ray Train's dataset manager, beside the controller), every
+    rank's executor loop ran on that one node, a KubeRay head's few CPUs at scale. The
+    worker owns the coordinator, which thus ends with it."""
+
+    def __init__(self, ds):
+        self._ds = ds
+        self._it = None
+
+    def iter_batches(self, **kwargs):
+        if self._it is None:
+            here = ray.get_runtime_context().get_node_id()
+            self._it = self._ds.streaming_split(1, equal=False, locality_hints=[here])[0]
+        return self._it.iter_batches(**kwargs)
 
 
 def read_slots(worker_nodes: list[str | None], node_cpus: dict[str | None, float], cpus_per_worker: float) -> list[int]:

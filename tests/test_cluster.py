@@ -319,6 +319,10 @@ def test_submit_status_logs_stop_on_two_nodes(cluster, cluster_data, s3, s3_stor
     workers = _train_workers(d, info["ray_job_id"])
     assert len(workers) == 2, workers
     assert {w["node_id"] for w in workers} == set(cluster.node_ids.values()), (workers, cluster.node_ids)
+    # each rank's split coordinator (its dataset's executor loop) runs on the rank's node,
+    # not on the one Ray Train's controller picked for all of them
+    coords = [a for a in _state(d, "actors", job_id=info["ray_job_id"]) if a["class_name"] == "SplitCoordinator"]
+    assert sorted(a["node_id"] for a in coords) == sorted(w["node_id"] for w in workers), (coords, workers)
 
     # 2. a job that fails: its error reaches `status` (FAILED + message) and `logs`
     _wait(lambda: _job(d, sid_bad)["status"] in ("FAILED", "SUCCEEDED", "STOPPED"), 120, "the bad job to end")
