@@ -423,7 +423,11 @@ class Checkpointer:
         # goes on appending to the lists it holds (the epochs' curve).
         manifest = json.loads(json.dumps(manifest, default=str))
         ref = CheckpointRef(self.run_dir, step, new_attempt_id(self.ctrl))
-        writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=False, overwrite=False, **self.store.storage_options(ref.uri))
+        # Local state is fsynced before the commit marker (which is), or a power loss could
+        # leave a committed checkpoint without its state. Not for object stores: their PUT
+        # is durable once answered, and DCP's fallback for a stream without a file
+        # descriptor is os.sync(), every dirty page of the node.
+        writer = FsspecWriter(ref.uri, single_file_per_rank=True, sync_files=not is_remote(ref.uri), overwrite=False, **self.store.storage_options(ref.uri))
 
         def commit_after(fut=None):
             if fut is not None:

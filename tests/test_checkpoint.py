@@ -50,6 +50,33 @@ def test_save_commit_load_roundtrip(where, async_save, tmp_path, s3_store, bucke
     assert ckpt.resolve(store, run_dir) == ckpt.resolve(store, ref.step_dir) == ckpt.resolve(store, ref.uri) == ref
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_local_checkpoint_is_on_disk_before_its_commit_and_a_remote_one_never_syncs_the_node(async_save, tmp_path, s3_store, bucket, monkeypatch):
+    """A commit marker must not outlive a power loss that its state files do not: a local
+    save fsyncs every state file before the marker. DCP's fallback for a stream without a
+    file descriptor (S3) is os.sync(), every dirty page of the node: never called."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def node_sync():
+        synced.append("os.sync")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "sync", node_sync)
+    ref, _, _ = _save(s3_store, join(bucket, "run"), 10, async_save=async_save)
+    assert "os.sync" not in synced and s3_store.exists(join(ref.step_dir, "COMMITTED"))
+    ref, _, _ = _save(Store(), str(tmp_path / "run"), 10, async_save=async_save)
+    assert "os.sync" not in synced
+    marker = next(i for i, f in enumerate(synced) if os.path.basename(f).startswith("COMMITTED"))
+    before = {re.sub(r"\.tmp(-[0-9a-f]+)?$", "", f) for f in synced[:marker]}  # each written as a temp file, then renamed
+    state = [os.path.join(ref.uri, f) for f in os.listdir(ref.uri)]  # .metadata too
+    assert state and set(state) <= before, (state, synced)
+
+
 def test_uncommitted_step_is_skipped_and_cleaned_later(tmp_path):
     store, run_dir = Store(), str(tmp_path / "run")
     good, _, _ = _save(store, run_dir, 10)
