@@ -11,7 +11,14 @@ import os
 import sys
 from dataclasses import replace
 
-from flm_dist.config import FINETUNE_TASKS, ConfigError, DemoConfig, JobConfig, load_job
+from flm_dist.config import (
+    FINETUNE_TASKS,
+    ConfigError,
+    DemoConfig,
+    JobConfig,
+    absolute_path,
+    load_job,
+)
 from flm_dist.data.schema import DataError
 from flm_dist.storage import EmbeddedS3, StorageError, Store, join
 
@@ -505,9 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _absolute_args(args):
+    """Local paths among a command's URI arguments made absolute (`config.absolute_path`):
+    evaluation's workers and the server's replicas read them from folders of their own."""
+    for name in ("checkpoint", "data", "reference", "export", "out", "src", "uri"):
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, absolute_path(getattr(args, name)))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("FLM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = _absolute_args(build_parser().parse_args(argv))
     try:
         if args.cmd in ("pretrain", "finetune"):
             return cmd_train(args, args.cmd)

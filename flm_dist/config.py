@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -562,7 +563,23 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
             parsed = v
         _set_dotted(tree, k.strip(), parsed)
     label = source if not overrides else f"{source} (with --set overrides)"
-    return _build(JobConfig, tree, "", label)
+    return absolute_paths(_build(JobConfig, tree, "", label))
+
+
+def absolute_path(uri: str) -> str:
+    """A local path made absolute (from this process's working directory); URIs with a
+    scheme as they are. Ray Train's workers and Ray Serve's replicas run in folders of
+    their own, so a relative path read a different place in each process: a run's
+    workers committed its checkpoints where its driver never looked."""
+    return os.path.abspath(uri) if uri and "://" not in uri else uri
+
+
+def absolute_paths(job: JobConfig) -> JobConfig:
+    """The job with every local path it names made absolute (`absolute_path`)."""
+    d = job.data
+    data = replace(d, pretrain=absolute_path(d.pretrain), train=absolute_path(d.train), eval=absolute_path(d.eval), valid=absolute_path(d.valid))
+    demo = replace(job.demo, data_root=absolute_path(job.demo.data_root)) if job.demo is not None else None
+    return replace(job, init_from=absolute_path(job.init_from), run=replace(job.run, storage=absolute_path(job.run.storage)), data=data, demo=demo)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -171,3 +171,19 @@ def test_a_set_a_command_would_not_read_is_refused(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"--set {argv[-1].split('=')[0]}" in err and "reads only storage.*" in err
+
+
+def test_local_paths_are_made_absolute_uris_are_not(tmp_path, monkeypatch):
+    """Ray Train's workers and Ray Serve's replicas run in folders of their own: a
+    relative path (the default run.storage, ./runs, too) named a different place in each
+    process, and a run's workers committed where its driver never looked."""
+    from flm_dist.cli import _absolute_args, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    p = write(tmp_path, "task: ctr\ninit_from: runs/pre\ndata: {train: log/train, eval: s3://b/eval, valid: file:///v}\n")
+    job = load_job(p)
+    assert (job.init_from, job.data.train, job.run.storage) == (str(tmp_path / "runs/pre"), str(tmp_path / "log/train"), str(tmp_path / "runs"))
+    assert (job.data.eval, job.data.valid, job.data.pretrain) == ("s3://b/eval", "file:///v", "")
+    args = _absolute_args(build_parser().parse_args(["evaluate", "--checkpoint", "runs/ft", "--data", "s3://b/eval", "--reference", "ref"]))
+    assert (args.checkpoint, args.data, args.reference) == (str(tmp_path / "runs/ft"), "s3://b/eval", str(tmp_path / "ref"))
+    assert _absolute_args(build_parser().parse_args(["serve", "exp"])).export == str(tmp_path / "exp")

@@ -153,12 +153,14 @@ def test_kill_worker_mid_epoch_resumes_exactly_once(killed, log_dir):
 def test_kill_driver_and_rerun_resumes(ray_local, tmp_path, log_dir):
     """SIGKILL the driver (the CLI process and its children) while it trains on a running
     Ray runtime, as on a cluster: Ray ends the dead job's actors. Rerun the command: it
-    resumes. (The session's runtime: starting one per test would only add its start-up.)"""
+    resumes. (The session's runtime: starting one per test would only add its start-up.)
+    The run folder and the output are relative paths, as a user types them: Ray Train's
+    workers run in another folder, so the driver must hand them absolute ones."""
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         f"""
 task: pretrain
-run: {{name: drv, storage: {tmp_path / 'runs'}}}
+run: {{name: drv, storage: runs}}
 data:
   pretrain: {log_dir}
   batch_size: 64
@@ -170,9 +172,9 @@ scaling: {{num_workers: 2}}
 """
     )
     run_dir = str(tmp_path / "runs" / "drv")
-    cmd = [sys.executable, "-m", "flm_dist.cli", "pretrain", "--config", str(cfg), "--no-progress", "--output", str(tmp_path / "out.json")]
+    cmd = [sys.executable, "-m", "flm_dist.cli", "pretrain", "--config", "job.yaml", "--no-progress", "--output", "out.json"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     killed_after = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -198,7 +200,7 @@ scaling: {{num_workers: 2}}
     while killed_job_actors():
         assert time.monotonic() < deadline, f"the killed driver's train actors outlived it by 60 s: {killed_job_actors()}"
         time.sleep(0.2)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     resumed = re.search(rf"resumed from {re.escape(run_dir)}/step-\d+/\S+ \(step (\d+)\)", out.stdout + out.stderr)
     assert resumed and int(resumed.group(1)) >= killed_after, "not resumed from the latest commit before the kill"
@@ -206,5 +208,5 @@ scaling: {{num_workers: 2}}
 
     res = json.loads((tmp_path / "out.json").read_text())
     ref = ckpt.load_manifest(Store(), ckpt.resolve(Store(), res["checkpoint"]))
-    assert ref["epoch"] == 1 and ref["epoch_done"]
+    assert ref["epoch"] == 1 and ref["epoch_done"] and res["checkpoint"].startswith(run_dir + "/")
     assert res["metrics"]["steps"] > killed_after
