@@ -113,66 +113,90 @@ def test_case02_more_failures_than_max_failures_fail_with_the_error(ray_local, t
     assert str(err).startswith("rank 1 failed its health check") and f"pid={pid}" in str(err) and "died unexpectedly" in str(err), err
 
 
-def test_case03_failure_before_first_checkpoint_restarts_from_step_0(ray_local, tmp_path, monkeypatch):
-    data = str(tmp_path / "log")
-    _write_log(data, 4, 800)
-    trace = str(tmp_path / "trace")
-    job = _job(str(tmp_path / "runs"), "early", data, **{"scaling.max_failures": 1, "checkpoint.every_steps": 0})
-    t, box = _run_in_thread(job, Store(), monkeypatch, trace, fresh=True)
-    first = _wait(lambda: (_worker_pid(trace, 0), _worker_pid(trace, 1)) if _worker_pid(trace, 0) and _worker_pid(trace, 1) else None, every=0.05)
-    assert first
-    assert ckpt.find_latest(Store(), str(tmp_path / "runs" / "early")) is None  # nothing committed yet
-    os.kill(first[1], signal.SIGKILL)
-    t.join(timeout=300)
-    assert "result" in box, box.get("error")
-    # the second attempt started over at step 1 and trained every row exactly once
-    second = {pid: recs for pid, recs in read_trace(trace, 0).items() if pid not in first}
-    assert len(second) == 2 and all(min(s for s, _ in recs) == 1 for recs in second.values())
-    got = np.sort(np.concatenate([p for recs in second.values() for _, p in recs]))
-    assert np.array_equal(got, pretraining_positions(data))
-    assert box["result"]["metrics"]["steps"] == max(s for recs in second.values() for s, _ in recs)
+# ---------------------------------------------------------------- cases 3, 4
 
 
-# ---------------------------------------------------------------- case 4
-
-
-def test_case04_kill_during_checkpoint_write_never_loads_the_partial(ray_local, s3, s3_store, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def two_kills(ray_local, s3, s3_store, tmp_path_factory):
+    """One run (S3 behind a fault proxy, a save every 12 steps, max_failures 2) whose
+    rank 1 is SIGKILLed twice: before anything is committed (case 3), then while its
+    restart's second save is being uploaded (case 4). Ray Train's two restarts make
+    three attempts; two runs of two attempts each cost one more start (~15 s)."""
+    tmp_path = tmp_path_factory.mktemp("kills")
     s3_store.ensure_bucket("s3://rel4")
     data = "s3://rel4/log"
     local = str(tmp_path / "log")
     _write_log(local, 4, 1200)
     s3_store.upload_dir(local, data)
+    run_dir = "s3://rel4/runs/k4"
+    trace = str(tmp_path / "trace")
+    out: dict = {"data": data, "run_dir": run_dir, "trace": trace}
     with FaultyS3(s3.url) as px:
         store = Store.from_config(replace(s3.storage_config(), endpoint_url=px.url))
-        job = replace(_job("s3://rel4/runs", "k4", data, **{"scaling.max_failures": 1, "train.epochs": 1, "checkpoint.every_steps": 12}), storage=replace(s3.storage_config(), endpoint_url=px.url))
-        trace = str(tmp_path / "trace")
-        t, box = _run_in_thread(job, store, monkeypatch, trace, fresh=True)
-        run_dir = "s3://rel4/runs/k4"
-        first = _wait(lambda: ckpt.find_latest(s3_store, run_dir))
-        assert first, "no first checkpoint"
-        px.slow_puts_s = 1.5  # uploads crawl: the next save stays in flight for seconds
+        job = replace(_job("s3://rel4/runs", "k4", data, **{"scaling.max_failures": 2, "train.epochs": 1, "checkpoint.every_steps": 12}),
+                      storage=replace(s3.storage_config(), endpoint_url=px.url))
+        px.slow_puts_s = 1.5  # the first save cannot commit before the first kill lands
+        t, box = _run_in_thread(job, store, None, trace, fresh=True)
+        try:
+            first = _wait(lambda: (_worker_pid(trace, 0), _worker_pid(trace, 1)) if _worker_pid(trace, 0) and _worker_pid(trace, 1) else None, every=0.05)
+            assert first, "training did not start"
+            out["committed_before_first_kill"] = ckpt.find_latest(s3_store, run_dir)
+            os.kill(first[1], signal.SIGKILL)
+            px.slow_puts_s = 0.0
+            out["attempt1"] = set(first)
+            # the restart's first checkpoint, then its next save caught in flight
+            out["first"] = first_ckpt = _wait(lambda: ckpt.find_latest(s3_store, run_dir))
+            assert first_ckpt, "no first checkpoint"
+            px.slow_puts_s = 1.5  # uploads crawl: the next save stays in flight for seconds
 
-        def partial():
-            for sd in s3_store.ls(run_dir):
-                name = sd.rstrip("/").rsplit("/", 1)[-1]
-                if name.startswith("step-") and not s3_store.exists(f"s3://{sd}/COMMITTED"):
-                    if any(e.rstrip("/").rsplit("/", 1)[-1] != "COMMITTED" for e in s3_store.ls(f"s3://{sd}")):
-                        return f"s3://{sd}"
-            return None
+            def partial():
+                for sd in s3_store.ls(run_dir):
+                    name = sd.rstrip("/").rsplit("/", 1)[-1]
+                    if name.startswith("step-") and not s3_store.exists(f"s3://{sd}/COMMITTED"):
+                        if any(e.rstrip("/").rsplit("/", 1)[-1] != "COMMITTED" for e in s3_store.ls(f"s3://{sd}")):
+                            return f"s3://{sd}"
+                return None
 
-        in_flight = _wait(partial, every=0.1)
-        assert in_flight, "never caught a save in flight"
-        dead_attempts = {e.rstrip("/").rsplit("/", 1)[-1] for e in s3_store.ls(in_flight)} - {"COMMITTED"}
-        os.kill(_worker_pid(trace, 1), signal.SIGKILL)
-        px.slow_puts_s = 0.0
-        t.join(timeout=400)
-    assert "result" in box, box.get("error")
+            out["in_flight"] = in_flight = _wait(partial, every=0.1)
+            assert in_flight, "never caught a save in flight"
+            out["dead_attempts"] = {e.rstrip("/").rsplit("/", 1)[-1] for e in s3_store.ls(in_flight)} - {"COMMITTED"}
+            second = [int(re.search(r"pid(\d+)", f).group(1)) for f in glob.glob(os.path.join(trace, "epoch0-rank1-pid*.bin"))]
+            victim = [pid for pid in second if pid not in first]
+            assert len(victim) == 1, (first, second)
+            os.kill(victim[0], signal.SIGKILL)
+        finally:
+            px.slow_puts_s = 0.0
+            t.join(timeout=400)  # never left running into later tests
+    assert not t.is_alive() and "result" in box, box.get("error")
+    out["result"] = box["result"]
+    return out
+
+
+def test_case03_failure_before_first_checkpoint_restarts_from_step_0(two_kills, s3_store):
+    k = two_kills
+    assert k["committed_before_first_kill"] is None  # nothing committed yet
+    by_pid = read_trace(k["trace"], 0)
+    # the second attempt started over at step 1 on both ranks
+    second = {pid: recs for pid, recs in by_pid.items() if pid not in k["attempt1"] and min(s for s, _ in recs) == 1}
+    assert len(second) == 2, {pid: min(s for s, _ in recs) for pid, recs in by_pid.items()}
+    # every row trained exactly once: the second attempt's up to the step the third
+    # resumed from, then the third's
+    third = [recs for pid, recs in by_pid.items() if pid not in k["attempt1"] and pid not in second]
+    resumed_at = min(s for recs in third for s, _ in recs) - 1
+    rows = [p for recs in second.values() for s, p in recs if s <= resumed_at] + [p for recs in third for _, p in recs]
+    assert np.array_equal(np.sort(np.concatenate(rows)), pretraining_positions(k["data"], s3_store))
+    assert k["result"]["metrics"]["steps"] == max(s for recs in by_pid.values() for s, _ in recs)
+
+
+def test_case04_kill_during_checkpoint_write_never_loads_the_partial(two_kills, s3_store):
+    k = two_kills
+    run_dir, in_flight, dead_attempts = k["run_dir"], k["in_flight"], k["dead_attempts"]
     # the partial step was never committed under the dead attempt's files, and the run's
     # committed checkpoints all verify and load
     latest = ckpt.find_latest(s3_store, run_dir)
     ckpt.verify_contents(s3_store, latest)
     model, manifest, _ = load_model(s3_store, latest.uri)
-    assert manifest["epoch_done"] and manifest["epoch"] == job.train.epochs - 1
+    assert manifest["epoch_done"] and manifest["epoch"] == 0
     for sd in s3_store.ls(run_dir):
         name = sd.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("step-") and int(name[5:]) < latest.step:
@@ -183,10 +207,11 @@ def test_case04_kill_during_checkpoint_write_never_loads_the_partial(ray_local, 
         assert winner not in dead_attempts, "the dead attempt's folder was committed"
         left = {e.rstrip("/").rsplit("/", 1)[-1] for e in s3_store.ls(in_flight)}
         assert not left & dead_attempts, f"the dead attempt's files are left in {in_flight}: {left & dead_attempts}"
-    # the restart resumed from a committed checkpoint, not from step 0: each rank's first
-    # process started at step 1, its second after the first checkpoint
-    starts = sorted(min(step for step, _ in recs) for recs in read_trace(str(tmp_path / "trace"), 0).values())
-    assert len(starts) == 4 and starts[:2] == [1, 1] and min(starts[2:]) > first.step, starts
+    # the last restart resumed from a committed checkpoint, not from step 0: each rank's
+    # first two processes started at step 1 (nothing was committed at the first kill),
+    # its third after the checkpoint committed before the second kill
+    starts = sorted(min(step for step, _ in recs) for recs in read_trace(k["trace"], 0).values())
+    assert len(starts) == 6 and starts[:4] == [1, 1, 1, 1] and min(starts[4:]) > k["first"].step, starts
 
 
 # ---------------------------------------------------------------- case 11
