@@ -56,7 +56,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         raise ConfigError(
             f"Ray address {addr} (from {'--address' if address else 'RAY_ADDRESS'}) is a dashboard's Jobs API, which `flm-dist submit`, "
             f"`status`, `logs` and `stop` take; this command runs its driver here and joins a cluster at HOST:6379 or ray://HOST:10001. "
-            f"Submit the job with `flm-dist submit`, or unset RAY_ADDRESS to start a local Ray"
+            f"Submit the job with `flm-dist submit`, or unset RAY_ADDRESS to start a local Ray (RAY_API_SERVER_ADDRESS gives those commands the Jobs API "
+            f"without reaching this one)"
         )
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if addr:

@@ -71,11 +71,12 @@ def test_the_controller_and_ray_data_side_import_no_torch():
 
 
 def test_a_jobs_api_address_in_ray_address_is_refused_by_commands_that_run_here():
-    """cluster/README has users `export RAY_ADDRESS=http://HEAD:8265` for `submit`; a
-    `pretrain` or `demo` in that shell then handed that address to ray.init."""
+    """Ray's own job CLI reads a Jobs API address from RAY_ADDRESS too (cluster/README
+    has users export RAY_API_SERVER_ADDRESS instead); a `pretrain` or `demo` in a shell
+    with an http:// RAY_ADDRESS handed that address to ray.init."""
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
     out = subprocess.run([sys.executable, "-c", "from flm_dist.launch import ensure_ray; ensure_ray()"], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "is a dashboard's Jobs API, which `flm-dist submit`" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and "is a dashboard's Jobs API, which `flm-dist submit`" in out.stderr and "RAY_API_SERVER_ADDRESS" in out.stderr, out.stderr[-2000:]
 
 
 def test_the_local_runtime_keeps_idle_workers_between_epochs(ray_local):
