@@ -24,6 +24,24 @@ def test_gpu_check_dry_run(ray_local, tmp_path):
     assert 0 < res["C_over_L"] < 10
 
 
+def test_without_ray_the_script_still_reports_every_device_part(tmp_path):
+    """A lent GPU machine's Python has torch but no Ray: the system arm is recorded as
+    skipped, saying why, and the device parts (the point of the check) come back in
+    $OUT, where the device tool looks; before, the import failed after every device part
+    had run, and nothing was written."""
+    fake = tmp_path / "no_ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "no_ray"), "OUT": str(out)}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["oracle"]["world1_ok"] and res["sequence"]["oracle_ok"] and res["limit"]["samples_per_s"] > 0
+    assert "Ray is not installed" in res["system"]["skipped"] and "C_over_L" not in res
+
+
 def test_oracle_fails_when_the_device_path_is_wrong():
     """The dry run's oracle is not the path under test: a device path that drops the
     embedding update (or does anything else wrong) fails it."""
