@@ -274,7 +274,9 @@ class FLM(nn.Module):
         return self.user_encoder(xu.flatten(1)), self.item_encoder(xi.flatten(1))
 
     def fuse(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([zu, zi, zu * zi], dim=1)).squeeze(-1) + self.rating_center
+        # in fp32: under bf16 autocast a 0-dim fp32 center does not promote the head's
+        # output, and ratings near 4 came in steps of 1/32
+        return self.head(torch.cat([zu, zi, zu * zi], dim=1)).squeeze(-1).float() + self.rating_center
 
     def similarity(self, zu: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
         return (F.normalize(zu, dim=-1) * F.normalize(zi, dim=-1)).sum(-1)

@@ -249,3 +249,25 @@ def test_sequence_model_steps_with_an_empty_batch_on_one_rank():
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"replicas differ in {k}"
+
+
+def test_a_rating_under_bf16_autocast_is_predicted_in_float32():
+    """The head runs in bf16 under autocast (the GPU recipe); the rating center is a 0-dim
+    fp32 buffer, which does not promote a bf16 tensor: predictions near 4 came in steps of
+    1/32 (1/64 from 2 to 4), and training's ratings differed from evaluation's (fp32)."""
+    from flm_dist.batch import Batch
+    from flm_dist.config import FeatureConfig, ModelConfig
+    from flm_dist.model import FLM
+
+    cfg = ModelConfig(user_rows=97, item_rows=41, feature_rows=13, embedding_dim=4, hidden=[8], latent_dim=4, head_hidden=[4])
+    m = FLM(cfg, [FeatureConfig(name="seg", side="user")], rating_center=3.7)
+    g = torch.Generator().manual_seed(0)
+    b = Batch(user=torch.randint(0, 97, (64,), generator=g), item=torch.randint(0, 41, (64,), generator=g), features={"seg": torch.randint(0, 13, (64,), generator=g)})
+    with torch.no_grad():
+        exact = m(b).score
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = m(b).score
+    assert mixed.dtype == torch.float32
+    # bf16's matmuls stay (they are the recipe); the center is added at full precision,
+    # within bf16's rounding of the head's small output, not of 3.7 (a half step: 0.008)
+    assert (mixed - exact).abs().max() < 0.004
