@@ -46,6 +46,17 @@ def _replace_local(path: str, fill) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    """Make a folder's entries (a rename or link into it) survive a power loss, as a
+    file's fsync does its bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -300,11 +311,12 @@ class Store:
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
-                return True
             except FileExistsError:
                 return False
             finally:
                 os.unlink(tmp)
+            fsync_dir(os.path.dirname(path))
+            return True
         bucket, _, key = path.partition("/")
         try:
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")

@@ -75,6 +75,8 @@ def test_a_local_checkpoint_is_on_disk_before_its_commit_and_a_remote_one_never_
     before = {re.sub(r"\.tmp(-[0-9a-f]+)?$", "", f) for f in synced[:marker]}  # each written as a temp file, then renamed
     state = [os.path.join(ref.uri, f) for f in os.listdir(ref.uri)]  # .metadata too
     assert state and set(state) <= before, (state, synced)
+    # and the folders' entries: the renames into the attempt folder before the marker, the marker's link after it
+    assert ref.uri in before and ref.step_dir in synced[marker:], synced
 
 
 def test_uncommitted_step_is_skipped_and_cleaned_later(tmp_path):
