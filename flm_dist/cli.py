@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--verbose", action="store_true")
 
-    address_help = "the cluster's Ray Jobs API, http://HOST:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    address_help = "the cluster's Ray Jobs API, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else http://127.0.0.1:8265)"
     p = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API")
     p.add_argument("job_file", help="job file (YAML); it travels with the job")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job-file key (repeatable)")

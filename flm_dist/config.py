@@ -539,8 +539,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Load a job file and apply `key=value` overrides (values parsed as YAML)."""
+def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), absolute: bool = True) -> JobConfig:
+    """Load a job file and apply `key=value` overrides (values parsed as YAML); local
+    paths made absolute from this working directory (`absolute_paths`) unless
+    `absolute` is False (a job checked here to run elsewhere: `flm-dist submit`)."""
     source = str(path) if path else "<defaults>"
     tree: dict = {}
     if path:
@@ -563,7 +565,8 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
             parsed = v
         _set_dotted(tree, k.strip(), parsed)
     label = source if not overrides else f"{source} (with --set overrides)"
-    return absolute_paths(_build(JobConfig, tree, "", label))
+    job = _build(JobConfig, tree, "", label)
+    return absolute_paths(job) if absolute else job
 
 
 def absolute_path(uri: str) -> str:

@@ -78,7 +78,7 @@ class Submission:
 
     def load(self) -> JobConfig:
         """Validate here, before anything reaches the cluster (ConfigError names the key)."""
-        job = load_job(self.job_file, list(self.overrides))
+        job = load_job(self.job_file, list(self.overrides), absolute=False)  # its paths resolve on the cluster
         job.check_runnable(str(self.job_file))
         if self.working_dir is not None and not self.working_dir.is_dir():
             raise SubmitError(f"--working-dir {self.working_dir} is not a directory; pass your source tree (e.g. .)")
@@ -228,7 +228,7 @@ class Cluster:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise SubmitError(
                 f"cannot reach the Ray Jobs API at {self.address} ({e}). Pass the head node's dashboard "
-                f"address with --address http://HOST:8265 (or set RAY_ADDRESS); the head must run the "
+                f"address with --address http://HOST:8265 (or set RAY_API_SERVER_ADDRESS); the head must run the "
                 f"dashboard (`ray start --head --dashboard-host 0.0.0.0`); on Kubernetes, "
                 f"`kubectl port-forward svc/<cluster>-head-svc 8265:8265`"
             ) from None
@@ -256,7 +256,8 @@ class Cluster:
         job = sub.load()
         for item in local_paths(job):
             print(f"warning: {item} is a path on the cluster's nodes, not on this machine; on a multi-node "
-                  f"cluster every node must see it (use s3:// storage)", file=sys.stderr)
+                  f"cluster every node must see it (use s3:// storage); a relative one is taken inside the job's "
+                  f"working folder, which Ray deletes with the job", file=sys.stderr)
         entrypoint = sub.command(job)
         sid = sub.submission_id(job)
         metadata = {"flm_task": job.task, "flm_run": job.run.name, "flm_job_file": str(sub.job_file)}

@@ -187,3 +187,9 @@ def test_local_paths_are_made_absolute_uris_are_not(tmp_path, monkeypatch):
     args = _absolute_args(build_parser().parse_args(["evaluate", "--checkpoint", "runs/ft", "--data", "s3://b/eval", "--reference", "ref"]))
     assert (args.checkpoint, args.data, args.reference) == (str(tmp_path / "runs/ft"), "s3://b/eval", str(tmp_path / "ref"))
     assert _absolute_args(build_parser().parse_args(["serve", "exp"])).export == str(tmp_path / "exp")
+    # a job submitted to a cluster is checked here and read there: its paths stay as written
+    from flm_dist.submit import Submission, local_paths
+
+    sub = Submission(p, ("data.eval=ev",)).load()
+    assert (sub.init_from, sub.data.train, sub.run.storage) == ("runs/pre", "log/train", "./runs")
+    assert "run.storage=./runs" in local_paths(sub) and "data.eval=ev" in local_paths(sub)
