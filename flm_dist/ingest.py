@@ -6,6 +6,7 @@ each of them is a fresh process on every run's start, where importing torch cost
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -188,12 +189,28 @@ class SplitOnWorker:
     def __init__(self, ds):
         self._ds = ds
         self._it = None
+        self._lock = threading.Lock()
+
+    def _split(self):
+        with self._lock:  # one coordinator, whichever thread reads first
+            if self._it is None:
+                here = ray.get_runtime_context().get_node_id()
+                self._it = self._ds.streaming_split(1, equal=False, locality_hints=[here])[0]
+            return self._it
 
     def iter_batches(self, **kwargs):
-        if self._it is None:
-            here = ray.get_runtime_context().get_node_id()
-            self._it = self._ds.streaming_split(1, equal=False, locality_hints=[here])[0]
-        return self._it.iter_batches(**kwargs)
+        return self._split().iter_batches(**kwargs)
+
+    def __getattr__(self, name):  # the rest of Ray's DataIterator (stats, iter_torch_batches, ...)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._split(), name)
+
+    def __getstate__(self):
+        return {"_ds": self._ds}  # a worker gets the dataset, never another process's coordinator
+
+    def __setstate__(self, state):
+        self.__init__(state["_ds"])
 
 
 def read_slots(worker_nodes: list[str | None], node_cpus: dict[str | None, float], cpus_per_worker: float) -> list[int]:

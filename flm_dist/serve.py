@@ -337,7 +337,8 @@ class LoadedExport:
         history = body.get("history", given.get("history") if isinstance(given, dict) else None)
         if isinstance(history, list) and len(history) > self.cfg.max_items:
             # every entry is hashed and left out of the ranking, so the cap on exclude holds here too
-            raise RequestError(f"history has {len(history)} items; at most serve.max_items = {self.cfg.max_items}", "history", 413)
+            field = "history" if "history" in body else "user_features.history"  # named as sent
+            raise RequestError(f"{field} has {len(history)} items; at most serve.max_items = {self.cfg.max_items}", field, 413)
         if "history" not in body:
             return given
         if not any(f["kind"] == "history" for f in self.features["user"]):

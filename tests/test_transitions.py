@@ -210,11 +210,11 @@ def test_recommend_leaves_out_the_whole_history_it_is_given_and_refuses_what_is_
                 parse({"user_id": 1, **body})
             assert e.value.field == field and e.value.status == 400
     # a history is capped like exclude: each of its entries is hashed and left out of the ranking
-    for body in ({"history": list(range(ITEMS + 1))}, {"user_features": {"history": list(range(ITEMS + 1))}}):
+    for body, field in (({"history": list(range(ITEMS + 1))}, "history"), ({"user_features": {"history": list(range(ITEMS + 1))}}, "user_features.history")):
         for parse in (server.parse_recommend, lambda b: server.parse_score({"item_ids": [1], **b})):
-            with pytest.raises(RequestError, match=rf"history has {ITEMS + 1} items; at most serve.max_items = {ITEMS}") as e:
+            with pytest.raises(RequestError, match=rf"{field} has {ITEMS + 1} items; at most serve.max_items = {ITEMS}") as e:
                 parse({"user_id": 1, **body})
-            assert e.value.field == "history" and e.value.status == 413
+            assert e.value.field == field and e.value.status == 413
 
 
 def test_recommend_and_the_weight_fit_score_a_large_catalog_a_few_users_at_a_time(tmp_path, monkeypatch):
