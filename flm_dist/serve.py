@@ -229,6 +229,12 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scores[candidates[order]], candidates[order]
 
 
+def _at_most(values: list, field: str, cap: int) -> None:
+    """413 for a list of IDs past serve.max_items (named as the request sent it)."""
+    if len(values) > cap:
+        raise RequestError(f"{field} has {len(values)} items; at most serve.max_items = {cap}", field, 413)
+
+
 class LoadedExport:
     """An export folder on local disk, loaded with torch + pyarrow; no Ray, no model code.
     Validates and encodes requests and answers batches of them."""
@@ -237,8 +243,7 @@ class LoadedExport:
         self.uri = uri or local_dir
         self.cfg = cfg
         with open(os.path.join(local_dir, "manifest.json")) as f:
-            m = json.load(f)
-        self.manifest = m
+            self.manifest = m = json.load(f)
         if not str(m.get("format", "")).startswith("flm-export"):
             raise ValueError(f"{self.uri}: manifest.json is not an flm export (format {m.get('format')!r})")
         if m["hash_spec"].get("version") != HASH_VERSION:
@@ -335,10 +340,8 @@ class LoadedExport:
         first) as the history input of a model that has one."""
         given = body.get("user_features")
         history = body.get("history", given.get("history") if isinstance(given, dict) else None)
-        if isinstance(history, list) and len(history) > self.cfg.max_items:
-            # every entry is hashed and left out of the ranking, so the cap on exclude holds here too
-            field = "history" if "history" in body else "user_features.history"  # named as sent
-            raise RequestError(f"{field} has {len(history)} items; at most serve.max_items = {self.cfg.max_items}", field, 413)
+        if isinstance(history, list):  # every entry is hashed and left out of the ranking, as exclude's
+            _at_most(history, "history" if "history" in body else "user_features.history", self.cfg.max_items)
         if "history" not in body:
             return given
         if not any(f["kind"] == "history" for f in self.features["user"]):
@@ -357,8 +360,7 @@ class LoadedExport:
         items = body["item_ids"]
         if not isinstance(items, list):
             raise RequestError(f"item_ids must be a list of IDs, got {type(items).__name__}", "item_ids")
-        if len(items) > self.cfg.max_items:
-            raise RequestError(f"item_ids has {len(items)} items; this server scores at most serve.max_items = {self.cfg.max_items}", "item_ids", 413)
+        _at_most(items, "item_ids", self.cfg.max_items)
         user = np.array([id_key(body["user_id"], self.id_kind["user"], "user_id")], dtype=np.int64)
         item = self._keys(items, self.id_kind["item"], "item_ids")
         features = self._side_inputs("user", user, self._with_history(body), "user_features", per_row=False)
@@ -380,8 +382,7 @@ class LoadedExport:
         exclude = body.get("exclude", [])
         if not isinstance(exclude, list):
             raise RequestError(f"exclude must be a list of item IDs, got {type(exclude).__name__}", "exclude")
-        if len(exclude) > self.cfg.max_items:
-            raise RequestError(f"exclude has {len(exclude)} items; at most serve.max_items = {self.cfg.max_items}", "exclude", 413)
+        _at_most(exclude, "exclude", self.cfg.max_items)
         ex = self._keys(exclude, self.id_kind["item"], "exclude")
         features = self._side_inputs("user", user, self._with_history(body), "user_features", per_row=False)
         exclude_history = body.get("exclude_history", True)
