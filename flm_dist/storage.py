@@ -46,10 +46,10 @@ def _replace_local(path: str, fill) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    _fsync_dir(os.path.dirname(path))
 
 
-def fsync_dir(path: str) -> None:
+def _fsync_dir(path: str) -> None:
     """Make a folder's entries (a rename or link into it) survive a power loss, as a
     file's fsync does its bytes."""
     fd = os.open(path, os.O_RDONLY)
@@ -315,7 +315,7 @@ class Store:
                 return False
             finally:
                 os.unlink(tmp)
-            fsync_dir(os.path.dirname(path))
+            _fsync_dir(os.path.dirname(path))
             return True
         bucket, _, key = path.partition("/")
         try:
