@@ -19,7 +19,7 @@ import ray
 
 from flm_dist import __version__
 from flm_dist import checkpoint as ckpt
-from flm_dist.config import ConfigError, JobConfig, ScalingConfig, from_dict, to_dict
+from flm_dist.config import ConfigError, JobConfig, ScalingConfig, absolute_path, from_dict, to_dict
 from flm_dist.data.encode import EncodeSpec, training_read
 from flm_dist.data.hashing import HashSpec
 from flm_dist.data.pipeline import InteractionDatasource, read
@@ -348,6 +348,8 @@ def _changed(before: dict, now: dict, key: str) -> list[tuple[str, object, objec
 def _diff(key: str, was, is_) -> list[tuple[str, object, object]]:
     if was is _UNSAVED:
         return []
+    if key == "data.valid" and isinstance(was, str):
+        was = absolute_path(was)  # saved as typed before jobs' paths were made absolute
     if isinstance(was, dict) and isinstance(is_, dict):
         return [d for k in sorted(was) for d in _diff(f"{key}.{k}", was[k], is_.get(k))]
     if isinstance(was, list) and isinstance(is_, list) and len(was) == len(is_) and all(isinstance(w, dict) for w in was):

@@ -48,6 +48,11 @@ def test_a_resume_names_each_changed_field_and_passes_fields_its_checkpoint_pred
     now = {"model": {"user_rows": 64, "history_len": 0}, "data": {"features": [{"name": "seg", "rows": 16, "max_len": 8}], "valid_fraction": 0.1}, "run": {"seed": 3}}
     changed = [c for key in launch.RESUME_KEYS for c in launch._changed(saved, now, key)]
     assert changed == [("data.features[0].rows", 8, 16)]
+    # a path saved as typed (relative, before load_job made paths absolute) is the same path
+    saved["data"]["valid"], now["data"]["valid"] = "log/valid", os.path.abspath("log/valid")
+    assert [c for key in launch.RESUME_KEYS for c in launch._changed(saved, now, key)] == [("data.features[0].rows", 8, 16)]
+    now["data"]["valid"] = os.path.abspath("log/other")
+    assert ("data.valid", os.path.abspath("log/valid"), now["data"]["valid"]) in [c for key in launch.RESUME_KEYS for c in launch._changed(saved, now, key)]
 
 
 def test_explicit_cpus_that_starve_ray_data_are_refused():
